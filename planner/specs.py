@@ -1,0 +1,130 @@
+"""The plan: what the user asks the planner about, as a validated pydantic model.
+
+Every field has the default the CLI documents. Options that only make sense with another option
+(LoRA rank without LoRA, prompt length without generation) are rejected rather than ignored,
+so a user never believes a flag did something it did not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Task = Literal["sft", "generate"]
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16"]
+Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd"]
+Attention = Literal["sdpa", "eager"]
+Quant = Literal["nf4", "fp4"]
+
+TASKS: tuple[str, ...] = ("sft", "generate")
+METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd")
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
+GENERATE_FIELDS = ("prompt_len", "new_tokens")
+TRAIN_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer")
+
+
+class Plan(BaseModel):
+    """One step of one workload on one GPU.
+
+    `batch` is sequences per micro-batch per GPU. For `generate`, the sequence is
+    `prompt_len` tokens of prompt plus `new_tokens` generated ones.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="catalog id, or path to a config.json / model directory")
+    gpu: str | None = Field(default=None, description="catalog id of the card")
+    gpu_memory: int | None = Field(default=None, gt=0, description="custom card: bytes CUDA reports as total")
+    task: Task = "sft"
+    method: Method = "full"
+    precision: Precision = "bf16"
+    optimizer: Optimizer = "adamw"
+    grad_ckpt: bool = False
+    attn: Attention = "sdpa"
+    batch: int = Field(default=1, gt=0)
+    seq: int = Field(default=2048, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    # LoRA / QLoRA (peft defaults where the issue names none)
+    lora_rank: int = Field(default=16, gt=0)
+    lora_alpha: float | None = Field(default=None, gt=0, description="default 2 x rank")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_targets: str = Field(default="all-linear", description="'all-linear' or a comma list of module names")
+    quant: Quant = "nf4"
+    double_quant: bool = True
+    kbit_prep: bool = True
+    # generation
+    prompt_len: int = Field(default=512, gt=0)
+    new_tokens: int = Field(default=128, gt=0)
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets(cls, v: str) -> str:
+        names = [t.strip() for t in v.split(",") if t.strip()]
+        if not names:
+            raise ValueError("lora_targets: give 'all-linear' or a comma list of module names")
+        return ",".join(names)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def target_list(self) -> list[str]:
+        return self.lora_targets.split(",")
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        if self.task == "generate":
+            return self.batch * (self.prompt_len + self.new_tokens)
+        return self.batch * self.seq
+
+    @property
+    def weight_dtype(self) -> str:
+        """dtype the model's (non-quantized) parameters are stored in."""
+        return {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "mixed-bf16": "fp32", "mixed-fp16": "fp32"}[
+            self.precision
+        ]
+
+    @property
+    def compute_dtype(self) -> str:
+        """dtype matmuls run in (autocast dtype for mixed precision)."""
+        return {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "mixed-bf16": "bf16", "mixed-fp16": "fp16"}[
+            self.precision
+        ]
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the step runs under torch.autocast (mixed precision, and QLoRA's bf16 compute)."""
+        return self.precision.startswith("mixed") or self.method == "qlora"
+
+
+def explicit_fields(raw: dict) -> set[str]:
+    """Names the user set explicitly (used to reject options that do not apply)."""
+    return {k for k, v in raw.items() if v is not None}
+
+
+def check_applicable(plan: Plan, given: set[str]) -> None:
+    """Reject options that the plan's method/task would silently ignore."""
+    if plan.method == "full":
+        bad = [f for f in LORA_FIELDS + QLORA_FIELDS if f in given]
+        if bad:
+            raise ValueError(f"{bad[0]}: only applies with method lora or qlora (method is full)")
+    if plan.method == "lora":
+        bad = [f for f in QLORA_FIELDS if f in given]
+        if bad:
+            raise ValueError(f"{bad[0]}: only applies with method qlora (method is lora)")
+    if plan.task == "generate":
+        bad = [f for f in TRAIN_FIELDS if f in given]
+        if bad:
+            raise ValueError(f"{bad[0]}: only applies with task sft (task is generate; use prompt_len/new_tokens)")
+    else:
+        bad = [f for f in GENERATE_FIELDS if f in given]
+        if bad:
+            raise ValueError(f"{bad[0]}: only applies with task generate (task is sft; use seq)")
