@@ -1,0 +1,255 @@
+"""Recipes: the forward of each module family, op by op, as transformers 5.x writes it.
+
+A recipe receives symbolic tensors and calls the ops of `ops.py` in the order of the real code,
+dropping references where the Python code does. It is replayed once per (model, plan options) and
+cached; see `tape.py` for how sizes stay symbolic in batch and sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.engine.ops import Lora, Weight, alias, binary, cast, lora_linear, unary
+from planner.engine.tape import Tape, Tensor, Sym, fixed, tok
+
+
+@dataclass(frozen=True)
+class LayerCfg:
+    """Everything a decoder-layer recipe needs, resolved from the model and the plan."""
+
+    family: str  # "llama" (llama, mistral, qwen2, mixtral, phi3), "gemma2", "gpt2", "opt"
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool
+    weights: dict[str, Weight]  # module name -> weight (names as in ModelSpec.layer_linears)
+    loras: dict[str, Lora] = field(default_factory=dict)
+    autocast: str | None = None  # autocast dtype, None when off
+    attn: str = "sdpa"
+    norm_dtype: str = "bf16"  # dtype of norm weights
+    norm_trainable: bool = True
+    experts: int = 0
+    experts_per_token: int = 0
+
+
+def _lin(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    return lora_linear(tp, x, cfg.weights[name], cfg.loras.get(name), cfg.autocast, name)
+
+
+# ---- norms -----------------------------------------------------------------------------------
+def rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """LlamaRMSNorm: x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype)."""
+    w = tp.external(fixed(cfg.hidden), cfg.norm_dtype, cfg.norm_trainable)
+    xf = cast(tp, x, "fp32", f"{name}.fp32")
+    p = unary(tp, xf, f"{name}.pow", saves_input=True)
+    var = unary(tp, p, f"{name}.mean", elems=tok(1))
+    tp.drop(p)
+    ve = unary(tp, var, f"{name}.add_eps")
+    tp.drop(var)
+    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True)
+    tp.drop(ve)
+    y = binary(tp, xf, r, f"{name}.normalize", saves=True)
+    tp.drop(xf, r)
+    yc = cast(tp, y, x.dtype, f"{name}.to_input_dtype")
+    tp.drop(y)
+    out = binary(tp, w, yc, f"{name}.scale", saves=True)
+    tp.drop(yc)
+    return out
+
+
+def gemma_rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """Gemma2RMSNorm: (norm(x.float()) * (1 + w.float())).type_as(x)."""
+    wf = tp.external(fixed(cfg.hidden), "fp32", cfg.norm_trainable)
+    xf = cast(tp, x, "fp32", f"{name}.fp32")
+    p = unary(tp, xf, f"{name}.pow", saves_input=True)
+    var = unary(tp, p, f"{name}.mean", elems=tok(1))
+    tp.drop(p)
+    ve = unary(tp, var, f"{name}.add_eps")
+    tp.drop(var)
+    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True)
+    tp.drop(ve)
+    y = binary(tp, xf, r, f"{name}.normalize", saves=True)
+    tp.drop(xf, r)
+    out = binary(tp, y, wf, f"{name}.scale", saves=True)
+    tp.drop(y)
+    res = cast(tp, out, x.dtype, f"{name}.type_as")
+    tp.drop(out)
+    return res
+
+
+def layer_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """nn.LayerNorm (GPT-2, OPT): saves input, mean and rstd (fp32 per row); fp32 under CUDA autocast."""
+    xin = cast(tp, x, "fp32", f"{name}.autocast_fp32") if cfg.autocast else alias(x)
+    out = tp.new(xin.elems, promote_norm(xin.dtype, cfg.norm_dtype), True, name)
+    out.rg = xin.rg or cfg.norm_trainable
+    if out.rg:
+        tp.save(xin)
+        stats = tp.new(tok(2), "fp32", False, f"{name}.mean_rstd")
+        tp.save(stats)
+        tp.drop(stats)
+    tp.drop(xin)
+    return out
+
+
+def promote_norm(x_dtype: str, w_dtype: str) -> str:
+    return x_dtype
+
+
+# ---- attention -------------------------------------------------------------------------------
+def rotary(tp: Tape, q: Tensor, cos: Tensor, sin: Tensor, elems: int, name: str) -> Tensor:
+    """apply_rotary_pos_emb for one of q/k: (q * cos) + (rotate_half(q) * sin)."""
+    a = binary(tp, q, cos, f"{name}.mul_cos", saves=True)
+    neg = tp.new(tok(elems / 2), q.dtype, q.rg, f"{name}.neg_half")
+    rh = tp.new(tok(elems), q.dtype, q.rg, f"{name}.rotate_half")
+    tp.drop(neg)
+    b = binary(tp, rh, sin, f"{name}.mul_sin", saves=True)
+    tp.drop(rh)
+    out = binary(tp, a, b, f"{name}.add", saves=False)
+    tp.drop(a, b)
+    return out
+
+
+def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """SDPA (flash/efficient kernel: q, k, v, out and an fp32 logsumexp saved; K/V stay at the KV-head
+    count through enable_gqa) or transformers' eager attention (S x S scores, fp32 softmax)."""
+    nq = cfg.heads * cfg.head_dim
+    nkv = cfg.kv_heads * cfg.head_dim
+    if cfg.autocast:
+        q2, k2, v2 = (cast(tp, t, cfg.autocast, f"{name}.autocast_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    else:
+        q2, k2, v2 = alias(q), alias(k), alias(v)
+    if cfg.attn == "sdpa":
+        out = tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out")
+        lse = tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp")
+        if q2.rg or k2.rg or v2.rg:
+            tp.save(q2, k2, v2, out, lse)
+        tp.drop(lse, q2, k2, v2)
+        # the kernel allocates its output as (B, S, heads, dim): transpose(1, 2).contiguous() is free
+        return out
+    groups = cfg.heads // cfg.kv_heads
+    kr = tp.new(tok(nq), k2.dtype, k2.rg, f"{name}.repeat_k") if groups > 1 else alias(k2)
+    vr = tp.new(tok(nq), v2.dtype, v2.rg, f"{name}.repeat_v") if groups > 1 else alias(v2)
+    tp.drop(k2, v2)
+    scores = tp.new(Sym(q=cfg.heads), q2.dtype, True, f"{name}.scores")
+    tp.save(q2, kr)
+    scaled = unary(tp, scores, f"{name}.scale")
+    tp.drop(scores)
+    masked = unary(tp, scaled, f"{name}.mask_add")
+    tp.drop(scaled)
+    probs32 = unary(tp, masked, f"{name}.softmax", saves_output=True, dtype="fp32")
+    tp.drop(masked)
+    probs = cast(tp, probs32, q2.dtype, f"{name}.probs_cast")
+    tp.drop(probs32)
+    out = tp.new(tok(nq), q2.dtype, True, f"{name}.attn_out")
+    tp.save(probs, vr)
+    tp.drop(probs, vr, q2, kr)
+    outc = tp.new(tok(nq), out.dtype, True, f"{name}.transpose_contiguous")
+    tp.drop(out)
+    return outc
+
+
+def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+    nq = cfg.heads * cfg.head_dim
+    nkv = cfg.kv_heads * cfg.head_dim
+    if "qkv_proj" in cfg.weights:  # phi3: one fused projection, then split views
+        qkv = _lin(tp, x, cfg, "qkv_proj")
+        q, k, v = alias(qkv), alias(qkv), alias(qkv)
+        tp.drop(qkv)
+        # views of one tensor: rotary reads them, the fused buffer lives while any view is referenced
+        qr = rotary(tp, _view(q, nq), cos, sin, nq, "q")
+        kr = rotary(tp, _view(k, nkv), cos, sin, nkv, "k")
+        tp.drop(q, k)
+        out = attention_core(tp, qr, kr, v, cfg, "attn")
+        tp.drop(qr, kr, v)
+    else:
+        q = _lin(tp, x, cfg, "q_proj")
+        k = _lin(tp, x, cfg, "k_proj")
+        v = _lin(tp, x, cfg, "v_proj")
+        qr = rotary(tp, q, cos, sin, nq, "q")
+        tp.drop(q)
+        kr = rotary(tp, k, cos, sin, nkv, "k")
+        tp.drop(k)
+        out = attention_core(tp, qr, kr, v, cfg, "attn")
+        tp.drop(qr, kr, v)
+    o = _lin(tp, out, cfg, "o_proj")
+    tp.drop(out)
+    return o
+
+
+def _view(t: Tensor, elems: int) -> Tensor:
+    """A view of part of a fused tensor: same storage, so reading it allocates nothing."""
+    return Tensor(tok(elems), t.dtype, t.rg, t.name + ".view", external=True)
+
+
+# ---- MLP -------------------------------------------------------------------------------------
+def gated_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
+    """down(act(gate(x)) * up(x)); phi3 fuses gate and up into gate_up_proj and chunks it."""
+    if "gate_up_proj" in cfg.weights:
+        gu = _lin(tp, x, cfg, "gate_up_proj")
+        g = _view(gu, cfg.intermediate)
+        u = _view(gu, cfg.intermediate)
+        a = unary(tp, g, "act", saves_input=False)
+        if a.rg:
+            tp.save(gu)  # the activation saves its input: a view keeping the fused output alive
+        m = binary(tp, a, u, "gate_mul_up", saves=True)
+        if a.rg:
+            tp.save(gu)
+        tp.drop(gu, a)
+    else:
+        g = _lin(tp, x, cfg, "gate_proj")
+        a = unary(tp, g, "act", saves_input=True)
+        tp.drop(g)
+        u = _lin(tp, x, cfg, "up_proj")
+        m = binary(tp, a, u, "gate_mul_up", saves=True)
+        tp.drop(a, u)
+    d = _lin(tp, m, cfg, "down_proj")
+    tp.drop(m)
+    return d
+
+
+def plain_mlp(tp: Tape, x: Tensor, cfg: LayerCfg, up: str, down: str) -> Tensor:
+    h = _lin(tp, x, cfg, up)
+    a = unary(tp, h, "act", saves_input=True)
+    tp.drop(h)
+    d = _lin(tp, a, cfg, down)
+    tp.drop(a)
+    return d
+
+
+# ---- decoder layers --------------------------------------------------------------------------
+def llama_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+    """LlamaDecoderLayer (also Mistral, Qwen2, Phi-3): pre-norm attention and MLP with residuals."""
+    h = rms_norm(tp, x, cfg, "input_layernorm")
+    a = llama_attention(tp, h, cos, sin, cfg)
+    tp.drop(h)
+    r1 = binary(tp, x, a, "residual_attn", saves=False)
+    tp.drop(x, a)
+    h2 = rms_norm(tp, r1, cfg, "post_attention_layernorm")
+    m = gated_mlp(tp, h2, cfg)
+    tp.drop(h2)
+    out = binary(tp, r1, m, "residual_mlp", saves=False)
+    tp.drop(r1, m)
+    return out
+
+
+def gemma2_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+    h = gemma_rms_norm(tp, x, cfg, "input_layernorm")
+    a = llama_attention(tp, h, cos, sin, cfg)
+    tp.drop(h)
+    an = gemma_rms_norm(tp, a, cfg, "post_attention_layernorm")
+    tp.drop(a)
+    r1 = binary(tp, x, an, "residual_attn", saves=False)
+    tp.drop(x, an)
+    h2 = gemma_rms_norm(tp, r1, cfg, "pre_feedforward_layernorm")
+    m = gated_mlp(tp, h2, cfg)
+    tp.drop(h2)
+    mn = gemma_rms_norm(tp, m, cfg, "post_feedforward_layernorm")
+    tp.drop(m)
+    out = binary(tp, r1, mn, "residual_mlp", saves=False)
+    tp.drop(r1, mn)
+    return out
+
+
+LAYERS = {"llama": llama_layer, "gemma2": gemma2_layer}

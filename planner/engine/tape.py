@@ -1,0 +1,126 @@
+"""A symbolic replay of a step's allocations: sizes as polynomials in the token count.
+
+Every size is `c + t*T + q*T*S` bytes, where T = batch*seq tokens and S = seq (only eager attention's
+S x S scores need the `q` term). A recipe (see `layers.py`) walks the operations of one module the way
+PyTorch executes them and tells the tape which tensors are created, which the program drops and which
+autograd saves for backward, following autograd's rule that an op saves an input only when the
+gradient that needs it will be computed. The tape records the live bytes after every allocation, so
+the peak over a module is known symbolically and can be evaluated for any batch and sequence length
+without replaying the recipe again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "uint8": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Sym:
+    """Bytes as c + t*T + q*T*S."""
+
+    c: float = 0.0
+    t: float = 0.0
+    q: float = 0.0
+
+    def __add__(self, o: "Sym") -> "Sym":
+        return Sym(self.c + o.c, self.t + o.t, self.q + o.q)
+
+    def __sub__(self, o: "Sym") -> "Sym":
+        return Sym(self.c - o.c, self.t - o.t, self.q - o.q)
+
+    def __mul__(self, k: float) -> "Sym":
+        return Sym(self.c * k, self.t * k, self.q * k)
+
+    __rmul__ = __mul__
+
+    def at(self, tokens: float, seq: float) -> float:
+        return self.c + self.t * tokens + self.q * tokens * seq
+
+    def dominates(self, o: "Sym") -> bool:
+        return self.c >= o.c and self.t >= o.t and self.q >= o.q
+
+
+ZERO = Sym()
+
+
+def tok(elements: float) -> Sym:
+    """Elements per token."""
+    return Sym(t=elements)
+
+
+def fixed(elements: float) -> Sym:
+    """Elements independent of the token count (weights and their casts)."""
+    return Sym(c=elements)
+
+
+@dataclass(slots=True, eq=False)
+class Tensor:
+    elems: Sym  # element count (c + t*T + q*T*S)
+    dtype: str
+    rg: bool  # requires grad
+    name: str = ""
+    saved: bool = False
+    refs: int = 1  # program references (Python names) still holding it
+    # A parameter (or other tensor that lives outside the recipe): never counted by the tape.
+    external: bool = False
+
+    @property
+    def size(self) -> Sym:
+        return self.elems * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(slots=True)
+class Tape:
+    """Live bytes of a module's forward, relative to what was live when it started."""
+
+    grad: bool = True
+    # False inside a checkpointed region: ops run with grad but autograd keeps nothing
+    keep_saved: bool = True
+    live: Sym = ZERO
+    saved_total: Sym = ZERO
+    events: list[tuple[str, Sym]] = field(default_factory=list)
+
+    # ---- primitives -------------------------------------------------------------------------
+    def new(self, elems: Sym, dtype: str, rg: bool, name: str) -> Tensor:
+        t = Tensor(elems, dtype, rg and self.grad, name)
+        self.live = self.live + t.size
+        self.events.append((name, self.live))
+        return t
+
+    def external(self, elems: Sym, dtype: str, rg: bool, name: str = "param") -> Tensor:
+        """A tensor allocated outside this recipe (a parameter, the module's input)."""
+        return Tensor(elems, dtype, rg and self.grad, name, external=True)
+
+    def save(self, *ts: Tensor) -> None:
+        if not (self.grad and self.keep_saved):
+            return
+        for t in ts:
+            if t.external or t.saved:
+                continue
+            t.saved = True
+            self.saved_total = self.saved_total + t.size
+
+    def drop(self, *ts: Tensor) -> None:
+        """The program no longer references these tensors (Python variable reassigned or out of scope)."""
+        for t in ts:
+            if t.external or t.refs <= 0:
+                continue
+            t.refs -= 1
+            if t.refs == 0 and not t.saved:
+                self.live = self.live - t.size
+
+    def peak_candidates(self) -> list[Sym]:
+        """Non-dominated live totals over the recorded events."""
+        return pareto([s for _, s in self.events])
+
+
+def pareto(syms: list[Sym]) -> list[Sym]:
+    """Drop every size that another one is at least as large as for all batch and sequence sizes."""
+    out: list[Sym] = []
+    for s in syms:
+        if any(o.dominates(s) for o in out):
+            continue
+        out = [o for o in out if not s.dominates(o)] + [s]
+    return out or [ZERO]

@@ -1,0 +1,208 @@
+"""The memory timeline of a training step (transformers causal-LM loss, backward, optimizer step).
+
+The program replayed (see ../shared/notes/heldout-protocol.md):
+    out = model(input_ids=ids, labels=ids); out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+in a loop. What decides its peak:
+- `out` is rebound only after the next forward (and its loss) returned, so the previous step's logits
+  are live through the next forward, and the current logits through backward and `opt.step()`;
+- the loss upcasts the logits to fp32 and saves log_softmax's fp32 output; its backward holds two
+  more fp32 batch x seq x vocab gradients at once;
+- optimizer states exist from the first `opt.step()` on: the steady step (the second) is the one
+  that peaks, and its forward and backward carry them;
+- with gradient checkpointing each decoder layer keeps only its input and re-runs its forward
+  (saving everything) right before its backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.architecture import ModelSpec
+from planner.engine.layers import LAYERS, LayerCfg, gemma_rms_norm, rms_norm, layer_norm
+from planner.engine.ops import Lora, Weight, binary, cast, linear, unary
+from planner.engine.optimizers import optimizer_memory
+from planner.engine.resident import Resident, lora_targets, resident
+from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, fixed, tok
+from planner.engine.timeline import CompiledTimeline, Timeline
+from planner.specs import Plan
+
+FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "mixtral": "llama", "phi3": "llama",
+          "gemma2": "gemma2"}
+
+
+def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True) -> LayerCfg:
+    family = FAMILY.get(spec.model_type)
+    if family is None:
+        raise ValueError(f"model: the memory engine does not yet model '{spec.model_type}' layers")
+    full = plan.method == "full" and training
+    targets = {lin.name for lin in lora_targets(spec, plan)} if plan.method != "full" else set()
+    weights = {
+        lin.name: Weight(lin.in_features, lin.out_features, res.linear_dtype, full, lin.bias)
+        for lin in spec.layer_linears
+    }
+    loras = {name: Lora(plan.lora_rank) for name in targets}
+    return LayerCfg(
+        family=family,
+        hidden=spec.hidden_size,
+        heads=spec.num_attention_heads,
+        kv_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        intermediate=spec.intermediate_size,
+        gated=spec.gated_mlp,
+        weights=weights,
+        loras=loras,
+        autocast=plan.compute_dtype if plan.autocast else None,
+        attn=plan.attn,
+        norm_dtype=res.non_linear_dtype,
+        norm_trainable=full,
+        experts=spec.num_experts,
+        experts_per_token=spec.experts_per_token,
+    )
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    saved: Sym  # kept for backward after the layer's forward (its input included when saved)
+    peak: Sym  # highest live bytes during the forward, its input included
+    out_dtype: str
+
+
+def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True, grad: bool = True) -> LayerRun:
+    tp = Tape(grad=grad, keep_saved=keep_saved)
+    x = tp.new(tok(cfg.hidden), in_dtype, in_rg, "layer_input")
+    cos = tp.external(tok(cfg.head_dim), in_dtype, False, "cos")
+    sin = tp.external(tok(cfg.head_dim), in_dtype, False, "sin")
+    out = LAYERS[cfg.family](tp, x, cos, sin, cfg)
+    return LayerRun(saved=tp.saved_total, peak=_hull(tp), out_dtype=out.dtype)
+
+
+def _hull(tp: Tape) -> Sym:
+    """An upper envelope of the layer's live bytes: componentwise maximum over the events."""
+    c = t = q = 0.0
+    for _, s in tp.events:
+        c, t, q = max(c, s.c), max(t, s.t), max(q, s.q)
+    return Sym(c, t, q)
+
+
+def backward_transient(cfg: LayerCfg, act_dtype: str, res_dtype: str) -> Sym:
+    """Extra live bytes while one decoder layer runs backward: gradients of its activations.
+
+    The largest moment is the MLP's elementwise backward: the gradient w.r.t. act(gate) * up
+    (intermediate-sized) is live while the gradients w.r.t. act(gate) and up are produced; the
+    gradient of the residual stream is live alongside. QLoRA dequantizes the largest weight again.
+    """
+    b = DTYPE_BYTES[act_dtype]
+    inter = 3 * cfg.intermediate * b
+    attn = (2 * cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim * b
+    grad_stream = 2 * cfg.hidden * DTYPE_BYTES[res_dtype]
+    dequant = 0
+    for w in cfg.weights.values():
+        if w.quantized:
+            dequant = max(dequant, w.in_features * w.out_features * 2)
+    return Sym(c=dequant, t=max(inter, attn) + grad_stream)
+
+
+def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    res = resident(spec, plan)
+    cfg = layer_cfg(spec, plan, res)
+    opt = optimizer_memory(plan.optimizer, res, spec.num_layers)
+    L = spec.num_layers
+    h = spec.hidden_size
+    V = spec.vocab_size
+    full = plan.method == "full"
+
+    # ---- prologue: embeddings and rotary tables -----------------------------------------------
+    emb_dtype = res.non_linear_dtype
+    # trainable embeddings, or enable_input_require_grads (peft with checkpointing, kbit prep)
+    input_rg = full or (plan.grad_ckpt and plan.method != "full")
+    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[emb_dtype]) if spec.model_type != "gpt2" else ZERO
+
+    # ---- decoder layers -----------------------------------------------------------------------
+    steady = run_layer(cfg, emb_dtype, True)
+    res_dtype = steady.out_dtype
+    if plan.grad_ckpt:
+        per_layer_kept = Sym(t=h * DTYPE_BYTES[res_dtype])
+        fwd_layer = run_layer(cfg, res_dtype, True, keep_saved=False)
+    else:
+        per_layer_kept = steady.saved
+        fwd_layer = steady
+
+    # ---- head: final norm, lm_head, loss --------------------------------------------------------
+    tp = Tape()
+    x = tp.new(tok(h), res_dtype, True, "final_hidden")
+    norm = {"gemma2": gemma_rms_norm}.get(cfg.family, rms_norm)
+    hn = norm(tp, x, cfg, "norm")
+    tp.drop(x)
+    head_w = Weight(h, V, res.non_linear_dtype, full)
+    logits = linear(tp, hn, head_w, cfg.autocast, "lm_head")
+    tp.drop(hn)
+    if spec.final_logit_softcapping:
+        a = unary(tp, logits, "softcap_div")
+        tp.drop(logits)
+        b = unary(tp, a, "softcap_tanh", saves_output=True)
+        tp.drop(a)
+        logits = unary(tp, b, "softcap_mul")
+        tp.drop(b)
+    head_saved_before_loss = tp.saved_total
+    logits_bytes = logits.size
+    lf = cast(tp, logits, "fp32", "logits.float")
+    lsm = unary(tp, lf, "log_softmax", saves_output=True)
+    loss_peak = tp.live
+    tp.drop(lf)
+    head_saved = tp.saved_total  # includes log_softmax's output
+    lsm_bytes = lsm.size
+    fp32_logits = Sym(t=V * 4)
+    logits_held = logits_bytes  # `out.logits`, referenced until the next forward returns
+
+    # ---- persistent ---------------------------------------------------------------------------
+    params = Sym(c=res.param_bytes)
+    buffers = Sym(c=res.buffer_bytes)
+    qstate = Sym(c=res.quant_state_bytes)
+    states = Sym(c=opt.state_bytes)
+    grads_all = Sym(c=res.grad_bytes)
+    base = dict(parameters=params, buffers=buffers, other=qstate, optimizer_states=states)
+
+    tl = Timeline()
+    # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
+    prefix = per_layer_kept * (L - 1) + rope
+    tl.add("forward", "last decoder layer", **base,
+           activations=prefix + fwd_layer.peak + logits_held)
+    layers_kept = per_layer_kept * L + rope
+    tl.add("loss", "log_softmax over fp32 logits", **base,
+           activations=layers_kept + loss_peak + logits_held,
+           details={"logits_fp32": fp32_logits * 2})
+
+    # backward: log_softmax backward with its two fp32 gradients, then the head, then the layers
+    tl.add("backward", "log_softmax backward", **base,
+           activations=layers_kept + head_saved + logits_held,
+           temporaries=fp32_logits * 2,
+           details={"logits_fp32": fp32_logits * 3, "logits": logits_held})
+    head_grads = Sym(c=res.head_grad_bytes)
+    grad_l = Sym(c=res.layer_grad_bytes)
+    bwd_t = backward_transient(cfg, plan.compute_dtype, res_dtype)
+    # layer L-1 (first in backward) and layer 0 (last): the ends of a linear walk
+    for idx in (L - 1, 0):
+        done = head_grads + grad_l * (L - 1 - idx)
+        if plan.grad_ckpt:
+            acts = per_layer_kept * idx + rope + steady.peak + logits_held
+        else:
+            acts = per_layer_kept * (idx + 1) + rope + logits_held
+        tl.add("backward", f"decoder layer {idx} backward", **base,
+               activations=acts, gradients=done, temporaries=bwd_t)
+    tl.add("backward", "embedding backward", **base, activations=logits_held, gradients=grads_all,
+           temporaries=Sym(t=h * DTYPE_BYTES[res_dtype]))
+    tl.add("optimizer", f"{plan.optimizer} step", **base, activations=logits_held, gradients=grads_all,
+           temporaries=Sym(c=opt.step_temp_bytes))
+    extra = resident_details(res)
+    if opt.paged_bytes:
+        extra["paged_optimizer_states"] = opt.paged_bytes
+    return tl.compiled(), res, extra
+
+
+def resident_details(res: Resident) -> dict[str, int]:
+    d: dict[str, int] = {}
+    if res.adapter_bytes:
+        d["lora_adapters"] = res.adapter_bytes
+    if res.quant_state_bytes:
+        d["quant_state"] = res.quant_state_bytes
+    return d
