@@ -121,6 +121,11 @@ class ModelSpec(BaseModel):
     sliding_window: int | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    # Dropout probabilities as the config sets them: active in training mode (a model built with
+    # from_config is in training mode), so they decide which masks the step keeps.
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
     layer_linears: list[LinearSpec]
     layer_other_params: int = Field(description="params in one layer outside layer_linears: norms, experts, router")
     layer_norm_params: int = Field(description="the norm part of layer_other_params")
@@ -262,6 +267,7 @@ def _rotary_family(c: _Config, model_type: str) -> dict[str, Any]:
         intermediate_size=inter, vocab_size=vocab, max_position_embeddings=c.pos_int("max_position_embeddings"),
         tie_word_embeddings=tie, hidden_act=str(c.opt(act_key) or c.opt("hidden_act") or "silu"), gated_mlp=True,
         num_experts=experts, experts_per_token=per_tok, sliding_window=sliding,
+        attention_dropout=float(c.opt("attention_dropout") or 0.0),
         final_logit_softcapping=c.opt("final_logit_softcapping") if model_type == "gemma2" else None,
         attn_logit_softcapping=c.opt("attn_logit_softcapping") if model_type == "gemma2" else None,
         layer_linears=linears, layer_other_params=norms + expert_params + router_params, layer_norm_params=norms,
@@ -292,6 +298,9 @@ def _gpt2(c: _Config) -> dict[str, Any]:
         hidden_size=h, num_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=h // heads,
         intermediate_size=inner, vocab_size=vocab, max_position_embeddings=positions, tie_word_embeddings=tie,
         hidden_act=str(c.opt("activation_function")), gated_mlp=False,
+        resid_dropout=float(c.opt("resid_pdrop") if c.opt("resid_pdrop") is not None else 0.1),
+        embed_dropout=float(c.opt("embd_pdrop") if c.opt("embd_pdrop") is not None else 0.1),
+        attention_dropout=float(c.opt("attn_pdrop") if c.opt("attn_pdrop") is not None else 0.1),
         layer_linears=linears, layer_other_params=4 * h, layer_norm_params=4 * h,
         embedding_params=vocab * h, position_embedding_params=positions * h, final_norm_params=2 * h,
         lm_head_params=0 if tie else vocab * h, extra_params=0, buffer_bytes_fp32=0,
@@ -323,6 +332,8 @@ def _opt(c: _Config) -> dict[str, Any]:
         hidden_size=h, num_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=h // heads,
         intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=positions, tie_word_embeddings=tie,
         hidden_act=str(c.opt("activation_function")), gated_mlp=False,
+        resid_dropout=float(c.opt("dropout") if c.opt("dropout") is not None else 0.1),
+        attention_dropout=float(c.opt("attention_dropout") or 0.0),
         layer_linears=linears, layer_other_params=2 * ln, layer_norm_params=2 * ln,
         embedding_params=vocab * proj, position_embedding_params=(positions + OPT_POSITION_OFFSET) * h,
         final_norm_params=final_ln, lm_head_params=0 if tie else vocab * proj,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.engine.ops import Lora, Weight, alias, binary, cast, lora_linear, unary
+from planner.engine.ops import Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
 from planner.engine.tape import Tape, Tensor, Sym, fixed, tok
 
 
@@ -32,6 +32,10 @@ class LayerCfg:
     norm_trainable: bool = True
     experts: int = 0
     experts_per_token: int = 0
+    act: str = "silu"
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    training: bool = True
 
 
 def _lin(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
@@ -82,19 +86,12 @@ def gemma_rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
 def layer_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
     """nn.LayerNorm (GPT-2, OPT): saves input, mean and rstd (fp32 per row); fp32 under CUDA autocast."""
     xin = cast(tp, x, "fp32", f"{name}.autocast_fp32") if cfg.autocast else alias(x)
-    out = tp.new(xin.elems, promote_norm(xin.dtype, cfg.norm_dtype), True, name)
-    out.rg = xin.rg or cfg.norm_trainable
+    out = tp.new(xin.elems, xin.dtype, xin.rg or cfg.norm_trainable, name)
+    stats = tp.new(tok(2), "fp32", False, f"{name}.mean_rstd")
     if out.rg:
-        tp.save(xin)
-        stats = tp.new(tok(2), "fp32", False, f"{name}.mean_rstd")
-        tp.save(stats)
-        tp.drop(stats)
-    tp.drop(xin)
+        tp.save(xin, stats)
+    tp.drop(stats, xin)
     return out
-
-
-def promote_norm(x_dtype: str, w_dtype: str) -> str:
-    return x_dtype
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -199,7 +196,7 @@ def gated_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
         tp.drop(gu, a)
     else:
         g = _lin(tp, x, cfg, "gate_proj")
-        a = unary(tp, g, "act", saves_input=True)
+        a = activation(tp, g, cfg)
         tp.drop(g)
         u = _lin(tp, x, cfg, "up_proj")
         m = binary(tp, a, u, "gate_mul_up", saves=True)
@@ -207,6 +204,48 @@ def gated_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
     d = _lin(tp, m, cfg, "down_proj")
     tp.drop(m)
     return d
+
+
+def moe_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
+    """Mixtral's sparse MoE block: router (linear, fp32 softmax, top-k), then each token through k
+    experts (gather, gate_up matmul, act * up, down matmul, weighted sum back). Expert weights are
+    fused 3-D parameters (never LoRA targets nor quantized). Sizes are summed over experts: the k
+    routed copies of every token, whichever expert they land on."""
+    k = cfg.experts_per_token
+    h, inter = cfg.hidden, cfg.intermediate
+    router_w = Weight(h, cfg.experts, cfg.norm_dtype, cfg.norm_trainable)
+    logits = linear(tp, x, router_w, cfg.autocast, "router")
+    l32 = cast(tp, logits, "fp32", "router.float")
+    tp.drop(logits)
+    probs = unary(tp, l32, "router.softmax", saves_output=True)
+    tp.drop(l32)
+    top = unary(tp, probs, "router.topk", elems=tok(k))
+    idx = tp.new(tok(k), "int64", False, "router.topk_index")
+    tp.drop(probs)
+    weights = unary(tp, top, "router.renormalize", saves_input=True)
+    tp.drop(top)
+    final = tp.new(tok(h), x.dtype, True, "moe.final")
+    expert_w = cfg.norm_trainable
+    cd = cfg.autocast or x.dtype
+    cur = tp.new(tok(k * h), cd, x.rg, "moe.gather")
+    gu = tp.new(tok(k * 2 * inter), cd, x.rg or expert_w, "moe.gate_up")
+    if expert_w:
+        tp.save(cur)
+    act = unary(tp, _view(gu, k * inter), "moe.act")
+    if gu.rg:
+        tp.save(gu)
+    prod = tp.new(tok(k * inter), cd, gu.rg, "moe.act_mul_up")
+    if gu.rg:
+        tp.save(act)
+    tp.drop(act, gu)
+    down = tp.new(tok(k * h), cd, prod.rg, "moe.down")
+    if prod.rg and expert_w:
+        tp.save(prod)
+    tp.drop(prod)
+    weighted = binary(tp, down, weights, "moe.weighted", saves=True)
+    tp.drop(down, cur, weights, idx)
+    tp.drop(weighted)
+    return final
 
 
 def plain_mlp(tp: Tape, x: Tensor, cfg: LayerCfg, up: str, down: str) -> Tensor:
@@ -227,7 +266,7 @@ def llama_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) ->
     r1 = binary(tp, x, a, "residual_attn", saves=False)
     tp.drop(x, a)
     h2 = rms_norm(tp, r1, cfg, "post_attention_layernorm")
-    m = gated_mlp(tp, h2, cfg)
+    m = moe_mlp(tp, h2, cfg) if cfg.experts else gated_mlp(tp, h2, cfg)
     tp.drop(h2)
     out = binary(tp, r1, m, "residual_mlp", saves=False)
     tp.drop(r1, m)
@@ -252,4 +291,107 @@ def gemma2_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -
     return out
 
 
-LAYERS = {"llama": llama_layer, "gemma2": gemma2_layer}
+def new_gelu(tp: Tape, x: Tensor) -> Tensor:
+    """transformers' NewGELUActivation (GPT-2's gelu_new), written in Python:
+    0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))); every op allocates, mul/tanh/pow save."""
+    p3 = unary(tp, x, "gelu.pow3", saves_input=True)
+    c = unary(tp, p3, "gelu.mul_const")
+    tp.drop(p3)
+    s1 = binary(tp, x, c, "gelu.add", saves=False)
+    tp.drop(c)
+    s2 = unary(tp, s1, "gelu.mul_sqrt")
+    tp.drop(s1)
+    t = unary(tp, s2, "gelu.tanh", saves_output=True)
+    tp.drop(s2)
+    one = unary(tp, t, "gelu.one_plus")
+    tp.drop(t)
+    half = unary(tp, x, "gelu.half_x")
+    out = binary(tp, half, one, "gelu.mul", saves=True)
+    tp.drop(half, one)
+    return out
+
+
+def activation(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
+    if cfg.act == "gelu_new":
+        return new_gelu(tp, x)
+    if cfg.act == "relu":  # relu's backward reads its output
+        return unary(tp, x, "act.relu", saves_output=True)
+    return unary(tp, x, f"act.{cfg.act}", saves_input=True)  # silu, gelu, gelu_pytorch_tanh
+
+
+def fused_qkv_attention(tp: Tape, qkv: Tensor, cfg: LayerCfg) -> Tensor:
+    """Attention over q, k, v that are views of one fused projection output (GPT-2's c_attn)."""
+    nq = cfg.heads * cfg.head_dim
+    if cfg.attn == "sdpa":
+        out = tp.new(tok(nq), qkv.dtype, True, "attn.sdpa_out")
+        lse = tp.new(tok(cfg.heads), "fp32", False, "attn.logsumexp")
+        if qkv.rg:
+            tp.save(qkv, out, lse)
+        tp.drop(lse)
+        return out
+    q = Tensor(tok(nq), qkv.dtype, qkv.rg, "q", external=True)
+    out = attention_core(tp, q, q, q, cfg, "attn")
+    if qkv.rg:
+        tp.save(qkv)
+    return out
+
+
+def gpt2_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+    """GPT2Block: ln_1, c_attn (Conv1D = addmm), SDPA, c_proj, dropout, residual; ln_2, MLP."""
+    h = layer_norm(tp, x, cfg, "ln_1")
+    qkv = _lin(tp, h, cfg, "c_attn")
+    tp.drop(h)
+    a = fused_qkv_attention(tp, qkv, cfg)
+    tp.drop(qkv)
+    o = lora_linear(tp, a, cfg.weights["attn.c_proj"], cfg.loras.get("attn.c_proj"), cfg.autocast, "attn.c_proj")
+    tp.drop(a)
+    od = dropout(tp, o, cfg.resid_dropout, cfg.training, "resid_dropout")
+    tp.drop(o)
+    r1 = binary(tp, od, x, "residual_attn", saves=False)
+    tp.drop(od, x)
+    h2 = layer_norm(tp, r1, cfg, "ln_2")
+    f = _lin(tp, h2, cfg, "c_fc")
+    tp.drop(h2)
+    g = activation(tp, f, cfg)
+    tp.drop(f)
+    m = lora_linear(tp, g, cfg.weights["mlp.c_proj"], cfg.loras.get("mlp.c_proj"), cfg.autocast, "mlp.c_proj")
+    tp.drop(g)
+    md = dropout(tp, m, cfg.resid_dropout, cfg.training, "mlp_dropout")
+    tp.drop(m)
+    out = binary(tp, r1, md, "residual_mlp", saves=False)
+    tp.drop(r1, md)
+    return out
+
+
+def opt_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+    """OPTDecoderLayer (layer norm before attention): q scaled after q_proj, out_proj, dropout, fc1/relu/fc2."""
+    h = layer_norm(tp, x, cfg, "self_attn_layer_norm")
+    q0 = _lin(tp, h, cfg, "q_proj")
+    q = unary(tp, q0, "q_scale")
+    tp.drop(q0)
+    k = _lin(tp, h, cfg, "k_proj")
+    v = _lin(tp, h, cfg, "v_proj")
+    tp.drop(h)
+    a = attention_core(tp, q, k, v, cfg, "attn")
+    tp.drop(q, k, v)
+    o = _lin(tp, a, cfg, "out_proj")
+    tp.drop(a)
+    od = dropout(tp, o, cfg.resid_dropout, cfg.training, "attn_dropout")
+    tp.drop(o)
+    r1 = binary(tp, x, od, "residual_attn", saves=False)
+    tp.drop(x, od)
+    h2 = layer_norm(tp, r1, cfg, "final_layer_norm")
+    f = _lin(tp, h2, cfg, "fc1")
+    tp.drop(h2)
+    g = activation(tp, f, cfg)
+    tp.drop(f)
+    m = _lin(tp, g, cfg, "fc2")
+    tp.drop(g)
+    md = dropout(tp, m, cfg.resid_dropout, cfg.training, "fc_dropout")
+    tp.drop(m)
+    out = binary(tp, r1, md, "residual_mlp", saves=False)
+    tp.drop(r1, md)
+    return out
+
+
+LAYERS = {"llama": llama_layer, "gemma2": gemma2_layer, "gpt2": gpt2_layer, "opt": opt_layer}

@@ -72,6 +72,19 @@ def unary(tp: Tape, x: Tensor, name: str, saves_input: bool = False, saves_outpu
     return out
 
 
+def dropout(tp: Tape, x: Tensor, p: float, training: bool, name: str) -> Tensor:
+    """F.dropout: the input itself when p == 0 or in eval (ATen returns it); else CUDA's
+    native_dropout, which returns the output and a bool mask that backward keeps."""
+    if p == 0 or not training:
+        return alias(x)
+    out = tp.new(x.elems, x.dtype, x.rg, name)
+    mask = tp.new(x.elems, "bool", False, f"{name}.mask")
+    if x.rg:
+        tp.save(mask)
+    tp.drop(mask)
+    return out
+
+
 def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> Tensor:
     """nn.Linear (dense) or bitsandbytes Linear4bit; the caller still owns (and drops) `x`."""
     if w.quantized:

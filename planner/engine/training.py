@@ -27,7 +27,7 @@ from planner.engine.timeline import CompiledTimeline, Timeline
 from planner.specs import Plan
 
 FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "mixtral": "llama", "phi3": "llama",
-          "gemma2": "gemma2"}
+          "gemma2": "gemma2", "gpt2": "gpt2", "opt": "opt"}
 
 
 def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True) -> LayerCfg:
@@ -35,12 +35,17 @@ def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True)
     if family is None:
         raise ValueError(f"model: the memory engine does not yet model '{spec.model_type}' layers")
     full = plan.method == "full" and training
-    targets = {lin.name for lin in lora_targets(spec, plan)} if plan.method != "full" else set()
-    weights = {
-        lin.name: Weight(lin.in_features, lin.out_features, res.linear_dtype, full, lin.bias)
-        for lin in spec.layer_linears
-    }
-    loras = {name: Lora(plan.lora_rank) for name in targets}
+    targets = lora_targets(spec, plan) if plan.method != "full" else []
+    # keyed by attribute name and by path (GPT-2 has attn.c_proj and mlp.c_proj)
+    weights = {}
+    for lin in spec.layer_linears:
+        w = Weight(lin.in_features, lin.out_features, res.linear_dtype, full, lin.bias)
+        weights[lin.path] = w
+        weights.setdefault(lin.name, w)
+    loras = {}
+    for lin in targets:
+        loras[lin.path] = Lora(plan.lora_rank)
+        loras.setdefault(lin.name, Lora(plan.lora_rank))
     return LayerCfg(
         family=family,
         hidden=spec.hidden_size,
@@ -57,6 +62,10 @@ def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True)
         norm_trainable=full,
         experts=spec.num_experts,
         experts_per_token=spec.experts_per_token,
+        act=spec.hidden_act,
+        resid_dropout=spec.resid_dropout,
+        attn_dropout=spec.attention_dropout,
+        training=training,
     )
 
 
@@ -102,6 +111,17 @@ def backward_transient(cfg: LayerCfg, act_dtype: str, res_dtype: str) -> Sym:
     return Sym(c=dequant, t=max(inter, attn) + grad_stream)
 
 
+def prologue_kept(spec: ModelSpec, cfg: LayerCfg, emb_dtype: str, input_rg: bool) -> Sym:
+    """Bytes the model's prologue keeps for the whole forward and backward: the rotary cos/sin tables
+    (batch x seq x head_dim each, in the hidden dtype, saved by every layer's rotary muls), or GPT-2's
+    embedding-dropout mask."""
+    if cfg.family in ("llama", "gemma2"):
+        return Sym(t=2 * spec.head_dim * DTYPE_BYTES[emb_dtype])
+    if cfg.family == "gpt2" and spec.embed_dropout > 0 and cfg.training and input_rg:
+        return Sym(t=spec.hidden_size)  # bool mask
+    return ZERO
+
+
 def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res)
@@ -115,7 +135,7 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     emb_dtype = res.non_linear_dtype
     # trainable embeddings, or enable_input_require_grads (peft with checkpointing, kbit prep)
     input_rg = full or (plan.grad_ckpt and plan.method != "full")
-    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[emb_dtype]) if spec.model_type != "gpt2" else ZERO
+    rope = prologue_kept(spec, cfg, emb_dtype, input_rg)
 
     # ---- decoder layers -----------------------------------------------------------------------
     steady = run_layer(cfg, emb_dtype, True)
@@ -130,7 +150,7 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     # ---- head: final norm, lm_head, loss --------------------------------------------------------
     tp = Tape()
     x = tp.new(tok(h), res_dtype, True, "final_hidden")
-    norm = {"gemma2": gemma_rms_norm}.get(cfg.family, rms_norm)
+    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
     hn = norm(tp, x, cfg, "norm")
     tp.drop(x)
     head_w = Weight(h, V, res.non_linear_dtype, full)
