@@ -1,0 +1,128 @@
+"""The planner as a library: `fit(plan)` answers "does this plan fit this card, and if not, what would?".
+
+    from planner.api import fit
+    from planner.specs import Plan
+    result = fit(Plan(model="llama-3.1-8b", gpu="a100-80gb", method="qlora", batch=4, grad_ckpt=True))
+    result.fits, result.headroom_bytes, result.memory.device_bytes, result.suggestions
+
+The verdict is `device_bytes <= gpu.memory_bytes`: the estimate's device figure (peak allocated,
+plus the caching allocator, plus CUDA context and workspaces) against what the CUDA runtime reports
+as the card's total. Everything here runs the pure-Python estimator only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.gpus import GPUSpec, resolve_gpu
+from planner.result import MemoryEstimate
+from planner.specs import Plan
+from planner.suggest import Suggestion, suggest
+
+__all__ = ["FitResult", "fit", "plan_warnings"]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    num_params: int | None = None
+    max_position_embeddings: int | None = None
+
+
+class FitResult(BaseModel):
+    """The answer for one plan on one card. Sizes in bytes."""
+
+    fits: bool
+    gpu: GPUSpec
+    model: ModelInfo
+    memory: MemoryEstimate
+    headroom_bytes: int = Field(description="gpu.memory_bytes - memory.device_bytes (negative: short by that much)")
+    suggestions: list[Suggestion] = Field(default_factory=list)
+    plan: Plan
+    warnings: list[str] = Field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's --json document (stable keys)."""
+        m = self.memory
+        return {
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "gpu": {"id": self.gpu.id, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes},
+            "model": self.model.model_dump(),
+            "memory": {
+                "peak_allocated_bytes": m.peak_allocated_bytes,
+                "reserved_bytes": m.reserved_bytes,
+                "device_bytes": m.device_bytes,
+                "peak_phase": m.peak_phase,
+                "breakdown": dict(m.breakdown),
+                "details": dict(m.details),
+                "device_items": dict(m.device_items),
+                "outside_allocator": dict(m.outside_allocator),
+                "phases": dict(m.phases),
+            },
+            "suggestions": [s.to_json() for s in self.suggestions],
+            "plan": self.plan.model_dump(mode="json"),
+            "warnings": list(self.warnings),
+        }
+
+
+def _model_info(model: Any) -> ModelInfo:
+    mid = str(getattr(model, "id", None) or getattr(model, "name", "model"))
+    return ModelInfo(
+        id=mid,
+        name=str(getattr(model, "name", None) or mid),
+        num_params=getattr(model, "num_params", None),
+        max_position_embeddings=getattr(model, "max_position_embeddings", None),
+    )
+
+
+def plan_warnings(plan: Plan, model: Any, gpu: GPUSpec) -> list[str]:
+    """Things the user should know that do not stop the estimate."""
+    out: list[str] = []
+    ctx = getattr(model, "max_position_embeddings", None)
+    mid = getattr(model, "id", None) or plan.model
+    if ctx:
+        if plan.task == "sft" and plan.seq > ctx:
+            out.append(
+                f"seq: {plan.seq} tokens is beyond {mid}'s context of {ctx} tokens (max_position_embeddings); "
+                "estimated as asked, but the model was not trained for it"
+            )
+        if plan.task == "generate" and plan.prompt_len + plan.new_tokens > ctx:
+            out.append(
+                f"prompt_len + new_tokens = {plan.prompt_len + plan.new_tokens} tokens is beyond {mid}'s context of "
+                f"{ctx} tokens (max_position_embeddings); estimated as asked"
+            )
+    if plan.compute_dtype == "bf16" and gpu.bf16_tflops is None and not gpu.custom:
+        out.append(f"precision: {gpu.name} has no bf16 support; use fp16 or mixed-fp16 there")
+    return out
+
+
+def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
+    """Load the model and card the plan names, estimate, and judge. Raises ModelError/GPUError (ValueError)."""
+    from planner.models import load_model
+
+    gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
+    model = load_model(plan.model)
+    from planner.engine import estimate  # after the inputs are known good: bad input is reported first
+
+    est = estimate(plan, model)
+    fits = est.device_bytes <= gpu.memory_bytes
+    suggestions: list[Suggestion] = []
+    if not fits and with_suggestions:
+        suggestions = suggest(
+            plan, model, gpu.memory_bytes, estimate=estimate, bf16_supported=gpu.custom or gpu.bf16_tflops is not None
+        )
+    return FitResult(
+        fits=fits,
+        gpu=gpu,
+        model=_model_info(model),
+        memory=est,
+        headroom_bytes=gpu.memory_bytes - est.device_bytes,
+        suggestions=suggestions,
+        plan=plan,
+        warnings=plan_warnings(plan, model, gpu),
+    )

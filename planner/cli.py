@@ -1,0 +1,344 @@
+"""The `planner` command line.
+
+Start-up must stay fast (`planner fit` from a cold start in well under half a second): this module
+imports only the standard library; each command imports what it needs when it runs. Commands are
+registered in COMMANDS (name -> (help, add_arguments, run)); plugins can add more later.
+
+Exit codes: 0 the plan fits (or a listing succeeded), 1 it does not fit, 2 bad input. Bad input of
+any kind prints one line `planner: error: <message>` on stderr and nothing on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+EXIT_FITS = 0
+EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_INPUT = 2
+
+# Flags whose values go into the Plan (dest == Plan field name). Defaults are None so that only
+# flags the user actually typed count as given.
+PLAN_FLAGS: tuple[str, ...] = (
+    "model", "gpu", "gpu_memory", "task", "method", "precision", "optimizer", "grad_ckpt", "attn",
+    "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+    "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens",
+)  # fmt: skip
+
+
+class UsageError(Exception):
+    """Bad command line (argparse's complaints), reported on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+class _Out:
+    def __init__(self, stdout: TextIO, stderr: TextIO):
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def print(self, *parts: Any) -> None:
+        print(*parts, file=self.stdout)
+
+    def warn(self, message: str) -> None:
+        print(f"planner: warning: {message}", file=self.stderr)
+
+
+class BadInput(Exception):
+    """Raised by commands for bad input; main prints it as one line and exits 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------
+def _add_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan_file", nargs="?", metavar="PLAN.yaml", help="plan file (keys: the flag names below); flags override it")
+    g = p.add_argument_group("model and card")
+    g.add_argument("--model", "-m", metavar="M", help="catalog id (see `planner models`), a config.json, or a model directory")
+    g.add_argument("--gpu", "-g", metavar="ID", help="catalog card (see `planner gpus`)")
+    g.add_argument("--gpu-memory", metavar="SIZE", help="custom card memory, e.g. 24GiB (2^30) or 24GB (1e9); with --gpu, that card with this memory")
+    g = p.add_argument_group("workload")
+    g.add_argument("--task", metavar="T", help="sft (a training step) or generate (default: sft)")
+    g.add_argument("--method", metavar="M", help="full fine-tuning, LoRA or QLoRA (default: full)")
+    g.add_argument("--precision", metavar="P", help="fp32, bf16, fp16, mixed-bf16, mixed-fp16 (default: bf16)")
+    g.add_argument("--optimizer", metavar="O", help="adamw, adamw-fused, adamw-8bit, paged-adamw-8bit, sgd (default: adamw)")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None, help="gradient checkpointing (default: off)")
+    g.add_argument("--attn", metavar="A", help="sdpa or eager (default: sdpa)")
+    g.add_argument("--batch", "-b", type=int, metavar="N", help="sequences per micro-batch (default: 1)")
+    g.add_argument("--seq", "-s", type=int, metavar="N", help="training sequence length in tokens (default: 2048)")
+    g.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps (default: 1)")
+    g = p.add_argument_group("LoRA / QLoRA (only with --method lora or qlora)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank (default: 16)")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="adapter alpha (default: 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="adapter dropout (default: 0)")
+    g.add_argument("--lora-targets", metavar="NAMES", help="'all-linear' or a comma list of module names (default: all-linear)")
+    g.add_argument("--quant", metavar="Q", help="4-bit type: nf4 or fp4 (default: nf4)")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="double quantization, qlora only (default: on)")
+    g.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=None, help="peft prepare_model_for_kbit_training, qlora only (default: on)")
+    g = p.add_argument_group("generation (only with --task generate)")
+    g.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens per sequence (default: 512)")
+    g.add_argument("--new-tokens", type=int, metavar="N", help="generated tokens per sequence (default: 128)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
+    g.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip the search for changes that would fit")
+
+
+def _run_fit(args: argparse.Namespace, out: _Out) -> int:
+    from planner.api import fit
+    from planner.models import ModelError
+    from planner.plan_io import build_plan, load_plan_file
+
+    flags = {name: getattr(args, name) for name in PLAN_FLAGS}
+    try:
+        file_values = load_plan_file(args.plan_file) if args.plan_file else None
+        plan, _given = build_plan(file_values, flags)
+        result = fit(plan, with_suggestions=args.suggest)
+    except (ValueError, ModelError) as e:  # PlanError, GPUError, ModelError, engine input errors
+        raise BadInput(str(e)) from None
+    for w in result.warnings:
+        out.warn(w)
+    if args.json:
+        import json
+
+        out.print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_fit(result, out)
+    return EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT
+
+
+def _plan_summary(plan: Any) -> str:
+    parts = [plan.task, plan.method, plan.precision]
+    if plan.task == "sft":
+        parts += [plan.optimizer, f"batch {plan.batch} x seq {plan.seq}"]
+        if plan.grad_accum > 1:
+            parts.append(f"grad-accum {plan.grad_accum}")
+        if plan.grad_ckpt:
+            parts.append("grad-ckpt")
+    else:
+        parts += [f"batch {plan.batch}", f"prompt {plan.prompt_len} + {plan.new_tokens} new tokens"]
+    if plan.method in ("lora", "qlora"):
+        parts.append(f"rank {plan.lora_rank}")
+    if plan.method == "qlora":
+        parts.append(plan.quant + ("" if plan.double_quant else ", no double-quant"))
+    parts.append(f"attn {plan.attn}")
+    return ", ".join(parts)
+
+
+def _print_fit(result: Any, out: _Out) -> None:
+    from planner.units import format_gib
+
+    m, gpu = result.memory, result.gpu
+    cap = gpu.memory_bytes
+    out.print(f"model   {result.model.id} ({result.model.name})")
+    out.print(f"gpu     {gpu.name}: {format_gib(cap)} usable")
+    out.print(f"plan    {_plan_summary(result.plan)}")
+    out.print("")
+    if result.fits:
+        out.print(f"FITS: headroom {format_gib(result.headroom_bytes)} ({100 * result.headroom_bytes / cap:.1f}% of the card)")
+    else:
+        out.print(f"DOES NOT FIT: short by {format_gib(-result.headroom_bytes)} (needs {format_gib(m.device_bytes)} of {format_gib(cap)})")
+    out.print("")
+    rows = [
+        ("peak allocated", m.peak_allocated_bytes, "most bytes live in the allocator (max_memory_allocated)"),
+        ("reserved", m.reserved_bytes, "plus the caching allocator's rounding and fragmentation"),
+        ("device", m.device_bytes, f"plus CUDA context and workspaces; must fit {format_gib(cap)}"),
+    ]
+    for label, value, note in rows:
+        out.print(f"  {label:<15} {format_gib(value):>12}   {note}")
+    out.print(f"  {'peak phase':<15} {m.peak_phase:>12}")
+    _print_items(out, "breakdown at the peak", m.breakdown, total=m.peak_allocated_bytes)
+    _print_items(out, "details at the peak", m.details)
+    _print_items(out, "beyond the allocator (in device)", m.device_items)
+    _print_items(out, "outside the allocator (not counted on the card)", m.outside_allocator)
+    _print_items(out, "peak allocated per phase", m.phases)
+    if not result.fits:
+        out.print("")
+        if result.suggestions:
+            out.print("suggestions (each re-estimated; smallest change first):")
+            width = max(len(s.change) for s in result.suggestions)
+            for s in result.suggestions:
+                verdict = ("fits" if s.fits else "still too big") + (" (changes combined)" if s.combined else "")
+                out.print(
+                    f"  {s.change:<{width}}  peak {format_gib(s.peak_allocated_bytes):>12}  "
+                    f"device {format_gib(s.device_bytes):>12}  {verdict}"
+                )
+        else:
+            out.print("suggestions: none of the single changes tried lowers the estimate")
+
+
+def _print_items(out: _Out, title: str, items: dict[str, int], total: int | None = None) -> None:
+    from planner.units import format_gib
+
+    items = {k: v for k, v in items.items() if v}
+    if not items:
+        return
+    out.print("")
+    out.print(f"{title}:")
+    width = max(len(k) for k in items)
+    for key, value in items.items():
+        share = f"  {100 * value / total:5.1f}%" if total else ""
+        out.print(f"  {key:<{width}}  {format_gib(value):>12}{share}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# models, gpus
+# ---------------------------------------------------------------------------------------------------
+def _add_json_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the catalog as JSON")
+
+
+def _table(rows: list[list[str]], header: list[str], right: set[int]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _run_models(args: argparse.Namespace, out: _Out) -> int:
+    from planner.models import list_models
+    from planner.units import format_count
+
+    rows = [dict(r) for r in list_models()]
+    if args.json:
+        import json
+
+        out.print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        out.print("(no models)")
+        return 0
+    keys = list(rows[0])
+    numeric = {i for i, k in enumerate(keys) if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)}
+    body = []
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            if k in ("params", "num_params") and isinstance(v, (int, float)):
+                cells.append(format_count(v))
+            elif v is None:
+                cells.append("-")
+            else:
+                cells.append(str(v))
+        body.append(cells)
+    for line in _table(body, keys, numeric):
+        out.print(line)
+    return 0
+
+
+def _run_gpus(args: argparse.Namespace, out: _Out) -> int:
+    from planner.gpus import list_gpus
+    from planner.units import format_gib
+
+    gpus = list_gpus()
+    if args.json:
+        import json
+
+        out.print(json.dumps([g.model_dump(mode="json") for g in gpus], indent=2))
+        return 0
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    header = ["id", "name", "memory", "marketed", "bf16 TFLOP/s", "fp16 TFLOP/s", "HBM/GDDR GB/s", "link", "GB/s (both dirs)", "memory from"]
+    body = [
+        [
+            g.id, g.name, format_gib(g.memory_bytes), f"{num(g.memory_marketed_gb)} GB", num(g.bf16_tflops),
+            num(g.fp16_tflops), num(g.mem_bandwidth_gb_per_s), g.interconnect or "-",
+            num(g.interconnect_gb_per_s_both_directions), g.memory_confidence or "-",
+        ]
+        for g in gpus
+    ]
+    for line in _table(body, header, {2, 3, 4, 5, 6, 8}):
+        out.print(line)
+    out.print("")
+    out.print("memory: what the CUDA runtime reports as total (torch.cuda.mem_get_info()[1]); `planner gpus --json` gives sources")
+    return 0
+
+
+# name -> (help, add_arguments, run). Later: validate, report, serve, plugins.
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, _Out], int]]
+COMMANDS: dict[str, Command] = {
+    "fit": ("does a plan fit a GPU? peak, reserved and device memory, with suggestions", _add_fit, _run_fit),
+    "models": ("list the model catalog", _add_json_only, _run_models),
+    "gpus": ("list the GPU catalog", _add_json_only, _run_gpus),
+}
+
+EPILOG = """\
+examples:
+  planner fit --model llama-3.1-8b --gpu a100-80gb --method qlora --batch 4 --seq 2048 --grad-ckpt
+  planner fit plan.yaml --batch 8 --json
+  planner fit --model ./my-model/config.json --gpu-memory 24GiB --task generate --new-tokens 512
+
+exit codes: 0 fits, 1 does not fit, 2 bad input
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="planner",
+        description="Memory planner for LLM fine-tuning and generation on one GPU.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"planner {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
+        if name == "fit":
+            p.epilog = EPILOG
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from planner import __version__
+
+        return str(__version__)
+    except Exception:
+        return "0.1.0"
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    out = _Out(stdout or sys.stdout, stderr or sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out.stdout, out.stderr  # argparse's --help/--version print there
+        try:
+            args = parser.parse_args(argv)
+        finally:
+            sys.stdout, sys.stderr = old
+        if getattr(args, "_run", None) is None:
+            raise UsageError(f"give a command: {', '.join(COMMANDS)} (see planner --help)")
+        return args._run(args, out)
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except (UsageError, BadInput) as e:
+        msg = " ".join(str(e).split())
+        print(f"planner: error: {msg}", file=out.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `planner models | head`: stop quietly
+        if out.stdout is sys.__stdout__:
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
