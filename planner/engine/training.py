@@ -138,14 +138,23 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     rope = prologue_kept(spec, cfg, emb_dtype, input_rg)
 
     # ---- decoder layers -----------------------------------------------------------------------
-    steady = run_layer(cfg, emb_dtype, True)
+    # Layer 0 differs when its input needs no grad (frozen embeddings without checkpointing):
+    # its frozen ops save nothing until the first adapter output joins the graph.
+    first = run_layer(cfg, emb_dtype, input_rg)
+    steady = run_layer(cfg, first.out_dtype, True)
     res_dtype = steady.out_dtype
     if plan.grad_ckpt:
-        per_layer_kept = Sym(t=h * DTYPE_BYTES[res_dtype])
         fwd_layer = run_layer(cfg, res_dtype, True, keep_saved=False)
+        layer_input = Sym(t=h * DTYPE_BYTES[res_dtype])
+
+        def kept(n: int) -> Sym:
+            """What the first n layers keep: their inputs (the checkpoints)."""
+            return layer_input * n
     else:
-        per_layer_kept = steady.saved
         fwd_layer = steady
+
+        def kept(n: int) -> Sym:
+            return first.saved + steady.saved * (n - 1) if n > 0 else ZERO
 
     # ---- head: final norm, lm_head, loss --------------------------------------------------------
     tp = Tape()
@@ -163,14 +172,13 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
         tp.drop(a)
         logits = unary(tp, b, "softcap_mul")
         tp.drop(b)
-    head_saved_before_loss = tp.saved_total
+    after_logits = tp.live
     logits_bytes = logits.size
     lf = cast(tp, logits, "fp32", "logits.float")
     lsm = unary(tp, lf, "log_softmax", saves_output=True)
     loss_peak = tp.live
     tp.drop(lf)
     head_saved = tp.saved_total  # includes log_softmax's output
-    lsm_bytes = lsm.size
     fp32_logits = Sym(t=V * 4)
     logits_held = logits_bytes  # `out.logits`, referenced until the next forward returns
 
@@ -184,19 +192,19 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
 
     tl = Timeline()
     # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
-    prefix = per_layer_kept * (L - 1) + rope
     tl.add("forward", "last decoder layer", **base,
-           activations=prefix + fwd_layer.peak + logits_held)
-    layers_kept = per_layer_kept * L + rope
+           activations=kept(L - 1) + rope + fwd_layer.peak + logits_held)
+    layers_kept = kept(L) + rope
+    tl.add("forward", "lm_head", **base, activations=layers_kept + after_logits + logits_held)
     tl.add("loss", "log_softmax over fp32 logits", **base,
            activations=layers_kept + loss_peak + logits_held,
-           details={"logits_fp32": fp32_logits * 2})
+           details=_logit_details(logits_held, logits.dtype, 1 if logits.dtype == "fp32" else 2, fp32_logits))
 
     # backward: log_softmax backward with its two fp32 gradients, then the head, then the layers
     tl.add("backward", "log_softmax backward", **base,
            activations=layers_kept + head_saved + logits_held,
            temporaries=fp32_logits * 2,
-           details={"logits_fp32": fp32_logits * 3, "logits": logits_held})
+           details=_logit_details(logits_held, logits.dtype, 3, fp32_logits))
     head_grads = Sym(c=res.head_grad_bytes)
     grad_l = Sym(c=res.layer_grad_bytes)
     bwd_t = backward_transient(cfg, plan.compute_dtype, res_dtype)
@@ -204,9 +212,10 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     for idx in (L - 1, 0):
         done = head_grads + grad_l * (L - 1 - idx)
         if plan.grad_ckpt:
-            acts = per_layer_kept * idx + rope + steady.peak + logits_held
+            # the layer's forward is re-run (saving everything) right before its backward
+            acts = kept(idx) + rope + steady.peak + logits_held
         else:
-            acts = per_layer_kept * (idx + 1) + rope + logits_held
+            acts = kept(idx + 1) + rope + logits_held
         tl.add("backward", f"decoder layer {idx} backward", **base,
                activations=acts, gradients=done, temporaries=bwd_t)
     tl.add("backward", "embedding backward", **base, activations=logits_held, gradients=grads_all,
@@ -217,6 +226,13 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     if opt.paged_bytes:
         extra["paged_optimizer_states"] = opt.paged_bytes
     return tl.compiled(), res, extra
+
+
+def _logit_details(held: Sym, held_dtype: str, fp32_count: int, fp32_one: Sym) -> dict[str, Sym]:
+    """batch x seq x vocab tensors live at a moment: the held logits plus `fp32_count` fp32 ones."""
+    if held_dtype == "fp32":
+        return {"logits_fp32": held + fp32_one * fp32_count}
+    return {"logits": held, "logits_fp32": fp32_one * fp32_count}
 
 
 def resident_details(res: Resident) -> dict[str, int]:

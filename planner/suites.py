@@ -1,0 +1,91 @@
+"""Named validation suites: plans whose estimate is checked against a backend's measurement.
+
+- `smoke`: seconds on a CPU, run in CI (small public shapes, full scale, fake tensors).
+- `dry-run`: the accuracy suite of the core engine: >= 24 cases over 6 model shapes (among them the
+  untied Llama-3.1-8B and the 152k-vocabulary Qwen2.5-7B), every method, pure and mixed precision,
+  checkpointing on and off, batch 1-8, sequence 512-4096, generation at batch 1-64. Minutes.
+- `gpu`: a subset sized for a few minutes on one 80-141 GB GPU, run for real.
+"""
+
+from __future__ import annotations
+
+from planner.specs import Plan
+
+
+def _p(model: str, **kw) -> Plan:
+    return Plan(model=model, **kw)
+
+
+def _dry_run_suite() -> list[Plan]:
+    gen = dict(task="generate")
+    return [
+        # Llama-3.2-1B: tied embeddings, 128k vocabulary
+        _p("llama-3.2-1b", batch=1, seq=2048),
+        _p("llama-3.2-1b", batch=4, seq=2048, grad_ckpt=True),
+        _p("llama-3.2-1b", batch=2, seq=1024, precision="mixed-bf16"),
+        _p("llama-3.2-1b", batch=8, seq=512, precision="mixed-bf16", grad_ckpt=True),
+        _p("llama-3.2-1b", batch=2, seq=1024, optimizer="adamw-fused"),
+        _p("llama-3.2-1b", batch=32, **gen, prompt_len=2048, new_tokens=128),
+        # Llama-3.1-8B: untied head
+        _p("llama-3.1-8b", batch=1, seq=2048),
+        _p("llama-3.1-8b", batch=2, seq=4096, grad_ckpt=True),
+        _p("llama-3.1-8b", batch=1, seq=2048, method="lora"),
+        _p("llama-3.1-8b", batch=4, seq=2048, method="lora", grad_ckpt=True),
+        _p("llama-3.1-8b", batch=1, seq=2048, method="qlora"),
+        _p("llama-3.1-8b", batch=4, seq=2048, method="qlora", grad_ckpt=True),
+        _p("llama-3.1-8b", batch=1, **gen, prompt_len=512, new_tokens=128),
+        _p("llama-3.1-8b", batch=16, **gen, prompt_len=1024, new_tokens=256),
+        # Qwen2.5-7B: 152k vocabulary, q/k/v biases
+        _p("qwen2.5-7b", batch=1, seq=4096, grad_ckpt=True),
+        _p("qwen2.5-7b", batch=2, seq=1024, method="lora"),
+        _p("qwen2.5-7b", batch=8, seq=1024, method="qlora", grad_ckpt=True),
+        _p("qwen2.5-7b", batch=1, seq=2048, method="lora", precision="mixed-bf16", grad_ckpt=True),
+        _p("qwen2.5-7b", batch=64, **gen, prompt_len=512, new_tokens=64),
+        # Qwen2.5-0.5B: tied, small hidden, large vocabulary relative to the model
+        _p("qwen2.5-0.5b", batch=8, seq=1024),
+        _p("qwen2.5-0.5b", batch=4, seq=2048, precision="mixed-bf16"),
+        _p("qwen2.5-0.5b", batch=2, seq=512, precision="fp32"),
+        _p("qwen2.5-0.5b", batch=2, seq=1024, attn="eager"),
+        _p("qwen2.5-0.5b", batch=8, **gen, prompt_len=256, new_tokens=512),
+        # Llama-3.2-3B and Mistral-7B: other widths, QLoRA variants, 8-bit optimizer
+        _p("llama-3.2-3b", batch=2, seq=4096, method="lora", grad_ckpt=True),
+        _p("llama-3.2-3b", batch=2, seq=1024, method="qlora", quant="fp4", double_quant=False),
+        _p("mistral-7b", batch=1, seq=2048, grad_ckpt=True, optimizer="adamw-8bit"),
+        _p("mistral-7b", batch=4, seq=1024, method="lora", optimizer="sgd"),
+    ]
+
+
+def _smoke_suite() -> list[Plan]:
+    return [
+        _p("qwen2.5-0.5b", batch=2, seq=512),
+        _p("qwen2.5-0.5b", batch=2, seq=512, method="lora", grad_ckpt=True),
+        _p("qwen2.5-0.5b", batch=2, seq=512, method="qlora", grad_ckpt=True),
+        _p("qwen2.5-0.5b", batch=4, task="generate", prompt_len=128, new_tokens=16),
+    ]
+
+
+def _gpu_suite() -> list[Plan]:
+    gen = dict(task="generate")
+    return [
+        _p("llama-3.2-1b", batch=4, seq=2048),
+        _p("llama-3.2-1b", batch=4, seq=2048, precision="mixed-bf16", grad_ckpt=True),
+        _p("llama-3.1-8b", batch=1, seq=2048),
+        _p("llama-3.1-8b", batch=4, seq=2048, method="lora", grad_ckpt=True),
+        _p("llama-3.1-8b", batch=4, seq=2048, method="qlora", grad_ckpt=True),
+        _p("qwen2.5-7b", batch=2, seq=1024, method="lora"),
+        _p("qwen2.5-7b", batch=16, **gen, prompt_len=1024, new_tokens=128),
+        _p("qwen2.5-0.5b", batch=8, seq=1024),
+    ]
+
+
+SUITES = {"smoke": _smoke_suite, "dry-run": _dry_run_suite, "gpu": _gpu_suite}
+
+
+def suite(name: str) -> list[Plan]:
+    if name not in SUITES:
+        import difflib
+
+        close = difflib.get_close_matches(name, SUITES, n=3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise ValueError(f"suite: unknown suite '{name}'{hint}; choose from {', '.join(SUITES)}")
+    return SUITES[name]()

@@ -1,0 +1,157 @@
+"""Estimate vs measurement: one plan, or a named suite written to reports/validation/.
+
+The accuracy rule of the core engine: peak allocated within 2% median and 5% worst over a suite,
+and each category within 5% or 64 MiB of the measurement.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from planner.result import CATEGORIES
+from planner.specs import Plan
+
+GiB = 1 << 30
+MiB = 1 << 20
+CATEGORY_TOLERANCE_REL = 0.05
+CATEGORY_TOLERANCE_ABS = 64 * MiB
+
+
+def describe(plan: Plan) -> str:
+    """A short human label of a plan (what differs from the defaults)."""
+    parts = [plan.model, plan.task]
+    if plan.task == "generate":
+        parts.append(f"b{plan.batch} p{plan.prompt_len}+{plan.new_tokens}")
+    else:
+        parts += [plan.method, plan.precision, f"b{plan.batch} s{plan.seq}"]
+        if plan.grad_ckpt:
+            parts.append("ckpt")
+        if plan.optimizer != "adamw":
+            parts.append(plan.optimizer)
+        if plan.attn != "sdpa":
+            parts.append(plan.attn)
+        if plan.method == "qlora" and (plan.quant != "nf4" or not plan.double_quant):
+            parts.append(plan.quant + ("" if plan.double_quant else " no-dq"))
+    return " ".join(parts)
+
+
+def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[str, Any]:
+    """Estimate and measure one plan; returns one row of the validation table."""
+    from planner.dryrun import dry_run
+    from planner.engine import estimate
+    from planner.models import load_model, model_config
+
+    spec = load_model(plan.model)
+    est = estimate(plan, spec)
+    if backend != "dry-run":
+        raise ValueError(f"backend: unknown backend '{backend}' (choose from dry-run)")
+    meas = dry_run(plan, model_config(plan.model), device=device)
+    # The dry run cannot see the cuBLAS workspace; compare like with like and report it apart.
+    workspace = est.details.get("cublas_workspace", 0)
+    est_peak = est.peak_allocated_bytes - workspace
+    row: dict[str, Any] = {
+        "case": describe(plan),
+        "est_peak_gib": est_peak / GiB,
+        "meas_peak_gib": meas.peak_allocated_bytes / GiB,
+        "peak_err_pct": 100.0 * (est_peak - meas.peak_allocated_bytes) / meas.peak_allocated_bytes,
+        "est_phase": est.peak_phase,
+        "meas_phase": meas.peak_phase,
+        "wall_s": meas.wall_s,
+    }
+    worst_cat = ""
+    ok = True
+    for cat in CATEGORIES:
+        e = est.breakdown.get(cat, 0) - (workspace if cat == "other" else 0)
+        m = meas.breakdown.get(cat, 0)
+        row[f"est_{cat}"] = e
+        row[f"meas_{cat}"] = m
+        if abs(e - m) > max(CATEGORY_TOLERANCE_REL * m, CATEGORY_TOLERANCE_ABS):
+            ok = False
+            worst_cat += f"{cat} {(e - m) / MiB:+.0f} MiB; "
+    row["categories_ok"] = ok
+    row["category_misses"] = worst_cat.strip("; ")
+    row["measurement"] = meas
+    row["estimate"] = est
+    return row
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001 - a missing backend library is reported, not fatal
+            out[name] = "not installed"
+    return out
+
+
+def progress(i: int, n: int, label: str, stream=sys.stderr) -> None:
+    width = 24
+    done = int(width * i / n) if n else width
+    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
+    if i == n:
+        stream.write("\n")
+    stream.flush()
+
+
+def run_suite(name: str, out_dir: Path, backend: str = "dry-run", device: str = "fake",
+              on_progress: Callable[[int, int, str], None] = progress) -> list[dict[str, Any]]:
+    from planner.suites import suite
+
+    plans = suite(name)
+    rows = []
+    for i, plan in enumerate(plans):
+        on_progress(i, len(plans), describe(plan))
+        rows.append(compare(plan, backend, device))
+    on_progress(len(plans), len(plans), "done")
+    write_report(name, rows, out_dir, backend, device)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    errs = sorted(abs(r["peak_err_pct"]) for r in rows)
+    n = len(errs)
+    median = (errs[n // 2] if n % 2 else (errs[n // 2 - 1] + errs[n // 2]) / 2) if n else 0.0
+    return {
+        "cases": n,
+        "median_abs_err_pct": median,
+        "worst_abs_err_pct": errs[-1] if errs else 0.0,
+        "categories_ok": sum(1 for r in rows if r["categories_ok"]),
+    }
+
+
+def write_report(name: str, rows: list[dict[str, Any]], out_dir: Path, backend: str, device: str) -> tuple[Path, Path]:
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if k not in ("measurement", "estimate")} for r in rows]
+    df = pd.DataFrame(flat)
+    csv_path = out_dir / f"{name}.csv"
+    md_path = out_dir / f"{name}.md"
+    df.to_csv(csv_path, index=False, float_format="%.4f")
+    s = summary(rows)
+    v = versions()
+    lines = [
+        f"# Validation suite `{name}`: estimate vs {backend} ({device})",
+        "",
+        f"Date: {_dt.date.today().isoformat()}. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        f"Peak allocated: median |error| {s['median_abs_err_pct']:.2f}%, worst {s['worst_abs_err_pct']:.2f}% "
+        f"over {s['cases']} cases; every category within 5% or 64 MiB in {s['categories_ok']} of {s['cases']}.",
+        "The estimate is compared without the cuBLAS workspace it adds (32 MiB on Hopper), which a dry run cannot see.",
+        "",
+        "| case | estimate GiB | measured GiB | error | peak phase (est / meas) | categories | misses |",
+        "|---|---:|---:|---:|---|---|---|",
+    ]
+    for r in flat:
+        lines.append(
+            f"| {r['case']} | {r['est_peak_gib']:.3f} | {r['meas_peak_gib']:.3f} | {r['peak_err_pct']:+.2f}% | "
+            f"{r['est_phase']} / {r['meas_phase']} | {'ok' if r['categories_ok'] else 'off'} | {r['category_misses']} |"
+        )
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
