@@ -109,12 +109,12 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
     model = load_model(plan.model)
     from planner.engine import estimate  # after the inputs are known good: bad input is reported first
 
-    est = estimate(plan, model)
+    est = estimate(plan, model, gpu)
     fits = est.device_bytes <= gpu.memory_bytes
     suggestions: list[Suggestion] = []
     if not fits and with_suggestions:
         suggestions = suggest(
-            plan, model, gpu.memory_bytes, estimate=estimate, bf16_supported=gpu.custom or gpu.bf16_tflops is not None
+            plan, model, gpu.memory_bytes, estimate=lambda p, m: estimate(p, m, gpu), bf16_supported=gpu.custom or gpu.bf16_tflops is not None
         )
     return FitResult(
         fits=fits,

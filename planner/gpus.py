@@ -58,6 +58,7 @@ class GPUSpec(BaseModel):
     interconnect: str | None = None
     interconnect_gb_per_s_both_directions: float | None = None
     confidence: str = ""
+    compute_capability: str | None = Field(default=None, description="CUDA sm version, e.g. '9.0' (None: not CUDA)")
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
     cuda_context_source: str = ""
     measured: MeasuredCeilings | None = None

@@ -44,7 +44,7 @@ def run_json(argv):
 
 def expected_estimate(**fields):
     plan = Plan(**fields)
-    return estimate(plan, load_model(plan.model))
+    return estimate(plan, load_model(plan.model), load_gpu(plan.gpu) if plan.gpu else None)
 
 
 # ---- verdicts and exit codes -------------------------------------------------------------------

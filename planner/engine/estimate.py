@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from planner.architecture import ModelSpec
 from planner.engine import generation, training
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.timeline import CompiledTimeline
 from planner.result import CATEGORIES, MemoryEstimate
 from planner.specs import Plan
+
+if TYPE_CHECKING:
+    from planner.gpus import GPUSpec
 
 DEFAULT_CUDA_CONTEXT = 547_356_672  # measured H200 context: (139.80 - 139.29) GiB, rounded to 2 MiB
 
@@ -38,19 +43,21 @@ def _compiled(plan: Plan, spec: ModelSpec) -> tuple:
     return hit
 
 
-def estimate(plan: Plan, model: ModelSpec, cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
-             hopper: bool = True) -> MemoryEstimate:
+def estimate(plan: Plan, model: ModelSpec, gpu: "GPUSpec | None" = None) -> MemoryEstimate:
+    """Per-GPU memory of one step of `plan` on `model`; `gpu` sets the CUDA context and the cuBLAS
+    workspace size (without it: the measured H200 context and sm90's workspace)."""
     _, timeline, res, extra = _compiled(plan, model)
+    context = gpu.cuda_context_bytes if gpu is not None else DEFAULT_CUDA_CONTEXT
+    cc = gpu.compute_capability if gpu is not None else "9.0"
     if plan.task == "generate":
-        return generation.evaluate(timeline, res, extra, plan, model, cuda_context_bytes, hopper)
+        return generation.evaluate(timeline, res, extra, plan, model, context, cublas_workspace_bytes(cc, 1))
     tokens = plan.batch * plan.seq
-    return finish(timeline, extra, tokens, plan.seq, cuda_context_bytes, hopper)
+    return finish(timeline, extra, tokens, plan.seq, context, cublas_workspace_bytes(cc, 2))
 
 
 def finish(timeline: CompiledTimeline, extra: dict[str, int], tokens: float, seq: float,
-           cuda_context_bytes: int, hopper: bool, kv: dict[str, int] | None = None) -> MemoryEstimate:
+           cuda_context_bytes: int, workspace: int, kv: dict[str, int] | None = None) -> MemoryEstimate:
     moment, peak, phases = timeline.evaluate(tokens, seq)
-    workspace = cublas_workspace_bytes(hopper)
     breakdown = {c: 0 for c in CATEGORIES}
     for cat, s in moment.parts.items():
         breakdown[cat] += int(s.c + s.t * tokens + s.q * tokens * seq)

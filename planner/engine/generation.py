@@ -41,7 +41,7 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
 
 
 def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], plan: Plan, spec: ModelSpec,
-             cuda_context_bytes: int, hopper: bool) -> MemoryEstimate:
+             cuda_context_bytes: int, workspace: int) -> MemoryEstimate:
     from planner.engine.estimate import finish
 
     kv_dtype = "bf16" if res.non_linear_dtype == "fp32" and plan.method == "qlora" else res.non_linear_dtype
@@ -57,7 +57,7 @@ def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], p
     logits_dtype = DTYPE_BYTES["bf16" if plan.method == "qlora" else res.non_linear_dtype]
     step_logits = B * V * (logits_dtype + 4 + 4)  # last-position logits, fp32 copy, processed scores
 
-    prefill = finish(timeline, extra, B * P, P, cuda_context_bytes, hopper,
+    prefill = finish(timeline, extra, B * P, P, cuda_context_bytes, workspace,
                      kv={"kv_cache": prefill_kv, "other": ids})
     # Decode: the last step dominates (largest cache); its transients are per-token-of-batch small.
     decode_alloc = {"kv_cache": final_kv + layer_kv, "activations": step_logits, "other": ids}
