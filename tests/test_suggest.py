@@ -21,16 +21,20 @@ def suggestions_for(**fields) -> tuple[Plan, list[Suggestion], int]:
     plan = Plan(**fields)
     gpu = load_gpu(plan.gpu)
     model = load_model(plan.model)
-    return plan, suggest(plan, model, gpu.memory_bytes, estimate=estimate), gpu.memory_bytes
+    return plan, suggest(plan, model, gpu.memory_bytes, estimate=lambda p, m: estimate(p, m, gpu)), gpu.memory_bytes
+
+
+def _gpu(plan: Plan):
+    return load_gpu(plan.gpu) if plan.gpu else None
 
 
 def device(plan: Plan) -> int:
-    return estimate(plan, load_model(plan.model)).device_bytes
+    return estimate(plan, load_model(plan.model), _gpu(plan)).device_bytes
 
 
 def check_claims(suggestions: list[Suggestion], capacity: int) -> None:
     for s in suggestions:
-        est = estimate(s.plan, load_model(s.plan.model))
+        est = estimate(s.plan, load_model(s.plan.model), _gpu(s.plan))
         assert est.device_bytes == s.device_bytes, s.change
         assert est.peak_allocated_bytes == s.peak_allocated_bytes, s.change
         assert s.fits == (est.device_bytes <= capacity), s.change
