@@ -11,22 +11,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Task = Literal["sft", "generate"]
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
 Quant = Literal["nf4", "fp4"]
 
-TASKS: tuple[str, ...] = ("sft", "generate")
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd")
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
-GENERATE_FIELDS = ("prompt_len", "new_tokens")
-TRAIN_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer")
+# Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
+TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens")
 
 
 class Plan(BaseModel):
@@ -41,7 +39,7 @@ class Plan(BaseModel):
     model: str = Field(description="catalog id, or path to a config.json / model directory")
     gpu: str | None = Field(default=None, description="catalog id of the card")
     gpu_memory: int | None = Field(default=None, gt=0, description="custom card: bytes CUDA reports as total")
-    task: Task = "sft"
+    task: str = Field(default="sft", description="technique name (planner plugins lists them)")
     method: Method = "full"
     precision: Precision = "bf16"
     optimizer: Optimizer = "adamw"
@@ -61,6 +59,14 @@ class Plan(BaseModel):
     # generation
     prompt_len: int = Field(default=512, gt=0)
     new_tokens: int = Field(default=128, gt=0)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        from planner.plugins import technique
+
+        technique(v)  # unknown names raise with close matches
+        return v
 
     @field_validator("lora_targets")
     @classmethod
@@ -120,11 +126,10 @@ def check_applicable(plan: Plan, given: set[str]) -> None:
         bad = [f for f in QLORA_FIELDS if f in given]
         if bad:
             raise ValueError(f"{bad[0]}: only applies with method qlora (method is lora)")
-    if plan.task == "generate":
-        bad = [f for f in TRAIN_FIELDS if f in given]
-        if bad:
-            raise ValueError(f"{bad[0]}: only applies with task sft (task is generate; use prompt_len/new_tokens)")
-    else:
-        bad = [f for f in GENERATE_FIELDS if f in given]
-        if bad:
-            raise ValueError(f"{bad[0]}: only applies with task generate (task is sft; use seq)")
+    from planner.plugins import registry, technique
+
+    reads = set(technique(plan.task).plan_fields)
+    bad = [f for f in TECHNIQUE_FIELDS if f in given and f not in reads]
+    if bad:
+        users = sorted(t.name for t in registry().techniques.values() if bad[0] in t.plan_fields)
+        raise ValueError(f"{bad[0]}: only applies with task {' or '.join(users) or '(none)'} (task is {plan.task})")

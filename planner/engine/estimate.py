@@ -5,38 +5,35 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from planner.architecture import ModelSpec
-from planner.engine import generation, training
+from planner.engine import generation, scoring, training
+from planner.engine.resident import resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.timeline import CompiledTimeline
 from planner.result import CATEGORIES, MemoryEstimate
+from planner.plugins import technique
 from planner.specs import Plan
+from planner.workload import ModelUse, Workload
 
 if TYPE_CHECKING:
     from planner.gpus import GPUSpec
 
 DEFAULT_CUDA_CONTEXT = 547_356_672  # measured H200 context: (139.80 - 139.29) GiB, rounded to 2 MiB
 
-# Plan fields that change the timeline's shape (everything but the batch and lengths).
-_SHAPE_FIELDS = ("task", "method", "precision", "optimizer", "grad_ckpt", "attn", "lora_rank",
+# Plan fields that change a timeline's shape (everything but the batch and lengths).
+_SHAPE_FIELDS = ("method", "precision", "optimizer", "grad_ckpt", "attn", "lora_rank",
                  "lora_targets", "quant", "double_quant", "kbit_prep")
 
+_BUILDERS = {"train_step": training.build, "generate": generation.build, "score": scoring.build}
 _cache: dict[tuple, tuple] = {}
 
 
-def _key(plan: Plan, spec: ModelSpec) -> tuple:
-    d = plan.__dict__
-    return (id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
-
-
-def _compiled(plan: Plan, spec: ModelSpec) -> tuple:
-    key = _key(plan, spec)
+def _compiled(kind: str, use: ModelUse) -> tuple:
+    spec, setup = use.spec, use.setup
+    d = setup.__dict__
+    key = (kind, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
     hit = _cache.get(key)
     if hit is None or hit[0] is not spec:
-        if plan.task == "generate":
-            built = generation.build(spec, plan)
-        else:
-            built = training.build(spec, plan)
-        hit = (spec, *built)
+        hit = (spec, *_BUILDERS[kind](spec, setup))
         if len(_cache) > 4096:
             _cache.clear()
         _cache[key] = hit
@@ -46,13 +43,60 @@ def _compiled(plan: Plan, spec: ModelSpec) -> tuple:
 def estimate(plan: Plan, model: ModelSpec, gpu: "GPUSpec | None" = None) -> MemoryEstimate:
     """Per-GPU memory of one step of `plan` on `model`; `gpu` sets the CUDA context and the cuBLAS
     workspace size (without it: the measured H200 context and sm90's workspace)."""
-    _, timeline, res, extra = _compiled(plan, model)
+    workload = technique(plan.task).workload(plan, model)
+    return estimate_workload(workload, gpu)
+
+
+def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> MemoryEstimate:
+    """The peak over the workload's phases; models not running in a phase stay resident in it."""
     context = gpu.cuda_context_bytes if gpu is not None else DEFAULT_CUDA_CONTEXT
     cc = gpu.compute_capability if gpu is not None else "9.0"
-    if plan.task == "generate":
-        return generation.evaluate(timeline, res, extra, plan, model, context, cublas_workspace_bytes(cc, 1))
-    tokens = plan.batch * plan.seq
-    return finish(timeline, extra, tokens, plan.seq, context, cublas_workspace_bytes(cc, 2))
+    best: MemoryEstimate | None = None
+    phases: dict[str, int] = {}
+    multi = len(workload.phases) > 1
+    for ph in workload.phases:
+        use = workload.model(ph.role)
+        _, timeline, res, extra = _compiled(ph.kind, use)
+        if ph.kind == "generate":
+            mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, use.spec, use.setup,
+                                      context, cublas_workspace_bytes(cc, 1))
+        else:
+            threads = 2 if ph.kind == "train_step" else 1
+            mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads))
+        others = [m for m in workload.models if m.role != ph.role]
+        if others:
+            mem = _with_resident(mem, others)
+        if not multi:
+            return mem
+        for name, v in mem.phases.items():
+            phases[f"{ph.name}.{name}" if multi else name] = v + (mem.peak_allocated_bytes - max(mem.phases.values()))
+        if best is None or mem.peak_allocated_bytes > best.peak_allocated_bytes:
+            best = mem.model_copy(update={"peak_phase": f"{ph.name}.{mem.peak_phase}" if multi else mem.peak_phase})
+    assert best is not None, "a workload has at least one phase"
+    return best.model_copy(update={"phases": phases})
+
+
+def _with_resident(mem: MemoryEstimate, others: list[ModelUse]) -> MemoryEstimate:
+    """Add the models that are resident but idle during this phase (their weights, and the optimizer
+    states of trainable ones)."""
+    from planner.engine.optimizers import optimizer_memory
+
+    add = {c: 0 for c in CATEGORIES}
+    for m in others:
+        r = resident(m.spec, m.setup)
+        add["parameters"] += r.param_bytes
+        add["buffers"] += r.buffer_bytes
+        add["other"] += r.quant_state_bytes
+        if m.trainable:
+            add["optimizer_states"] += optimizer_memory(m.setup.optimizer, r, m.spec.num_layers).state_bytes
+    extra = sum(add.values())
+    breakdown = {c: mem.breakdown.get(c, 0) + add[c] for c in CATEGORIES}
+    total = mem.peak_allocated_bytes + extra
+    reserved = mem.reserved_bytes + extra
+    return mem.model_copy(update={
+        "peak_allocated_bytes": total, "reserved_bytes": reserved, "device_bytes": mem.device_bytes + extra,
+        "breakdown": breakdown, "phases": {k: v + extra for k, v in mem.phases.items()},
+    })
 
 
 def finish(timeline: CompiledTimeline, extra: dict[str, int], tokens: float, seq: float,

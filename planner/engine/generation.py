@@ -40,21 +40,21 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     return tl.compiled(), res, resident_details(res)
 
 
-def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], plan: Plan, spec: ModelSpec,
-             cuda_context_bytes: int, workspace: int) -> MemoryEstimate:
+def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], batch: int, prompt_len: int,
+             new_tokens: int, spec: ModelSpec, plan: Plan, cuda_context_bytes: int, workspace: int) -> MemoryEstimate:
     from planner.engine.estimate import finish
 
-    kv_dtype = "bf16" if res.non_linear_dtype == "fp32" and plan.method == "qlora" else res.non_linear_dtype
-    if plan.method == "qlora":
-        kv_dtype = "bf16"  # Linear4bit computes in bf16: K and V come out in the compute dtype
+    # K and V come out in the hidden states' dtype: dense projections in the weights' dtype, and
+    # Linear4bit / peft's LoRA cast their outputs back to their input's dtype
+    kv_dtype = res.non_linear_dtype
     per_tok = kv_bytes_per_token(spec, kv_dtype)
-    B, P, N = plan.batch, plan.prompt_len, plan.new_tokens
+    B, P, N = batch, prompt_len, new_tokens
     V = spec.vocab_size
     ids = B * (P + N) * 8 * 2  # input_ids and attention_mask (int64) at their final length
     prefill_kv = per_tok * B * P
     final_kv = per_tok * B * (P + N - 1)
     layer_kv = final_kv // spec.num_layers // 2  # one layer's K (or V): the torch.cat transient
-    logits_dtype = DTYPE_BYTES["bf16" if plan.method == "qlora" else res.non_linear_dtype]
+    logits_dtype = DTYPE_BYTES[res.non_linear_dtype]
     step_logits = B * V * (logits_dtype + 4 + 4)  # last-position logits, fp32 copy, processed scores
 
     prefill = finish(timeline, extra, B * P, P, cuda_context_bytes, workspace,

@@ -1,0 +1,304 @@
+"""MemTracker adapted to replaying training/generation programs (imports torch: load lazily).
+
+Changes to torch.distributed._tools.mem_tracker.MemTracker, each for a reason seen in practice:
+- grad hooks only on parameters that require grad (it fails on frozen LoRA/QLoRA bases);
+- ModTracker's pre-forward multi-grad hooks registered in "any" mode: in the default "all" mode
+  the hook's closure keeps a reference cycle that holds the embedding output (a leaf made by
+  `enable_input_require_grads()`) and its gradient alive every step, under the tracker only;
+- every storage is rounded up to 512 bytes like CUDA's caching allocator (MemTracker rounds only
+  for device "cuda", and our tensors live on the CPU);
+- the global peak is taken per op with a snapshot of the categories, plus running totals of
+  finer "details" (quantization states, KV cache, vocab-sized tensors...), the phase and the op;
+- tensors can be excluded (host-side on CUDA, or paged/unified memory): they are reported apart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _UpdateType
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+CATEGORY_OF = {
+    _MemRefType.PARAM: "parameters",
+    _MemRefType.BUFFER: "buffers",
+    _MemRefType.GRAD: "gradients",
+    _MemRefType.ACT: "activations",
+    _MemRefType.OPT: "optimizer_states",
+    _MemRefType.TEMP: "temporaries",
+    _MemRefType.OTH: "other",
+}
+
+
+class _AnyModeModTracker(ModTracker):
+    """ModTracker whose pre-forward (post-backward marker) multi-grad hooks use mode="any"."""
+
+    def _fw_pre_hook(self, mod, input):  # noqa: A002 - signature of the parent
+        if torch._dynamo.eval_frame._is_in_optimized_module():
+            return
+        name = self._get_mod_name(mod)
+        import weakref
+
+        w_mod = weakref.ref(mod)
+        self._get_append_fn(w_mod, name, False)()
+        if self._user_pre_fw_hook is not None:
+            self._user_pre_fw_hook(mod, input)
+        args, _ = tree_flatten(input)
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not self.is_bw:
+            if tensors:
+                register_multi_grad_hook(tensors, self._get_pop_fn(w_mod, name, True), mode="any")
+            else:
+                self._post_bw_callbacks_to_enqueue.append(self._get_pop_fn(w_mod, name, True))
+
+
+class DryRunTracker(MemTracker):
+    def __init__(self, round_bytes: int = 512) -> None:
+        super().__init__()
+        self._mod_tracker = _AnyModeModTracker()
+        self.round_bytes = round_bytes
+        self.phase = "setup"
+        self.step = -1
+        self.total = 0
+        self.detail_totals: dict[tuple[str, Any], int] = defaultdict(int)
+        self.outside: dict[str, int] = defaultdict(int)
+        self.phase_peaks: dict[str, int] = {}
+        self.peak_total = 0
+        self.peak_categories: dict[Any, int] = {}
+        self.peak_details: dict[tuple[str, Any], int] = {}
+        self.peak_phase = "setup"
+        self.peak_step = -1
+        self.peak_op = ""
+        self.peak_extra: dict[str, int] = {}
+        # context detail for storages created now (e.g. "kv_cache" inside a cache update)
+        self.alloc_detail: str | None = None
+        # fn(func, args, out_tensor) -> detail name or None, for storages created by dispatched ops
+        self.classifier: Callable[[Any, tuple, torch.Tensor], str | None] | None = None
+        # fn() -> dict of extra figures computed at each new global peak (cheap!)
+        self.at_peak: Callable[[], dict[str, int]] | None = None
+        # storages created while this is set are outside the allocator (paged/unified memory)
+        self.alloc_exclude: str | None = None
+        self._pending_detail: str | None = None
+        self._pending_alias = False
+        # answers to host-side reads of fake tensors (.item(), bool()), see _programs.ScalarOracle
+        self.oracle = None
+        self._alias_ops: dict[Any, bool] = {}
+        self._cur_func = None
+        self._cur_args: tuple = ()
+        self.op_count = 0
+
+    # ---- accounting -----------------------------------------------------------------------
+    def _rounded(self, nbytes: int) -> int:
+        r = self.round_bytes
+        if r <= 1 or nbytes == 0:
+            return nbytes
+        return -(-nbytes // r) * r
+
+    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
+        if getattr(winfo, "excluded", False):
+            return
+        if u_type == _UpdateType.ADD:
+            if not hasattr(winfo, "detail"):
+                winfo.detail = self._pending_detail
+            winfo.mem_consumed = self._rounded(winfo.size * winfo.element_size)
+            if self._pending_alias:
+                winfo.excluded = True  # a view of memory the tracker did not see allocated
+                return
+            if self.alloc_exclude is not None:
+                winfo.excluded = True
+                self.outside[self.alloc_exclude] += winfo.mem_consumed
+                return
+        elif u_type == _UpdateType.SIZE:
+            winfo.mem_consumed = self._rounded(winfo.size * winfo.element_size)
+        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+        d = getattr(winfo, "detail", None)
+        if u_type == _UpdateType.ADD:
+            self.total += winfo.mem_consumed
+            if d:
+                self.detail_totals[(d, winfo.reftype)] += winfo.mem_consumed
+        elif u_type == _UpdateType.DEL:
+            self.total -= winfo.mem_consumed
+            if d:
+                self.detail_totals[(d, winfo.reftype)] -= winfo.mem_consumed
+        elif u_type == _UpdateType.REF:
+            if d:
+                self.detail_totals[(d, old_reftype)] -= winfo.mem_consumed
+                self.detail_totals[(d, winfo.reftype)] += winfo.mem_consumed
+        elif u_type == _UpdateType.SIZE:
+            change = winfo.mem_consumed - old_mem_consumed
+            self.total += change
+            if d:
+                self.detail_totals[(d, winfo.reftype)] += change
+
+    def _winfos(self, t: torch.Tensor, reftype=_MemRefType.OTH):
+        return self._update_and_maybe_create_winfos(t, reftype)
+
+    def set_detail(self, tensors, detail: str | None) -> None:
+        """Attribute the storages of `tensors` to a detail (moving their bytes between details)."""
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            for st in get_untyped_storages(t):
+                winfo, _ = self._WINFO.get(st, (None, None))
+                if winfo is None:
+                    self._pending_detail = detail
+                    self._winfos(t)
+                    self._pending_detail = None
+                    continue
+                old = getattr(winfo, "detail", None)
+                if old == detail or getattr(winfo, "excluded", False):
+                    continue
+                if old:
+                    self.detail_totals[(old, winfo.reftype)] -= winfo.mem_consumed
+                if detail:
+                    self.detail_totals[(detail, winfo.reftype)] += winfo.mem_consumed
+                winfo.detail = detail
+
+    def exclude(self, tensors, detail: str) -> None:
+        """Take storages out of the allocator's count (host memory on CUDA, unified memory)."""
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            for st in get_untyped_storages(t):
+                winfo, _ = self._WINFO.get(st, (None, None))
+                if winfo is None:
+                    winfo = next(iter(self._winfos(t)))
+                if getattr(winfo, "excluded", False):
+                    continue
+                if winfo.mem_consumed > 0:
+                    self._update_snap(_UpdateType.DEL, winfo)
+                winfo.excluded = True
+                self.outside[detail] += winfo.mem_consumed
+
+    def track_tensors(self, tensors, reftype=_MemRefType.OTH, detail: str | None = None) -> None:
+        for t in tensors:
+            self._pending_detail = detail
+            self._winfos(t, reftype)
+            self._pending_detail = None
+        self._check_peak(None)
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+        def _grad_hook(grad: torch.Tensor) -> None:
+            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+        param_memory = 0
+        for param in module.parameters():
+            winfos = self._update_and_maybe_create_winfos(param, _MemRefType.PARAM)
+            param_memory += sum(w.mem_consumed for w in winfos)
+            if param.grad is not None:
+                self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+            if install_grad_hooks and param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                h1 = param.register_hook(_grad_hook)
+                h2 = param.register_post_accumulate_grad_hook(lambda p: _grad_hook(p.grad))
+                self._param_to_grad_hook_handles[param] = (h1, h2)
+        buffer_memory = 0
+        for buffer in module.buffers():
+            winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+            buffer_memory += sum(w.mem_consumed for w in winfos)
+        return param_memory, buffer_memory
+
+    def _pre_fw_hook(self, module, inputs) -> None:
+        # a root module called again (next step / next decode token): start new module stats
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                self.reset_mod_stats()
+        super()._pre_fw_hook(module, inputs)
+
+    def _track(self, reftype, t: torch.Tensor) -> None:
+        detail = self.alloc_detail
+        if detail is None and self.classifier is not None and self._cur_func is not None:
+            detail = self.classifier(self._cur_func, self._cur_args, t)
+        self._pending_detail = detail
+        try:
+            super()._track(reftype, t)
+        finally:
+            self._pending_detail = None
+
+    def _update_peak_stats(self, peak_state) -> None:  # module-level stats are not used
+        pass
+
+    def _check_peak(self, func) -> None:
+        tot = self.total
+        ph = self.phase
+        if tot > self.phase_peaks.get(ph, -1):
+            self.phase_peaks[ph] = tot
+        if tot > self.peak_total:
+            self.peak_total = tot
+            cats: dict[Any, int] = defaultdict(int)
+            for dev_snap in self._curr_mem_snap.values():
+                for k, v in dev_snap.items():
+                    if k != _TOTAL_KEY:
+                        cats[k] += v
+            self.peak_categories = dict(cats)
+            self._peak_mem_snap = deepcopy(self._curr_mem_snap)
+            self._peak_mem = {dev: s[_TOTAL_KEY] for dev, s in self._curr_mem_snap.items()}
+            self.peak_details = {k: v for k, v in self.detail_totals.items() if v}
+            self.peak_phase = ph
+            self.peak_step = self.step
+            self.peak_op = str(func) if func is not None else ""
+            self.peak_extra = self.at_peak() if self.at_peak is not None else {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.oracle is not None:
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            if isinstance(args[0], FakeTensor):
+                return self.oracle.answer(args[0])
+        res = func(*args, **(kwargs or {}))
+        self.op_count += 1
+        if self._in_opt:
+            reftype = _MemRefType.OPT
+        elif self._mod_tracker.is_bw and not self._in_ac:
+            reftype = _MemRefType.TEMP
+        else:
+            reftype = _MemRefType.ACT
+        self._cur_func, self._cur_args = func, args
+        aliasing = self._alias_ops.get(func)
+        if aliasing is None:
+            schema = getattr(func, "_schema", None)
+            aliasing = bool(schema) and any(r.alias_info is not None for r in schema.returns)
+            if func is torch.ops.aten.lift_fresh.default:  # torch.tensor(data): a fresh tensor
+                aliasing = False
+            self._alias_ops[func] = aliasing
+        # Outputs of view/in-place ops never allocate. An unseen storage there is memory made
+        # outside the tracker: under FakeTensorMode, the fake copy of a real input tensor (the
+        # never-written CPU tensors behind bitsandbytes' packed weights and quantization states).
+        self._pending_alias = aliasing
+        # `torch.tensor(0.0)` inside optimizer.step: AdamW's per-parameter step counters, which
+        # (foreach / for-loop, not fused / capturable) live on the host in a CUDA run
+        host = self._in_opt and func is torch.ops.aten.lift_fresh.default and self.alloc_exclude is None
+        if host:
+            self.alloc_exclude = "host_step_counters"
+        try:
+            tree_map_only(torch.Tensor, partial(self._track, reftype), res)
+        finally:
+            self._cur_func, self._cur_args = None, ()
+            self._pending_alias = False
+            if host:
+                self.alloc_exclude = None
+        self._check_peak(func)
+        return res
+
+    # ---- results -------------------------------------------------------------------------
+    def peak_breakdown(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(categories, details) at the global peak; kv_cache moved out of its MemTracker category."""
+        cats = {name: 0 for name in CATEGORY_OF.values()}
+        cats["kv_cache"] = 0
+        for k, v in self.peak_categories.items():
+            cats[CATEGORY_OF[k]] += v
+        details: dict[str, int] = defaultdict(int)
+        for (d, reftype), v in self.peak_details.items():
+            details[d] += v
+            if d == "kv_cache":
+                cats[CATEGORY_OF[reftype]] -= v
+                cats["kv_cache"] += v
+        return cats, dict(details)

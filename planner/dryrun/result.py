@@ -1,0 +1,54 @@
+"""What a dry run reports. Plain pydantic: importing this module does not import torch."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+# Phases of the replayed programs.
+PHASES: tuple[str, ...] = ("forward", "loss", "backward", "optimizer", "prefill", "decode")
+
+
+class DryRunResult(BaseModel):
+    """Memory of one replayed program (see planner/dryrun/__init__.py for the programs).
+
+    peak_allocated_bytes: most bytes live at once, counted from after the model, adapters and
+      optimizer were built (their bytes included, as they stay allocated) through all steps,
+      each storage rounded up to the CUDA caching allocator's 512-byte granularity.
+    breakdown: bytes per category at the moment of that peak (planner.result.CATEGORIES); sums to
+      peak_allocated_bytes.
+    details: finer items at the peak (subsets of the categories, not additive with them) and
+      memory outside the allocator (paged optimizer states), see `DETAIL_DOCS`.
+    peak_phase: phase of the step in which the peak happened; peak_step: 0-based step index.
+    peak_op: the aten op whose output made the peak (to add a kernel's workspace analytically).
+    phases: peak bytes seen within each phase.
+    step_end_bytes: live bytes after each step (flat from step 2 on if nothing leaks).
+    """
+
+    peak_allocated_bytes: int
+    breakdown: dict[str, int]
+    details: dict[str, int] = Field(default_factory=dict)
+    peak_phase: str
+    peak_step: int = 0
+    peak_op: str = ""
+    phases: dict[str, int] = Field(default_factory=dict)
+    step_end_bytes: list[int] = Field(default_factory=list)
+    baseline_bytes: int = 0
+    params: dict[str, int] = Field(default_factory=dict)
+    wall_s: float
+    device: str = "fake"
+    versions: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+DETAIL_DOCS: dict[str, str] = {
+    "quant_state": "bitsandbytes 4-bit quantization states (absmax, codes, nested state); in 'other'",
+    "kv_cache": "DynamicCache keys+values (also the 'kv_cache' category)",
+    "logits": "live 16-bit tensors of batch x seq x vocab (lm_head output, its gradient)",
+    "logits_fp32": "live fp32 tensors of batch x seq x vocab (upcast logits, log-softmax output, their gradients)",
+    "weight_casts": "low-precision copies of fp32 parameters made by autocast (cached for the forward) or casts",
+    "dequantized_weights": "bf16 weights dequantized from 4 bits (forward fallback path, backward)",
+    "lora_inputs": "fp32 copies of layer inputs peft makes for fp32 adapters on a 16-bit base",
+    "optimizer_temporaries": "tensors allocated inside optimizer.step that are not optimizer states",
+    "host_step_counters": "AdamW's per-parameter 'step' scalars, which CUDA's foreach AdamW keeps on the host (excluded)",
+    "paged_optimizer_states": "PagedAdamW8bit states in CUDA unified memory: outside the allocator, not in the peak",
+}

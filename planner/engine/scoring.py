@@ -1,0 +1,35 @@
+"""The memory timeline of a no-grad scoring forward: log-probabilities of given tokens.
+
+The program: `with torch.no_grad(): logits = model(input_ids=ids, use_cache=False).logits`, then
+`torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])`. Layers run without saving
+anything; the peak is the largest layer's transients or the full batch x seq x vocab logits with
+their fp32 copy and the fp32 log-softmax.
+"""
+
+from __future__ import annotations
+
+from planner.architecture import ModelSpec
+from planner.engine.resident import Resident, resident
+from planner.engine.tape import DTYPE_BYTES, Sym
+from planner.engine.timeline import CompiledTimeline, Timeline
+from planner.engine.training import layer_cfg, resident_details, run_layer
+from planner.specs import Plan
+
+
+def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    res = resident(spec, plan)
+    cfg = layer_cfg(spec, plan, res, training=False)
+    dt = res.non_linear_dtype
+    layer = run_layer(cfg, dt, False, grad=False)
+    h, V = spec.hidden_size, spec.vocab_size
+    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
+    base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
+    logits = Sym(t=V * DTYPE_BYTES[dt])
+    fp32 = Sym(t=V * 4)
+    tl = Timeline()
+    tl.add("forward", "last decoder layer", **base, activations=layer.peak + rope)
+    tl.add("forward", "lm_head", **base, activations=Sym(t=h * DTYPE_BYTES[dt]) + logits)
+    lsm = logits + fp32 + (fp32 if dt != "fp32" else Sym())
+    tl.add("score", "log_softmax over fp32 logits", **base, activations=lsm,
+           details={"logits_fp32": fp32 * (2 if dt != "fp32" else 1), **({"logits": logits} if dt != "fp32" else {})})
+    return tl.compiled(), res, resident_details(res)

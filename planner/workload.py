@@ -1,0 +1,60 @@
+"""What runs: the description a technique hands to the engine.
+
+A workload names the models resident on the GPU, each with its role and how it is held (full,
+LoRA, QLoRA; trainable or frozen), and the phases of one step, each a program kind the engine knows
+how to turn into a memory timeline:
+
+- `train_step`: forward with the causal-LM loss, backward, optimizer step (transformers' `labels=`);
+- `generate`: transformers' greedy `generate` with its dynamic KV cache (prefill, then decode);
+- `score`: a no-grad forward over full sequences followed by an fp32 log-softmax over the vocabulary
+  and a gather of the tokens' log-probabilities (evaluation, reference log-probs).
+
+Kept as frozen dataclasses rather than pydantic models: one is built per estimate, and an estimate
+must stay well under a tenth of a millisecond. The user-facing spec (`Plan`) is validated by pydantic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.architecture import ModelSpec
+from planner.specs import Plan
+
+PHASE_KINDS: tuple[str, ...] = ("train_step", "generate", "score")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUse:
+    """One model on the GPU. `setup` carries how it is held: method, precision, LoRA and
+    quantization options, optimizer (the `Plan` fields of the same names)."""
+
+    role: str
+    spec: ModelSpec
+    setup: Plan
+    trainable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One program of the step. Sizes: `batch` sequences of `seq` tokens (for `generate`: `seq` is
+    the prompt length and `new_tokens` the generated ones)."""
+
+    name: str
+    kind: str
+    role: str
+    batch: int
+    seq: int
+    new_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    technique: str
+    models: tuple[ModelUse, ...]
+    phases: tuple[Phase, ...]
+
+    def model(self, role: str) -> ModelUse:
+        for m in self.models:
+            if m.role == role:
+                return m
+        raise KeyError(f"workload of {self.technique} has no model with role '{role}'")

@@ -1,0 +1,51 @@
+"""Built-in technique `sft`: supervised fine-tuning with transformers' causal-LM loss.
+
+The program (shared/notes/heldout-protocol.md): `out = model(input_ids=ids, labels=ids)`,
+`out.loss.backward()`, `opt.step()`, `opt.zero_grad(set_to_none=True)`, full, LoRA or QLoRA.
+"""
+
+from __future__ import annotations
+
+from planner.hookspecs import hookimpl
+from planner.technique import Technique
+from planner.workload import ModelUse, Phase, Workload
+
+__version__ = "0.1.0"
+
+
+def sft_workload(plan, model) -> Workload:
+    return Workload(
+        technique="sft",
+        models=(ModelUse("model", model, plan, trainable=True),),
+        phases=(Phase("train", "train_step", "model", plan.batch, plan.seq),),
+    )
+
+
+def sft_step(ctx) -> None:
+    """One training step, as a user's loop runs it."""
+    model = ctx.model("model")
+    opt = ctx.optimizer("model")
+    ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
+    with ctx.phase("forward"):
+        out = model(input_ids=ids, labels=ids)
+    with ctx.phase("backward"):
+        out.loss.backward()
+    with ctx.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ctx.keep(out)  # the user's `out` stays bound until the next step's forward returns
+
+
+SFT = Technique(
+    name="sft",
+    kind="training",
+    description="supervised fine-tuning (causal-LM loss via labels=): full, LoRA or QLoRA",
+    workload=sft_workload,
+    step=sft_step,
+    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer"),
+)
+
+
+@hookimpl
+def register_techniques(register) -> None:
+    register(SFT)
