@@ -7,7 +7,9 @@ times to last at least --min-time seconds (calibrated once, like timeit's autora
 mean per call; the row's figure is the median over --repeats repeats, the rows interleaved so a slow
 patch of a shared machine hits them alike. The garbage collector is off while timing. Plans and
 layouts are built beforehand; the "cold" row clears the module's caches before every call (the
-replay of one decoder layer by the engine is what they hold). Target: median <= 2 ms per estimate.
+replay of one decoder layer by the engine is what they hold): what a one-shot CLI call pays.
+Target: median <= 2 ms per estimate, every row (warm and cold). On a loaded machine the figures
+scale with the load; the load average is printed with them.
 """
 
 from __future__ import annotations

@@ -113,17 +113,17 @@ class DistributedEstimate(BaseModel):
 _layer_cache: dict[tuple, tuple] = {}
 
 
-def _engine_layer(part: ModelSpec, plan: Plan) -> tuple:
+def _engine_layer(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int) -> tuple:
     """(saved per layer, forward peak candidates, backward transient, residual dtype, prologue) as
     Syms, from the engine's replay of one decoder layer of `part` (cached per shape).
 
     The only place that reaches into the engine's internals (planner.engine.training); it accepts a
-    LayerRun with either one `peak` or a list of `peaks` candidates."""
-    key = (part.id, part.num_attention_heads, part.intermediate_size, part.hidden_size, plan.method,
-           plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant,
-           plan.kbit_prep, plan.grad_ckpt)
+    LayerRun with either one `peak` or a list of `peaks` candidates. A layer's shape depends only on the
+    model (`origin`) and the TP degree it is split by, so every pipeline stage shares one replay."""
+    key = (id(origin), tp, plan.method, plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant,
+           plan.double_quant, plan.kbit_prep, plan.grad_ckpt)
     hit = _layer_cache.get(key)
-    if hit is None:
+    if hit is None or hit[0] is not origin:
         from planner.engine import training as tr
 
         res = resident(part, plan)
@@ -134,11 +134,11 @@ def _engine_layer(part: ModelSpec, plan: Plan) -> tuple:
         peaks = list(getattr(steady, "peaks", None) or [steady.peak])
         bwd = tr.backward_transient(cfg, plan.compute_dtype, steady.out_dtype)
         rope = tr.prologue_kept(part, cfg, res.non_linear_dtype, input_rg)
-        hit = (steady.saved, peaks, bwd, steady.out_dtype, rope)
+        hit = (origin, steady.saved, peaks, bwd, steady.out_dtype, rope)
         if len(_layer_cache) > 1024:
             _layer_cache.clear()
         _layer_cache[key] = hit
-    return hit
+    return hit[1:]
 
 
 def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model: ActivationModel,
@@ -168,7 +168,7 @@ def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model:
                 "loss_temp": 0.0, "held": 0.0}
     # engine: replay the rank's layer (TP-split shapes); with SP replay the full layer and divide by t
     shape = rank_spec(spec, 1, pp, stage) if sp else part
-    saved_sym, peaks, bwd_sym, res_dtype, rope = _engine_layer(shape, plan)
+    saved_sym, peaks, bwd_sym, res_dtype, rope = _engine_layer(shape, plan, spec, 1 if sp else t)
     div = t if sp else 1
     saved, bwd = saved_sym.at(tokens, s), bwd_sym.at(tokens, s)
     peak = max(p.at(tokens, s) for p in peaks)  # one layer's forward, its input included
