@@ -3,8 +3,8 @@
 transformers' greedy loop with its default `DynamicCache`:
 - prefill: one no-grad forward over batch x prompt tokens; each layer appends its K and V (after
   rotary) to the cache, and only the last position's logits are computed (`logits_to_keep=1`);
-- then one token a step: `logits[:, -1, :]` copied to fp32, the logits processors (min_new_tokens
-  clones the scores), argmax, `torch.cat` of the ids; each layer's cache grows by `torch.cat`, so the
+- then one token a step: `logits[:, -1, :]` copied to fp32, the logits processors (MinLength and
+  MinNewTokensLength each clone the scores and mask EOS with torch.where), argmax, `torch.cat` of the ids; each layer's cache grows by `torch.cat`, so the
   old and new K (or V) of one layer are live together for a moment;
 - the cache ends at prompt + new_tokens - 1 positions (the last token is never fed back).
 KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes.
@@ -35,7 +35,9 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     tl = Timeline()
     base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
     # Prefill: sizes per prompt token (T = batch x prompt). The cache is added at evaluation.
-    tl.add("prefill", "last decoder layer", **base, activations=layer.peak + rope)
+    embeds = Sym(t=h * DTYPE_BYTES[act_dtype])  # `inputs_embeds`, referenced until the forward returns
+    for peak in layer.peaks:
+        tl.add("prefill", "last decoder layer", **base, activations=peak + rope + embeds)
     tl.add("prefill", "final norm and last-position logits", **base, activations=Sym(t=h * DTYPE_BYTES[act_dtype] * 2))
     return tl.compiled(), res, resident_details(res)
 
@@ -55,7 +57,11 @@ def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], b
     final_kv = per_tok * B * (P + N - 1)
     layer_kv = final_kv // spec.num_layers // 2  # one layer's K (or V): the torch.cat transient
     logits_dtype = DTYPE_BYTES[res.non_linear_dtype]
-    step_logits = B * V * (logits_dtype + 4 + 4)  # last-position logits, fp32 copy, processed scores
+    # The last-position logits, and in fp32: their copy; the output of MinLengthLogitsProcessor (a
+    # clone or torch.where); MinNewTokensLengthLogitsProcessor's clone and torch.where result (the
+    # two processors transformers 5.24 builds for min_new_tokens=n); and the previous step's scores,
+    # rebound only after the processors return.
+    step_logits = B * V * (logits_dtype + 5 * 4)
 
     prefill = finish(timeline, extra, B * P, P, cuda_context_bytes, workspace,
                      kv={"kv_cache": prefill_kv, "other": ids})

@@ -27,7 +27,9 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     logits = Sym(t=V * DTYPE_BYTES[dt])
     fp32 = Sym(t=V * 4)
     tl = Timeline()
-    tl.add("forward", "last decoder layer", **base, activations=layer.peak + rope)
+    embeds = Sym(t=h * DTYPE_BYTES[dt])  # `inputs_embeds`, referenced until the forward returns
+    for peak in layer.peaks:
+        tl.add("forward", "last decoder layer", **base, activations=peak + rope + embeds)
     tl.add("forward", "lm_head", **base, activations=Sym(t=h * DTYPE_BYTES[dt]) + logits)
     lsm = logits + fp32 + (fp32 if dt != "fp32" else Sym())
     tl.add("score", "log_softmax over fp32 logits", **base, activations=lsm,

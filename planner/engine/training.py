@@ -72,25 +72,20 @@ def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True)
 @dataclass(frozen=True)
 class LayerRun:
     saved: Sym  # kept for backward after the layer's forward (its input included when saved)
-    peak: Sym  # highest live bytes during the forward, its input included
+    peaks: list[Sym]  # candidates for the highest live bytes during the forward, input included
     out_dtype: str
+    input_saved: bool  # whether autograd keeps the layer's input itself
 
 
 def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True, grad: bool = True) -> LayerRun:
     tp = Tape(grad=grad, keep_saved=keep_saved)
     x = tp.new(tok(cfg.hidden), in_dtype, in_rg, "layer_input")
+    # the model's loop (`hidden_states = layer(hidden_states, ...)`) holds the input until the layer returns
+    x.refs += 1
     cos = tp.external(tok(cfg.head_dim), in_dtype, False, "cos")
     sin = tp.external(tok(cfg.head_dim), in_dtype, False, "sin")
     out = LAYERS[cfg.family](tp, x, cos, sin, cfg)
-    return LayerRun(saved=tp.saved_total, peak=_hull(tp), out_dtype=out.dtype)
-
-
-def _hull(tp: Tape) -> Sym:
-    """An upper envelope of the layer's live bytes: componentwise maximum over the events."""
-    c = t = q = 0.0
-    for _, s in tp.events:
-        c, t, q = max(c, s.c), max(t, s.t), max(q, s.q)
-    return Sym(c, t, q)
+    return LayerRun(saved=tp.saved_total, peaks=tp.peak_candidates(), out_dtype=out.dtype, input_saved=x.saved)
 
 
 def backward_transient(cfg: LayerCfg, act_dtype: str, res_dtype: str) -> Sym:
@@ -192,10 +187,13 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
 
     tl = Timeline()
     # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
-    tl.add("forward", "last decoder layer", **base,
-           activations=kept(L - 1) + rope + fwd_layer.peak + logits_held)
+    # the model's forward keeps `inputs_embeds` referenced until it returns
+    embeds = ZERO if first.input_saved else Sym(t=h * DTYPE_BYTES[emb_dtype])
+    for peak in fwd_layer.peaks:
+        tl.add("forward", "last decoder layer", **base,
+               activations=kept(L - 1) + rope + embeds + peak + logits_held)
     layers_kept = kept(L) + rope
-    tl.add("forward", "lm_head", **base, activations=layers_kept + after_logits + logits_held)
+    tl.add("forward", "lm_head", **base, activations=layers_kept + embeds + after_logits + logits_held)
     tl.add("loss", "log_softmax over fp32 logits", **base,
            activations=layers_kept + loss_peak + logits_held,
            details=_logit_details(logits_held, logits.dtype, 1 if logits.dtype == "fp32" else 2, fp32_logits))
@@ -213,7 +211,10 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
         done = head_grads + grad_l * (L - 1 - idx)
         if plan.grad_ckpt:
             # the layer's forward is re-run (saving everything) right before its backward
-            acts = kept(idx) + rope + steady.peak + logits_held
+            for peak in steady.peaks:
+                tl.add("backward", f"decoder layer {idx} recompute", **base,
+                       activations=kept(idx) + rope + peak + logits_held, gradients=done)
+            acts = kept(idx + 1) + rope + steady.saved + logits_held
         else:
             acts = kept(idx + 1) + rope + logits_held
         tl.add("backward", f"decoder layer {idx} backward", **base,
