@@ -1,0 +1,86 @@
+"""`serve()`: capacity of one engine and the simulated service of a request stream, in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from planner.serving.capacity import CapacityReport, capacity, resolve
+from planner.serving.roofline import Roofline
+from planner.serving.schedulers import DEFAULT_SCHEDULER, get_scheduler
+from planner.serving.simulator import SimulationReport, simulate
+from planner.serving.specs import Calibration, ServeSpec, TrafficSpec
+from planner.serving.traffic import requests_for
+
+
+class ServeResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    capacity: CapacityReport
+    traffic: dict[str, Any]
+    roofline: dict[str, Any]
+    simulations: list[SimulationReport]  # the chosen scheduler first
+    warnings: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity.fits
+
+    def to_json(self) -> dict[str, Any]:
+        cap = self.capacity
+        out: dict[str, Any] = {
+            "fits": cap.fits,
+            "reason": cap.reason,
+            "model": cap.model,
+            "gpu": cap.gpu,
+            "tp": cap.tp,
+            "dtypes": {"serving": cap.serving_dtype, "weights": cap.weights_dtype, "kv_cache": cap.kv_cache.dtype},
+            "limits": {"max_model_len": cap.max_model_len, "max_num_seqs": cap.max_num_seqs,
+                       "max_num_batched_tokens": cap.max_num_batched_tokens,
+                       "gpu_memory_utilization": cap.gpu_memory_utilization},
+            "memory": cap.memory.model_dump(),
+            "kv_cache": cap.kv_cache.model_dump(),
+            "traffic": self.traffic,
+            "roofline": self.roofline,
+            "simulation": self.simulations[0].model_dump() if self.simulations else None,
+            "warnings": self.warnings,
+            "sources": cap.sources,
+        }  # fmt: skip
+        if len(self.simulations) > 1:
+            out["comparison"] = {s.scheduler: s.model_dump() for s in self.simulations}
+        return out
+
+
+def serve(spec: ServeSpec, traffic: TrafficSpec | None = None, scheduler: str = DEFAULT_SCHEDULER,
+          compare: list[str] | None = None, calibration: Calibration | None = None,
+          simulate_traffic: bool = True) -> ServeResult:  # fmt: skip
+    """Capacity of `spec`, then (if it fits) `traffic` simulated with `scheduler` and each of `compare`.
+
+    Raises ServeInputError on bad input; a setup that does not fit returns `fits=False` and no simulation.
+    """
+    traffic = traffic or TrafficSpec()
+    setup = resolve(spec)
+    names = [scheduler] + [s for s in (compare or []) if s != scheduler]
+    scheds = [get_scheduler(n) for n in names]  # unknown names fail before any work
+    reqs = requests_for(traffic, setup.max_model_len) if simulate_traffic else None
+    per_seq = traffic.prompt_len + traffic.new_tokens
+    if reqs is not None and traffic.trace:
+        per_seq = round(sum(reqs.prompt) / len(reqs) + sum(reqs.output) / len(reqs))
+    cap = capacity(setup, per_seq)
+    warnings = list(cap.warnings)
+    roof_desc: dict[str, Any] = {}
+    sims: list[SimulationReport] = []
+    tinfo: dict[str, Any] = {}
+    if reqs is not None:
+        tinfo = {"source": reqs.source, "requests": len(reqs), "clipped": reqs.clipped}
+        warnings += reqs.notes
+    if cap.fits and reqs is not None:
+        roof = Roofline(setup, calibration)
+        roof_desc = roof.describe()
+        if setup.gpu.measured is None and (calibration is None or calibration.compute_efficiency is None):
+            warnings.append(f"no measured ceilings for {setup.gpu.name}: efficiencies are the H200's measured fractions "
+                            f"(compute {roof.compute_efficiency:.3f}, memory {roof.memory_efficiency:.3f})")  # fmt: skip
+        for sched in scheds:
+            sims.append(simulate(setup, roof, reqs, cap.layer_blocks, sched))
+    return ServeResult(capacity=cap, traffic=tinfo, roofline=roof_desc, simulations=sims, warnings=warnings)
