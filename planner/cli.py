@@ -57,13 +57,20 @@ class BadInput(Exception):
 # fit
 # ---------------------------------------------------------------------------------------------------
 def _add_fit(p: argparse.ArgumentParser) -> None:
+    _add_plan_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
+    g.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip the search for changes that would fit")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN.yaml", help="plan file (keys: the flag names below); flags override it")
     g = p.add_argument_group("model and card")
     g.add_argument("--model", "-m", metavar="M", help="catalog id (see `planner models`), a config.json, or a model directory")
     g.add_argument("--gpu", "-g", metavar="ID", help="catalog card (see `planner gpus`)")
     g.add_argument("--gpu-memory", metavar="SIZE", help="custom card memory, e.g. 24GiB (2^30) or 24GB (1e9); with --gpu, that card with this memory")
     g = p.add_argument_group("workload")
-    g.add_argument("--task", metavar="{sft,generate}", help="a training step, or generation (default: sft)")
+    g.add_argument("--task", metavar="T", help="technique: sft (a training step), generate, or a plugin's (see `planner plugins`; default: sft)")
     g.add_argument("--method", metavar="{full,lora,qlora}", help="full fine-tuning, LoRA or QLoRA (default: full)")
     g.add_argument("--precision", metavar="P", help="fp32, bf16, fp16, mixed-bf16, mixed-fp16 (default: bf16)")
     g.add_argument("--optimizer", metavar="O", help="adamw, adamw-fused, adamw-8bit, paged-adamw-8bit, sgd (default: adamw)")
@@ -83,20 +90,23 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (only with --task generate)")
     g.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens per sequence (default: 512)")
     g.add_argument("--new-tokens", type=int, metavar="N", help="generated tokens per sequence (default: 128)")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
-    g.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip the search for changes that would fit")
+
+
+def _plan_from_args(args: argparse.Namespace) -> Any:
+    from planner.plan_io import build_plan, load_plan_file
+
+    flags = {name: getattr(args, name) for name in PLAN_FLAGS}
+    file_values = load_plan_file(args.plan_file) if args.plan_file else None
+    plan, _given = build_plan(file_values, flags)
+    return plan
 
 
 def _run_fit(args: argparse.Namespace, out: _Out) -> int:
     from planner.api import fit
     from planner.models import ModelError
-    from planner.plan_io import build_plan, load_plan_file
 
-    flags = {name: getattr(args, name) for name in PLAN_FLAGS}
     try:
-        file_values = load_plan_file(args.plan_file) if args.plan_file else None
-        plan, _given = build_plan(file_values, flags)
+        plan = _plan_from_args(args)
         result = fit(plan, with_suggestions=args.suggest)
     except (ValueError, ModelError) as e:  # PlanError, GPUError, ModelError, engine input errors
         raise BadInput(str(e)) from None
@@ -264,12 +274,96 @@ def _run_gpus(args: argparse.Namespace, out: _Out) -> int:
     return 0
 
 
-# name -> (help, add_arguments, run). Later: validate, report, serve, plugins.
+# ---------------------------------------------------------------------------------------------------
+# plugins
+# ---------------------------------------------------------------------------------------------------
+def _run_plugins(args: argparse.Namespace, out: _Out) -> int:
+    from planner.plugins import registry
+
+    reg = registry(scan=True)
+    rows = [
+        {"name": p.name, "version": p.version, "source": p.source,
+         "registers": {k: sorted(v) for k, v in p.registers.items()}}
+        for p in reg.plugins
+    ]
+    if args.json:
+        import json
+
+        out.print(json.dumps(rows, indent=2))
+        return 0
+    body = [[r["name"], r["version"] or "-", r["source"],
+             "; ".join(f"{k}: {', '.join(v)}" for k, v in r["registers"].items()) or "-"] for r in rows]
+    for line in _table(body, ["plugin", "version", "from", "registers"], set()):
+        out.print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------------
+def _add_validate(p: argparse.ArgumentParser) -> None:
+    _add_plan_args(p)
+    g = p.add_argument_group("validation")
+    g.add_argument("--suite", metavar="NAME", help="run a named suite (smoke, dry-run, gpu) and write reports/validation/NAME.md and .csv")
+    g.add_argument("--backend", default="dry-run", metavar="B", help="dry-run (the real program on fake tensors) or real (default: dry-run)")
+    g.add_argument("--device", default=None, metavar="D", help="fake (dry-run), cpu or cuda (real); default: fake for dry-run, cuda for real")
+    g.add_argument("--out", default="reports/validation", metavar="DIR", help="where --suite writes its tables (default: reports/validation)")
+    g.add_argument("--json", action="store_true", help="print only JSON on stdout")
+
+
+def _run_validate(args: argparse.Namespace, out: _Out) -> int:
+    from planner.backends import check_backend
+    from planner.models import ModelError
+
+    try:
+        device = check_backend(args.backend, args.device)
+        if args.suite:
+            from planner.suites import suite
+
+            suite(args.suite)  # unknown names fail before any work
+            plan = None
+        else:
+            plan = _plan_from_args(args)
+    except (ValueError, ModelError) as e:
+        raise BadInput(str(e)) from None
+    from pathlib import Path
+
+    from planner import validate
+
+    if args.suite:
+        rows = validate.run_suite(args.suite, Path(args.out), args.backend, device)
+        s = validate.summary(rows)
+        if args.json:
+            import json
+
+            out.print(json.dumps({"suite": args.suite, "summary": s, "rows": [validate.row_json(r) for r in rows]}, indent=2))
+        else:
+            out.print(f"{args.suite}: {s['cases']} cases, peak allocated median |error| {s['median_abs_err_pct']:.2f}%, "
+                      f"worst {s['worst_abs_err_pct']:.2f}%; categories within tolerance in {s['categories_ok']} of {s['cases']}")
+            out.print(f"wrote {Path(args.out) / (args.suite + '.md')} and .csv")
+        return 0
+    try:
+        row = validate.compare(plan, args.backend, device)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if args.json:
+        import json
+
+        out.print(json.dumps(validate.row_json(row), indent=2))
+    else:
+        for line in validate.format_row(row):
+            out.print(line)
+    return 0
+
+
+# name -> (help, add_arguments, run); plugins add more through register_commands.
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, _Out], int]]
 COMMANDS: dict[str, Command] = {
     "fit": ("does a plan fit a GPU? peak, reserved and device memory, with suggestions", _add_fit, _run_fit),
     "models": ("list the model catalog", _add_json_only, _run_models),
     "gpus": ("list the GPU catalog", _add_json_only, _run_gpus),
+    "plugins": ("list the loaded plugins and what each registers", _add_json_only, _run_plugins),
+    "validate": ("estimate vs a backend's measurement, for one plan or a named suite", _add_validate, _run_validate),
 }
 
 EPILOG = """\
@@ -282,7 +376,19 @@ exit codes: 0 fits, 1 does not fit, 2 bad input
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _all_commands(argv: list[str]) -> dict[str, Command]:
+    """Built-in commands, plus plugins' when the command is not a built-in or help is asked for
+    (loading plugins costs start-up time the common commands should not pay)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in COMMANDS and not (argv and argv[0] in ("-h", "--help")):
+        return COMMANDS
+    from planner.plugins import registry
+
+    extra = {k: v for k, v in registry(scan=True).commands.items() if k not in COMMANDS}
+    return {**COMMANDS, **extra}
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="planner",
         description="Memory planner for LLM fine-tuning and generation on one GPU.",
@@ -291,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"planner {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, run) in COMMANDS.items():
+    for name, (help_text, add_args, run) in (commands or COMMANDS).items():
         p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
         if name == "fit":
             p.epilog = EPILOG
@@ -314,8 +420,8 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
     out = _Out(stdout or sys.stdout, stderr or sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
+        parser = build_parser(_all_commands(argv))
         old = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out.stdout, out.stderr  # argparse's --help/--version print there
         try:

@@ -71,6 +71,13 @@ def registry(scan: bool = False) -> Registry:
     return _registry
 
 
+def reset() -> None:
+    """Forget every loaded plugin (tests; a later call loads the built-ins again)."""
+    global _pm, _registry
+    _pm = None
+    _registry = None
+
+
 def _scan_entry_points(reg: Registry) -> None:
     from importlib.metadata import entry_points
 

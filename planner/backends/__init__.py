@@ -1,0 +1,69 @@
+"""Backends: a technique's step executed for real, measured.
+
+- `dry-run` (device `fake`): the real program at full scale on fake tensors on the CPU, under a
+  MemTracker (planner.dryrun). Byte-exact for what it runs; no time.
+- `real` (device `cpu` or `cuda`): real tensors. On the CPU (tiny configs, in tests) memory comes
+  from the same tracker as the dry run, so both can be compared byte for byte; on CUDA from
+  `torch.cuda.max_memory_allocated` / `max_memory_reserved`, the CUDA context from
+  `torch.cuda.mem_get_info`, and time from CUDA events.
+
+Both run the technique's `step(ctx)` (see `planner.backends.context.StepContext`): one piece of code.
+torch and the model libraries are imported only when a backend runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from planner.backends.measurement import Measurement
+
+BACKENDS: dict[str, tuple[str, ...]] = {"dry-run": ("fake",), "real": ("cpu", "cuda")}
+DEFAULT_DEVICE = {"dry-run": "fake", "real": "cuda"}
+
+__all__ = ["BACKENDS", "Measurement", "check_backend", "run_backend"]
+
+
+class BackendError(ValueError):
+    pass
+
+
+def check_backend(name: str, device: str | None) -> str:
+    """The device the backend will use; one-line errors for unknown names or impossible devices."""
+    if name not in BACKENDS:
+        close = difflib.get_close_matches(name, BACKENDS, n=2)
+        hint = f"did you mean: {', '.join(close)}?" if close else f"choose from {', '.join(BACKENDS)}"
+        raise BackendError(f"backend: unknown backend '{name}' ({hint})")
+    device = device or DEFAULT_DEVICE[name]
+    if device not in BACKENDS[name]:
+        why = {
+            "dry-run": "the dry run executes on fake tensors on the CPU; use --backend real for cpu or cuda",
+            "real": "real runs use real tensors: --device cpu (tiny models) or cuda",
+        }[name]
+        raise BackendError(f"device: backend {name} cannot run on '{device}' ({why})")
+    if device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("device: backend real on cuda needs torch (pip install '.[backends]')") from None
+        if not torch.cuda.is_available():
+            raise BackendError("device: backend real cannot run on cuda here: torch.cuda.is_available() is False")
+    return device
+
+
+def run_backend(name: str, plan, device: str | None = None, steps: int = 3) -> Measurement:
+    """Execute `plan` with the named backend and measure it."""
+    device = check_backend(name, device)
+    from planner.models import model_config
+    from planner.plugins import technique
+
+    tech = technique(plan.task)
+    if tech.step is None:
+        raise BackendError(f"task: technique '{tech.name}' has no executable step; it cannot be validated")
+    config = model_config(plan.model)
+    if device == "cuda":
+        from planner.backends.cuda import run_cuda
+
+        return run_cuda(tech, plan, config, steps=steps)
+    from planner.backends.tracked import run_tracked
+
+    return run_tracked(tech, plan, config, steps=steps, device=device)

@@ -1,0 +1,58 @@
+"""The context a technique's `step(ctx)` runs in. Each backend provides one; the step is the same.
+
+A step asks the context for its models (built as the plan says: dtype, LoRA/QLoRA, checkpointing),
+their optimizers, token ids, and marks the phases of the program. Everything a user's training loop
+keeps between steps (the loop variable holding the last output) is kept with `keep`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+
+class StepContext(ABC):
+    """What `Technique.step(ctx)` may use. `plan` is the validated Plan; `step_index` counts from 0."""
+
+    plan: Any
+    step_index: int = 0
+
+    @abstractmethod
+    def model(self, role: str) -> Any:
+        """The model playing `role` in the technique's workload, built once."""
+
+    @abstractmethod
+    def optimizer(self, role: str) -> Any:
+        """The optimizer over the trainable parameters of the model playing `role`, built once."""
+
+    @abstractmethod
+    def token_ids(self, batch: int, seq: int) -> Any:
+        """Random token ids (int64, batch x seq) on the run's device."""
+
+    @abstractmethod
+    def generate(self, model: Any, ids: Any, new_tokens: int) -> Any:
+        """`model.generate(ids, attention_mask=ones, max_new_tokens=n, min_new_tokens=n, do_sample=False)`."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Mark a phase (forward, backward, optimizer, ...). Forward phases run under the plan's
+        autocast (mixed precision, QLoRA's bf16 compute), as the HF Trainer runs them."""
+        self._enter_phase(name)
+        with self._autocast() if name == "forward" else contextlib.nullcontext():
+            yield
+
+    def _enter_phase(self, name: str) -> None:
+        self.current_phase = name
+
+    @abstractmethod
+    def _autocast(self) -> Any:
+        """The plan's autocast context (a null context when the plan computes in its weights' dtype)."""
+
+    def keep(self, obj: Any, slot: str = "out") -> None:
+        """Hold `obj` as a loop variable does: the previous object in the slot is released now."""
+        kept = self.__dict__.setdefault("_kept", {})
+        kept[slot] = obj
+
+    def release(self) -> None:
+        self.__dict__.get("_kept", {}).clear()
