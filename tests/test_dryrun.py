@@ -278,6 +278,10 @@ def test_cuda_autocast_policy_effect():
             assert torch.rsqrt(x.abs() + 1).dtype == torch.float32
             assert torch.softmax(x, -1).dtype == torch.float32
             assert x.sum().dtype == torch.float32
+            assert torch.softmax(x, -1, dtype=torch.bfloat16).dtype == torch.bfloat16  # explicit dtype kept
+            assert torch.log_softmax(x, -1).dtype == torch.float32
+            assert x.cumsum(0, dtype=torch.bfloat16).dtype == torch.bfloat16
+            assert x.long().sum().dtype == torch.int64  # not eligible
             assert torch.einsum("ij,kj->ik", x.float(), x.float()).dtype == torch.bfloat16
             assert torch.nn.functional.linear(x.float(), x.float()).dtype == torch.bfloat16
         assert x.pow(2).dtype == torch.bfloat16  # restored
@@ -305,3 +309,36 @@ def test_result_is_json_and_lazy_import():
     r = dry_run(_plan(batch=1, seq=8), LLAMA)
     assert r.model_dump_json()
     assert r.versions["torch"].startswith("2.")
+
+
+@pytest.mark.parametrize("device", ["fake", "cpu"])
+def test_generate_shortcut_is_exact(device):
+    """Skipping the model in the middle decode steps (only growing the cache) changes nothing."""
+    from planner.dryrun._run import dry_run_impl
+
+    plan = _plan(task="generate", batch=2, prompt_len=16, new_tokens=7)
+    short = dry_run_impl(plan, LLAMA, device=device)
+    full = dry_run_impl(plan, LLAMA, device=device, full_decode=True)
+    _same(short, full)
+
+
+def test_grad_accumulation_keeps_gradients_between_micro_batches():
+    one = dry_run(_plan(method="lora", lora_rank=4), LLAMA, round_bytes=1)
+    two = dry_run(_plan(method="lora", lora_rank=4, grad_accum=2), LLAMA, round_bytes=1)
+    assert one.breakdown["gradients"] == 0  # peak in the loss backward, gradients set to None
+    assert two.breakdown["gradients"] == 4 * two.params["trainable_params"]  # from the 1st micro-batch
+    # ... and the scalar `out.loss / grad_accum` being backpropagated
+    assert two.peak_allocated_bytes == one.peak_allocated_bytes + two.breakdown["gradients"] + 4
+
+
+def test_peak_by_origin_sums_to_peak():
+    for plan in (_plan(method="lora", lora_rank=4, grad_ckpt=True), _plan(task="generate", prompt_len=16, new_tokens=3)):
+        r = dry_run(plan, LLAMA)
+        assert sum(r.peak_by_origin.values()) == r.peak_allocated_bytes
+        by_cat: dict[str, int] = {}
+        for key, v in r.peak_by_origin.items():
+            if key != "(rest)":
+                cat = key.split(" ", 1)[0]
+                by_cat[cat] = by_cat.get(cat, 0) + v
+        if "(rest)" not in r.peak_by_origin:
+            assert by_cat == {k: v for k, v in r.breakdown.items() if v}

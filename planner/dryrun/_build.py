@@ -81,7 +81,7 @@ def build_meta(plan, config: dict):
 
     train = plan.task == "sft"
     cfg = hf_config(config, use_cache=not train)
-    dtype = DTYPES[plan.weight_dtype] if plan.method != "qlora" else torch.bfloat16
+    dtype = DTYPES[plan.weight_dtype]  # QLoRA: dtype of what is not quantized (before kbit prep)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=plan.attn)
     notes: list[str] = []

@@ -249,11 +249,18 @@ def _make_kernel(name: str, policy: str) -> Callable:
                 return op(*args, **kwargs)
 
     elif policy == "set_opt_dtype":
+        pos = [a.name for a in op._schema.arguments if not a.kwarg_only].index("dtype") if any(
+            a.name == "dtype" and not a.kwarg_only for a in op._schema.arguments
+        ) else None
 
         def kernel(*args, **kwargs):
             with _no_autocast_guard():
-                if _eligible(args[0]) and kwargs.get("dtype") is None:
-                    kwargs = dict(kwargs, dtype=torch.float32)
+                if _eligible(args[0]):
+                    if pos is not None and len(args) > pos:
+                        if args[pos] is None:
+                            args = args[:pos] + (torch.float32,) + args[pos + 1 :]
+                    elif kwargs.get("dtype") is None:
+                        kwargs = dict(kwargs, dtype=torch.float32)
                 return op(*args, **kwargs)
 
     elif policy == "append_dtype":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
@@ -104,8 +105,11 @@ def optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 # -------------------------------------------------------------------------------------------
 def run_sft(plan, model, opt, tracker, vocab: int, steps: int, autocast: Callable[[], Any]) -> list[int]:
     """heldout-protocol.md's training loop, literally (the previous `out` stays referenced until
-    the next forward returns, as in the protocol's Python loop)."""
+    the next forward returns, as in the protocol's Python loop). With plan.grad_accum > 1 (not
+    part of the protocol), each step runs that many forward/backward micro-batches on
+    `out.loss / grad_accum` before the optimizer step: gradients persist between micro-batches."""
     B, S = plan.batch, plan.seq
+    accum = plan.grad_accum
     lm_head = model.get_output_embeddings()
 
     def to_loss_phase(_mod, _inp, _out):
@@ -119,12 +123,13 @@ def run_sft(plan, model, opt, tracker, vocab: int, steps: int, autocast: Callabl
     try:
         for step in range(steps):
             tracker.step = step
-            tracker.phase = "forward"
-            ids = torch.randint(0, vocab, (B, S))
-            with autocast():
-                out = model(input_ids=ids, labels=ids)
-            tracker.phase = "backward"
-            out.loss.backward()
+            for _micro in range(accum):
+                tracker.phase = "forward"
+                ids = torch.randint(0, vocab, (B, S))
+                with autocast():
+                    out = model(input_ids=ids, labels=ids)
+                tracker.phase = "backward"
+                (out.loss if accum == 1 else out.loss / accum).backward()
             tracker.phase = "optimizer"
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -204,7 +209,9 @@ def narrow_config(config: dict) -> dict:
     return d
 
 
-def record_generation_reads(plan, config: dict) -> ScalarOracle:
+def record_generation_reads(
+    plan, config: dict, autocast: Callable[[], Any] = contextlib.nullcontext, full_decode: bool = False
+) -> ScalarOracle:
     """Run the generation program for real on a narrow copy of the model, recording host reads."""
     from ._build import build_meta, materialize
 
@@ -219,22 +226,35 @@ def record_generation_reads(plan, config: dict) -> ScalarOracle:
         total = 0
 
     with _RecordReads(oracle):
-        run_generate(plan, model, _NoTracker(), vocab)
+        run_generate(plan, model, _NoTracker(), vocab, autocast, full_decode)
     return oracle
 
-def run_generate(plan, model, tracker, vocab: int) -> list[int]:
+def run_generate(
+    plan,
+    model,
+    tracker,
+    vocab: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    full_decode: bool = False,
+) -> list[int]:
     """`model.generate(ids, attention_mask=ones, max_new_tokens=n, min_new_tokens=n,
-    do_sample=False)` with transformers' default DynamicCache, run for real; the host-side
-    data-dependent checks that fake tensors cannot answer are answered (see `_generate_answers`)."""
+    do_sample=False)` with transformers' default DynamicCache, run for real (host-side reads of
+    fake tensors answered by a ScalarOracle).
+
+    Unless full_decode: only the prefill, the first and the last decode forwards run the model;
+    the decode forwards in between are replaced by their lasting effect (each layer's cache grows
+    by one position through the same DynamicCache.update, and the forward returns logits of the
+    same shape). Every tensor of a decode step is at least as large at the last step as at any
+    earlier one (the cache and the growing masks/ids), so the decode peak is the last step's;
+    generate()'s own code (logits processors, stopping criteria, masks) runs at every step.
+    `test_generate_shortcut_is_exact` checks the two give the same figures."""
     B, P, N = plan.batch, plan.prompt_len, plan.new_tokens
     tracker.phase = "prefill"
     tracker.step = 0
     ids = torch.randint(0, vocab, (B, P))
     mask = torch.ones(B, P, dtype=torch.long)
-    with _generate_phases(model, tracker), torch.no_grad():
-        res = model.generate(
-            ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False
-        )
+    with _generate_phases(model, tracker, N, full_decode), torch.no_grad(), autocast():
+        res = model.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False)
     tracker.phase = "between_steps"
     end = [tracker.total]
     del res
@@ -242,18 +262,42 @@ def run_generate(plan, model, tracker, vocab: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _generate_phases(model, tracker):
-    """prefill = the first forward; decode = everything after it."""
+def _generate_phases(model, tracker, new_tokens: int, full_decode: bool):
+    """prefill = the first forward; decode = every later one. Forward calls 0 (prefill), 1 and
+    new_tokens-1 run the model; the others (unless full_decode) only grow the cache."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
     state = {"calls": 0}
-    base = model
+    # peft's generate() runs the transformers model's forward, not PeftModel.forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    orig_forward = base.forward
 
-    def pre(_mod, _args, _kwargs):
+    @functools.wraps(orig_forward)  # generate() inspects the signature (logits_to_keep, ...)
+    def forward(*args, **kwargs):
+        k = state["calls"]
         state["calls"] += 1
-        tracker.phase = "prefill" if state["calls"] == 1 else "decode"
-        tracker.step = state["calls"] - 1
+        tracker.phase = "prefill" if k == 0 else "decode"
+        tracker.step = k
+        if full_decode or k in (0, 1, new_tokens - 1):
+            out = orig_forward(*args, **kwargs)
+            state["logits"] = (out.logits.shape[-1], out.logits.dtype)
+            return out
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        layers = cache.layers
+        for idx, layer in enumerate(layers):
+            keys, values = layer.keys, layer.values
+            Bk, heads, _, hd = keys.shape
+            k_new = torch.empty((Bk, heads, 1, hd), dtype=keys.dtype)
+            v_new = torch.empty((Bk, values.shape[1], 1, values.shape[-1]), dtype=values.dtype)
+            cache.update(k_new, v_new, idx)
+            del k_new, v_new
+        width, dtype = state["logits"]
+        logits = torch.empty((input_ids.shape[0], 1, width), dtype=dtype)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
-    h = base.register_forward_pre_hook(pre, with_kwargs=True)
+    base.forward = forward
     try:
         yield
     finally:
-        h.remove()
+        del base.forward

@@ -59,7 +59,9 @@ def _storage_bytes(tracker: DryRunTracker, tensors) -> int:
     return total
 
 
-def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round_bytes: int = 512) -> DryRunResult:
+def dry_run_impl(
+    plan, config: dict, steps: int = 3, device: str = "fake", round_bytes: int = 512, full_decode: bool = False
+) -> DryRunResult:
     if device not in ("fake", "cpu"):
         raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
     t0 = time.perf_counter()
@@ -68,6 +70,13 @@ def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round
     vocab = int(config["vocab_size"])
     notes: list[str] = []
     train = plan.task == "sft"
+    if plan.autocast:
+        dt = DTYPES[plan.compute_dtype]
+
+        def autocast():
+            return torch.autocast("cpu", dtype=dt)
+    else:
+        autocast = contextlib.nullcontext
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=train))
         stack.enter_context(_patches.autocast_query_means_cpu())
@@ -76,7 +85,7 @@ def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round
         notes += build_notes
         oracle = None
         if not train and device == "fake":
-            oracle = record_generation_reads(plan, config)
+            oracle = record_generation_reads(plan, config, autocast, full_decode)
             notes.append(f"generate(): {len(oracle.answers)} host reads answered from a narrow real run")
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
         built = materialize(model, fake_mode)
@@ -92,9 +101,11 @@ def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round
         stack.enter_context(_patches.kv_cache_attribution(tracker))
 
         # what exists before the measured program: model, adapters, quantization states, optimizer
-        tracker.track_external(model)
+        tracker.track_model(model)
         if built.quant_state_tensors:
+            tracker.origin_context = "(quantization states)"
             tracker.track_tensors(built.quant_state_tensors, _MemRefType.OTH, detail="quant_state")
+            tracker.origin_context = None
         opt = None
         if train:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -113,16 +124,9 @@ def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round
         tracker._check_peak(None)
 
         if train:
-            if plan.autocast:
-                dt = DTYPES[plan.compute_dtype]
-
-                def autocast():
-                    return torch.autocast("cpu", dtype=dt)
-            else:
-                autocast = contextlib.nullcontext
             step_end = run_sft(plan, model, opt, tracker, vocab, steps, autocast)
         else:
-            step_end = run_generate(plan, model, tracker, vocab)
+            step_end = run_generate(plan, model, tracker, vocab, autocast, full_decode)
 
     if oracle is not None and oracle.pos != len(oracle.answers):
         raise RuntimeError("generation replay made fewer host reads than the recorded run")
@@ -145,6 +149,7 @@ def dry_run_impl(plan, config: dict, steps: int = 3, device: str = "fake", round
         peak_step=max(tracker.peak_step, 0),
         peak_op=tracker.peak_op,
         phases=phases,
+        peak_by_origin=tracker.peak_origin_breakdown(),
         step_end_bytes=step_end,
         baseline_bytes=baseline,
         params=built.counts,

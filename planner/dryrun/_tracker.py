@@ -37,6 +37,25 @@ CATEGORY_OF = {
 }
 
 
+def _okey(detail, reftype):
+    """Category key of the origin totals: the KV cache is its own category, as in the breakdown."""
+    return "kv_cache" if detail == "kv_cache" else reftype
+
+
+def _fold_module_name(name: str) -> str:
+    import re
+
+    if name == "Global":
+        return "(outside modules)"
+    name = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+    i = name.find("layers.*")
+    if i >= 0:
+        return name[i:]
+    parts = name.split(".")
+    rest = [p for p in parts[1:] if p not in ("base_model", "model")] if len(parts) > 1 else []
+    return ".".join(rest) if rest else "(model)"
+
+
 class _AnyModeModTracker(ModTracker):
     """ModTracker whose pre-forward (post-backward marker) multi-grad hooks use mode="any"."""
 
@@ -89,6 +108,11 @@ class DryRunTracker(MemTracker):
         self._pending_alias = False
         # answers to host-side reads of fake tensors (.item(), bool()), see _programs.ScalarOracle
         self.oracle = None
+        self.origin_totals: dict[tuple[str, Any], int] = defaultdict(int)
+        self.peak_origins: dict[tuple[str, Any], int] = {}
+        self.origin_context: str | None = None
+        self._op_names: dict[Any, str] = {}
+        self._mod_names: dict[str, str] = {}
         self._alias_ops: dict[Any, bool] = {}
         self._cur_func = None
         self._cur_args: tuple = ()
@@ -120,22 +144,52 @@ class DryRunTracker(MemTracker):
         super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
         d = getattr(winfo, "detail", None)
         if u_type == _UpdateType.ADD:
+            if not hasattr(winfo, "origin"):
+                winfo.origin = self._origin()
+            o = winfo.origin
             self.total += winfo.mem_consumed
+            self.origin_totals[(o, _okey(d, winfo.reftype))] += winfo.mem_consumed
             if d:
                 self.detail_totals[(d, winfo.reftype)] += winfo.mem_consumed
         elif u_type == _UpdateType.DEL:
             self.total -= winfo.mem_consumed
+            self.origin_totals[(winfo.origin, _okey(d, winfo.reftype))] -= winfo.mem_consumed
             if d:
                 self.detail_totals[(d, winfo.reftype)] -= winfo.mem_consumed
         elif u_type == _UpdateType.REF:
+            self.origin_totals[(winfo.origin, _okey(d, old_reftype))] -= winfo.mem_consumed
+            self.origin_totals[(winfo.origin, _okey(d, winfo.reftype))] += winfo.mem_consumed
             if d:
                 self.detail_totals[(d, old_reftype)] -= winfo.mem_consumed
                 self.detail_totals[(d, winfo.reftype)] += winfo.mem_consumed
         elif u_type == _UpdateType.SIZE:
             change = winfo.mem_consumed - old_mem_consumed
             self.total += change
+            self.origin_totals[(winfo.origin, _okey(d, winfo.reftype))] += change
             if d:
                 self.detail_totals[(d, winfo.reftype)] += change
+
+    def _origin(self) -> str:
+        """Where a storage is made: '<module>:<op>', layer indices folded (layers.*)."""
+        func = self._cur_func
+        op = "-" if func is None else self._op_names.get(func)
+        if op is None:
+            op = str(func).removeprefix("aten.").removesuffix(".default")
+            self._op_names[func] = op
+        if func is None:
+            where = self.origin_context or "(setup)"
+        elif self._in_opt:
+            where = "(optimizer.step)"
+        else:
+            parents = self._mod_tracker.parents
+            inner = max(parents, key=lambda n: n.count(".")) if parents else "Global"
+            where = self._mod_names.get(inner)
+            if where is None:
+                where = _fold_module_name(inner)
+                self._mod_names[inner] = where
+            if self._mod_tracker.is_bw:
+                where = f"{where} [bw]" if not self._in_ac else f"{where} [recompute]"
+        return f"{where}:{op}"
 
     def _winfos(self, t: torch.Tensor, reftype=_MemRefType.OTH):
         return self._update_and_maybe_create_winfos(t, reftype)
@@ -159,6 +213,10 @@ class DryRunTracker(MemTracker):
                     self.detail_totals[(old, winfo.reftype)] -= winfo.mem_consumed
                 if detail:
                     self.detail_totals[(detail, winfo.reftype)] += winfo.mem_consumed
+                o = getattr(winfo, "origin", None)
+                if o is not None:
+                    self.origin_totals[(o, _okey(old, winfo.reftype))] -= winfo.mem_consumed
+                    self.origin_totals[(o, _okey(detail, winfo.reftype))] += winfo.mem_consumed
                 winfo.detail = detail
 
     def exclude(self, tensors, detail: str) -> None:
@@ -205,13 +263,32 @@ class DryRunTracker(MemTracker):
             buffer_memory += sum(w.mem_consumed for w in winfos)
         return param_memory, buffer_memory
 
+    # Module hooks: MemTracker's keep per-module snapshots (deep copies at every module call),
+    # which the dry run does not use; only the activation-checkpointing bookkeeping is kept
+    # (tensors made while recomputing a checkpointed module in backward are activations).
+    # Parameters, buffers and grad hooks are registered once, by `track_model`.
     def _pre_fw_hook(self, module, inputs) -> None:
-        # a root module called again (next step / next decode token): start new module stats
-        if module in self.memory_tracking and not self._mod_tracker.is_bw:
-            name = self._mod_tracker.get_known_fqn(module)
-            if set(self._mod_tracker.parents) - {name} == {"Global"}:
-                self.reset_mod_stats()
-        super()._pre_fw_hook(module, inputs)
+        if self._mod_tracker.is_bw and self._ac_mod is None:
+            import weakref
+
+            self._ac_mod = weakref.ref(module)
+            self._in_ac = True
+
+    def _post_fw_hook(self, module, inputs, outputs) -> None:
+        if self._mod_tracker.is_bw and self._ac_mod is not None and self._ac_mod() is module:
+            self._ac_mod = None
+            self._in_ac = False
+
+    def _pre_bw_hook(self, module, args) -> None:
+        pass
+
+    def _post_bw_hook(self, module, args) -> None:
+        pass
+
+    def track_model(self, model) -> None:
+        """Parameters and buffers (allocated before the program), grad hooks on trainable ones."""
+        self._track_module_params_and_buffers(model, install_grad_hooks=True)
+        self._check_peak(None)
 
     def _track(self, reftype, t: torch.Tensor) -> None:
         detail = self.alloc_detail
@@ -242,6 +319,7 @@ class DryRunTracker(MemTracker):
             self._peak_mem_snap = deepcopy(self._curr_mem_snap)
             self._peak_mem = {dev: s[_TOTAL_KEY] for dev, s in self._curr_mem_snap.items()}
             self.peak_details = {k: v for k, v in self.detail_totals.items() if v}
+            self.peak_origins = {k: v for k, v in self.origin_totals.items() if v}
             self.peak_phase = ph
             self.peak_step = self.step
             self.peak_op = str(func) if func is not None else ""
@@ -302,3 +380,15 @@ class DryRunTracker(MemTracker):
                 cats[CATEGORY_OF[reftype]] -= v
                 cats["kv_cache"] += v
         return cats, dict(details)
+
+    def peak_origin_breakdown(self, top: int = 60) -> dict[str, int]:
+        """Bytes at the peak by '<category> <module>:<op>' that made them, largest first."""
+        out: dict[str, int] = defaultdict(int)
+        for (origin, reftype), v in self.peak_origins.items():
+            out[f"{CATEGORY_OF.get(reftype, reftype)} {origin}"] += v
+        items = sorted(out.items(), key=lambda kv: -kv[1])
+        res = dict(items[:top])
+        rest = sum(v for _, v in items[top:])
+        if rest:
+            res["(rest)"] = rest
+        return res

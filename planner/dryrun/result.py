@@ -21,6 +21,9 @@ class DryRunResult(BaseModel):
     peak_phase: phase of the step in which the peak happened; peak_step: 0-based step index.
     peak_op: the aten op whose output made the peak (to add a kernel's workspace analytically).
     phases: peak bytes seen within each phase.
+    peak_by_origin: bytes at the peak by '<category> <module>:<aten op>' that allocated them
+      (layer indices folded into `layers.*`; `[bw]`: made in backward, `[recompute]`: made while
+      recomputing a checkpointed layer), the 60 largest and '(rest)'.
     step_end_bytes: live bytes after each step (flat from step 2 on if nothing leaks).
     """
 
@@ -31,6 +34,7 @@ class DryRunResult(BaseModel):
     peak_step: int = 0
     peak_op: str = ""
     phases: dict[str, int] = Field(default_factory=dict)
+    peak_by_origin: dict[str, int] = Field(default_factory=dict)
     step_end_bytes: list[int] = Field(default_factory=list)
     baseline_bytes: int = 0
     params: dict[str, int] = Field(default_factory=dict)
