@@ -366,6 +366,15 @@ COMMANDS: dict[str, Command] = {
     "validate": ("estimate vs a backend's measurement, for one plan or a named suite", _add_validate, _run_validate),
 }
 
+
+def _add_serve_command() -> None:
+    from planner.serving import cli as serve_cli
+
+    COMMANDS["serve"] = (serve_cli.HELP, serve_cli.add_arguments, serve_cli.run)
+
+
+_add_serve_command()
+
 EPILOG = """\
 examples:
   planner fit --model llama-3.1-8b --gpu a100-80gb --method qlora --batch 4 --seq 2048 --grad-ckpt
