@@ -219,8 +219,11 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
             acts = kept(idx + 1) + rope + logits_held
         tl.add("backward", f"decoder layer {idx} backward", **base,
                activations=acts, gradients=done, temporaries=bwd_t)
-    tl.add("backward", "embedding backward", **base, activations=logits_held, gradients=grads_all,
-           temporaries=Sym(t=h * DTYPE_BYTES[res_dtype]))
+    # the embedding's gradient is a temporary of embedding_dense_backward until AccumulateGrad
+    # stores it as .grad; the gradient of the embedding output is still live
+    embed_grad = Sym(c=res.embed_grad_bytes)
+    tl.add("backward", "embedding backward", **base, activations=logits_held, gradients=grads_all - embed_grad,
+           temporaries=embed_grad + Sym(t=h * DTYPE_BYTES[res_dtype]))
     tl.add("optimizer", f"{plan.optimizer} step", **base, activations=logits_held, gradients=grads_all,
            temporaries=Sym(c=opt.step_temp_bytes))
     extra = resident_details(res)
