@@ -21,7 +21,7 @@ from planner.result import MemoryEstimate
 from planner.specs import Plan
 from planner.suggest import Suggestion, suggest
 
-__all__ = ["FitResult", "fit", "plan_warnings"]
+__all__ = ["DistributedFitResult", "FitResult", "fit", "fit_distributed", "plan_warnings"]
 
 
 class ModelInfo(BaseModel):
@@ -126,3 +126,49 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
         plan=plan,
         warnings=plan_warnings(plan, model, gpu),
     )
+
+
+class DistributedFitResult(BaseModel):
+    """A plan on many GPUs: per-rank memory of the busiest rank, collectives, step time."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    plan: Plan
+    gpu: GPUSpec
+    estimate: Any
+    warnings: list[str] = Field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.estimate
+        return {
+            "fits": e.fits,
+            "gpu": {"id": self.gpu.id, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes},
+            "layout": e.layout.model_dump(mode="json") | {"dp": e.layout.dp, "grad_accum": e.layout.grad_accum},
+            "memory": e.memory.model_dump(mode="json"),
+            "stages": [s.model_dump(mode="json") for s in e.stages],
+            "cpu_bytes_per_node": e.cpu_bytes_per_node,
+            "collectives": [c.model_dump(mode="json") for c in e.collectives],
+            "time": e.time.model_dump(mode="json"),
+            "tokens_per_s": e.tokens_per_s,
+            "mfu": e.mfu,
+            "tflops_per_gpu": e.tflops_per_gpu,
+            "plan": self.plan.model_dump(mode="json"),
+            "warnings": list(self.warnings),
+        }
+
+
+def fit_distributed(plan: Plan, layout_fields: dict[str, Any]) -> DistributedFitResult:
+    """`plan` laid out over many GPUs (`layout_fields`: planner.parallel.Layout's fields)."""
+    from planner.models import load_model
+    from planner.parallel import estimate_distributed, layout_for_plan, make_layout
+
+    gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
+    model = load_model(plan.model)
+    fields = dict(layout_fields)
+    if "global_batch" in fields:
+        layout = make_layout(micro_batch=plan.batch, **fields)
+        plan = plan.model_copy(update={"grad_accum": layout.grad_accum})
+    else:
+        layout = layout_for_plan(plan.batch, plan.grad_accum, **fields)
+    est = estimate_distributed(plan, layout, model, gpu)
+    return DistributedFitResult(plan=plan, gpu=gpu, estimate=est, warnings=plan_warnings(plan, model, gpu))

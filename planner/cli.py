@@ -56,8 +56,27 @@ class BadInput(Exception):
 # ---------------------------------------------------------------------------------------------------
 # fit
 # ---------------------------------------------------------------------------------------------------
+LAYOUT_FLAGS: tuple[str, ...] = (
+    "gpus", "gpus_per_node", "zero", "fsdp", "offload", "tp", "sp", "pp", "pp_schedule", "pp_chunks",
+    "global_batch", "inter_node_gbps",
+)
+
+
 def _add_fit(p: argparse.ArgumentParser) -> None:
     _add_plan_args(p)
+    g = p.add_argument_group("many GPUs (any of these switches to the distributed estimate: per-rank memory, collectives, step time)")
+    g.add_argument("--gpus", type=int, metavar="N", help="GPUs in the job (data parallel = gpus / (tp x pp))")
+    g.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: min(gpus, 8))")
+    g.add_argument("--zero", type=int, metavar="{0,1,2,3}", help="DeepSpeed ZeRO stage (default: 0)")
+    g.add_argument("--fsdp", metavar="{full-shard,shard-grad-op}", help="torch FSDP sharding (ZeRO-3 / ZeRO-2 in torch)")
+    g.add_argument("--offload", metavar="{none,optimizer,optimizer+params}", help="ZeRO offload to CPU (default: none)")
+    g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (Megatron column/row splits)")
+    g.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism with TP")
+    g.add_argument("--pp", type=int, metavar="N", help="pipeline stages")
+    g.add_argument("--pp-schedule", metavar="{1f1b,interleaved}", help="pipeline schedule (default: 1f1b)")
+    g.add_argument("--pp-chunks", type=int, metavar="V", help="model chunks per stage for the interleaved schedule")
+    g.add_argument("--global-batch", type=int, metavar="N", help="sequences per optimizer step (= batch x grad-accum x DP)")
+    g.add_argument("--inter-node-gbps", type=float, metavar="G", help="inter-node gigabits/s per GPU, each direction (default: 400)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
     g.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip the search for changes that would fit")
@@ -101,10 +120,17 @@ def _plan_from_args(args: argparse.Namespace) -> Any:
     return plan
 
 
+def _layout_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in LAYOUT_FLAGS if getattr(args, k, None) is not None}
+
+
 def _run_fit(args: argparse.Namespace, out: _Out) -> int:
     from planner.api import fit
     from planner.models import ModelError
 
+    layout = _layout_fields(args)
+    if layout:
+        return _run_fit_distributed(args, out, layout)
     try:
         plan = _plan_from_args(args)
         result = fit(plan, with_suggestions=args.suggest)
@@ -119,6 +145,58 @@ def _run_fit(args: argparse.Namespace, out: _Out) -> int:
     else:
         _print_fit(result, out)
     return EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT
+
+
+def _run_fit_distributed(args: argparse.Namespace, out: _Out, layout_fields: dict[str, Any]) -> int:
+    from planner.api import fit_distributed
+    from planner.models import ModelError
+
+    try:
+        plan = _plan_from_args(args)
+        if args.global_batch is not None and args.grad_accum is not None:
+            raise BadInput("global_batch: give --global-batch or --grad-accum, not both")
+        result = fit_distributed(plan, layout_fields)
+    except (ValueError, ModelError) as e:
+        raise BadInput(str(e)) from None
+    if args.json:
+        import json
+
+        out.print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_distributed(result, out)
+    return EXIT_FITS if result.estimate.fits else EXIT_DOES_NOT_FIT
+
+
+def _print_distributed(result: Any, out: _Out) -> None:
+    from planner.units import format_gib
+
+    e, lay = result.estimate, result.estimate.layout
+    m = e.memory
+    out.print(f"model   {result.plan.model}")
+    out.print(f"gpus    {lay.gpus} x {result.gpu.name} ({format_gib(result.gpu.memory_bytes)} each), "
+              f"{lay.gpus_per_node} per node: DP {lay.dp} x TP {lay.tp} x PP {lay.pp}, {e.semantics}")
+    out.print(f"batch   micro-batch {lay.micro_batch} x seq {result.plan.seq}, global batch {lay.global_batch}, "
+              f"{lay.grad_accum} micro-batches per step")
+    out.print("")
+    verdict = "FITS" if e.fits else "DOES NOT FIT"
+    out.print(f"{verdict}: busiest rank (stage {m.stage}) needs {format_gib(m.device_bytes)} of {format_gib(e.gpu_memory_bytes)}")
+    out.print(f"  peak allocated  {format_gib(m.peak_allocated_bytes):>12}   reserved {format_gib(m.reserved_bytes)}   "
+              f"peak phase {m.peak_phase}")
+    for cat, b in m.breakdown.items():
+        if b:
+            out.print(f"  {cat:<18}{format_gib(b):>12}")
+    if e.cpu_bytes_per_node:
+        out.print(f"  CPU memory per node (offload): {format_gib(e.cpu_bytes_per_node)}")
+    out.print("")
+    out.print("collectives per step (bytes per rank, time; exposed = not hidden behind compute):")
+    for c in e.collectives:
+        out.print(f"  {c.name:<34} {c.kind:<15} x{c.count:<5} {c.bytes_per_rank / 1e9:9.2f} GB  {c.time_s * 1e3:9.1f} ms"
+                  f"  exposed {c.exposed_s * 1e3:8.1f} ms  ({c.link})")
+    t = e.time
+    out.print("")
+    out.print(f"step time {t.total_s:.3f} s = compute {t.compute_s:.3f} + exposed comm {t.exposed_comm_s:.3f} "
+              f"+ bubble {t.bubble_s:.3f}")
+    out.print(f"throughput {e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.1%}, {e.tflops_per_gpu:.0f} TFLOP/s per GPU")
 
 
 def _plan_summary(plan: Any) -> str:
