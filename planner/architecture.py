@@ -127,6 +127,9 @@ class ModelSpec(BaseModel):
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
     layer_linears: list[LinearSpec]
+    # which head the model is built with: the LM head, or a one-score classification head
+    # (AutoModelForSequenceClassification, num_labels=1: reward models)
+    head: Literal["causal_lm", "seq_cls"] = "causal_lm"
     layer_other_params: int = Field(description="params in one layer outside layer_linears: norms, experts, router")
     layer_norm_params: int = Field(description="the norm part of layer_other_params")
     layer_expert_params: int = Field(default=0, description="fused 3-D expert tensors, part of layer_other_params")
@@ -364,3 +367,22 @@ def spec_from_config(
         id=id, name=name or id, hf_id=hf_id, model_type=model_type, architecture=CAUSAL_LM_CLASS[model_type],
         torch_dtype=_dtype(cfg, where), **fields,
     )
+
+
+_SEQ_CLS: dict[int, tuple[ModelSpec, ModelSpec]] = {}
+
+
+def seq_cls_spec(spec: ModelSpec) -> ModelSpec:
+    """The same backbone with transformers' sequence-classification head (`score`: hidden -> 1, no
+    bias) instead of the LM head. Cached per spec so that estimates reuse their compiled timelines."""
+    hit = _SEQ_CLS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    out = spec.model_copy(update={
+        "head": "seq_cls",
+        "lm_head_params": 0,
+        "tie_word_embeddings": False,
+        "extra_params": spec.extra_params + spec.hidden_size,
+    })
+    _SEQ_CLS[id(spec)] = (spec, out)
+    return out

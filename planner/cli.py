@@ -24,7 +24,8 @@ EXIT_BAD_INPUT = 2
 PLAN_FLAGS: tuple[str, ...] = (
     "model", "gpu", "gpu_memory", "task", "method", "precision", "optimizer", "grad_ckpt", "attn",
     "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-    "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens",
+    "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens", "teacher", "teacher_method",
+    "ref_logprobs", "beta",
 )  # fmt: skip
 
 
@@ -109,6 +110,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (only with --task generate)")
     g.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens per sequence (default: 512)")
     g.add_argument("--new-tokens", type=int, metavar="N", help="generated tokens per sequence (default: 128)")
+    g = p.add_argument_group("alignment and distillation (--task rm, dpo, distill)")
+    g.add_argument("--teacher", metavar="M", help="distill: the frozen teacher (catalog id or config path; same vocabulary)")
+    g.add_argument("--teacher-method", metavar="{full,qlora}", help="distill: how the teacher is held (default: full, bf16)")
+    g.add_argument("--ref-logprobs", metavar="{model,precomputed}", help="dpo: a resident reference, or log-probs computed beforehand (default: model)")
+    g.add_argument("--beta", type=float, metavar="B", help="dpo: beta of the loss (default: 0.1)")
 
 
 def _plan_from_args(args: argparse.Namespace) -> Any:

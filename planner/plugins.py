@@ -19,7 +19,8 @@ import pluggy
 from planner import hookspecs
 
 ENTRY_POINT_GROUP = "planner"
-BUILTIN_PLUGINS: tuple[str, ...] = ("planner_plugins.training", "planner_plugins.generation")
+BUILTIN_PLUGINS: tuple[str, ...] = ("planner_plugins.training", "planner_plugins.generation",
+                                    "planner_plugins.alignment", "planner_plugins.distillation")
 
 
 class PluginError(ValueError):

@@ -24,7 +24,8 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw-8bit", "paged-adam
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
-TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens")
+TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
+                    "teacher_method", "ref_logprobs", "beta")
 
 
 class Plan(BaseModel):
@@ -59,6 +60,12 @@ class Plan(BaseModel):
     # generation
     prompt_len: int = Field(default=512, gt=0)
     new_tokens: int = Field(default=128, gt=0)
+    # alignment and distillation (each technique reads the ones it lists in plan_fields)
+    teacher: str | None = Field(default=None, description="distill: teacher model (catalog id or config path)")
+    teacher_method: Method = Field(default="full", description="distill: how the teacher is held (full or qlora)")
+    ref_logprobs: Literal["model", "precomputed"] = Field(
+        default="model", description="dpo: a resident reference model, or log-probs computed beforehand")
+    beta: float = Field(default=0.1, gt=0, description="dpo: the loss's beta")
 
     @field_validator("task")
     @classmethod

@@ -7,7 +7,10 @@ how to turn into a memory timeline:
 - `train_step`: forward with the causal-LM loss, backward, optimizer step (transformers' `labels=`);
 - `generate`: transformers' greedy `generate` with its dynamic KV cache (prefill, then decode);
 - `score`: a no-grad forward over full sequences followed by an fp32 log-softmax over the vocabulary
-  and a gather of the tokens' log-probabilities (evaluation, reference log-probs).
+  and a gather of the tokens' log-probabilities (evaluation, reference log-probs);
+- `forward`: a no-grad forward whose full logits the program keeps (a distillation teacher).
+
+A `train_step` names its loss program (`planner.engine.heads`): causal_lm, logprobs, pairwise, kl.
 
 Kept as frozen dataclasses rather than pydantic models: one is built per estimate, and an estimate
 must stay well under a tenth of a millisecond. The user-facing spec (`Plan`) is validated by pydantic.
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from planner.architecture import ModelSpec
 from planner.specs import Plan
 
-PHASE_KINDS: tuple[str, ...] = ("train_step", "generate", "score")
+PHASE_KINDS: tuple[str, ...] = ("train_step", "generate", "score", "forward")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,11 @@ class ModelUse:
     spec: ModelSpec
     setup: Plan
     trainable: bool
+    ref: str = ""  # what the model was loaded from (catalog id or config path), for backends
+
+    @property
+    def source(self) -> str:
+        return self.ref or self.spec.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,10 @@ class Phase:
     batch: int
     seq: int
     new_tokens: int = 0
+    loss: str = "causal_lm"
+    # bytes per token of tensors an earlier phase of the step created and this phase's program
+    # still references (a teacher's logits during the student's step)
+    carried: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,17 +23,22 @@ DEFAULT_CUDA_CONTEXT = 547_356_672  # measured H200 context: (139.80 - 139.29) G
 _SHAPE_FIELDS = ("method", "precision", "optimizer", "grad_ckpt", "attn", "lora_rank",
                  "lora_targets", "quant", "double_quant", "kbit_prep")
 
-_BUILDERS = {"train_step": training.build, "generate": generation.build, "score": scoring.build}
+_BUILDERS = {"train_step": training.build, "generate": generation.build, "score": scoring.build,
+             "forward": scoring.build_forward}
 _cache: dict[tuple, tuple] = {}
 
 
-def _compiled(kind: str, use: ModelUse) -> tuple:
+def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm") -> tuple:
     spec, setup = use.spec, use.setup
     d = setup.__dict__
-    key = (kind, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
+    key = (kind, loss, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
     hit = _cache.get(key)
     if hit is None or hit[0] is not spec:
-        hit = (spec, *_BUILDERS[kind](spec, setup))
+        if kind == "train_step":
+            built = training.build(spec, setup, loss)
+        else:
+            built = _BUILDERS[kind](spec, setup)
+        hit = (spec, *built)
         if len(_cache) > 4096:
             _cache.clear()
         _cache[key] = hit
@@ -56,16 +61,19 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
     multi = len(workload.phases) > 1
     for ph in workload.phases:
         use = workload.model(ph.role)
-        _, timeline, res, extra = _compiled(ph.kind, use)
+        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss)
         if ph.kind == "generate":
             mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, use.spec, use.setup,
                                       context, cublas_workspace_bytes(cc, 1))
         else:
             threads = 2 if ph.kind == "train_step" else 1
-            mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads))
+            mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads),
+                         carried=ph.carried * ph.batch * ph.seq)
         others = [m for m in workload.models if m.role != ph.role]
-        if others:
-            mem = _with_resident(mem, others)
+        # a trainable model's optimizer states persist through the step's other phases
+        own_states = use if use.trainable and ph.kind != "train_step" else None
+        if others or own_states:
+            mem = _with_resident(mem, others, own_states)
         if not multi:
             return mem
         for name, v in mem.phases.items():
@@ -76,12 +84,16 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
     return best.model_copy(update={"phases": phases})
 
 
-def _with_resident(mem: MemoryEstimate, others: list[ModelUse]) -> MemoryEstimate:
+def _with_resident(mem: MemoryEstimate, others: list[ModelUse], own_states: ModelUse | None = None) -> MemoryEstimate:
     """Add the models that are resident but idle during this phase (their weights, and the optimizer
-    states of trainable ones)."""
+    states of trainable ones), and the running model's optimizer states when the phase is not its
+    training step."""
     from planner.engine.optimizers import optimizer_memory
 
     add = {c: 0 for c in CATEGORIES}
+    if own_states is not None:
+        r = resident(own_states.spec, own_states.setup)
+        add["optimizer_states"] += optimizer_memory(own_states.setup.optimizer, r, own_states.spec.num_layers).state_bytes
     for m in others:
         r = resident(m.spec, m.setup)
         add["parameters"] += r.param_bytes
@@ -100,14 +112,20 @@ def _with_resident(mem: MemoryEstimate, others: list[ModelUse]) -> MemoryEstimat
 
 
 def finish(timeline: CompiledTimeline, extra: dict[str, int], tokens: float, seq: float,
-           cuda_context_bytes: int, workspace: int, kv: dict[str, int] | None = None) -> MemoryEstimate:
+           cuda_context_bytes: int, workspace: int, kv: dict[str, int] | None = None,
+           carried: int = 0) -> MemoryEstimate:
+    """Evaluate a compiled timeline; `carried` bytes (an earlier phase's tensors this phase still
+    references) are live at every moment."""
     moment, peak, phases = timeline.evaluate(tokens, seq)
+    if carried:
+        phases = {k: v + carried for k, v in phases.items()}
     breakdown = {c: 0 for c in CATEGORIES}
     for cat, s in moment.parts.items():
         breakdown[cat] += int(s.c + s.t * tokens + s.q * tokens * seq)
     if kv:
         for cat, b in kv.items():
             breakdown[cat] += b
+    breakdown["activations"] += carried
     breakdown["other"] += workspace
     total = sum(breakdown.values())
     details = {k: int(s.c + s.t * tokens + s.q * tokens * seq) for k, s in moment.details.items()}

@@ -35,3 +35,23 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     tl.add("score", "log_softmax over fp32 logits", **base, activations=lsm,
            details={"logits_fp32": fp32 * (2 if dt != "fp32" else 1), **({"logits": logits} if dt != "fp32" else {})})
     return tl.compiled(), res, resident_details(res)
+
+
+def build_forward(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    """`with torch.no_grad(): logits = model(input_ids=ids).logits`, the logits kept by the program
+    (a teacher's, for a student's loss). The previous step's logits are still bound while it runs."""
+    res = resident(spec, plan)
+    cfg = layer_cfg(spec, plan, res, training=False)
+    dt = res.non_linear_dtype
+    layer = run_layer(cfg, dt, False, grad=False)
+    h, V = spec.hidden_size, spec.vocab_size
+    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
+    base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
+    logits = Sym(t=V * DTYPE_BYTES[dt])
+    embeds = Sym(t=h * DTYPE_BYTES[dt])
+    tl = Timeline()
+    for peak in layer.peaks:
+        tl.add("forward", "last decoder layer", **base, activations=peak + rope + embeds + logits)
+    tl.add("forward", "lm_head", **base, activations=Sym(t=h * DTYPE_BYTES[dt]) + embeds + logits * 2,
+           details={"logits": logits * 2})
+    return tl.compiled(), res, resident_details(res)

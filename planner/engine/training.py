@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.architecture import ModelSpec
-from planner.engine.layers import LAYERS, LayerCfg, gemma_rms_norm, rms_norm, layer_norm
-from planner.engine.ops import Lora, Weight, binary, cast, linear, unary
+from planner.engine.heads import HEADS
+from planner.engine.layers import LAYERS, LayerCfg
+from planner.engine.ops import Lora, Weight
 from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import Resident, lora_targets, resident
 from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, fixed, tok
@@ -117,7 +118,7 @@ def prologue_kept(spec: ModelSpec, cfg: LayerCfg, emb_dtype: str, input_rg: bool
     return ZERO
 
 
-def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[CompiledTimeline, Resident, dict[str, int]]:
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res)
     opt = optimizer_memory(plan.optimizer, res, spec.num_layers)
@@ -151,31 +152,10 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
         def kept(n: int) -> Sym:
             return first.saved + steady.saved * (n - 1) if n > 0 else ZERO
 
-    # ---- head: final norm, lm_head, loss --------------------------------------------------------
-    tp = Tape()
-    x = tp.new(tok(h), res_dtype, True, "final_hidden")
-    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
-    hn = norm(tp, x, cfg, "norm")
-    tp.drop(x)
-    head_w = Weight(h, V, res.non_linear_dtype, full)
-    logits = linear(tp, hn, head_w, cfg.autocast, "lm_head")
-    tp.drop(hn)
-    if spec.final_logit_softcapping:
-        a = unary(tp, logits, "softcap_div")
-        tp.drop(logits)
-        b = unary(tp, a, "softcap_tanh", saves_output=True)
-        tp.drop(a)
-        logits = unary(tp, b, "softcap_mul")
-        tp.drop(b)
-    after_logits = tp.live
-    logits_bytes = logits.size
-    lf = cast(tp, logits, "fp32", "logits.float")
-    lsm = unary(tp, lf, "log_softmax", saves_output=True)
-    loss_peak = tp.live
-    tp.drop(lf)
-    head_saved = tp.saved_total  # includes log_softmax's output
-    fp32_logits = Sym(t=V * 4)
-    logits_held = logits_bytes  # `out.logits`, referenced until the next forward returns
+    # ---- head: final norm and the loss program ---------------------------------------------------
+    head = HEADS[loss](spec, cfg, res, res_dtype, full)
+    logits_held = head.held  # e.g. `out.logits`, referenced until the next forward returns
+    prev_held = head.prev_held
 
     # ---- persistent ---------------------------------------------------------------------------
     params = Sym(c=res.param_bytes)
@@ -191,18 +171,16 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     embeds = ZERO if first.input_saved else Sym(t=h * DTYPE_BYTES[emb_dtype])
     for peak in fwd_layer.peaks:
         tl.add("forward", "last decoder layer", **base,
-               activations=kept(L - 1) + rope + embeds + peak + logits_held)
+               activations=kept(L - 1) + rope + embeds + peak + prev_held)
     layers_kept = kept(L) + rope
-    tl.add("forward", "lm_head", **base, activations=layers_kept + embeds + after_logits + logits_held)
-    tl.add("loss", "log_softmax over fp32 logits", **base,
-           activations=layers_kept + loss_peak + logits_held,
-           details=_logit_details(logits_held, logits.dtype, 1 if logits.dtype == "fp32" else 2, fp32_logits))
+    for phase, what, live, details in head.forward:
+        tl.add(phase, what, **base, activations=layers_kept + (embeds if phase == "forward" else ZERO) + live + prev_held,
+               details=details)
 
-    # backward: log_softmax backward with its two fp32 gradients, then the head, then the layers
-    tl.add("backward", "log_softmax backward", **base,
-           activations=layers_kept + head_saved + logits_held,
-           temporaries=fp32_logits * 2,
-           details=_logit_details(logits_held, logits.dtype, 3, fp32_logits))
+    # backward: the loss and head first, then the layers
+    for what, temps, details in head.backward:
+        tl.add("backward", what, **base, activations=layers_kept + head.saved + logits_held, temporaries=temps,
+               details=details)
     head_grads = Sym(c=res.head_grad_bytes)
     grad_l = Sym(c=res.layer_grad_bytes)
     bwd_t = backward_transient(cfg, plan.compute_dtype, res_dtype)
@@ -230,13 +208,6 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     if opt.paged_bytes:
         extra["paged_optimizer_states"] = opt.paged_bytes
     return tl.compiled(), res, extra
-
-
-def _logit_details(held: Sym, held_dtype: str, fp32_count: int, fp32_one: Sym) -> dict[str, Sym]:
-    """batch x seq x vocab tensors live at a moment: the held logits plus `fp32_count` fp32 ones."""
-    if held_dtype == "fp32":
-        return {"logits_fp32": held + fp32_one * fp32_count}
-    return {"logits": held, "logits_fp32": fp32_one * fp32_count}
 
 
 def resident_details(res: Resident) -> dict[str, int]:
