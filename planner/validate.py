@@ -36,20 +36,58 @@ def describe(plan: Plan) -> str:
             parts.append(plan.attn)
         if plan.method == "qlora" and (plan.quant != "nf4" or not plan.double_quant):
             parts.append(plan.quant + ("" if plan.double_quant else " no-dq"))
+        if plan.task == "distill":
+            parts.append(f"teacher {plan.teacher}" + (f" ({plan.teacher_method})" if plan.teacher_method != "full" else ""))
+        if plan.task == "dpo" and plan.ref_logprobs != "model":
+            parts.append("precomputed ref")
     return " ".join(parts)
+
+
+def row_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A validation row as JSON (the estimate and measurement as dicts)."""
+    out = {k: v for k, v in row.items() if k not in ("measurement", "estimate")}
+    out["estimate"] = row["estimate"].model_dump()
+    out["measurement"] = row["measurement"].model_dump()
+    return out
+
+
+def format_row(row: dict[str, Any]) -> list[str]:
+    """Estimate vs measurement per category, for the terminal."""
+    meas = row["measurement"]
+    lines = [f"{row['case']}: backend {meas.backend} on {meas.device_name or meas.device}"]
+    if meas.oom:
+        return lines + [f"  the run ran out of memory during {meas.oom_phase} (estimate {row['est_peak_gib']:.2f} GiB)"]
+    lines.append(f"  peak allocated  estimate {row['est_peak_gib']:9.3f} GiB   measured {row['meas_peak_gib']:9.3f} GiB"
+                 f"   error {row['peak_err_pct']:+.2f}%")
+    lines.append(f"  peak phase      estimate {row['est_phase']}, measured {row['meas_phase']}")
+    if meas.breakdown is not None:
+        lines.append("  category            estimate GiB   measured GiB      error")
+        for cat in CATEGORIES:
+            e, m = row[f"est_{cat}"], row[f"meas_{cat}"]
+            if e or m:
+                err = f"{100 * (e - m) / m:+7.2f}%" if m else "      -"
+                lines.append(f"  {cat:<18}{e / GiB:14.3f}{m / GiB:15.3f}   {err}")
+    if meas.step_time_s is not None:
+        lines.append(f"  step time {meas.step_time_s:.3f} s, {meas.tokens_per_s:,.0f} tokens/s")
+    lines.append("  (the estimate is shown without the cuBLAS workspace, which the dry run cannot see)"
+                 if meas.backend == "dry-run" else "")
+    return [ln for ln in lines if ln]
 
 
 def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[str, Any]:
     """Estimate and measure one plan; returns one row of the validation table."""
-    from planner.dryrun import dry_run
+    from planner.backends import run_backend
     from planner.engine import estimate
-    from planner.models import load_model, model_config
+    from planner.models import load_model
 
     spec = load_model(plan.model)
     est = estimate(plan, spec)
-    if backend != "dry-run":
-        raise ValueError(f"backend: unknown backend '{backend}' (choose from dry-run)")
-    meas = dry_run(plan, model_config(plan.model), device=device)
+    meas = run_backend(backend, plan, device)
+    if meas.oom:
+        return {"case": describe(plan), "est_peak_gib": est.peak_allocated_bytes / GiB, "meas_peak_gib": float("nan"),
+                "peak_err_pct": float("nan"), "est_phase": est.peak_phase, "meas_phase": f"OOM in {meas.oom_phase}",
+                "wall_s": meas.wall_s, "categories_ok": False, "category_misses": "out of memory",
+                "measurement": meas, "estimate": est}
     # The dry run cannot see the cuBLAS workspace; compare like with like and report it apart.
     workspace = est.details.get("cublas_workspace", 0)
     est_peak = est.peak_allocated_bytes - workspace
@@ -64,7 +102,7 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[
     }
     worst_cat = ""
     ok = True
-    for cat in CATEGORIES:
+    for cat in CATEGORIES if meas.breakdown is not None else ():
         e = est.breakdown.get(cat, 0) - (workspace if cat == "other" else 0)
         m = meas.breakdown.get(cat, 0)
         row[f"est_{cat}"] = e

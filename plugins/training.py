@@ -28,12 +28,13 @@ def sft_step(ctx) -> None:
     ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
     with ctx.phase("forward"):
         out = model(input_ids=ids, labels=ids)
+    # the loop variable `out` is rebound now: the previous step's output (and its logits) goes
+    ctx.keep(out)
     with ctx.phase("backward"):
         out.loss.backward()
     with ctx.phase("optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)
-    ctx.keep(out)  # the user's `out` stays bound until the next step's forward returns
 
 
 SFT = Technique(

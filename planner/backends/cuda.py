@@ -24,24 +24,29 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_model(plan, config: dict, device: str, train: bool):
+def build_model(plan, config: dict, device: str, train: bool, head: str = "causal_lm"):
     """The plan's model on a real device, set up as the held-out programs set it up."""
     import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from planner.dryrun._build import _lora_config, hf_config
 
     cfg = hf_config(config, use_cache=not train)
+    if head == "seq_cls":
+        cfg.num_labels = 1
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = cfg.eos_token_id if isinstance(getattr(cfg, "eos_token_id", None), int) else 0
+    auto = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(plan.weight_dtype), attn_implementation=plan.attn)
+        model = auto.from_config(cfg, dtype=_dtype(plan.weight_dtype), attn_implementation=plan.attn)
     if plan.method == "qlora":
         import bitsandbytes as bnb
 
         out_emb = model.get_output_embeddings()
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and child is not out_emb:
+                if type(child) is nn.Linear and child is not out_emb and name != "score":
                     new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                             compute_dtype=torch.bfloat16, compress_statistics=plan.double_quant,
                                             quant_type=plan.quant, quant_storage=torch.uint8, device="cpu")
@@ -67,7 +72,7 @@ def build_model(plan, config: dict, device: str, train: bool):
     if plan.method in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(plan))
+        model = get_peft_model(model, _lora_config(plan, "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"))
     if not train:
         model.eval()
     return model
@@ -103,8 +108,11 @@ class CudaContext(StepContext):
 
     def model(self, role: str):
         if role not in self._models:
+            from planner.models import model_config
+
             use = self.workload.model(role)
-            self._models[role] = build_model(use.setup, self.config, "cuda", train=use.trainable)
+            self._models[role] = build_model(use.setup, model_config(use.source), "cuda", train=use.trainable,
+                                             head=use.spec.head)
         return self._models[role]
 
     def optimizer(self, role: str):

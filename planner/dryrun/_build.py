@@ -34,7 +34,7 @@ def hf_config(config: dict, *, use_cache: bool):
     return cfg
 
 
-def _lora_config(plan):
+def _lora_config(plan, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     targets: Any = plan.target_list
@@ -45,7 +45,7 @@ def _lora_config(plan):
         lora_alpha=plan.alpha,
         lora_dropout=plan.lora_dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -57,7 +57,8 @@ def _replace_linear_4bit(model: nn.Module, plan) -> int:
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child is not out_emb:
+            # the output head stays unquantized (transformers' 4-bit loading skips it): lm_head or score
+            if type(child) is nn.Linear and child is not out_emb and name != "score":
                 new = bnb.nn.Linear4bit(
                     child.in_features,
                     child.out_features,
@@ -75,15 +76,23 @@ def _replace_linear_4bit(model: nn.Module, plan) -> int:
     return n
 
 
-def build_meta(plan, config: dict):
-    """The program's model set-up, run on the meta device."""
-    from transformers import AutoModelForCausalLM
+def build_meta(plan, config: dict, train: bool | None = None, head: str = "causal_lm"):
+    """The program's model set-up, run on the meta device. `train`: the model is trained (default:
+    the plan's task is sft); `head`: causal_lm, or seq_cls (AutoModelForSequenceClassification with
+    one label, as reward models are built)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    train = plan.task == "sft"
+    if train is None:
+        train = plan.task == "sft"
     cfg = hf_config(config, use_cache=not train)
     dtype = DTYPES[plan.weight_dtype]  # QLoRA: dtype of what is not quantized (before kbit prep)
+    if head == "seq_cls":
+        cfg.num_labels = 1
+        if getattr(cfg, "pad_token_id", None) is None:  # batches of several sequences need one
+            cfg.pad_token_id = cfg.eos_token_id if isinstance(getattr(cfg, "eos_token_id", None), int) else 0
+    auto = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=plan.attn)
+        model = auto.from_config(cfg, dtype=dtype, attn_implementation=plan.attn)
     notes: list[str] = []
     if plan.method == "qlora":
         n = _replace_linear_4bit(model, plan)
@@ -103,7 +112,7 @@ def build_meta(plan, config: dict):
     if plan.method in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(plan))
+        model = get_peft_model(model, _lora_config(plan, "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"))
     if not train:
         model.eval()
     return model, notes

@@ -33,7 +33,8 @@ from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, tok
 
 @dataclass
 class HeadRun:
-    forward: list[tuple[str, str, Sym, dict[str, Sym]]] = field(default_factory=list)
+    # (phase, what, live bytes, details, whether the previous step's held tensors are still bound)
+    forward: list[tuple[str, str, Sym, dict[str, Sym], bool]] = field(default_factory=list)
     saved: Sym = ZERO
     held: Sym = ZERO
     prev_held: Sym = ZERO
@@ -79,8 +80,9 @@ def causal_lm(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, ful
     held = logits.size
     fp32 = 1 if logits.dtype == "fp32" else 2
     return HeadRun(
-        forward=[("forward", "lm_head", after_logits, {}),
-                 ("loss", "log_softmax over fp32 logits", loss_peak, _logit_details(V, held, logits.dtype, fp32))],
+        # the loss runs inside model(...): `out` is rebound only after it
+        forward=[("forward", "lm_head", after_logits, {}, True),
+                 ("loss", "log_softmax over fp32 logits", loss_peak, _logit_details(V, held, logits.dtype, fp32), True)],
         saved=tp.saved_total, held=held, prev_held=held,
         # nll backward's gradient and log_softmax backward's output, both fp32, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, held, logits.dtype, 3))],
@@ -99,8 +101,9 @@ def logprobs(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     tp.drop(lsm, gathered)
     fp32 = 1 if logits.dtype == "fp32" else 2
     return HeadRun(
-        forward=[("forward", "lm_head", after_logits, {}),
-                 ("loss", "log_softmax over fp32 logits", loss_peak, _logit_details(V, logits.size, logits.dtype, fp32))],
+        forward=[("forward", "lm_head", after_logits, {}, True),
+                 ("loss", "log_softmax over fp32 logits", loss_peak, _logit_details(V, logits.size, logits.dtype, fp32),
+                  True)],
         saved=tp.saved_total,
         # gather backward's zero-filled gradient and log_softmax backward's output, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, ZERO, "fp32", 3))],
@@ -118,7 +121,7 @@ def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     tp.drop(hn, scores)
     grad_hidden = Sym(t=spec.hidden_size * DTYPE_BYTES[cfg.autocast or res_dtype])
     return HeadRun(
-        forward=[("forward", "score head", tp.live, {})],
+        forward=[("forward", "score head", tp.live, {}, True)],
         saved=tp.saved_total,
         backward=[("score head backward", grad_hidden, {})],
     )
@@ -128,7 +131,7 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     V = spec.vocab_size
     tp, s_logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
     after_logits = tp.live
-    moments: list[tuple[str, str, Sym, dict[str, Sym]]] = [("forward", "lm_head", after_logits, {})]
+    moments: list[tuple[str, str, Sym, dict[str, Sym], bool]] = [("forward", "lm_head", after_logits, {}, True)]
     sf = cast(tp, s_logits, "fp32", "student.float")
     s_lsm = unary(tp, sf, "student.log_softmax", saves_output=True)
     tp.drop(sf)
@@ -139,7 +142,8 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     exp_t = unary(tp, t_lsm, "kl.exp")
     diff = binary(tp, t_lsm, s_lsm, "kl.target_minus_input", saves=False)
     prod = binary(tp, exp_t, diff, "kl.mul", saves=True)  # saves exp(target): the input's gradient needs it
-    moments.append(("loss", "kl_div over fp32 log-probabilities", tp.live, {}))
+    # the student's logits are bound (the loop variable rebound) before the loss is computed
+    moments.append(("loss", "kl_div over fp32 log-probabilities", tp.live, {}, False))
     tp.drop(t_lsm, exp_t, diff, s_lsm, prod)
     held = s_logits.size
     return HeadRun(

@@ -173,9 +173,9 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
         tl.add("forward", "last decoder layer", **base,
                activations=kept(L - 1) + rope + embeds + peak + prev_held)
     layers_kept = kept(L) + rope
-    for phase, what, live, details in head.forward:
-        tl.add(phase, what, **base, activations=layers_kept + (embeds if phase == "forward" else ZERO) + live + prev_held,
-               details=details)
+    for phase, what, live, details, with_prev in head.forward:
+        tl.add(phase, what, **base, activations=layers_kept + (embeds if phase == "forward" else ZERO) + live
+               + (prev_held if with_prev else ZERO), details=details)
 
     # backward: the loss and head first, then the layers
     for what, temps, details in head.backward:

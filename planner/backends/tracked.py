@@ -1,0 +1,159 @@
+"""The `dry-run` backend (fake tensors, full scale) and the `real` backend on the CPU (real tensors,
+tiny configs): a technique's `step(ctx)` under the dry-run tracker (planner.dryrun).
+
+Models are built as the programs build them (planner.dryrun._build: on meta, then every tensor made
+fake or real), with transformers behaving as on CUDA (planner.dryrun._patches: not tracing, SDPA
+with enable_gqa, CUDA's autocast policy, bitsandbytes' CUDA GEMM path). The peak counts from after
+all models and optimizers exist, as on a GPU after `reset_peak_memory_stats()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from planner.backends.context import StepContext
+from planner.backends.measurement import Measurement
+
+
+class TrackedContext(StepContext):
+    def __init__(self, plan, workload, models: dict[str, Any], opts: dict[str, Any], tracker, device: str,
+                 configs: dict[str, dict]) -> None:
+        self.plan = plan
+        self.workload = workload
+        self._models = models
+        self._opts = opts
+        self.tracker = tracker
+        self.device = device
+        self.configs = configs
+        self.current_phase = "setup"
+
+    def model(self, role: str):
+        return self._models[role]
+
+    def optimizer(self, role: str):
+        return self._opts[role]
+
+    def token_ids(self, batch: int, seq: int):
+        import torch
+
+        vocab = int(next(iter(self.configs.values()))["vocab_size"])
+        return torch.randint(0, vocab, (batch, seq))
+
+    def generate(self, model, ids, new_tokens: int):
+        """transformers' generate, as planner.dryrun replays it (host reads of fake tensors answered
+        from a narrow real run of the same program). It draws its own prompt of ids' shape."""
+        from planner.dryrun._programs import run_generate
+
+        run_generate(self.plan, model, self.tracker, int(self.configs["model"]["vocab_size"]), self._autocast)
+
+    def _enter_phase(self, name: str) -> None:
+        self.current_phase = name
+        self.tracker.phase = name
+
+    def _autocast(self):
+        import torch
+
+        from planner.dryrun._build import DTYPES
+
+        if self.plan.autocast:
+            return torch.autocast("cpu", dtype=DTYPES[self.plan.compute_dtype])
+        return contextlib.nullcontext()
+
+
+def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake") -> Measurement:
+    """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from planner.dryrun import _patches
+    from planner.dryrun._build import build_meta, materialize
+    from planner.dryrun._programs import make_optimizer, record_generation_reads
+    from planner.dryrun._run import _classifier, _versions
+    from planner.dryrun._tracker import DryRunTracker, _MemRefType
+    from planner.models import load_model, model_config
+
+    t0 = time.perf_counter()
+    workload = technique.workload(plan, load_model(plan.model))
+    configs = {use.role: (config if use.source == plan.model else model_config(use.source)) for use in workload.models}
+    train = any(use.trainable for use in workload.models)
+    generates = any(ph.kind == "generate" for ph in workload.phases)
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
+        stack.enter_context(_patches.autocast_query_means_cpu())
+        stack.enter_context(_patches.cuda_autocast_policy())
+        metas = {}
+        for use in workload.models:
+            metas[use.role], build_notes = build_meta(use.setup, configs[use.role], train=use.trainable,
+                                                      head=use.spec.head)
+            notes += build_notes
+        oracle = None
+        if generates and device == "fake":
+            autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if plan.autocast else contextlib.nullcontext
+            oracle = record_generation_reads(plan, config, autocast)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
+        built = {role: materialize(m, fake_mode) for role, m in metas.items()}
+        tracker = DryRunTracker()
+        tracker.classifier = _classifier(int(config["vocab_size"]))
+        tracker.oracle = oracle
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+        stack.enter_context(tracker)
+        if any(use.setup.method == "qlora" for use in workload.models):
+            stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
+        stack.enter_context(_patches.kv_cache_attribution(tracker))
+        models = {}
+        opts = {}
+        for use in workload.models:
+            b = built[use.role]
+            tracker.track_model(b.model)
+            if b.quant_state_tensors:
+                tracker.track_tensors(b.quant_state_tensors, _MemRefType.OTH, detail="quant_state")
+            models[use.role] = b.model
+            if use.trainable:
+                trainable = [p for p in b.model.parameters() if p.requires_grad]
+                opts[use.role], opt_notes = make_optimizer(use.setup, trainable, tracker)
+                notes += opt_notes
+        ctx = TrackedContext(plan, workload, models, opts, tracker, device, configs)
+        hooks = _loss_phase_hooks(models, tracker)
+        tracker.peak_total = 0
+        tracker.phase_peaks = {}
+        tracker._check_peak(None)
+        try:
+            for i in range(steps):
+                ctx.step_index = i
+                tracker.step = i
+                technique.step(ctx)
+                tracker.phase = "between_steps"
+        finally:
+            for h in hooks:
+                h.remove()
+            ctx.release()
+    cats, details = tracker.peak_breakdown()
+    for k, v in tracker.outside.items():
+        details[k] = v
+    phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "between_steps")}
+    return Measurement(
+        backend="dry-run" if device == "fake" else "real", device=device,
+        peak_allocated_bytes=tracker.peak_total, breakdown=cats, details={k: v for k, v in details.items() if v},
+        peak_phase=tracker.peak_phase, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
+        device_name="fake tensors on the CPU" if device == "fake" else "CPU", versions=_versions(), notes=notes,
+    )
+
+
+def _loss_phase_hooks(models: dict[str, Any], tracker) -> list[Any]:
+    """Mark the 'loss' phase from the output head's forward on, as planner.dryrun does."""
+    handles = []
+    for model in models.values():
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            continue
+
+        def to_loss(_mod, _inp, _out):
+            if tracker.phase == "forward":
+                tracker.phase = "loss"
+
+        handles.append(head.register_forward_hook(to_loss))
+    return handles
