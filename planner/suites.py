@@ -4,6 +4,7 @@
 - `dry-run`: the accuracy suite of the core engine: >= 24 cases over 6 model shapes (among them the
   untied Llama-3.1-8B and the 152k-vocabulary Qwen2.5-7B), every method, pure and mixed precision,
   checkpointing on and off, batch 1-8, sequence 512-4096, generation at batch 1-64. Minutes.
+- `alignment`: rm, dpo and distill on two or more shapes each, with and without LoRA.
 - `gpu`: a subset sized for a few minutes on one 80-141 GB GPU, run for real.
 """
 
@@ -78,7 +79,23 @@ def _gpu_suite() -> list[Plan]:
     ]
 
 
-SUITES = {"smoke": _smoke_suite, "dry-run": _dry_run_suite, "gpu": _gpu_suite}
+def _alignment_suite() -> list[Plan]:
+    """rm, dpo and distill on two shapes each, one with LoRA (the alignment issue's table)."""
+    return [
+        _p("qwen2.5-0.5b", task="rm", batch=4, seq=1024),
+        _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", grad_ckpt=True),
+        _p("llama-3.2-3b", task="rm", batch=1, seq=1024),
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024),
+        _p("llama-3.2-1b", task="dpo", batch=1, seq=2048, method="lora"),
+        _p("llama-3.2-1b", task="dpo", batch=2, seq=1024, method="qlora", grad_ckpt=True),
+        _p("llama-3.2-3b", task="dpo", batch=1, seq=1024, ref_logprobs="precomputed"),
+        _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024),
+        _p("llama-3.2-1b", task="distill", teacher="llama-3.2-3b", batch=1, seq=2048, method="lora"),
+        _p("llama-3.2-1b", task="distill", teacher="llama-3.1-8b", batch=1, seq=1024, grad_ckpt=True),
+    ]
+
+
+SUITES = {"smoke": _smoke_suite, "dry-run": _dry_run_suite, "alignment": _alignment_suite, "gpu": _gpu_suite}
 
 
 def suite(name: str) -> list[Plan]:

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def generate_workload(plan, model) -> Workload:
     return Workload(
         technique="generate",
-        models=(ModelUse("model", model, plan, trainable=False),),
+        models=(ModelUse("model", model, plan, trainable=False, ref=plan.model),),
         phases=(Phase("generate", "generate", "model", plan.batch, plan.prompt_len, plan.new_tokens),),
     )
 

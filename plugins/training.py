@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def sft_workload(plan, model) -> Workload:
     return Workload(
         technique="sft",
-        models=(ModelUse("model", model, plan, trainable=True),),
+        models=(ModelUse("model", model, plan, trainable=True, ref=plan.model),),
         phases=(Phase("train", "train_step", "model", plan.batch, plan.seq),),
     )
 

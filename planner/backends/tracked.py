@@ -93,6 +93,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         if generates and device == "fake":
             autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if plan.autocast else contextlib.nullcontext
             oracle = record_generation_reads(plan, config, autocast)
+            for _ in range(steps - 1):  # one recorded generate() per step the technique will run
+                oracle.answers += record_generation_reads(plan, config, autocast).answers
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
         built = {role: materialize(m, fake_mode) for role, m in metas.items()}
         tracker = DryRunTracker()

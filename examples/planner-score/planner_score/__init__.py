@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 def score_workload(plan, model) -> Workload:
     return Workload(
         technique="score",
-        models=(ModelUse("model", model, plan, trainable=False),),
+        models=(ModelUse("model", model, plan, trainable=False, ref=plan.model),),
         phases=(Phase("score", "score", "model", plan.batch, plan.seq),),
     )
 

@@ -1,0 +1,107 @@
+"""Every built-in technique runs for real on a tiny model on the CPU, through the same step function
+the dry run executes on fake tensors, and both account the same bytes per category. Bad input for
+backends and suites. Seconds each."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from planner.backends import BackendError, check_backend, run_backend  # noqa: E402
+from planner.cli import main  # noqa: E402
+from planner.specs import Plan  # noqa: E402
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, layers in (("tiny-student", 2), ("tiny-teacher", 3)):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(dict(TINY, num_hidden_layers=layers)))
+        paths[name] = str(d)
+    return paths
+
+
+CASES = {
+    "sft": dict(task="sft", batch=2, seq=32),
+    "sft-lora-ckpt": dict(task="sft", batch=2, seq=32, method="lora", lora_rank=4, grad_ckpt=True),
+    "sft-qlora": dict(task="sft", batch=2, seq=32, method="qlora", lora_rank=4),
+    "generate": dict(task="generate", batch=2, prompt_len=16, new_tokens=4),
+    "rm": dict(task="rm", batch=2, seq=32),
+    "dpo": dict(task="dpo", batch=2, seq=32),
+    "dpo-lora": dict(task="dpo", batch=1, seq=32, method="lora", lora_rank=4),
+    "distill": dict(task="distill", batch=2, seq=32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_real_cpu_run_accounts_like_the_dry_run(tiny, case):
+    kw = dict(CASES[case])
+    if kw["task"] == "distill":
+        kw["teacher"] = tiny["tiny-teacher"]
+    plan = Plan(model=tiny["tiny-student"], **kw)
+    real = run_backend("real", plan, "cpu", steps=2)
+    fake = run_backend("dry-run", plan, "fake", steps=2)
+    assert real.peak_allocated_bytes and real.peak_allocated_bytes == fake.peak_allocated_bytes
+    assert real.breakdown == fake.breakdown
+    assert real.peak_phase == fake.peak_phase
+    if kw["task"] != "generate":
+        assert real.breakdown["optimizer_states"] > 0  # the steady step, with states, was measured
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    return main(list(argv), stdout=out, stderr=err), out.getvalue(), err.getvalue()
+
+
+def test_unknown_backend_suggests(tiny):
+    with pytest.raises(BackendError, match="backend: unknown backend 'dryrun' \\(did you mean: dry-run"):
+        check_backend("dryrun", None)
+    code, out, err = run(["validate", "--model", tiny["tiny-student"], "--backend", "rael"])
+    assert code == 2 and out == "" and "did you mean: real" in err and len(err.splitlines()) == 1
+
+
+def test_backend_that_cannot_run_on_the_device_says_why():
+    with pytest.raises(BackendError, match="dry run executes on fake tensors"):
+        check_backend("dry-run", "cuda")
+    with pytest.raises(BackendError, match="real runs use real tensors"):
+        check_backend("real", "fake")
+
+
+def test_real_on_cuda_without_a_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot be observed")
+    with pytest.raises(BackendError, match="torch.cuda.is_available\\(\\) is False"):
+        check_backend("real", "cuda")
+
+
+def test_unknown_suite_is_one_line():
+    code, out, err = run(["validate", "--suite", "dryrun"])
+    assert code == 2 and out == ""
+    assert err.strip() == "planner: error: suite: unknown suite 'dryrun' (did you mean: dry-run?); choose from smoke, dry-run, alignment, gpu"
+
+
+def test_validate_one_plan_prints_the_comparison(tiny):
+    code, out, err = run(["validate", "--model", tiny["tiny-student"], "--batch", "2", "--seq", "32",
+                          "--backend", "real", "--device", "cpu", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["measurement"]["backend"] == "real" and doc["measurement"]["device"] == "cpu"
+    assert doc["measurement"]["peak_allocated_bytes"] > 0
