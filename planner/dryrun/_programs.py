@@ -88,7 +88,12 @@ def make_optimizer(plan, params: list[torch.Tensor], tracker) -> tuple[torch.opt
             "bitsandbytes 8-bit AdamW replayed by allocating its states (its CUDA kernels update in place)"
         )
         return Bnb8bitAdamWReplay(params, paged=name.startswith("paged"), tracker=tracker), notes
-    raise ValueError(f"unknown optimizer {name!r}")
+    from planner.plugins import registry
+
+    model = registry().optimizers.get(name)
+    if model is None or model.build is None:
+        raise ValueError(f"optimizer: '{name}' has no backend implementation")
+    return model.build(params), notes
 
 
 def optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -152,7 +157,7 @@ class ScalarOracle:
     "is the mask all ones", and every step's "are all sequences finished". For the replayed
     program (all-ones mask, min_new_tokens == max_new_tokens) the answers do not depend on the
     weights or the width of the model, so they are recorded on a narrow real copy of the model
-    (same vocabulary, special tokens, batch, prompt and new tokens). Each replayed read checks the
+    (same vocabulary, special tokens, prompt and new tokens; batch min(batch, 2)). Each replayed read checks the
     dtype and size of what it reads against the recording, so a diverging program fails loudly.
     """
 
@@ -210,12 +215,19 @@ def narrow_config(config: dict) -> dict:
 
 
 def record_generation_reads(
-    plan, config: dict, autocast: Callable[[], Any] = contextlib.nullcontext, full_decode: bool = False
+    plan,
+    config: dict,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    full_decode: bool = False,
+    batch: int | None = None,
 ) -> ScalarOracle:
     """Run the generation program for real on a narrow copy of the model, recording host reads."""
     from ._build import build_meta, materialize
 
     oracle = ScalarOracle()
+    # generate() reads the same host values for any batch > 1 (batch 1 skips a padding check);
+    # a replay whose reads differ in number, dtype or size fails loudly
+    plan = plan.model_copy(update={"batch": batch or min(plan.batch, 2)})
     model, _ = build_meta(plan, narrow_config(config))
     model = materialize(model, None).model
     vocab = int(config["vocab_size"])
@@ -225,9 +237,39 @@ def record_generation_reads(
         step = 0
         total = 0
 
-    with _RecordReads(oracle):
-        run_generate(plan, model, _NoTracker(), vocab, autocast, full_decode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small real ops: thread start-up costs more than it saves
+    try:
+        with _RecordReads(oracle), _fast_small_isin():
+            run_generate(plan, model, _NoTracker(), vocab, autocast, full_decode)
+    finally:
+        torch.set_num_threads(threads)
     return oracle
+
+
+@contextlib.contextmanager
+def _fast_small_isin():
+    """torch.isin(arange(vocab), eos_ids), which the min-length logits processors run every
+    step, is slow on real CPU tensors for a 100k+ vocabulary; same values, computed by comparison."""
+    orig = torch.isin
+
+    @functools.wraps(orig)
+    def isin(elements, test_elements, *args, **kwargs):
+        if (
+            not args
+            and not kwargs
+            and isinstance(elements, torch.Tensor)
+            and isinstance(test_elements, torch.Tensor)
+            and test_elements.numel() <= 16
+        ):
+            return (elements.unsqueeze(-1) == test_elements.reshape(-1)).any(-1)
+        return orig(elements, test_elements, *args, **kwargs)
+
+    torch.isin = isin
+    try:
+        yield
+    finally:
+        torch.isin = orig
 
 def run_generate(
     plan,
@@ -242,11 +284,12 @@ def run_generate(
     fake tensors answered by a ScalarOracle).
 
     Unless full_decode: only the prefill, the first and the last decode forwards run the model;
-    the decode forwards in between are replaced by their lasting effect (each layer's cache grows
-    by one position through the same DynamicCache.update, and the forward returns logits of the
-    same shape). Every tensor of a decode step is at least as large at the last step as at any
-    earlier one (the cache and the growing masks/ids), so the decode peak is the last step's;
-    generate()'s own code (logits processors, stopping criteria, masks) runs at every step.
+    the decode forwards in between return logits of the model's shape and dtype, and the cache
+    positions they would have added are added in one DynamicCache.update per layer just before
+    the last forward (decode reads no cache length between steps). Every tensor of a decode step
+    is at least as large at the last step as at any earlier one (the cache and the growing
+    masks/ids), so the decode peak is the last step's; generate()'s own code (logits processors,
+    stopping criteria, masks) runs at every step.
     `test_generate_shortcut_is_exact` checks the two give the same figures."""
     B, P, N = plan.batch, plan.prompt_len, plan.new_tokens
     tracker.phase = "prefill"
@@ -264,7 +307,7 @@ def run_generate(
 @contextlib.contextmanager
 def _generate_phases(model, tracker, new_tokens: int, full_decode: bool):
     """prefill = the first forward; decode = every later one. Forward calls 0 (prefill), 1 and
-    new_tokens-1 run the model; the others (unless full_decode) only grow the cache."""
+    new_tokens-1 run the model; the others (unless full_decode) only return logits."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     state = {"calls": 0}
@@ -278,23 +321,26 @@ def _generate_phases(model, tracker, new_tokens: int, full_decode: bool):
         state["calls"] += 1
         tracker.phase = "prefill" if k == 0 else "decode"
         tracker.step = k
-        if full_decode or k in (0, 1, new_tokens - 1):
-            out = orig_forward(*args, **kwargs)
-            state["logits"] = (out.logits.shape[-1], out.logits.dtype)
-            return out
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        layers = cache.layers
-        for idx, layer in enumerate(layers):
-            keys, values = layer.keys, layer.values
-            Bk, heads, _, hd = keys.shape
-            k_new = torch.empty((Bk, heads, 1, hd), dtype=keys.dtype)
-            v_new = torch.empty((Bk, values.shape[1], 1, values.shape[-1]), dtype=values.dtype)
-            cache.update(k_new, v_new, idx)
-            del k_new, v_new
-        width, dtype = state["logits"]
-        logits = torch.empty((input_ids.shape[0], 1, width), dtype=dtype)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        if not full_decode and 1 < k < new_tokens - 1:
+            # a middle decode step: the cache will have grown by one position (done in one go
+            # before the last step); the logits have the shape the model would return
+            state["pending"] = state.get("pending", 0) + 1
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            width, dtype = state["logits"]
+            logits = torch.empty((input_ids.shape[0], 1, width), dtype=dtype)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=kwargs.get("cache", kwargs.get("past_key_values")))
+        if state.get("pending"):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            n = state.pop("pending")
+            for idx, layer in enumerate(cache.layers):
+                keys, values = layer.keys, layer.values
+                k_new = torch.empty((keys.shape[0], keys.shape[1], n, keys.shape[-1]), dtype=keys.dtype)
+                v_new = torch.empty((values.shape[0], values.shape[1], n, values.shape[-1]), dtype=values.dtype)
+                cache.update(k_new, v_new, idx)
+                del k_new, v_new
+        out = orig_forward(*args, **kwargs)
+        state["logits"] = (out.logits.shape[-1], out.logits.dtype)
+        return out
 
     base.forward = forward
     try:

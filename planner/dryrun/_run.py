@@ -64,6 +64,16 @@ def dry_run_impl(
 ) -> DryRunResult:
     if device not in ("fake", "cpu"):
         raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # tiny real tensors: thread start-up costs more than it saves
+    try:
+        return _dry_run(plan, config, steps, device, round_bytes, full_decode)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full_decode: bool) -> DryRunResult:
     t0 = time.perf_counter()
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -51,8 +51,8 @@ DETAIL_DOCS: dict[str, str] = {
     "logits_fp32": "live fp32 tensors of batch x seq x vocab (upcast logits, log-softmax output, their gradients)",
     "weight_casts": "low-precision copies of fp32 parameters made by autocast (cached for the forward) or casts",
     "dequantized_weights": "bf16 weights dequantized from 4 bits (forward fallback path, backward)",
-    "lora_inputs": "fp32 copies of layer inputs peft makes for fp32 adapters on a 16-bit base",
     "optimizer_temporaries": "tensors allocated inside optimizer.step that are not optimizer states",
-    "host_step_counters": "AdamW's per-parameter 'step' scalars, which CUDA's foreach AdamW keeps on the host (excluded)",
+    "host_step_counters": "torch.tensor() made inside optimizer.step (foreach AdamW's per-parameter step counters and its "
+    "wrapped 1.0): host memory in a CUDA run, excluded from the peak",
     "paged_optimizer_states": "PagedAdamW8bit states in CUDA unified memory: outside the allocator, not in the peak",
 }
