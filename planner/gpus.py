@@ -105,7 +105,14 @@ def load_gpu(gpu_id: str) -> GPUSpec:
     key = gpu_id.strip().lower()
     if key in gpus:
         return gpus[key]
-    hint = did_you_mean(key, gpus) or f" (known: {', '.join(gpus)})"
+    from planner.plugins import registry  # cards a plugin registers (register_hardware)
+
+    plugged = registry(scan=True).hardware
+    for gid, g in plugged.items():
+        if gid.lower() == key:
+            return g
+    known = {**gpus, **plugged}
+    hint = did_you_mean(key, known) or f" (known: {', '.join(known)})"
     raise GPUError(f"gpu: unknown gpu '{gpu_id}'{hint}")
 
 

@@ -100,8 +100,25 @@ def _resolve(ref: str) -> tuple[dict[str, Any], str, str]:
     return _parse(text, str(file)), model_id, str(file)
 
 
+def _plugin_model(ref: str) -> dict[str, Any] | None:
+    """A config registered by a plugin (`register_models`), looked up only for names that are
+    neither catalog ids nor paths, so plain catalog use never loads plugins."""
+    if "/" in ref or "\\" in ref or ref.endswith(".json"):
+        return None
+    from planner.plugins import registry
+
+    reg = registry()
+    if ref not in reg.models:
+        reg = registry(scan=True)
+    return reg.models.get(ref)
+
+
 def model_config(ref: str) -> dict[str, Any]:
     """The raw HF config (without `_planner`), for backends that build the real transformers model."""
+    if ref not in _ids():
+        plugged = _plugin_model(ref)
+        if plugged is not None:
+            return {k: v for k, v in plugged.items() if k != PLANNER_KEY}
     raw, _, _ = _resolve(ref)
     return {k: v for k, v in raw.items() if k != PLANNER_KEY}
 
@@ -123,7 +140,13 @@ def load_model(ref: str) -> ModelSpec:
     """ModelSpec for a catalog id, a config.json path, or a model directory. Raises ModelError."""
     if ref in _ids():
         return _catalog_spec(ref)
-    return _spec(*_resolve(ref))
+    try:
+        return _spec(*_resolve(ref))
+    except ModelError:
+        plugged = _plugin_model(ref)
+        if plugged is None:
+            raise
+        return _spec(plugged, ref, f"plugin model '{ref}'")
 
 
 def list_models() -> list[ModelRow]:

@@ -43,7 +43,7 @@ class Plan(BaseModel):
     task: str = Field(default="sft", description="technique name (planner plugins lists them)")
     method: Method = "full"
     precision: Precision = "bf16"
-    optimizer: Optimizer = "adamw"
+    optimizer: str = Field(default="adamw", description="adamw, adamw-fused, adamw-8bit, paged-adamw-8bit, sgd, or a plugin's")
     grad_ckpt: bool = False
     attn: Attention = "sdpa"
     batch: int = Field(default=1, gt=0)
@@ -66,6 +66,22 @@ class Plan(BaseModel):
     ref_logprobs: Literal["model", "precomputed"] = Field(
         default="model", description="dpo: a resident reference model, or log-probs computed beforehand")
     beta: float = Field(default=0.1, gt=0, description="dpo: the loss's beta")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        if v in OPTIMIZERS:
+            return v
+        from planner.plugins import registry
+
+        known = list(OPTIMIZERS) + sorted(registry(scan=True).optimizers)
+        if v not in known:
+            import difflib
+
+            close = difflib.get_close_matches(v, known, n=3)
+            hint = f"did you mean: {', '.join(close)}?" if close else f"choose from {', '.join(known)}"
+            raise ValueError(f"optimizer: unknown optimizer '{v}' ({hint})")
+        return v
 
     @field_validator("task")
     @classmethod

@@ -142,3 +142,59 @@ def test_plugin_commands_are_added(tmp_path, monkeypatch, fresh_plugins):
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = run(["hello", "--name", "planner"])
     assert (code, out.strip()) == (0, "hello planner"), err
+
+
+def test_plugin_models_and_hardware_are_usable(tmp_path, monkeypatch, fresh_plugins):
+    (tmp_path / "catalog_plugin.py").write_text(textwrap.dedent('''
+        from planner.gpus import GPUSpec
+        from planner.hookspecs import hookimpl
+
+        @hookimpl
+        def register_models(register):
+            register("tiny-llama", {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+                                    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "max_position_embeddings": 256})
+
+        @hookimpl
+        def register_hardware(register):
+            register(GPUSpec(id="lab-card-16", name="Lab card 16 GiB", memory_bytes=16 << 30))
+    '''))
+    dist = tmp_path / "catalog_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: catalog-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[planner]\ncatalog = catalog_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(["fit", "--model", "tiny-llama", "--gpu", "lab-card-16", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["gpu"]["memory_bytes"] == 16 << 30
+    assert doc["model"]["num_params"] == 2 * (4 * 64 * 64 // 1 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 2 * 1000 * 64 + 64
+
+
+def test_plugin_optimizer_is_estimated_and_runs(fresh_plugins, tmp_path):
+    """An optimizer added by a plugin: one state tensor (momentum SGD), no step transient."""
+    import torch
+
+    from planner.engine.optimizers import OptimizerModel
+    from planner.hookspecs import hookimpl
+
+    class MomentumPlugin:
+        @staticmethod
+        @hookimpl
+        def register_optimizers(register):
+            register(OptimizerModel(
+                name="sgd-momentum",
+                state_bytes_per_element=lambda dtype: {"fp32": 4, "bf16": 2, "fp16": 2}[dtype],
+                step_temp_bytes_per_element=lambda dtype: 0,
+                build=lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True),
+            ))
+
+    plugins.register_plugin(MomentumPlugin(), name="momentum")
+    code, out, err = run(["fit", "--model", "llama-3.2-1b", "--gpu", "h100-sxm", "--optimizer", "sgd-momentum",
+                          "--batch", "1", "--seq", "256", "--json"])
+    assert code == 0, err
+    from planner.models import load_model
+
+    assert json.loads(out)["memory"]["breakdown"]["optimizer_states"] == 2 * load_model("llama-3.2-1b").num_params
+    code, _, err = run(["fit", "--model", "gpt2", "--gpu", "t4", "--optimizer", "sgd-momentun"])
+    assert code == 2 and "did you mean: sgd-momentum" in err

@@ -87,6 +87,10 @@ def make_optimizer(plan, params):
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
     if plan.optimizer == "sgd":
         return torch.optim.SGD(params, lr=1e-5)
+    if plan.optimizer not in ("adamw-8bit", "paged-adamw-8bit"):
+        from planner.plugins import registry
+
+        return registry().optimizers[plan.optimizer].build(params)
     import bitsandbytes as bnb
 
     if plan.optimizer == "adamw-8bit":

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from planner.engine.resident import Resident
 from planner.engine.tape import DTYPE_BYTES
@@ -23,6 +24,18 @@ MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit min_8bit_size default
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: paged only when p.numel() >= 1e5
 BNB_BLOCK = 256
 CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to 512 bytes
+
+
+@dataclass(frozen=True)
+class OptimizerModel:
+    """An optimizer a plugin adds (`register_optimizers`): bytes of state and of `step()`'s
+    transients per trainable element of a given dtype, and how a backend builds it."""
+
+    name: str
+    state_bytes_per_element: "Callable[[str], float]"
+    step_temp_bytes_per_element: "Callable[[str], float]"
+    build: "Callable[[list[Any]], Any] | None" = None
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,4 +77,10 @@ def optimizer_memory(name: str, res: Resident, num_layers: int) -> OptimizerMemo
                 inside += b * count
         qmaps = 2 * 256 * 4
         return OptimizerMemory(inside + qmaps, 0, outside)
-    raise ValueError(f"optimizer: unknown optimizer '{name}'")
+    from planner.plugins import registry
+
+    model = registry().optimizers.get(name)
+    if model is None:
+        raise ValueError(f"optimizer: unknown optimizer '{name}'")
+    dt = res.trainable_dtype
+    return OptimizerMemory(int(model.state_bytes_per_element(dt) * n), int(model.step_temp_bytes_per_element(dt) * n))

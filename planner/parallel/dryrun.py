@@ -1,0 +1,239 @@
+"""Distributed dry runs: one rank of an FSDP / TP / FSDP x TP training step, at full scale, on one CPU.
+
+`dry_run_distributed(plan, layout)` runs rank 0 of `layout.gpus` ranks in a fake process group
+(`dist.init_process_group(backend="fake", ...)`, FakeStore: collectives return at once and move no
+data) on fake tensors (FakeTensorMode: shapes only, ~no real memory), and measures what that rank
+allocates with a MemTracker. The program is the single-GPU dry run's (planner.dryrun: the model built
+by transformers on meta, the heldout-protocol training loop, AdamW foreach, the patches that make
+transformers behave as on CUDA), with the model parallelised the way torch does it:
+
+- FSDP (layout.fsdp): FSDP2 `fully_shard` on every decoder layer and on the root (embeddings, final
+  norm, lm_head), `reshard_after_forward=True` for full-shard, False for shard-grad-op. Plans in bf16 /
+  fp16 shard their half-precision parameters as they are; mixed-* plans shard fp32 parameters with
+  `MixedPrecisionPolicy(param_dtype=<half>, reduce_dtype=fp32)` and run without autocast (the policy
+  casts the parameters; activations are then half precision). Measured with torch's
+  `FSDPMemTracker` (sharded / unsharded parameters and gradients, all-gather and reduce-scatter
+  buffers are categories of their own).
+- TP (layout.tp > 1): `parallelize_module` per decoder layer: q, k, v, gate, up ColwiseParallel;
+  o, down RowwiseParallel. With `vocab="parallel"` (default, Megatron's and torchtitan's layout, the
+  one planner.parallel.estimate assumes) the embedding is RowwiseParallel (vocab-sharded) and lm_head
+  ColwiseParallel with vocab-sharded logits, the loss under `loss_parallel()`; with
+  `vocab="replicated"` both stay whole on every rank (transformers' own tp_plan keeps the embedding
+  whole and gathers the logits). Measured with planner.dryrun's tracker.
+- FSDP x TP: a 2-D mesh (dp, tp); TP first, then fully_shard over the dp sub-mesh.
+
+What makes the fake-PG replay count what a GPU rank allocates (each seen in practice):
+1. DTensor's sharding propagation runs the op on GLOBAL-shaped fake tensors under the ambient
+   FakeTensorMode (`detect_fake_mode()`); the tracker would count them (and, as some sit in
+   reference cycles, keep counting them until a garbage collection: tens of GiB of phantom optimizer
+   memory at 7B). Ops inside `ShardingPropagator._propagate_tensor_meta_non_cached` are not tracked.
+2. `_c10d_functional.wait_tensor`'s fake kernel returns a new tensor; on a GPU it returns its input.
+3. DTensor ops are left to DTensor (the tracker sees the local ops), as FSDPMemTracker does.
+4. Storages rounded up to 512 bytes (CUDA's caching allocator), module hooks in "any" mode
+   (planner.dryrun._tracker), FSDPMemTracker's per-module snapshots skipped (only the global peak).
+The rank is rank 0: with uneven shards (FSDP pads dim 0 to a multiple of the mesh size) it holds the
+largest shard, so its peak is the job's.
+
+Not covered: pipeline parallelism, sequence parallelism, DeepSpeed ZeRO (see
+planner.parallel.deepspeed_run for real ZeRO partitions), offload, LoRA/QLoRA under FSDP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from planner.parallel.layout import Layout, LayoutError
+
+if TYPE_CHECKING:
+    from planner.specs import Plan
+
+Vocab = Literal["parallel", "replicated"]
+
+CATEGORIES = ("parameters", "buffers", "gradients", "activations", "optimizer_states", "temporaries", "other")
+# FSDPMemTracker's categories -> the estimator's (planner.parallel.estimate.RankMemory.breakdown)
+FSDP_CATEGORY = {
+    "Sharded Param": "parameters",
+    "Unsharded Param": "parameters",
+    "All Gather": "parameters",
+    "Buffer": "buffers",
+    "Sharded Grad": "gradients",
+    "Unsharded Grad": "gradients",
+    "Reduce Scatter": "gradients",
+    "Activation": "activations",
+    "Inputs": "activations",
+    "Temp": "temporaries",
+    "OptState": "optimizer_states",
+}
+FSDP_DETAIL = {
+    "Sharded Param": "sharded_params",
+    "Unsharded Param": "unsharded_params",
+    "All Gather": "all_gather_buffers",
+    "Sharded Grad": "sharded_grads",
+    "Unsharded Grad": "unsharded_grads",
+    "Reduce Scatter": "reduce_scatter_buffers",
+}
+
+
+class DistributedDryRunResult(BaseModel):
+    """One rank's memory in a distributed training step (planner.parallel.dryrun).
+
+    peak_allocated_bytes: most bytes live on the rank at once (its model-state shards, gathered
+      parameters, gradients, activations, optimizer states and temporaries), storages rounded to 512
+      bytes; counted from after the model, its sharding and the optimizer were set up.
+    breakdown: the estimator's categories at that peak (sums to the peak). FSDP's gathered
+      parameters and all-gather buffers are in `parameters`, its unsharded gradients and
+      reduce-scatter buffers in `gradients`; `details` has them apart (FSDPMemTracker's categories),
+      and `gathered` = unsharded_params + all_gather_buffers + unsharded_grads + reduce_scatter_buffers
+      (the estimator's `zero3_gathered`).
+    peak_phase: forward, loss (lm_head and the loss), loss backward (from `.backward()` until the
+      gradient reaches the last decoder layer), backward (the decoder layers), optimizer.
+    phases / phase_breakdowns: the peak of each phase and the breakdown at that moment (the
+      estimator's moments are "loss backward", "backward" and "optimizer"); keys `detail:*` there are
+      the details at that moment.
+    peak_module: the innermost module running at the peak ("[bw]": in backward).
+    """
+
+    layout: dict[str, Any]
+    world_size: int
+    rank: int = 0
+    mesh: dict[str, int]
+    vocab: str = "parallel"
+    mixed_precision_policy: str = ""
+    peak_allocated_bytes: int
+    breakdown: dict[str, int]
+    details: dict[str, int] = Field(default_factory=dict)
+    peak_phase: str
+    peak_step: int = 0
+    peak_op: str = ""
+    peak_module: str = ""
+    phases: dict[str, int] = Field(default_factory=dict)
+    phase_breakdowns: dict[str, dict[str, int]] = Field(default_factory=dict)
+    step_end_bytes: list[int] = Field(default_factory=list)
+    params: dict[str, int] = Field(default_factory=dict)
+    wall_s: float
+    device: str = "fake"
+    versions: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+    def to_measurement(self):
+        """As a planner.backends.Measurement (backend "dry-run", device "fake")."""
+        from planner.backends.measurement import Measurement
+
+        return Measurement(backend="dry-run", device=self.device, peak_allocated_bytes=self.peak_allocated_bytes,
+                           breakdown=dict(self.breakdown), details=dict(self.details), peak_phase=self.peak_phase,
+                           phases=dict(self.phases), wall_s=self.wall_s,
+                           device_name=f"rank {self.rank} of {self.world_size} (fake process group)",
+                           versions=dict(self.versions), notes=list(self.notes))
+
+
+def check_supported(layout: Layout) -> None:
+    """One-line LayoutError for what this harness does not run."""
+    if layout.pp > 1:
+        raise LayoutError("pp: the distributed dry run covers FSDP and TP, not pipeline stages")
+    if layout.sp:
+        raise LayoutError("sp: the distributed dry run does not run sequence parallelism")
+    if layout.offload != "none":
+        raise LayoutError("offload: the distributed dry run does not offload")
+    if layout.fsdp is None and layout.stage > 0:
+        raise LayoutError(f"zero: DeepSpeed ZeRO-{layout.stage} is not replayed here (planner.parallel.deepspeed_run "
+                          "runs it for real); use fsdp full-shard / shard-grad-op")
+    if layout.fsdp is None and layout.dp > 1:
+        raise LayoutError(f"gpus: {layout.dp} data-parallel replicas without sharding (DDP) are not replayed; "
+                          "use fsdp, or gpus = tp")
+
+
+def dry_run_distributed(plan: "Plan", layout: Layout, config: dict | None = None, *, steps: int = 2,
+                        round_bytes: int = 512, vocab: Vocab = "parallel",
+                        device: Literal["fake", "cpu"] = "fake") -> DistributedDryRunResult:
+    """Replay rank 0 of `plan` laid out as `layout` (FSDP, TP or both) and measure its memory.
+
+    config: the model's config.json dict (default: planner.models.model_config(plan.model)).
+    steps: optimizer steps (the peak is usually in the second: optimizer states exist).
+    device: "fake" (full scale, shapes only) or "cpu" (real tensors, tiny configs: same accounting).
+    A fake process group of layout.gpus ranks is created for the run and destroyed after it; a
+    process group already initialised in this process is an error.
+    """
+    check_supported(layout)
+    if plan.task != "sft":
+        raise LayoutError(f"task: distributed dry runs cover training steps (sft), not {plan.task}")
+    if plan.method != "full":
+        raise LayoutError(f"method: the distributed dry run covers full fine-tuning, not {plan.method}")
+    if plan.batch != layout.micro_batch:
+        raise LayoutError(f"batch: the plan's micro-batch {plan.batch} differs from the layout's {layout.micro_batch}")
+    if device not in ("fake", "cpu"):
+        raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
+    if config is None:
+        from planner.models import model_config
+
+        config = model_config(plan.model)
+    from planner.parallel.backend_fakepg import run
+
+    return run(plan, layout, config, steps=steps, round_bytes=round_bytes, vocab=vocab, device=device)
+
+
+def compare_with_estimate(result: DistributedDryRunResult, plan: "Plan", layout: Layout, spec, gpu) -> dict[str, Any]:
+    """Per-rank peak of `estimate_distributed` next to the dry run's, and the terms that differ.
+
+    The estimate's `other` (cuBLAS workspaces) has no counterpart in a dry run: `estimate_wo_other`
+    leaves it out, and the error is taken on that."""
+    from planner.parallel.estimate import estimate_distributed
+
+    est = estimate_distributed(plan, layout, spec, gpu).memory
+    wo = est.peak_allocated_bytes - est.breakdown.get("other", 0)
+    return {
+        "estimate": est.peak_allocated_bytes,
+        "estimate_wo_other": wo,
+        "dry_run": result.peak_allocated_bytes,
+        "error": wo / result.peak_allocated_bytes - 1,
+        "estimate_phase": est.peak_phase,
+        "dry_run_phase": result.peak_phase,
+        "terms": {k: {"estimate": est.breakdown.get(k, 0), "dry_run": result.breakdown.get(k, 0)} for k in CATEGORIES},
+        "estimate_details": dict(est.details),
+    }
+
+
+def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[str, float]]:
+    """The three moments `estimate_distributed` takes the largest of ("loss backward", "backward",
+    "optimizer"), each as a breakdown, for comparing with the dry run's phase_breakdowns. Captures
+    the arguments of estimate._rank_memory and re-adds its moments (the same formulas, kept in step by
+    tests/test_parallel_backends.py, which checks the largest equals the estimate's peak)."""
+    from planner.parallel import estimate as est_mod
+
+    seen: list[tuple] = []
+    orig = est_mod._rank_memory
+
+    def capture(stage, states, buffers, acts, step_temp, workspace, gpu_, layout_):
+        seen.append((stage, states, buffers, acts, step_temp, workspace))
+        return orig(stage, states, buffers, acts, step_temp, workspace, gpu_, layout_)
+
+    est_mod._rank_memory = capture
+    try:
+        est = est_mod.estimate_distributed(plan, layout, spec, gpu)
+    finally:
+        est_mod._rank_memory = orig
+    stage, states, buffers, acts, step_temp, workspace = next(x for x in seen if x[0] == est.memory.stage)
+    g = states.gpu
+    params, grads = g.get("parameters", 0.0), g.get("gradients", 0.0)
+    opt, gathered = g.get("optimizer_states", 0.0), g.get("gathered", 0.0)
+    accumulating = layout.grad_accum > 1 or layout.pp > 1
+    base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
+    kept = acts["activations"] + acts["held"]
+    grads_bwd = grads if accumulating else 0.0
+    moments = {
+        "loss backward": {**base, "parameters": params + gathered, "gradients": grads_bwd,
+                          "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
+        "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
+                     "temporaries": acts["transient"]},
+        "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
+    }
+    out = {}
+    for name, m in moments.items():
+        bd = {k: float(m.get(k, 0.0)) for k in CATEGORIES}
+        bd["detail:zero3_gathered"] = float(gathered) if name != "optimizer" else 0.0
+        out[name] = bd
+    return out
+
+
+__all__ = ["DistributedDryRunResult", "check_supported", "compare_with_estimate", "dry_run_distributed", "estimate_moments"]
