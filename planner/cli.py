@@ -25,7 +25,7 @@ PLAN_FLAGS: tuple[str, ...] = (
     "model", "gpu", "gpu_memory", "task", "method", "precision", "optimizer", "grad_ckpt", "attn",
     "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
     "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens", "teacher", "teacher_method",
-    "ref_logprobs", "beta",
+    "ref_logprobs", "beta", "reward_model", "value_model", "group_size", "kl_coef", "ppo_epochs", "mini_batch",
 )  # fmt: skip
 
 
@@ -110,11 +110,17 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (only with --task generate)")
     g.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens per sequence (default: 512)")
     g.add_argument("--new-tokens", type=int, metavar="N", help="generated tokens per sequence (default: 128)")
-    g = p.add_argument_group("alignment and distillation (--task rm, dpo, distill)")
+    g = p.add_argument_group("alignment and distillation (--task rm, dpo, ppo, grpo, distill)")
     g.add_argument("--teacher", metavar="M", help="distill: the frozen teacher (catalog id or config path; same vocabulary)")
     g.add_argument("--teacher-method", metavar="{full,qlora}", help="distill: how the teacher is held (default: full, bf16)")
     g.add_argument("--ref-logprobs", metavar="{model,precomputed}", help="dpo: a resident reference, or log-probs computed beforehand (default: model)")
     g.add_argument("--beta", type=float, metavar="B", help="dpo: beta of the loss (default: 0.1)")
+    g.add_argument("--reward-model", metavar="M", help="ppo/grpo: reward model (default: a reward function, no model)")
+    g.add_argument("--value-model", metavar="M", help="ppo: value model (default: the policy's model)")
+    g.add_argument("--group-size", type=int, metavar="G", help="grpo: completions per prompt, >= 2 (default: 8)")
+    g.add_argument("--kl-coef", type=float, metavar="K", help="ppo/grpo: KL coefficient; 0 drops the reference (default: 0.04)")
+    g.add_argument("--ppo-epochs", type=int, metavar="N", help="ppo: passes over each rollout (default: 1)")
+    g.add_argument("--mini-batch", type=int, metavar="N", help="ppo: sequences per mini-batch (default: --batch)")
 
 
 def _plan_from_args(args: argparse.Namespace) -> Any:

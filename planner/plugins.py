@@ -20,7 +20,7 @@ from planner import hookspecs
 
 ENTRY_POINT_GROUP = "planner"
 BUILTIN_PLUGINS: tuple[str, ...] = ("planner_plugins.training", "planner_plugins.generation",
-                                    "planner_plugins.alignment", "planner_plugins.distillation")
+                                    "planner_plugins.alignment", "planner_plugins.rl", "planner_plugins.distillation")
 
 
 class PluginError(ValueError):

@@ -25,7 +25,8 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
 TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
-                    "teacher_method", "ref_logprobs", "beta")
+                    "teacher_method", "ref_logprobs", "beta", "reward_model", "value_model", "group_size",
+                    "kl_coef", "ppo_epochs", "mini_batch")
 
 
 class Plan(BaseModel):
@@ -66,6 +67,12 @@ class Plan(BaseModel):
     ref_logprobs: Literal["model", "precomputed"] = Field(
         default="model", description="dpo: a resident reference model, or log-probs computed beforehand")
     beta: float = Field(default=0.1, gt=0, description="dpo: the loss's beta")
+    reward_model: str | None = Field(default=None, description="ppo/grpo: reward model (else a reward function)")
+    value_model: str | None = Field(default=None, description="ppo: value model (default: the policy's model)")
+    group_size: int = Field(default=8, description="grpo: completions per prompt (>= 2)")
+    kl_coef: float = Field(default=0.04, ge=0, description="ppo/grpo: KL coefficient against the reference (0: no reference)")
+    ppo_epochs: int = Field(default=1, gt=0, description="ppo: passes over each rollout")
+    mini_batch: int | None = Field(default=None, gt=0, description="ppo: sequences per training mini-batch (default: batch)")
 
     @field_validator("optimizer")
     @classmethod
@@ -89,6 +96,13 @@ class Plan(BaseModel):
         from planner.plugins import technique
 
         technique(v)  # unknown names raise with close matches
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"group_size: GRPO needs at least 2 completions per prompt to compare them (got {v})")
         return v
 
     @field_validator("lora_targets")

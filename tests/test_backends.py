@@ -46,6 +46,8 @@ CASES = {
     "dpo": dict(task="dpo", batch=2, seq=32),
     "dpo-lora": dict(task="dpo", batch=1, seq=32, method="lora", lora_rank=4),
     "distill": dict(task="distill", batch=2, seq=32),
+    "grpo": dict(task="grpo", batch=1, group_size=2, prompt_len=8, new_tokens=4),
+    "ppo": dict(task="ppo", batch=2, prompt_len=8, new_tokens=4, mini_batch=1),
 }
 
 
@@ -54,6 +56,8 @@ def test_real_cpu_run_accounts_like_the_dry_run(tiny, case):
     kw = dict(CASES[case])
     if kw["task"] == "distill":
         kw["teacher"] = tiny["tiny-teacher"]
+    if kw["task"] == "ppo":
+        kw["reward_model"] = tiny["tiny-teacher"]
     plan = Plan(model=tiny["tiny-student"], **kw)
     real = run_backend("real", plan, "cpu", steps=2)
     fake = run_backend("dry-run", plan, "fake", steps=2)

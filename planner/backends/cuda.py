@@ -135,7 +135,7 @@ class CudaContext(StepContext):
 
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False)
+                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True)
 
     def _autocast(self):
         import torch

@@ -42,11 +42,20 @@ class TrackedContext(StepContext):
         return torch.randint(0, vocab, (batch, seq))
 
     def generate(self, model, ids, new_tokens: int):
-        """transformers' generate, as planner.dryrun replays it (host reads of fake tensors answered
-        from a narrow real run of the same program). It draws its own prompt of ids' shape."""
-        from planner.dryrun._programs import run_generate
+        """transformers' generate, as planner.dryrun replays it: host reads of fake tensors are
+        answered from a narrow real run of the same program recorded beforehand; the middle decode
+        steps return logits of the right shape and the cache grows in one update before the last
+        (planner.dryrun._programs._generate_phases, tested exact against the full decode)."""
+        import torch
 
-        run_generate(self.plan, model, self.tracker, int(self.configs["model"]["vocab_size"]), self._autocast)
+        from planner.dryrun._programs import _generate_phases
+
+        try:
+            with _generate_phases(model, self.tracker, new_tokens, False), torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+        finally:
+            self.tracker.step = self.step_index
 
     def _enter_phase(self, name: str) -> None:
         self.current_phase = name
@@ -62,23 +71,36 @@ class TrackedContext(StepContext):
         return contextlib.nullcontext()
 
 
-def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake") -> Measurement:
-    """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'."""
+def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake",
+                narrow: bool = False, record: Any = None) -> Measurement:
+    """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'.
+
+    Host-side reads of fake tensors (generate()'s "all finished?", transformers' mask checks) are
+    answered from a recording: the same steps run first for real on narrow copies of the models
+    (same vocabulary and special tokens, tiny width: `narrow=True`, `record=<oracle>`), whose
+    answers do not depend on the width."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.dryrun import _patches
     from planner.dryrun._build import build_meta, materialize
-    from planner.dryrun._programs import make_optimizer, record_generation_reads
+    from planner.dryrun._programs import make_optimizer
     from planner.dryrun._run import _classifier, _versions
     from planner.dryrun._tracker import DryRunTracker, _MemRefType
     from planner.models import load_model, model_config
 
     t0 = time.perf_counter()
+    from planner.dryrun._programs import ScalarOracle, _RecordReads, narrow_config
+
     workload = technique.workload(plan, load_model(plan.model))
     configs = {use.role: (config if use.source == plan.model else model_config(use.source)) for use in workload.models}
-    train = any(use.trainable for use in workload.models)
+    if narrow:
+        configs = {role: narrow_config(c) for role, c in configs.items()}
     generates = any(ph.kind == "generate" for ph in workload.phases)
+    oracle = None
+    if generates and device == "fake":
+        oracle = ScalarOracle()
+        run_tracked(technique, plan, config, steps=steps, device="cpu", narrow=True, record=oracle)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
@@ -89,12 +111,6 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
             metas[use.role], build_notes = build_meta(use.setup, configs[use.role], train=use.trainable,
                                                       head=use.spec.head)
             notes += build_notes
-        oracle = None
-        if generates and device == "fake":
-            autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if plan.autocast else contextlib.nullcontext
-            oracle = record_generation_reads(plan, config, autocast)
-            for _ in range(steps - 1):  # one recorded generate() per step the technique will run
-                oracle.answers += record_generation_reads(plan, config, autocast).answers
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
         built = {role: materialize(m, fake_mode) for role, m in metas.items()}
         tracker = DryRunTracker()
@@ -123,6 +139,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         tracker.peak_total = 0
         tracker.phase_peaks = {}
         tracker._check_peak(None)
+        if record is not None:
+            stack.enter_context(_RecordReads(record))
         try:
             for i in range(steps):
                 ctx.step_index = i

@@ -91,6 +91,10 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=train))
         stack.enter_context(_patches.autocast_query_means_cpu())
         stack.enter_context(_patches.cuda_autocast_policy())
+        tracker = DryRunTracker(round_bytes=round_bytes)
+        tracker.classifier = _classifier(vocab)
+        if plan.method == "qlora":
+            stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         model, build_notes = build_meta(plan, config)
         notes += build_notes
         oracle = None
@@ -100,14 +104,10 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
         built = materialize(model, fake_mode)
         model = built.model
-        tracker = DryRunTracker(round_bytes=round_bytes)
-        tracker.classifier = _classifier(vocab)
         tracker.oracle = oracle
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(tracker)
-        if plan.method == "qlora":
-            stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
 
         # what exists before the measured program: model, adapters, quantization states, optimizer

@@ -21,7 +21,8 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
     cfg = layer_cfg(spec, plan, res, training=False)
     dt = res.non_linear_dtype
     layer = run_layer(cfg, dt, False, grad=False)
-    h, V = spec.hidden_size, spec.vocab_size
+    h = spec.hidden_size
+    V = 1 if spec.head == "seq_cls" else spec.vocab_size  # a classification head scores each position once
     rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
     base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
     logits = Sym(t=V * DTYPE_BYTES[dt])
@@ -44,7 +45,8 @@ def build_forward(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Reside
     cfg = layer_cfg(spec, plan, res, training=False)
     dt = res.non_linear_dtype
     layer = run_layer(cfg, dt, False, grad=False)
-    h, V = spec.hidden_size, spec.vocab_size
+    h = spec.hidden_size
+    V = 1 if spec.head == "seq_cls" else spec.vocab_size  # a classification head scores each position once
     rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
     base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
     logits = Sym(t=V * DTYPE_BYTES[dt])

@@ -218,7 +218,7 @@ class _DistMixin:
 
     def current_module(self) -> str:
         parents = self._mod_tracker.parents
-        inner = max(parents, key=lambda n: n.count(".")) if parents else "Global"
+        inner = max(parents, key=lambda n: (n.count("."), n)) if parents else "Global"
         return inner + (" [bw]" if self._mod_tracker.is_bw else "")
 
 
