@@ -84,7 +84,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
 
     from planner.dryrun import _patches
     from planner.dryrun._build import build_meta, materialize
-    from planner.dryrun._programs import make_optimizer
+    from planner.dryrun._programs import make_optimizer, optimizer_state_tensors
+    from planner.dryrun._run import _storage_bytes
     from planner.dryrun._run import _classifier, _versions
     from planner.dryrun._tracker import DryRunTracker, _MemRefType
     from planner.models import load_model, model_config
@@ -135,6 +136,14 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
                 opts[use.role], opt_notes = make_optimizer(use.setup, trainable, tracker)
                 notes += opt_notes
         ctx = TrackedContext(plan, workload, models, opts, tracker, device, configs)
+
+        def at_peak() -> dict[str, int]:
+            # states created inside step() are optimizer states, not step temporaries
+            if not opts or "optimizer" not in tracker.phase:
+                return {}
+            return {"optimizer_state_bytes": sum(_storage_bytes(tracker, optimizer_state_tensors(o)) for o in opts.values())}
+
+        tracker.at_peak = at_peak
         hooks = _loss_phase_hooks(models, tracker)
         tracker.peak_total = 0
         tracker.phase_peaks = {}
@@ -152,6 +161,11 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
                 h.remove()
             ctx.release()
     cats, details = tracker.peak_breakdown()
+    extra = tracker.peak_extra
+    if "optimizer_state_bytes" in extra:
+        moved = extra["optimizer_state_bytes"] - cats["optimizer_states"]
+        cats["optimizer_states"] += moved
+        cats["temporaries"] -= moved
     for k, v in tracker.outside.items():
         details[k] = v
     phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "between_steps")}

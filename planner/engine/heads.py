@@ -149,8 +149,10 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     return HeadRun(
         forward=moments,
         saved=tp.saved_total, held=held, prev_held=held,
-        # mul backward's gradient (times exp(target)), sub backward's negation, log_softmax backward's output
-        backward=[("kl_div backward", Sym(t=2 * V * 4), {}), ("log_softmax backward", Sym(t=2 * V * 4), {})],
+        # mul backward's gradient (grad x exp(target)) while exp(target) is still saved; then, with
+        # exp(target) released, sub backward's negation and log_softmax backward's output: at each
+        # moment three batch x seq x vocab fp32 tensors beside the student's log-probabilities
+        backward=[("kl_div backward", Sym(t=V * 4), {}), ("log_softmax backward", Sym(t=V * 4), {})],
     )
 
 

@@ -243,6 +243,41 @@ class FSDPDryRunTracker(_DistMixin, FSDPMemTracker):
     def total(self) -> int:
         return sum(s.get(_TOTAL_KEY, 0) for s in self._curr_mem_snap.values())
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # `torch.tensor(0.)` in optimizer.step: AdamW's per-parameter step counters, which the foreach
+        # (not fused / capturable) AdamW keeps on the host in a CUDA run (as planner.dryrun excludes them)
+        if self._in_opt and func is torch.ops.aten.lift_fresh.default:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    # the FSDP unit whose pre-forward / pre-backward ran last (ModTracker's parents in backward are loose)
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+        def pre_forward(*args, **kwargs):
+            self._unit = self._mod_tracker.get_known_fqn(fsdp_mod) or type(fsdp_mod).__name__
+            return inner(*args, **kwargs)
+
+        return pre_forward
+
+    def _fsdp_param_group_pre_backward(self, fsdp_mod, orig):
+        inner = super()._fsdp_param_group_pre_backward(fsdp_mod, orig)
+
+        def pre_backward(*args, **kwargs):
+            self._unit = (self._mod_tracker.get_known_fqn(fsdp_mod) or type(fsdp_mod).__name__) + " [bw]"
+            return inner(*args, **kwargs)
+
+        return pre_backward
+
+    def current_module(self) -> str:
+        return "FSDP unit " + getattr(self, "_unit", "-")
+
+    def _track_optimizer_states(self, reftype, optimizer) -> None:
+        for states in optimizer.state.values():
+            for key, val in states.items():
+                if isinstance(val, torch.Tensor) and not (key == "step" and val.dim() == 0):
+                    self._update_and_maybe_create_winfos(val, reftype)
+
     def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
         if u_type in (_UpdateType.ADD, _UpdateType.SIZE):
             n, r = winfo.size * winfo.element_size, self.round_bytes
