@@ -80,7 +80,7 @@ def _gpu_suite() -> list[Plan]:
 
 
 def _alignment_suite() -> list[Plan]:
-    """rm, dpo and distill on two shapes each, one with LoRA (the alignment issue's table)."""
+    """rm, dpo, distill, grpo and ppo on two shapes each, one with LoRA (the alignment issue's table)."""
     return [
         _p("qwen2.5-0.5b", task="rm", batch=4, seq=1024),
         _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", grad_ckpt=True),
@@ -92,6 +92,11 @@ def _alignment_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.2-3b", batch=1, seq=2048, method="lora"),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.1-8b", batch=1, seq=1024, grad_ckpt=True),
+        _p("qwen2.5-0.5b", task="grpo", batch=2, group_size=4, prompt_len=256, new_tokens=64),
+        _p("llama-3.2-1b", task="grpo", batch=1, group_size=4, prompt_len=256, new_tokens=64, method="lora"),
+        _p("qwen2.5-0.5b", task="ppo", reward_model="qwen2.5-0.5b", batch=2, prompt_len=256, new_tokens=64),
+        _p("llama-3.2-1b", task="ppo", reward_model="qwen2.5-0.5b", batch=2, prompt_len=256, new_tokens=64,
+           method="lora", mini_batch=1),
     ]
 
 

@@ -26,6 +26,11 @@ def describe(plan: Plan) -> str:
     parts = [plan.model, plan.task]
     if plan.task == "generate":
         parts.append(f"b{plan.batch} p{plan.prompt_len}+{plan.new_tokens}")
+    elif plan.task in ("ppo", "grpo"):
+        parts += [plan.method, plan.precision, f"b{plan.batch}" + (f"x{plan.group_size}" if plan.task == "grpo" else ""),
+                  f"p{plan.prompt_len}+{plan.new_tokens}"]
+        if plan.reward_model:
+            parts.append(f"reward {plan.reward_model}")
     else:
         parts += [plan.method, plan.precision, f"b{plan.batch} s{plan.seq}"]
         if plan.grad_ckpt:

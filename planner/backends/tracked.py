@@ -71,6 +71,36 @@ class TrackedContext(StepContext):
         return contextlib.nullcontext()
 
 
+class _StepOracle:
+    """Host reads of a whole step, recorded on the narrow real run and answered on the fake one.
+
+    Reads inside an optimizer step are not recorded: they are AdamW's per-parameter `step`
+    counters (one per tensor, so their number depends on the model's depth), which a fake run
+    answers from the counters' own constant values."""
+
+    def __init__(self) -> None:
+        from planner.dryrun._programs import ScalarOracle
+
+        self.inner = ScalarOracle()
+        self.tracker = None
+
+    @property
+    def answers(self):
+        return self.inner.answers
+
+    def _in_optimizer(self) -> bool:
+        return self.tracker is not None and "optimizer" in str(self.tracker.phase)
+
+    def record(self, t, value) -> None:
+        if not self._in_optimizer():
+            self.inner.record(t, value)
+
+    def answer(self, t):
+        if self._in_optimizer() and getattr(t, "constant", None) is not None:
+            return t.constant.item()
+        return self.inner.answer(t)
+
+
 def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake",
                 narrow: bool = False, record: Any = None) -> Measurement:
     """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'.
@@ -91,7 +121,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     from planner.models import load_model, model_config
 
     t0 = time.perf_counter()
-    from planner.dryrun._programs import ScalarOracle, _RecordReads, narrow_config
+    from planner.dryrun._programs import _RecordReads, narrow_config
 
     workload = technique.workload(plan, load_model(plan.model))
     configs = {use.role: (config if use.source == plan.model else model_config(use.source)) for use in workload.models}
@@ -100,7 +130,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     generates = any(ph.kind == "generate" for ph in workload.phases)
     oracle = None
     if generates and device == "fake":
-        oracle = ScalarOracle()
+        oracle = _StepOracle()
         run_tracked(technique, plan, config, steps=steps, device="cpu", narrow=True, record=oracle)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -117,6 +147,9 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         tracker = DryRunTracker()
         tracker.classifier = _classifier(int(config["vocab_size"]))
         tracker.oracle = oracle
+        for o in (oracle, record):
+            if isinstance(o, _StepOracle):
+                o.tracker = tracker
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(tracker)

@@ -255,7 +255,8 @@ class FSDPDryRunTracker(_DistMixin, FSDPMemTracker):
         inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
 
         def pre_forward(*args, **kwargs):
-            self._unit = self._mod_tracker.get_known_fqn(fsdp_mod) or type(fsdp_mod).__name__
+            self._unit = (self._mod_tracker.get_known_fqn(fsdp_mod) or type(fsdp_mod).__name__) + \
+                (" [recompute]" if self._mod_tracker.is_bw else "")
             return inner(*args, **kwargs)
 
         return pre_forward
