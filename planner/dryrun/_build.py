@@ -96,8 +96,15 @@ def build_meta(plan, config: dict, train: bool | None = None, head: str = "causa
     notes: list[str] = []
     if plan.method == "qlora":
         n = _replace_linear_4bit(model, plan)
-        model.is_loaded_in_4bit = True  # as transformers' 4-bit loading sets it (peft reads it)
         notes.append(f"{n} nn.Linear -> bnb Linear4bit({plan.quant}, double_quant={plan.double_quant})")
+    return prepare_for_plan(model, plan, train, head), notes
+
+
+def prepare_for_plan(model, plan, train: bool, head: str = "causal_lm"):
+    """What the programs do to a built (and, for QLoRA, quantized) model: kbit preparation,
+    gradient checkpointing, LoRA adapters, eval mode for frozen models. Shared by every backend."""
+    if plan.method == "qlora":
+        model.is_loaded_in_4bit = True  # as transformers' 4-bit loading sets it (peft reads it)
         if train and plan.kbit_prep:
             from peft import prepare_model_for_kbit_training
 
@@ -115,7 +122,7 @@ def build_meta(plan, config: dict, train: bool | None = None, head: str = "causa
         model = get_peft_model(model, _lora_config(plan, "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"))
     if not train:
         model.eval()
-    return model, notes
+    return model
 
 
 def _quant_state_tensors(qs) -> list[torch.Tensor]:

@@ -9,7 +9,9 @@ Changes to torch.distributed._tools.mem_tracker.MemTracker, each for a reason se
   for device "cuda", and our tensors live on the CPU);
 - the global peak is taken per op with a snapshot of the categories, plus running totals of
   finer "details" (quantization states, KV cache, vocab-sized tensors...), the phase and the op;
-- tensors can be excluded (host-side on CUDA, or paged/unified memory): they are reported apart.
+- storages made while `alloc_exclude` is set (host-side on CUDA, paged/unified memory) are
+  reported apart, not counted; views of storages the tracker never saw allocated (fake copies of
+  real inputs) are not allocations.
 """
 
 from __future__ import annotations
@@ -218,22 +220,6 @@ class DryRunTracker(MemTracker):
                     self.origin_totals[(o, _okey(old, winfo.reftype))] -= winfo.mem_consumed
                     self.origin_totals[(o, _okey(detail, winfo.reftype))] += winfo.mem_consumed
                 winfo.detail = detail
-
-    def exclude(self, tensors, detail: str) -> None:
-        """Take storages out of the allocator's count (host memory on CUDA, unified memory)."""
-        for t in tensors:
-            if not isinstance(t, torch.Tensor):
-                continue
-            for st in get_untyped_storages(t):
-                winfo, _ = self._WINFO.get(st, (None, None))
-                if winfo is None:
-                    winfo = next(iter(self._winfos(t)))
-                if getattr(winfo, "excluded", False):
-                    continue
-                if winfo.mem_consumed > 0:
-                    self._update_snap(_UpdateType.DEL, winfo)
-                winfo.excluded = True
-                self.outside[detail] += winfo.mem_consumed
 
     def track_tensors(self, tensors, reftype=_MemRefType.OTH, detail: str | None = None) -> None:
         for t in tensors:
