@@ -30,7 +30,7 @@ def build_model(plan, config: dict, device: str, train: bool, head: str = "causa
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from planner.dryrun._build import _lora_config, hf_config
+    from planner.dryrun._build import hf_config, prepare_for_plan
 
     cfg = hf_config(config, use_cache=not train)
     if head == "seq_cls":
@@ -57,25 +57,7 @@ def build_model(plan, config: dict, device: str, train: bool, head: str = "causa
                         new.bias = nn.Parameter(child.bias.data.to("cpu"), requires_grad=False)
                     setattr(parent, name, new.to(device))  # .to(cuda) quantizes, as 4-bit loading does
                     del child
-        model.is_loaded_in_4bit = True
-        if train and plan.kbit_prep:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.grad_ckpt)
-        elif train and plan.grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-    elif train and plan.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if plan.method == "lora":
-            model.enable_input_require_grads()
-    if plan.method in ("lora", "qlora"):
-        from peft import get_peft_model
-
-        model = get_peft_model(model, _lora_config(plan, "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"))
-    if not train:
-        model.eval()
-    return model
+    return prepare_for_plan(model, plan, train, head)
 
 
 def make_optimizer(plan, params):
