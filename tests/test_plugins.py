@@ -198,3 +198,20 @@ def test_plugin_optimizer_is_estimated_and_runs(fresh_plugins, tmp_path):
     assert json.loads(out)["memory"]["breakdown"]["optimizer_states"] == 2 * load_model("llama-3.2-1b").num_params
     code, _, err = run(["fit", "--model", "gpt2", "--gpu", "t4", "--optimizer", "sgd-momentun"])
     assert code == 2 and "did you mean: sgd-momentum" in err
+
+
+def test_third_party_technique_is_validated_by_its_backend(installed_score_plugin, tmp_path):
+    cfg = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2}
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run(["validate", "--task", "score", "--model", str(tmp_path / "tiny"), "--batch", "2",
+                          "--seq", "16", "--backend", "real", "--device", "cpu", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    m = doc["measurement"]
+    assert m["backend"] == "real" and m["peak_allocated_bytes"] > 0
+    assert m["breakdown"]["gradients"] == 0 and m["breakdown"]["optimizer_states"] == 0
+    assert m["step_time_s"] > 0 and m["tokens_per_s"] > 0
+    assert "forward" in m["phases"] and not {"backward", "optimizer"} & set(m["phases"])

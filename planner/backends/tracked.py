@@ -183,11 +183,14 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         tracker._check_peak(None)
         if record is not None:
             stack.enter_context(_RecordReads(record))
+        times: list[float] = []
         try:
             for i in range(steps):
                 ctx.step_index = i
                 tracker.step = i
+                t_step = time.perf_counter()
                 technique.step(ctx)
+                times.append(time.perf_counter() - t_step)
                 tracker.phase = "between_steps"
         finally:
             for h in hooks:
@@ -202,8 +205,15 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     for k, v in tracker.outside.items():
         details[k] = v
     phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "between_steps")}
+    # wall time means something only for real tensors (CPU here: tiny models, not a GPU's speed)
+    step_time = None
+    if device == "cpu" and times:
+        later = sorted(times[1:] or times)
+        step_time = later[len(later) // 2]
+    tokens = sum(p.batch * (p.seq + p.new_tokens) for p in workload.phases)
     return Measurement(
         backend="dry-run" if device == "fake" else "real", device=device,
+        step_time_s=step_time, tokens_per_s=tokens / step_time if step_time else None,
         peak_allocated_bytes=tracker.peak_total, breakdown=cats, details={k: v for k, v in details.items() if v},
         peak_phase=tracker.peak_phase, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
         device_name="fake tensors on the CPU" if device == "fake" else "CPU", versions=_versions(), notes=notes,
