@@ -44,6 +44,9 @@ class FitResult(BaseModel):
     suggestions: list[Suggestion] = Field(default_factory=list)
     plan: Plan
     warnings: list[str] = Field(default_factory=list)
+    phase_seconds: dict[str, float] = Field(default_factory=dict, description="roofline time of each phase of one step")
+    resident: dict[str, list[str]] = Field(default_factory=dict, description="models resident in each phase (roles)")
+    tokens_per_step: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's --json document (stable keys)."""
@@ -67,7 +70,14 @@ class FitResult(BaseModel):
             "suggestions": [s.to_json() for s in self.suggestions],
             "plan": self.plan.model_dump(mode="json"),
             "warnings": list(self.warnings),
+            "time": self.time_json(),
+            "resident": dict(self.resident),
         }
+
+    def time_json(self) -> dict[str, Any]:
+        step = sum(self.phase_seconds.values())
+        return {"phases_s": dict(self.phase_seconds), "step_s": step,
+                "tokens_per_s": self.tokens_per_step / step if step else None}
 
 
 def _model_info(model: Any) -> ModelInfo:
@@ -116,6 +126,11 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
         suggestions = suggest(
             plan, model, gpu.memory_bytes, estimate=lambda p, m: estimate(p, m, gpu), bf16_supported=gpu.custom or gpu.bf16_tflops is not None
         )
+    from planner.engine.timing import phase_times, tokens_per_step
+    from planner.plugins import technique
+
+    workload = technique(plan.task).workload(plan, model)
+    times = phase_times(workload, gpu) if (gpu.bf16_tflops or gpu.fp16_tflops) else {}
     return FitResult(
         fits=fits,
         gpu=gpu,
@@ -125,6 +140,9 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
         suggestions=suggestions,
         plan=plan,
         warnings=plan_warnings(plan, model, gpu),
+        phase_seconds=times,
+        resident={ph.name: [m.role for m in workload.models] for ph in workload.phases},
+        tokens_per_step=tokens_per_step(workload),
     )
 
 

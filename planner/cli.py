@@ -256,6 +256,18 @@ def _print_fit(result: Any, out: _Out) -> None:
     _print_items(out, "beyond the allocator (in device)", m.device_items)
     _print_items(out, "outside the allocator (not counted on the card)", m.outside_allocator)
     _print_items(out, "peak allocated per phase", m.phases)
+    if len(result.resident) > 1 or any(len(v) > 1 for v in result.resident.values()):
+        out.print("")
+        out.print("resident models per phase (roles):")
+        for ph, roles in result.resident.items():
+            out.print(f"  {ph:<14}{', '.join(roles)}")
+    t = result.time_json()
+    if t["step_s"]:
+        out.print("")
+        out.print("time (roofline on the card's ceilings, one efficiency set per GPU type):")
+        for ph, sec in t["phases_s"].items():
+            out.print(f"  {ph:<14}{sec * 1e3:10.1f} ms")
+        out.print(f"  step          {t['step_s'] * 1e3:10.1f} ms   {t['tokens_per_s']:,.0f} tokens/s")
     if not result.fits:
         out.print("")
         if result.suggestions:

@@ -1,0 +1,57 @@
+"""Time of one step on one GPU, phase by phase, from a roofline (planner.parallel.compute).
+
+- training and scoring phases: matmul FLOPs at the card's peak times its efficiency factors, plus
+  the memory traffic of the elementwise kernels (compute-bound for real batch sizes);
+- the optimizer step: memory-bound (parameters, gradients and states read, parameters and states
+  written);
+- generation: the prefill is a forward over batch x prompt tokens (compute-bound); each decode step
+  reads the weights and the KV cache once (bandwidth-bound) unless its FLOPs take longer.
+One efficiency set per GPU type (the H200's is measured; see planner.parallel.compute).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from planner.engine.resident import lora_targets, resident
+from planner.workload import Workload
+
+if TYPE_CHECKING:
+    from planner.gpus import GPUSpec
+
+
+def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
+    """Seconds of each phase of one step of `workload` on `gpu`."""
+    from planner.engine.generation import kv_bytes_per_token
+    from planner.parallel import compute
+
+    eff = compute.efficiency(gpu)
+    out: dict[str, float] = {}
+    for ph in workload.phases:
+        use = workload.model(ph.role)
+        spec, setup = use.spec, use.setup
+        targets = lora_targets(spec, setup) if setup.method != "full" else []
+        kw = dict(dtype=setup.compute_dtype, method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets,
+                  flash=setup.attn == "sdpa", eff=eff)
+        if ph.kind == "train_step":
+            t = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, **kw)
+            res = resident(spec, setup)
+            # read param, grad, 2 states; write param, 2 states (AdamW), in the trainable dtype
+            per_elem = 7 * (4 if res.trainable_dtype == "fp32" else 2)
+            out[ph.name] = t.total + compute.optimizer_step_time(res.trainable_elems, per_elem, gpu, eff)
+        elif ph.kind in ("score", "forward"):
+            out[ph.name] = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+        elif ph.kind == "generate":
+            prefill = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+            res = resident(spec, setup)
+            bw = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
+            kv = kv_bytes_per_token(spec, res.non_linear_dtype)
+            mean_len = ph.seq + ph.new_tokens / 2
+            read = res.param_bytes + kv * ph.batch * mean_len
+            step_compute = compute.micro_batch_time(spec, ph.batch, int(mean_len), gpu, **kw).forward
+            out[ph.name] = prefill + max(ph.new_tokens - 1, 0) * max(read / bw, step_compute)
+    return out
+
+
+def tokens_per_step(workload: Workload) -> int:
+    return sum(ph.batch * (ph.seq + ph.new_tokens) for ph in workload.phases if ph.kind in ("train_step", "generate"))
