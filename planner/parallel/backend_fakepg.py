@@ -359,7 +359,8 @@ def run(plan, layout: Layout, config: dict, *, steps: int, round_bytes: int, voc
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     if heads % tp or kv % tp or int(config["intermediate_size"]) % tp:
-        raise LayoutError(f"tp: {tp} must divide the {heads} heads, {kv} KV heads and MLP width {config['intermediate_size']}")
+        raise LayoutError(f"tp: {tp} must divide the {heads} heads, {kv} KV heads and MLP width "
+                          f"{config['intermediate_size']}")
     fsdp = layout.fsdp is not None
     run_plan = plan.model_copy(update={"grad_accum": layout.grad_accum})
     notes: list[str] = []

@@ -81,7 +81,8 @@ def expected_partitions(numels: list[int], stage: int, dp: int, precision: str =
             offset += x
         pad = max(0, min(p, hi - n))  # the alignment padding, at the end of the last partition(s)
         return PartitionFigures(stage=stage, dp=dp, bit16_params=flat * h, fp32_master=4 * p, optimizer_states=8 * p,
-                                fp32_grads=4 * p, bit16_grads=(overlapping + pad) * h, partition_numel=p, padding_numel=pad)
+                                fp32_grads=4 * p, bit16_grads=(overlapping + pad) * h, partition_numel=p,
+                                padding_numel=pad)
     if stage == 3:
         p = sum(math.ceil(x / dp) for x in numels)
         return PartitionFigures(stage=3, dp=dp, bit16_params=p * h, fp32_master=4 * p, optimizer_states=8 * p,

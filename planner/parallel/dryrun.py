@@ -236,4 +236,5 @@ def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[
     return out
 
 
-__all__ = ["DistributedDryRunResult", "check_supported", "compare_with_estimate", "dry_run_distributed", "estimate_moments"]
+__all__ = ["DistributedDryRunResult", "check_supported", "compare_with_estimate", "dry_run_distributed",
+           "estimate_moments"]
