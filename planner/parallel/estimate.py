@@ -312,7 +312,11 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
         part = rank_spec(spec, layout.tp, layout.pp, k)
         states = rank_model_states(spec, plan, layout, k)
         res = resident(part, plan)
-        acts = _activations(spec, plan, layout, k, activations)
+        # FSDP's MixedPrecisionPolicy hands the modules half-precision weights and runs no autocast:
+        # a mixed plan's activations are those of the compute dtype's pure plan
+        act_plan = (plan.model_copy(update={"precision": plan.compute_dtype})
+                    if layout.fsdp and plan.precision.startswith("mixed") else plan)
+        acts = _activations(spec, act_plan, layout, k, activations)
         opt = optimizer_memory(plan.optimizer, res, part.num_layers)
         temp = 0.0
         if not layout.offload_optimizer and semantics(layout) == "torch":
