@@ -26,6 +26,7 @@ PLAN_FLAGS: tuple[str, ...] = (
     "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
     "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens", "teacher", "teacher_method",
     "ref_logprobs", "beta", "reward_model", "value_model", "group_size", "kl_coef", "ppo_epochs", "mini_batch",
+    "frozen_placement",
 )  # fmt: skip
 
 
@@ -121,6 +122,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kl-coef", type=float, metavar="K", help="ppo/grpo: KL coefficient; 0 drops the reference (default: 0.04)")
     g.add_argument("--ppo-epochs", type=int, metavar="N", help="ppo: passes over each rollout (default: 1)")
     g.add_argument("--mini-batch", type=int, metavar="N", help="ppo: sequences per mini-batch (default: --batch)")
+    g.add_argument("--frozen-placement", metavar="{resident,offload,separate}",
+                   help="frozen models (reference, reward, teacher): on this GPU, offloaded to the CPU between their phases, or on other GPUs (default: resident)")
 
 
 def _plan_from_args(args: argparse.Namespace) -> Any:

@@ -26,7 +26,7 @@ QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
 TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
                     "teacher_method", "ref_logprobs", "beta", "reward_model", "value_model", "group_size",
-                    "kl_coef", "ppo_epochs", "mini_batch")
+                    "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement")
 
 
 class Plan(BaseModel):
@@ -72,6 +72,10 @@ class Plan(BaseModel):
     group_size: int = Field(default=8, description="grpo: completions per prompt (>= 2)")
     kl_coef: float = Field(default=0.04, ge=0, description="ppo/grpo: KL coefficient against the reference (0: no reference)")
     ppo_epochs: int = Field(default=1, gt=0, description="ppo: passes over each rollout")
+    frozen_placement: Literal["resident", "offload", "separate"] = Field(
+        default="resident",
+        description="dpo/ppo/grpo/distill: frozen models stay on the GPU (resident), move to the CPU between "
+                    "the phases that use them (offload), or live on other GPUs (separate)")
     mini_batch: int | None = Field(default=None, gt=0, description="ppo: sequences per training mini-batch (default: batch)")
 
     @field_validator("optimizer")

@@ -104,7 +104,7 @@ DPO = Technique(
     name="dpo", kind="alignment",
     description="direct preference optimization: trainable policy, frozen reference (or adapters off)",
     workload=dpo_workload, step=dpo_step,
-    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "ref_logprobs", "beta"),
+    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "ref_logprobs", "beta", "frozen_placement"),
 )
 
 

@@ -70,7 +70,7 @@ DISTILL = Technique(
     name="distill", kind="compression",
     description="knowledge distillation: frozen teacher, trained student, KL over the full vocabulary",
     workload=distill_workload, step=distill_step,
-    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "teacher", "teacher_method"),
+    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "teacher", "teacher_method", "frozen_placement"),
 )
 
 

@@ -217,7 +217,7 @@ def ppo_step(ctx) -> None:
                 vopt.zero_grad(set_to_none=True)
 
 
-RL_FIELDS = ("prompt_len", "new_tokens", "optimizer", "grad_ckpt", "reward_model", "kl_coef")
+RL_FIELDS = ("prompt_len", "new_tokens", "optimizer", "grad_ckpt", "reward_model", "kl_coef", "frozen_placement")
 GRPO = Technique(name="grpo", kind="alignment",
                  description="group relative policy optimization: G completions per prompt, no value model",
                  workload=grpo_workload, step=grpo_step, plan_fields=RL_FIELDS + ("group_size",))

@@ -173,3 +173,16 @@ def test_estimate_is_cached_per_shape_but_exact_per_size():
     c = est(model="llama-3.2-1b", batch=2, seq=1024)
     assert a.peak_allocated_bytes == b.peak_allocated_bytes  # same tokens, no seq^2 term
     assert c.peak_allocated_bytes > a.peak_allocated_bytes
+
+
+def test_frozen_placement_moves_the_teacher_off_the_student_phases():
+    kw = dict(model="llama-3.2-1b", task="distill", teacher="llama-3.1-8b", batch=1, seq=1024)
+    resident_ = est(**kw)
+    offload = est(**kw, frozen_placement="offload")
+    separate = est(**kw, frozen_placement="separate")
+    teacher = resident(load_model("llama-3.1-8b"), Plan(model="llama-3.1-8b"))  # bf16, frozen
+    teacher_bytes = teacher.param_bytes + teacher.buffer_bytes
+    assert teacher.param_bytes == 2 * load_model("llama-3.1-8b").num_params
+    assert resident_.phases["student.loss"] - offload.phases["student.loss"] == teacher_bytes
+    assert "teacher.forward" in offload.phases and "teacher.forward" not in separate.phases
+    assert separate.peak_allocated_bytes == separate.phases[separate.peak_phase] <= offload.peak_allocated_bytes

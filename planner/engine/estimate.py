@@ -69,7 +69,11 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
             threads = 2 if ph.kind == "train_step" else 1
             mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads),
                          carried=ph.carried * ph.batch * ph.seq)
-        others = [m for m in workload.models if m.role != ph.role]
+        # frozen models another phase uses: on the GPU only if the plan keeps them resident
+        placement = getattr(use.setup, "frozen_placement", "resident")
+        others = [m for m in workload.models if m.role != ph.role and (m.trainable or placement == "resident")]
+        if placement == "separate" and not use.trainable:
+            continue  # this phase runs on another GPU: not this one's memory
         # a trainable model's optimizer states persist through the step's other phases
         own_states = use if use.trainable and ph.kind != "train_step" else None
         if others or own_states:
