@@ -96,6 +96,8 @@ def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> T
         # Autocast casts the weight for the matmul; for a trainable leaf the cast is cached for the
         # whole forward and saved for backward, a frozen one is cast per call.
         wt = tp.new(n_w, compute, w.trainable, f"{name}.weight_cast")
+        if w.trainable:
+            tp.autocast_cached = tp.autocast_cached + wt.size
     else:
         wt = tp.external(n_w, w.dtype, w.trainable)
     out = tp.new(tok(w.out_features), compute, x.rg or w.trainable, name)

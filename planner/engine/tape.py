@@ -80,6 +80,8 @@ class Tape:
     keep_saved: bool = True
     live: Sym = ZERO
     saved_total: Sym = ZERO
+    # casts CUDA autocast caches for the whole autocast region (weights that are leaves requiring grad)
+    autocast_cached: Sym = ZERO
     events: list[tuple[str, Sym]] = field(default_factory=list)
 
     # ---- primitives -------------------------------------------------------------------------

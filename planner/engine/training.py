@@ -76,6 +76,7 @@ class LayerRun:
     peaks: list[Sym]  # candidates for the highest live bytes during the forward, input included
     out_dtype: str
     input_saved: bool  # whether autograd keeps the layer's input itself
+    autocast_cached: Sym  # weight casts autocast's cache holds until the forward's autocast region ends
 
 
 def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True, grad: bool = True) -> LayerRun:
@@ -86,7 +87,8 @@ def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True
     cos = tp.external(tok(cfg.head_dim), in_dtype, False, "cos")
     sin = tp.external(tok(cfg.head_dim), in_dtype, False, "sin")
     out = LAYERS[cfg.family](tp, x, cos, sin, cfg)
-    return LayerRun(saved=tp.saved_total, peaks=tp.peak_candidates(), out_dtype=out.dtype, input_saved=x.saved)
+    return LayerRun(saved=tp.saved_total, peaks=tp.peak_candidates(), out_dtype=out.dtype, input_saved=x.saved,
+                    autocast_cached=tp.autocast_cached)
 
 
 def backward_transient(cfg: LayerCfg, act_dtype: str, res_dtype: str) -> Sym:
@@ -139,9 +141,13 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
     first = run_layer(cfg, emb_dtype, input_rg)
     steady = run_layer(cfg, first.out_dtype, True)
     res_dtype = steady.out_dtype
+    cached = ZERO  # autocast weight casts alive through the forward beyond what autograd saves
     if plan.grad_ckpt:
         fwd_layer = run_layer(cfg, res_dtype, True, keep_saved=False)
         layer_input = Sym(t=h * DTYPE_BYTES[res_dtype])
+        # checkpointed layers save nothing, but autocast's cache keeps every trainable weight's cast
+        # until the forward (and its loss) leaves the autocast region
+        cached = fwd_layer.autocast_cached
 
         def kept(n: int) -> Sym:
             """What the first n layers keep: their inputs (the checkpoints)."""
@@ -171,11 +177,13 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
     embeds = ZERO if first.input_saved else Sym(t=h * DTYPE_BYTES[emb_dtype])
     for peak in fwd_layer.peaks:
         tl.add("forward", "last decoder layer", **base,
-               activations=kept(L - 1) + rope + embeds + peak + prev_held)
+               activations=kept(L - 1) + cached * L + rope + embeds + peak + prev_held)
     layers_kept = kept(L) + rope
     for phase, what, live, details, with_prev in head.forward:
-        tl.add(phase, what, **base, activations=layers_kept + (embeds if phase == "forward" else ZERO) + live
-               + (prev_held if with_prev else ZERO), details=details)
+        # the loss runs inside the autocast region only when it is computed inside model(...)
+        in_autocast = cached * L if with_prev else ZERO
+        tl.add(phase, what, **base, activations=layers_kept + in_autocast + (embeds if phase == "forward" else ZERO)
+               + live + (prev_held if with_prev else ZERO), details=details)
 
     # backward: the loss and head first, then the layers
     for what, temps, details in head.backward:
