@@ -26,7 +26,7 @@ PLAN_FLAGS: tuple[str, ...] = (
     "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
     "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens", "teacher", "teacher_method",
     "ref_logprobs", "beta", "reward_model", "value_model", "group_size", "kl_coef", "ppo_epochs", "mini_batch",
-    "frozen_placement",
+    "frozen_placement", "hard_label_weight",
 )  # fmt: skip
 
 
@@ -114,6 +114,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("alignment and distillation (--task rm, dpo, ppo, grpo, distill)")
     g.add_argument("--teacher", metavar="M", help="distill: the frozen teacher (catalog id or config path; same vocabulary)")
     g.add_argument("--teacher-method", metavar="{full,qlora}", help="distill: how the teacher is held (default: full, bf16)")
+    g.add_argument("--hard-label-weight", type=float, metavar="W", help="distill: weight of the hard-label loss mixed with KL (default: 0)")
     g.add_argument("--ref-logprobs", metavar="{model,precomputed}", help="dpo: a resident reference, or log-probs computed beforehand (default: model)")
     g.add_argument("--beta", type=float, metavar="B", help="dpo: beta of the loss (default: 0.1)")
     g.add_argument("--reward-model", metavar="M", help="ppo/grpo: reward model (default: a reward function, no model)")

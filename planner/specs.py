@@ -26,7 +26,7 @@ QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
 TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
                     "teacher_method", "ref_logprobs", "beta", "reward_model", "value_model", "group_size",
-                    "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement")
+                    "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement", "hard_label_weight")
 
 
 class Plan(BaseModel):
@@ -64,6 +64,9 @@ class Plan(BaseModel):
     # alignment and distillation (each technique reads the ones it lists in plan_fields)
     teacher: str | None = Field(default=None, description="distill: teacher model (catalog id or config path)")
     teacher_method: Method = Field(default="full", description="distill: how the teacher is held (full or qlora)")
+    hard_label_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="distill: weight of the hard-label cross-entropy mixed with the KL term (0: KL only)")
     ref_logprobs: Literal["model", "precomputed"] = Field(
         default="model", description="dpo: a resident reference model, or log-probs computed beforehand")
     beta: float = Field(default=0.1, gt=0, description="dpo: the loss's beta")

@@ -2,7 +2,8 @@
 
 Program (shared/notes/heldout-protocol.md): the teacher (eval, under no_grad) and the student see
 the same ids; loss = kl_div(log_softmax(student.float()), log_softmax(teacher.float()),
-log_target=True, reduction="batchmean"), temperature 1. The loop keeps both logits bound until the
+log_target=True, reduction="batchmean"), temperature 1, optionally mixed with the hard-label
+cross-entropy (`--hard-label-weight`). The loop keeps both logits bound until the
 next step rebinds them. Teacher and student must share the vocabulary.
 """
 
@@ -39,7 +40,8 @@ def distill_workload(plan, model) -> Workload:
         phases=(
             # the previous step's student logits are still bound while the teacher runs
             Phase("teacher", "forward", "teacher", plan.batch, plan.seq, carried=student_logits),
-            Phase("student", "train_step", "student", plan.batch, plan.seq, loss="kl", carried=teacher_logits),
+            Phase("student", "train_step", "student", plan.batch, plan.seq,
+                  loss="kl_hard" if plan.hard_label_weight > 0 else "kl", carried=teacher_logits),
         ),
     )
 
@@ -59,6 +61,10 @@ def distill_step(ctx) -> None:
         ctx.keep(s_logits, "s_logits")
         loss = F.kl_div(F.log_softmax(s_logits.float(), dim=-1), F.log_softmax(t_logits.float(), dim=-1),
                         log_target=True, reduction="batchmean")
+        if p.hard_label_weight > 0:  # mixed with the hard-label loss on the same ids
+            w = p.hard_label_weight
+            ce = F.cross_entropy(s_logits.float().view(-1, s_logits.shape[-1]), ids.view(-1))
+            loss = (1 - w) * loss + w * ce
     with ctx.phase("backward"):
         loss.backward()
     with ctx.phase("optimizer"):
@@ -70,7 +76,8 @@ DISTILL = Technique(
     name="distill", kind="compression",
     description="knowledge distillation: frozen teacher, trained student, KL over the full vocabulary",
     workload=distill_workload, step=distill_step,
-    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "teacher", "teacher_method", "frozen_placement"),
+    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "teacher", "teacher_method", "frozen_placement",
+                 "hard_label_weight"),
 )
 
 

@@ -46,6 +46,7 @@ CASES = {
     "dpo": dict(task="dpo", batch=2, seq=32),
     "dpo-lora": dict(task="dpo", batch=1, seq=32, method="lora", lora_rank=4),
     "distill": dict(task="distill", batch=2, seq=32),
+    "distill-hard-labels": dict(task="distill", batch=2, seq=32, hard_label_weight=0.5),
     "grpo": dict(task="grpo", batch=1, group_size=2, prompt_len=8, new_tokens=4),
     "ppo": dict(task="ppo", batch=2, prompt_len=8, new_tokens=4, mini_batch=1),
 }

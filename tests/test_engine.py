@@ -186,3 +186,14 @@ def test_frozen_placement_moves_the_teacher_off_the_student_phases():
     assert resident_.phases["student.loss"] - offload.phases["student.loss"] == teacher_bytes
     assert "teacher.forward" in offload.phases and "teacher.forward" not in separate.phases
     assert separate.peak_allocated_bytes == separate.phases[separate.peak_phase] <= offload.peak_allocated_bytes
+
+
+def test_hard_labels_add_a_cross_entropy_to_distillation():
+    kw = dict(model="qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024)
+    soft = est(**kw)
+    mixed = est(**kw, hard_label_weight=0.5)
+    V, T = load_model("qwen2.5-0.5b").vocab_size, 2 * 1024
+    # the loss phase still peaks in the KL term; the backward now starts with the cross-entropy's,
+    # whose saved log-softmax and two fp32 gradients join the KL's saved tensors
+    assert mixed.phases["student.loss"] == soft.phases["student.loss"]
+    assert mixed.phases["student.backward"] - soft.phases["student.backward"] >= 2 * T * V * 4

@@ -127,7 +127,8 @@ def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     )
 
 
-def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool) -> HeadRun:
+def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool,
+       hard_labels: bool = False) -> HeadRun:
     V = spec.vocab_size
     tp, s_logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
     after_logits = tp.live
@@ -145,6 +146,18 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     # the student's logits are bound (the loop variable rebound) before the loss is computed
     moments.append(("loss", "kl_div over fp32 log-probabilities", tp.live, {}, False))
     tp.drop(t_lsm, exp_t, diff, s_lsm, prod)
+    backward = [("kl_div backward", Sym(t=V * 4), {}), ("log_softmax backward", Sym(t=V * 4), {})]
+    if hard_labels:
+        # + cross_entropy(student.float(), labels): another fp32 copy and a saved log_softmax; its
+        # backward runs first (created last) and leaves a bf16 gradient of the logits while the KL
+        # branch runs
+        cf = cast(tp, s_logits, "fp32", "ce.float")
+        unary(tp, cf, "ce.log_softmax", saves_output=True)
+        moments.append(("loss", "cross_entropy over fp32 logits", tp.live, {}, False))
+        tp.drop(cf)
+        ce_grad = Sym(t=V * DTYPE_BYTES[s_logits.dtype])
+        backward = [("cross_entropy backward", Sym(t=2 * V * 4), {})] + [
+            (what, t + ce_grad - Sym(t=V * 4), d) for what, t, d in backward]
     held = s_logits.size
     return HeadRun(
         forward=moments,
@@ -152,8 +165,13 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
         # mul backward's gradient (grad x exp(target)) while exp(target) is still saved; then, with
         # exp(target) released, sub backward's negation and log_softmax backward's output: at each
         # moment three batch x seq x vocab fp32 tensors beside the student's log-probabilities
-        backward=[("kl_div backward", Sym(t=V * 4), {}), ("log_softmax backward", Sym(t=V * 4), {})],
+        backward=backward,
     )
 
 
-HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "pairwise": pairwise, "kl": kl}
+def kl_hard(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool) -> HeadRun:
+    """kl, mixed with the hard-label cross-entropy on the student's logits."""
+    return kl(spec, cfg, res, res_dtype, full, hard_labels=True)
+
+
+HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "pairwise": pairwise, "kl": kl, "kl_hard": kl_hard}
