@@ -484,6 +484,10 @@ _add_serve_command()
 EPILOG = """\
 examples:
   planner fit --model llama-3.1-8b --gpu a100-80gb --method qlora --batch 4 --seq 2048 --grad-ckpt
+  planner fit --model llama-3.1-70b --gpu h100-sxm --gpus 16 --zero 3 --tp 2 --batch 2 --seq 4096 --grad-ckpt
+  planner fit --model llama-3.2-1b --task distill --teacher llama-3.1-8b --gpu a100-80gb
+  planner validate --model qwen2.5-0.5b --method lora --batch 4      (estimate vs a dry run of the real program)
+  planner serve --model llama-3.1-8b --gpu h100-sxm --rate 4
   planner fit plan.yaml --batch 8 --json
   planner fit --model ./my-model/config.json --gpu-memory 24GiB --task generate --new-tokens 512
 
@@ -506,7 +510,7 @@ def _all_commands(argv: list[str]) -> dict[str, Command]:
 def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="planner",
-        description="Memory planner for LLM fine-tuning and generation on one GPU.",
+        description="Memory, communication and time planner for LLM training, alignment and serving, checked against real programs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
