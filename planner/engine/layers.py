@@ -248,13 +248,27 @@ def moe_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
     return final
 
 
-def plain_mlp(tp: Tape, x: Tensor, cfg: LayerCfg, up: str, down: str) -> Tensor:
+def plain_mlp(tp: Tape, x: Tensor, cfg: LayerCfg, up: str, down: str, release_input: bool) -> Tensor:
+    """down(act(up(x))): GPT-2's c_fc/c_proj, OPT's fc1/fc2. `release_input`: the code rebinds the
+    variable holding `x` right after `up` (OPT); otherwise the caller holds it until the MLP returns
+    (GPT-2's block) and drops it itself."""
     h = _lin(tp, x, cfg, up)
-    a = unary(tp, h, "act", saves_input=True)
+    if release_input:
+        tp.drop(x)
+    a = activation(tp, h, cfg)
     tp.drop(h)
     d = _lin(tp, a, cfg, down)
     tp.drop(a)
     return d
+
+
+def dropout_residual(tp: Tape, y: Tensor, residual: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """residual + dropout(y), both inputs released (GPT-2 and OPT blocks)."""
+    yd = dropout(tp, y, cfg.resid_dropout, cfg.training, f"{name}.dropout")
+    tp.drop(y)
+    out = binary(tp, residual, yd, name, saves=False)
+    tp.drop(residual, yd)
+    return out
 
 
 # ---- decoder layers --------------------------------------------------------------------------
@@ -343,24 +357,13 @@ def gpt2_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> 
     tp.drop(h)
     a = fused_qkv_attention(tp, qkv, cfg)
     tp.drop(qkv)
-    o = lora_linear(tp, a, cfg.weights["attn.c_proj"], cfg.loras.get("attn.c_proj"), cfg.autocast, "attn.c_proj")
+    o = _lin(tp, a, cfg, "attn.c_proj")
     tp.drop(a)
-    od = dropout(tp, o, cfg.resid_dropout, cfg.training, "resid_dropout")
-    tp.drop(o)
-    r1 = binary(tp, od, x, "residual_attn", saves=False)
-    tp.drop(od, x)
+    r1 = dropout_residual(tp, o, x, cfg, "residual_attn")
     h2 = layer_norm(tp, r1, cfg, "ln_2")
-    f = _lin(tp, h2, cfg, "c_fc")
+    m = plain_mlp(tp, h2, cfg, "c_fc", "mlp.c_proj", release_input=False)
     tp.drop(h2)
-    g = activation(tp, f, cfg)
-    tp.drop(f)
-    m = lora_linear(tp, g, cfg.weights["mlp.c_proj"], cfg.loras.get("mlp.c_proj"), cfg.autocast, "mlp.c_proj")
-    tp.drop(g)
-    md = dropout(tp, m, cfg.resid_dropout, cfg.training, "mlp_dropout")
-    tp.drop(m)
-    out = binary(tp, r1, md, "residual_mlp", saves=False)
-    tp.drop(r1, md)
-    return out
+    return dropout_residual(tp, m, r1, cfg, "residual_mlp")
 
 
 def opt_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
@@ -376,22 +379,10 @@ def opt_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> T
     tp.drop(q, k, v)
     o = _lin(tp, a, cfg, "out_proj")
     tp.drop(a)
-    od = dropout(tp, o, cfg.resid_dropout, cfg.training, "attn_dropout")
-    tp.drop(o)
-    r1 = binary(tp, x, od, "residual_attn", saves=False)
-    tp.drop(x, od)
+    r1 = dropout_residual(tp, o, x, cfg, "residual_attn")
     h2 = layer_norm(tp, r1, cfg, "final_layer_norm")
-    f = _lin(tp, h2, cfg, "fc1")
-    tp.drop(h2)
-    g = activation(tp, f, cfg)
-    tp.drop(f)
-    m = _lin(tp, g, cfg, "fc2")
-    tp.drop(g)
-    md = dropout(tp, m, cfg.resid_dropout, cfg.training, "fc_dropout")
-    tp.drop(m)
-    out = binary(tp, r1, md, "residual_mlp", saves=False)
-    tp.drop(r1, md)
-    return out
+    m = plain_mlp(tp, h2, cfg, "fc1", "fc2", release_input=True)
+    return dropout_residual(tp, m, r1, cfg, "residual_mlp")
 
 
 LAYERS = {"llama": llama_layer, "gemma2": gemma2_layer, "gpt2": gpt2_layer, "opt": opt_layer}

@@ -197,8 +197,7 @@ def compare_with_estimate(result: DistributedDryRunResult, plan: "Plan", layout:
 def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[str, float]]:
     """The three moments `estimate_distributed` takes the largest of ("loss backward", "backward",
     "optimizer"), each as a breakdown, for comparing with the dry run's phase_breakdowns. Captures
-    the arguments of estimate._rank_memory and re-adds its moments (the same formulas, kept in step by
-    tests/test_parallel_backends.py, which checks the largest equals the estimate's peak)."""
+    the arguments of estimate._rank_memory and evaluates the same moments (estimate.rank_moments)."""
     from planner.parallel import estimate as est_mod
 
     seen: list[tuple] = []
@@ -214,20 +213,8 @@ def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[
     finally:
         est_mod._rank_memory = orig
     stage, states, buffers, acts, step_temp, workspace = next(x for x in seen if x[0] == est.memory.stage)
-    g = states.gpu
-    params, grads = g.get("parameters", 0.0), g.get("gradients", 0.0)
-    opt, gathered = g.get("optimizer_states", 0.0), g.get("gathered", 0.0)
-    accumulating = layout.grad_accum > 1 or layout.pp > 1
-    base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
-    kept = acts["activations"] + acts["held"]
-    grads_bwd = grads if accumulating else 0.0
-    moments = {
-        "loss backward": {**base, "parameters": params + gathered, "gradients": grads_bwd,
-                          "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
-        "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
-                     "temporaries": acts["transient"]},
-        "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
-    }
+    gathered = states.gpu.get("gathered", 0.0)
+    moments = est_mod.rank_moments(states, buffers, acts, step_temp, workspace, layout)
     out = {}
     for name, m in moments.items():
         bd = {k: float(m.get(k, 0.0)) for k in CATEGORIES}

@@ -402,10 +402,10 @@ def _optimizer_traffic(plan: Plan, layout: Layout) -> float:
     return 7.0 * w
 
 
-def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, float], step_temp: float,
-                 workspace: int, gpu: GPUSpec, layout: Layout) -> RankMemory:
-    """The larger of three moments: the loss's backward (last stage), a layer's backward with every
-    micro-batch in flight, and the optimizer step."""
+def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_temp: float, workspace: int,
+                 layout: Layout) -> dict[str, dict[str, float]]:
+    """Bytes per category at the three moments of a rank's step: the loss's backward (last stage), a
+    layer's backward with every micro-batch in flight, and the optimizer step."""
     g = states.gpu
     params = g.get("parameters", 0.0)
     grads = g.get("gradients", 0.0)
@@ -415,13 +415,21 @@ def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, f
     base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
     kept = acts["activations"] + acts["held"]
     grads_bwd = grads if accumulating else 0.0
-    moments = {
+    return {
         "loss backward": {**base, "parameters": params + gathered, "gradients": grads_bwd,
                           "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
         "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
                      "temporaries": acts["transient"]},
         "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
     }
+
+
+def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, float], step_temp: float,
+                 workspace: int, gpu: GPUSpec, layout: Layout) -> RankMemory:
+    """The larger of three moments: the loss's backward (last stage), a layer's backward with every
+    micro-batch in flight, and the optimizer step."""
+    gathered = states.gpu.get("gathered", 0.0)
+    moments = rank_moments(states, buffers, acts, step_temp, workspace, layout)
     phase, bd = max(moments.items(), key=lambda x: sum(x[1].values()))
     breakdown = {k: int(bd.get(k, 0.0)) for k in ("parameters", "buffers", "gradients", "activations",
                                                    "optimizer_states", "temporaries", "other")}
