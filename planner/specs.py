@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16"]
-Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
 Quant = Literal["nf4", "fp4"]
 
@@ -153,11 +152,6 @@ class Plan(BaseModel):
     def autocast(self) -> bool:
         """Whether the step runs under torch.autocast (mixed precision, and QLoRA's bf16 compute)."""
         return self.precision.startswith("mixed") or self.method == "qlora"
-
-
-def explicit_fields(raw: dict) -> set[str]:
-    """Names the user set explicitly (used to reject options that do not apply)."""
-    return {k for k, v in raw.items() if v is not None}
 
 
 def check_applicable(plan: Plan, given: set[str]) -> None:

@@ -109,7 +109,6 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     answered from a recording: the same steps run first for real on narrow copies of the models
     (same vocabulary and special tokens, tiny width: `narrow=True`, `record=<oracle>`), whose
     answers do not depend on the width."""
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.dryrun import _patches

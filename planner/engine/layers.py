@@ -112,7 +112,6 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     """SDPA (flash/efficient kernel: q, k, v, out and an fp32 logsumexp saved; K/V stay at the KV-head
     count through enable_gqa) or transformers' eager attention (S x S scores, fp32 softmax)."""
     nq = cfg.heads * cfg.head_dim
-    nkv = cfg.kv_heads * cfg.head_dim
     if cfg.autocast:
         q2, k2, v2 = (cast(tp, t, cfg.autocast, f"{name}.autocast_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
     else:

@@ -23,7 +23,7 @@ from planner.engine.layers import LAYERS, LayerCfg
 from planner.engine.ops import Lora, Weight
 from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import Resident, lora_targets, resident
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, fixed, tok
+from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, tok
 from planner.engine.timeline import CompiledTimeline, Timeline
 from planner.specs import Plan
 
@@ -126,7 +126,6 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
     opt = optimizer_memory(plan.optimizer, res, spec.num_layers)
     L = spec.num_layers
     h = spec.hidden_size
-    V = spec.vocab_size
     full = plan.method == "full"
 
     # ---- prologue: embeddings and rotary tables -----------------------------------------------
