@@ -147,7 +147,8 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
 
 
 class DistributedFitResult(BaseModel):
-    """A plan on many GPUs: per-rank memory of the busiest rank, collectives, step time."""
+    """A plan on many GPUs: per-rank memory of the busiest rank (and its peak in every phase of the
+    technique's step), collectives, step time."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -170,6 +171,11 @@ class DistributedFitResult(BaseModel):
             "tokens_per_s": e.tokens_per_s,
             "mfu": e.mfu,
             "tflops_per_gpu": e.tflops_per_gpu,
+            "technique": e.technique,
+            "phases": dict(e.phases),
+            "phase_seconds": dict(e.phase_seconds),
+            "resident": {k: list(v) for k, v in e.resident.items()},
+            "model_states": {k: dict(v) for k, v in e.model_states.items()},
             "plan": self.plan.model_dump(mode="json"),
             "warnings": list(self.warnings),
         }

@@ -190,7 +190,7 @@ def _print_distributed(result: Any, out: _Out) -> None:
     m = e.memory
     out.print(f"model   {result.plan.model}")
     out.print(f"gpus    {lay.gpus} x {result.gpu.name} ({format_gib(result.gpu.memory_bytes)} each), "
-              f"{lay.gpus_per_node} per node: DP {lay.dp} x TP {lay.tp} x PP {lay.pp}, {e.semantics}")
+              f"{lay.per_node} per node: DP {lay.dp} x TP {lay.tp} x PP {lay.pp}, {e.semantics}")
     out.print(f"batch   micro-batch {lay.micro_batch} x seq {result.plan.seq}, global batch {lay.global_batch}, "
               f"{lay.grad_accum} micro-batches per step")
     out.print("")
@@ -203,10 +203,20 @@ def _print_distributed(result: Any, out: _Out) -> None:
             out.print(f"  {cat:<18}{format_gib(b):>12}")
     if e.cpu_bytes_per_node:
         out.print(f"  CPU memory per node (offload): {format_gib(e.cpu_bytes_per_node)}")
+    if e.phases:
+        out.print("")
+        out.print(f"peak of each phase on the busiest rank ({e.technique}):")
+        phase_of = (lambda k: k.split(".", 1)[0]) if e.technique != "sft" else (lambda k: "")
+        for name, b in e.phases.items():
+            ph = phase_of(name)
+            models = ", ".join(e.resident.get(ph, [])) if ph else ""
+            secs = e.phase_seconds.get(ph)
+            tail = (f"   models {models}" if models else "") + (f"   {secs:.3f} s (phase)" if secs is not None else "")
+            out.print(f"  {name:<28}{format_gib(b):>12}{tail}")
     out.print("")
     out.print("collectives per step (bytes per rank, time; exposed = not hidden behind compute):")
     for c in e.collectives:
-        out.print(f"  {c.name:<34} {c.kind:<15} x{c.count:<5} {c.bytes_per_rank / 1e9:9.2f} GB  {c.time_s * 1e3:9.1f} ms"
+        out.print(f"  {c.name:<44} {c.kind:<15} x{c.count:<5} {c.bytes_per_rank / 1e9:9.2f} GB  {c.time_s * 1e3:9.1f} ms"
                   f"  exposed {c.exposed_s * 1e3:8.1f} ms  ({c.link})")
     t = e.time
     out.print("")

@@ -35,7 +35,7 @@ from planner.architecture import ModelSpec
 from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import lora_targets, resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
-from planner.engine.tape import DTYPE_BYTES
+from planner.engine.tape import DTYPE_BYTES, ZERO
 from planner.gpus import GPUSpec
 from planner.parallel import activations as act
 from planner.parallel import comm, compute
@@ -107,6 +107,14 @@ class DistributedEstimate(BaseModel):
     mfu: float
     tflops_per_gpu: float = Field(description="hardware FLOPs per GPU per second (Megatron's figure)")
     efficiency: dict[str, float | str]
+    technique: str = "sft"
+    phases: dict[str, int] = Field(default_factory=dict, description=(
+        "peak allocated bytes of the busiest rank at each moment of each phase ('policy.loss backward', "
+        "'reference.forward', 'rollout.decode'; sft: its moments)"))
+    phase_seconds: dict[str, float] = Field(default_factory=dict, description="step time by phase (all micro-batches)")
+    resident: dict[str, list[str]] = Field(default_factory=dict, description="models on the busiest rank in each phase")
+    model_states: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
+        "each model's states on one rank (GPU bytes by kind: parameters, gradients, optimizer_states, gathered)"))
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -141,31 +149,62 @@ def _engine_layer(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int) -> tu
     return hit[1:]
 
 
+_head_cache: dict[tuple, tuple] = {}
+
+
+def _engine_head(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int, loss: str, res_dtype: str) -> tuple:
+    """(forward peak, saved, held, backward temporaries) as Syms per token of the last stage's head
+    and loss program, from the engine's own head (planner.engine.heads) replayed on the rank's
+    vocab-parallel share (`part` has vocab_size ceil(V/t)): the batch x seq x vocab tensors divide by t.
+    forward peak = the largest live moment after the last layer (the previous step's held tensors
+    included where the program still binds them)."""
+    key = (id(origin), tp, loss, res_dtype, plan.method, plan.precision, plan.lora_rank, plan.lora_targets,
+           plan.quant, plan.double_quant, plan.kbit_prep, plan.grad_ckpt, part.head)
+    hit = _head_cache.get(key)
+    if hit is None or hit[0] is not origin:
+        from planner.engine import training as tr
+        from planner.engine.heads import HEADS
+
+        res = resident(part, plan)
+        cfg = tr.layer_cfg(part, plan, res)
+        if loss not in HEADS:
+            raise LayoutError(f"loss: the engine has no head '{loss}' (known: {', '.join(sorted(HEADS))})")
+        head = HEADS[loss](part, cfg, res, res_dtype, plan.method == "full")
+        fwd = [live + (head.prev_held if with_prev else ZERO) for _ph, _what, live, _d, with_prev in head.forward]
+        bwd = [temps for _what, temps, _d in head.backward]
+        hit = (origin, fwd, head.saved, head.held, bwd)
+        if len(_head_cache) > 1024:
+            _head_cache.clear()
+        _head_cache[key] = hit
+    return hit[1:]
+
+
 def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model: ActivationModel,
-                 ) -> dict[str, float]:
-    """Activation bytes of one rank of `stage`:
+                 rows: int | None = None, seq: int | None = None, loss: str = "causal_lm") -> dict[str, float]:
+    """Activation bytes of one rank of `stage` for a micro-batch of `rows` sequences of `seq` tokens
+    (default: the layout's micro-batch and the plan's seq) whose loss program is `loss`:
     activations  kept by its layers for all micro-batches in flight (+ the rotary tables)
     transient    one layer's forward / recompute and backward on top of that
-    loss_saved   last stage, at the loss's backward: what the loss keeps (fp32 log-probabilities)
-    loss_temp    ... and its two fp32 gradients of the logits
-    held         last stage: the logits themselves, referenced through backward and the optimizer
-                 step (transformers' `out`; with the megatron model, Korthikanti's output layer)"""
-    b, s = layout.micro_batch, plan.seq
+    loss_fwd     last stage, in the forward: the head's largest moment (logits, their fp32 copies, ...)
+    loss_saved   last stage, at the loss's backward: what the head and loss keep for backward
+    loss_temp    ... and the largest set of temporaries of the loss's backward
+    held         last stage: what the program keeps referenced through backward and the optimizer
+                 step (transformers' `out.logits`; with the megatron model, Korthikanti's output layer)"""
+    b = layout.micro_batch if rows is None else rows
+    s = plan.seq if seq is None else seq
     tokens = b * s
     t, sp, pp = layout.tp, layout.sp, layout.pp
     part = rank_spec(spec, t, pp, stage)
     flight = act.in_flight(pp, stage, layout.grad_accum, layout.chunks)
-    e = DTYPE_BYTES[plan.compute_dtype]
     last = stage == pp - 1
-    logits = tokens * -(-spec.vocab_size // t) if last else 0  # vocab-parallel logits of one micro-batch
     if model == "megatron":
         rec = "full" if plan.grad_ckpt else "none"
         h, a = spec.hidden_size, spec.num_attention_heads
         kept = act.korthikanti_layer_bytes(s, b, h, a, t, sp, rec) * part.num_layers * flight
         one = act.korthikanti_layer_bytes(s, b, h, a, t, sp, "none")
         head = act.korthikanti_output_bytes(s, b, h, spec.vocab_size, t) if last else 0.0
-        return {"activations": kept, "transient": one if plan.grad_ckpt else 0.0, "loss_saved": head,
-                "loss_temp": 0.0, "held": 0.0}
+        return {"activations": kept, "transient": one if plan.grad_ckpt else 0.0, "loss_fwd": 0.0,
+                "loss_saved": head, "loss_temp": 0.0, "held": 0.0}
     # engine: replay the rank's layer (TP-split shapes); with SP replay the full layer and divide by t
     shape = rank_spec(spec, 1, pp, stage) if sp else part
     saved_sym, peaks, bwd_sym, res_dtype, rope = _engine_layer(shape, plan, spec, 1 if sp else t)
@@ -179,17 +218,27 @@ def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model:
         per_layer = saved / div
         transient = max(peak - saved, bwd) / div
     kept = per_layer * part.num_layers * flight + rope.at(tokens, s) * flight
-    return {"activations": kept, "transient": transient, "loss_saved": 4.0 * logits, "loss_temp": 8.0 * logits,
-            "held": float(e * logits)}
+    out = {"activations": kept, "transient": transient, "loss_fwd": 0.0, "loss_saved": 0.0, "loss_temp": 0.0,
+           "held": 0.0}
+    if last:
+        fwd, hsaved, held, bwd_temps = _engine_head(rank_spec(spec, t, pp, pp - 1), plan, spec, t, loss, res_dtype)
+        out["loss_fwd"] = max((x.at(tokens, s) for x in fwd), default=0.0)
+        out["loss_saved"] = hsaved.at(tokens, s)
+        out["loss_temp"] = max((x.at(tokens, s) for x in bwd_temps), default=0.0)
+        out["held"] = held.at(tokens, s)
+    return out
 
 
 # ---- collectives -----------------------------------------------------------------------------------
 def _collectives(spec: ModelSpec, plan: Plan, layout: Layout, topo: comm.Topology, stage: int,
                  states: RankStates, grad_elems: float, grad_dtype: str, param_bytes_compute: float,
-                 ) -> list[comm.Collective]:
+                 rows: int | None = None, seq: int | None = None) -> list[comm.Collective]:
+    """The collectives of one training step of `rows` x `seq` micro-batches (default: the layout's
+    micro-batch and the plan's seq)."""
     g = comm.groups(layout)
     m, v = layout.grad_accum, layout.chunks
-    b, s, h = layout.micro_batch, plan.seq, spec.hidden_size
+    b = layout.micro_batch if rows is None else rows
+    s, h = (plan.seq if seq is None else seq), spec.hidden_size
     e = DTYPE_BYTES[plan.compute_dtype]
     part = rank_spec(spec, layout.tp, layout.pp, stage)
     out: list[comm.Collective] = []
@@ -294,8 +343,10 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
     """
     if plan.batch != layout.micro_batch:
         raise LayoutError(f"batch: the plan's micro-batch {plan.batch} differs from the layout's {layout.micro_batch}")
-    if plan.task not in ("sft",):
-        raise LayoutError(f"task: distributed estimates cover training steps (sft), not {plan.task}")
+    if plan.task != "sft":
+        from planner.parallel.techniques import estimate_technique
+
+        return estimate_technique(plan, layout, spec, gpu, activations=activations, style=style, eff=eff)
     layout.check_model(spec)
     eff = eff or compute.efficiency(gpu)
     topo = comm.topology(layout, gpu)
@@ -308,6 +359,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
     stages: list[RankMemory] = []
     mb_times: list[tuple[int, compute.MicroBatchTime]] = []
     per_stage: dict[int, tuple] = {}
+    moment_inputs: dict[int, tuple] = {}
     for k in busiest_stages(layout.pp):
         part = rank_spec(spec, layout.tp, layout.pp, k)
         states = rank_model_states(spec, plan, layout, k)
@@ -322,6 +374,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
         if not layout.offload_optimizer and semantics(layout) == "torch":
             temp = opt.step_temp_bytes / (layout.dp if layout.stage >= 1 else 1)
         stages.append(_rank_memory(k, states, res.buffer_bytes, acts, temp, ws, gpu, layout))
+        moment_inputs[k] = (states, res.buffer_bytes, acts, temp)
         mbt = compute.micro_batch_time(part, tokens, s, gpu, dtype=plan.compute_dtype, method=plan.method,
                                        grad_ckpt=plan.grad_ckpt, lora_rank=plan.lora_rank,
                                        lora_targets=_part_targets(part, targets), flash=flash, style=style,
@@ -329,6 +382,9 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
         mb_times.append((k, mbt))
         per_stage[k] = (part, states, res)
     busiest = max(stages, key=lambda r: r.device_bytes)
+    b_states, b_buffers, b_acts, b_temp = moment_inputs[busiest.stage]
+    sft_phases = {name: int(sum(bd.values()))
+                  for name, bd in rank_moments(b_states, b_buffers, b_acts, b_temp, ws, layout).items()}
     k_slow, mbt = max(mb_times, key=lambda x: x[1].total)
     part, states, res = per_stage[k_slow]
 
@@ -341,14 +397,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
     per_mb_exposed = sum(x for c, x in zip(items, exposed) if c.group in ("tp", "pp") and c.count >= m) / m
     step_exposed = sum(exposed) - per_mb_exposed * m
 
-    # optimizer step
-    if layout.offload_optimizer:
-        ranks_per_node = min(layout.gpus, layout.per_node)
-        elems = grad_elems / layout.dp
-        optimizer_s = elems * ranks_per_node * ADAM_MASTER_BYTES_PER_PARAM / CPU_OPTIMIZER_BYTES_PER_S
-    else:
-        elems = grad_elems / (layout.dp if layout.stage >= 1 else 1)
-        optimizer_s = compute.optimizer_step_time(elems, _optimizer_traffic(plan, layout), gpu, eff)
+    optimizer_s = optimizer_seconds(plan, layout, grad_elems, gpu, eff)
 
     busy_mb = mbt.total + per_mb_exposed
     compute_s = m * mbt.total + optimizer_s
@@ -374,6 +423,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
         tokens_per_s=layout.batch * s / total, mfu=compute.mfu(whole.model, total, layout.gpus, peak),
         tflops_per_gpu=whole.hardware / (total * layout.gpus) / 1e12,
         efficiency={"matmul": eff.matmul, "memory": eff.memory, "software": eff.software, "source": eff.source},
+        phases=sft_phases, model_states={"model": dict(b_states.gpu)},
     )
 
 
@@ -388,6 +438,17 @@ def _param_bytes_compute(part: ModelSpec, plan: Plan, res) -> float:
     if plan.method == "qlora":
         return float(res.param_bytes + res.quant_state_bytes)
     return float(part.num_params * DTYPE_BYTES[plan.compute_dtype]) if plan.method == "full" else float(res.param_bytes)
+
+
+def optimizer_seconds(plan: Plan, layout: Layout, grad_elems: float, gpu: GPUSpec, eff: compute.Efficiency) -> float:
+    """One optimizer step over a rank's partition of `grad_elems` trainable elements: on the GPU
+    (memory-bound), or on the host when the optimizer is offloaded (every rank of a node shares it)."""
+    if layout.offload_optimizer:
+        ranks_per_node = min(layout.gpus, layout.per_node)
+        elems = grad_elems / layout.dp
+        return elems * ranks_per_node * ADAM_MASTER_BYTES_PER_PARAM / CPU_OPTIMIZER_BYTES_PER_S
+    elems = grad_elems / (layout.dp if layout.stage >= 1 else 1)
+    return compute.optimizer_step_time(elems, _optimizer_traffic(plan, layout), gpu, eff)
 
 
 def _optimizer_traffic(plan: Plan, layout: Layout) -> float:
@@ -415,13 +476,18 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
     base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
     kept = acts["activations"] + acts["held"]
     grads_bwd = grads if accumulating else 0.0
-    return {
+    out = {
+        "loss": {**base, "parameters": params + gathered, "gradients": grads_bwd,
+                 "activations": acts["activations"] + acts.get("loss_fwd", 0.0), "temporaries": 0.0},
         "loss backward": {**base, "parameters": params + gathered, "gradients": grads_bwd,
                           "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
         "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
                      "temporaries": acts["transient"]},
         "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
     }
+    if not acts.get("loss_fwd"):
+        del out["loss"]  # not the last stage (or the megatron model): no head here
+    return out
 
 
 def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, float], step_temp: float,

@@ -193,17 +193,19 @@ def plan_states(spec: ModelSpec, plan: Plan, layout: Layout, stage: int = 0) -> 
     )
 
 
-def gathered_bytes(part: ModelSpec, plan: Plan, sem: Semantics, dtype: str) -> float:
+def gathered_bytes(part: ModelSpec, plan: Plan, sem: Semantics, dtype: str, with_grads: bool | None = None) -> float:
     """ZeRO-3 / FSDP working set: what is gathered whole at once.
 
     deepspeed: module by module; the largest module's params + grads (its estimator's 4·LL bytes in
     half precision; frozen modules need no gradient).
     torch (FSDP, one unit per decoder layer and a root unit with embeddings, final norm and head):
     the unit in compute and the next one prefetched (2 units' params in the compute dtype, the
-    MixedPrecision param_dtype) plus the unit's unsharded gradients before the reduce-scatter."""
+    MixedPrecision param_dtype) plus the unit's unsharded gradients before the reduce-scatter.
+    with_grads: whether the gathered unit's gradients exist too (default: a full fine-tune's do; a
+    frozen model's forward, or any no-grad forward, gathers the parameters only)."""
     b = DTYPE_BYTES[dtype]
     b_lin = 0.5 if plan.method == "qlora" else b  # 4-bit weights are gathered packed
-    full = plan.method == "full"
+    full = plan.method == "full" if with_grads is None else with_grads
     if sem == "deepspeed":
         linears = [lin.in_features * lin.out_features * b_lin for lin in part.layer_linears] if part.num_layers else []
         biggest = max(linears + [part.embedding_params * b, part.lm_head_params * b, part.layer_expert_params * b])
@@ -218,3 +220,17 @@ def rank_model_states(spec: ModelSpec, plan: Plan, layout: Layout, stage: int = 
     """Model states of one rank of pipeline stage `stage` after ZeRO partitioning and offload."""
     st = plan_states(spec, plan, layout, stage)
     return partition(st, layout.stage, layout.dp, layout.offload_optimizer, layout.offload_params)
+
+
+def frozen_model_states(spec: ModelSpec, setup: Plan, layout: Layout, stage: int = 0) -> RankStates:
+    """A frozen model (a reference, teacher or reward model) on one rank of pipeline stage `stage`:
+    its TP/PP share of the weights only (no gradients, no optimizer states), partitioned over dp
+    when the stage shards parameters (ZeRO-3 / FSDP full-shard; with ZeRO-1/2 the engines replicate
+    a model they do not train), offloaded with the parameters; + under stage 3 the unit working set
+    its forward gathers (parameters only)."""
+    part = rank_spec(spec, layout.tp, layout.pp, stage)
+    res = resident(part, setup)
+    sem = semantics(layout)
+    gathered = gathered_bytes(part, setup, sem, setup.compute_dtype, with_grads=False) if layout.stage >= 3 else 0.0
+    st = StateBytes(params_frozen=res.param_bytes + res.quant_state_bytes, gathered=gathered)
+    return partition(st, layout.stage, layout.dp, offload_params=layout.offload_params)

@@ -1,0 +1,379 @@
+"""Distributed estimates of the multi-model techniques (rm, dpo, distill, grpo, ppo, and any plugin's):
+`estimate_technique(plan, layout, spec, gpu)`, called by `estimate_distributed` for every task but sft.
+
+The technique's `Workload` says what runs: models with roles (trainable or frozen) and phases
+(`train_step`, `score`, `forward`, `generate`). Every rank runs every phase on its data-parallel share
+(the plan's batch is per GPU), with every model laid out the same way (data-parallel over dp, split by
+TP). Nothing here depends on a technique's name.
+
+Memory of a rank, phase by phase (the busiest moment over the phases is the rank's peak):
+    resident states   every model on the GPU in that phase (`frozen_placement` as the single-GPU
+                      engine has it: `resident` all the step; `offload` a frozen model only in its
+                      own phases; `separate` frozen models on other GPUs, so their phases are not this
+                      rank's memory). Trainable: zero.rank_model_states (ZeRO/FSDP partitioning of
+                      parameters, gradients, optimizer states; LoRA: frozen base + adapters; gradients
+                      only inside the training phase, or all step long under gradient accumulation).
+                      Frozen: zero.frozen_model_states (weights only, TP share, / dp when the stage
+                      shards parameters, i.e. ZeRO-3 / FSDP full-shard).
+    train_step        the sft moments (estimate.rank_moments: the head's forward, the loss's backward,
+                      a layer's backward, the optimizer step) of the trained model with the phase's
+                      rows x seq and its loss program: the engine's own head (planner.engine.heads:
+                      causal_lm, logprobs, pairwise, kl, ...) replayed on the rank's vocab-parallel
+                      share, so every batch x seq x vocab tensor divides by t.
+    score / forward   the engine's no-grad forward timeline (planner.engine.scoring) replayed on the
+                      rank's TP share (heads/t, MLP/t, vocab/t logits and their fp32 copies); under
+                      stage 3 + the gathered unit working set (parameters only).
+    generate          the engine's generation timeline (planner.engine.generation) on the rank's share:
+                      the KV cache holds KV heads / t; prefill and the last decode step.
+    carried           tensors an earlier phase made and this one still references (a teacher's logits
+                      in the student's step): `Phase.carried` bytes per token / t (they are logits,
+                      vocab-parallel, in every built-in technique).
+    runtime           cuBLAS workspaces: two threads in a training phase, one otherwise.
+
+Step time, phase by phase (each repeated for every micro-batch of the step):
+    train_step        as sft: forward + backward + recompute, optimizer step, TP all-reduces exposed,
+                      ZeRO / FSDP all-gathers and reduce-scatters overlapped with their compute window
+    score / forward   the forward; TP all-reduces exposed; under stage 3 the parameters all-gathered
+                      (frozen models too), overlapped with the forward
+    generate          prefill (compute-bound) + each decode step: max(weights and KV cache read from
+                      HBM, its FLOPs) + its TP all-reduces (latency-bound, exposed); under stage 3 each
+                      decode step all-gathers every parameter again (what `generate` on a ZeRO-3 /
+                      FSDP-wrapped model does), overlapped with that step's compute only
+    offload           a frozen model's weights copied to the GPU before each of its phases (exposed)
+tokens/s = tokens of the training and generation phases x dp x micro-batches / step time (as the
+single-GPU figure counts them); MFU counts forward-only FLOPs for no-grad phases.
+
+Not modelled: pipeline and sequence parallelism for these techniques (refused), TRL's gathering of the
+whole ZeRO-3 policy for generation (`ds3_gather_for_generation`), vLLM rollouts, NCCL buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.architecture import ModelSpec
+from planner.engine.optimizers import optimizer_memory
+from planner.engine.resident import Resident, lora_targets, resident
+from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
+from planner.engine.tape import DTYPE_BYTES
+from planner.gpus import GPUSpec
+from planner.parallel import comm, compute
+from planner.parallel.estimate import (ActivationModel, CollectiveReport, DistributedEstimate, RankMemory, StepTime,
+                                       _activations, _collectives, _exposed, _param_bytes_compute, _part_targets,
+                                       optimizer_seconds, rank_moments)
+from planner.parallel.layout import Layout, LayoutError
+from planner.parallel.shard import rank_spec
+from planner.parallel.zero import (RankStates, frozen_model_states, gathered_bytes, rank_model_states,
+                                   semantics)
+from planner.specs import Plan
+from planner.workload import ModelUse, Phase, Workload
+
+CATS = ("parameters", "buffers", "gradients", "activations", "optimizer_states", "temporaries", "kv_cache", "other")
+
+
+@dataclass(frozen=True)
+class _Model:
+    """One model of the workload on one rank."""
+
+    use: ModelUse
+    part: ModelSpec  # its TP share
+    res: Resident  # of the share
+    states: RankStates
+
+    @property
+    def frozen(self) -> bool:
+        return not self.use.trainable
+
+
+def _models(workload: Workload, layout: Layout) -> dict[str, _Model]:
+    out = {}
+    for use in workload.models:
+        layout.check_model(use.spec)
+        part = rank_spec(use.spec, layout.tp, 1, 0)
+        states = (rank_model_states(use.spec, use.setup, layout) if use.trainable
+                  else frozen_model_states(use.spec, use.setup, layout))
+        out[use.role] = _Model(use, part, resident(part, use.setup), states)
+    return out
+
+
+def _resident_roles(workload: Workload, ph: Phase, placement: str, models: dict[str, _Model]) -> list[str]:
+    """Models on this rank's GPU during `ph` (the single-GPU engine's rule)."""
+    return [r for r, m in models.items()
+            if r == ph.role or not m.frozen or placement == "resident"]
+
+
+def _idle_states(m: _Model, accumulating: bool) -> dict[str, float]:
+    """A model's states while it is not training: weights (and, trainable, optimizer states; gradients
+    only while they accumulate over micro-batches)."""
+    g = m.states.gpu
+    return {"parameters": g.get("parameters", 0.0), "buffers": float(m.res.buffer_bytes),
+            "optimizer_states": g.get("optimizer_states", 0.0),
+            "gradients": g.get("gradients", 0.0) if accumulating else 0.0}
+
+
+def _add(into: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v
+
+
+# ---- the engine's no-grad timelines on a rank's share --------------------------------------------
+_timelines: dict[tuple, tuple] = {}
+
+
+def _timeline(kind: str, m: _Model, tp: int) -> tuple:
+    """(compiled timeline, resident, extra) of a score / forward / generate program on the share."""
+    from planner.engine import generation, scoring
+
+    setup = m.use.setup
+    key = (kind, id(m.use.spec), tp, setup.method, setup.precision, setup.attn, setup.quant, setup.double_quant,
+           setup.lora_rank, setup.lora_targets, setup.kbit_prep)
+    hit = _timelines.get(key)
+    if hit is None or hit[0] is not m.use.spec:
+        build = {"score": scoring.build, "forward": scoring.build_forward, "generate": generation.build}[kind]
+        hit = (m.use.spec, *build(m.part, setup))
+        if len(_timelines) > 1024:
+            _timelines.clear()
+        _timelines[key] = hit
+    return hit[1:]
+
+
+def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str, float]]:
+    """Activations (and KV cache) of the phase's program beyond the model's own weights, per moment."""
+    from planner.engine import generation
+    from planner.engine.estimate import finish
+
+    timeline, res, extra = _timeline(ph.kind, m, layout.tp)
+    base = res.param_bytes + res.buffer_bytes + res.quant_state_bytes
+    if ph.kind == "generate":
+        mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, m.part, m.use.setup, 0, 0)
+        # the cache is the same at both ends of the prefill; the decode moment carries its own split
+        out = {}
+        for name in ("prefill", "decode"):
+            v = mem.phases.get(name)
+            if v is None:
+                continue
+            kv = generation.kv_bytes_per_token(m.part, res.non_linear_dtype) * ph.batch * (
+                ph.seq if name == "prefill" else ph.seq + ph.new_tokens - 1)
+            out[name] = {"kv_cache": float(kv), "activations": float(v - base - kv)}
+        return out
+    mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, 0, 0)
+    return {"forward": {"activations": float(mem.peak_allocated_bytes - base)}}
+
+
+# ---- time ---------------------------------------------------------------------------------------------
+def _kw(m: _Model, gpu: GPUSpec, layout: Layout, eff: compute.Efficiency, style: compute.Style) -> dict:
+    setup = m.use.setup
+    targets = lora_targets(m.use.spec, setup) if setup.method != "full" else []
+    return dict(dtype=setup.compute_dtype, method=setup.method, lora_rank=setup.lora_rank,
+                lora_targets=_part_targets(m.part, targets), flash=setup.attn == "sdpa", style=style,
+                tp=layout.tp, eff=eff)
+
+
+def _tp_forward(m: _Model, layout: Layout, topo: comm.Topology, rows: int, tokens_per_row: int, count: int,
+                name: str) -> list[comm.Collective]:
+    """Megatron TP in a forward: two all-reduces per layer + the vocab-parallel embedding and head."""
+    if layout.tp == 1:
+        return []
+    act_bytes = rows * tokens_per_row * m.use.spec.hidden_size * DTYPE_BYTES[m.use.setup.compute_dtype]
+    calls = (2 * m.part.num_layers + 2) * count
+    return [comm.collective(f"tp all-reduce ({name})", "all-reduce", comm.groups(layout)["tp"], act_bytes, calls,
+                            topo)]
+
+
+def _gather(m: _Model, layout: Layout, topo: comm.Topology, count: int, name: str) -> list[comm.Collective]:
+    """Under stage 3 a forward all-gathers the model's parameters (as gathered for compute)."""
+    if layout.stage < 3 or layout.dp == 1:
+        return []
+    full = _param_bytes_compute(m.part, m.use.setup, m.res)
+    return [comm.collective(f"param all-gather ({name})", "all-gather", comm.groups(layout)["dp"], full, count,
+                            topo, "forward")]
+
+
+@dataclass
+class _PhaseTime:
+    compute_s: float
+    items: list[comm.Collective]
+    exposed: list[float]
+    optimizer_s: float = 0.0
+    model_flops: float = 0.0
+    hardware_flops: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute_s + sum(self.exposed)
+
+
+def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.Topology, eff: compute.Efficiency,
+                style: compute.Style) -> _PhaseTime:
+    mb = layout.grad_accum  # every phase runs once per micro-batch
+    setup, spec = m.use.setup, m.use.spec
+    kw = _kw(m, gpu, layout, eff, style)
+    whole_rows = ph.batch * layout.dp * mb
+    targets = lora_targets(spec, setup) if setup.method != "full" else []
+    fl = dict(method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets)
+    if ph.kind == "train_step":
+        t = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, sp=False,
+                                     **kw)
+        items = _collectives(spec, setup, layout, topo, 0, m.states, m.res.trainable_elems, m.res.trainable_dtype,
+                             _param_bytes_compute(m.part, setup, m.res), rows=ph.batch, seq=ph.seq)
+        exposed = _exposed(items, t.forward, t.backward + t.recompute)
+        opt_s = optimizer_seconds(setup, layout, m.res.trainable_elems, gpu, eff)
+        f = compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, grad_ckpt=setup.grad_ckpt, **fl)
+        return _PhaseTime(mb * t.total + opt_s, items, exposed, opt_s, f.model, f.hardware)
+    if ph.kind in ("score", "forward"):
+        fwd = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+        items = _tp_forward(m, layout, topo, ph.batch, ph.seq, mb, ph.name) + _gather(m, layout, topo, mb, ph.name)
+        f = compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, **fl).forward
+        return _PhaseTime(mb * fwd, items, _exposed(items, fwd, 0.0), 0.0, f, f)
+    if ph.kind == "generate":
+        from planner.engine.generation import kv_bytes_per_token
+
+        prefill = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+        steps = max(ph.new_tokens - 1, 0)
+        mean_len = ph.seq + ph.new_tokens / 2
+        bw = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
+        read = m.res.param_bytes + m.res.quant_state_bytes + \
+            kv_bytes_per_token(m.part, m.res.non_linear_dtype) * ph.batch * mean_len
+        step_compute = compute.micro_batch_time(m.part, ph.batch, int(mean_len), gpu, **kw).forward
+        decode_step = max(read / bw, step_compute)
+        pre_items = _tp_forward(m, layout, topo, ph.batch, ph.seq, mb, "prefill") + _gather(m, layout, topo, mb,
+                                                                                            "prefill")
+        dec_items = (_tp_forward(m, layout, topo, ph.batch, 1, mb * steps, "decode")
+                     + _gather(m, layout, topo, mb * steps, "decode, every token"))
+        exposed = _exposed(pre_items, prefill, 0.0) + _exposed(dec_items, decode_step, 0.0)
+        f = (compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, **fl).forward
+             + compute.micro_batch_flops(spec, whole_rows * steps, int(mean_len), **fl).forward)
+        return _PhaseTime(mb * (prefill + steps * decode_step), pre_items + dec_items, exposed, 0.0, f, f)
+    raise LayoutError(f"task: phase '{ph.name}' is a '{ph.kind}' program, which the distributed estimate "
+                      "does not model")
+
+
+# ---- the estimate ----------------------------------------------------------------------------------
+def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
+                       activations: ActivationModel = "engine", style: compute.Style = "hf",
+                       eff: compute.Efficiency | None = None) -> DistributedEstimate:
+    """Busiest-rank memory per phase, collectives and step time of `plan.task`'s workload on `layout`."""
+    from planner.engine.timing import tokens_per_step
+    from planner.plugins import technique
+
+    if plan.task == "generate":
+        raise LayoutError("task: distributed estimates cover training steps (sft and the training techniques), "
+                          "not generate; see planner serve for inference")
+    if layout.pp > 1:
+        raise LayoutError(f"pp: pipeline parallelism is estimated for sft only, not {plan.task}")
+    if layout.sp:
+        raise LayoutError(f"sp: sequence parallelism is estimated for sft only, not {plan.task}")
+    workload = technique(plan.task).workload(plan, spec)
+    models = _models(workload, layout)
+    placement = getattr(plan, "frozen_placement", "resident")
+    accumulating = layout.grad_accum > 1
+    eff = eff or compute.efficiency(gpu)
+    topo = comm.topology(layout, gpu)
+    cc = gpu.compute_capability
+
+    moments: dict[str, dict[str, float]] = {}
+    gathered_at: dict[str, float] = {}
+    resident_in: dict[str, list[str]] = {}
+    phase_s: dict[str, float] = {}
+    reports: list[CollectiveReport] = []
+    compute_s = exposed_s = optimizer_s = model_flops = hardware_flops = 0.0
+    offload_items: list[comm.Collective] = []
+    for ph in workload.phases:
+        m = models[ph.role]
+        pt = _phase_time(ph, m, layout, gpu, topo, eff, style)
+        if placement == "offload" and m.frozen:  # its weights come back to the GPU before its phase
+            offload_items.append(comm.collective(f"{ph.name}: {ph.role} weights to the GPU (offload)", "host-copy",
+                                                 comm.Group("host", 1, 1), m.states.gpu.get("parameters", 0.0),
+                                                 layout.grad_accum, topo))
+        phase_s[ph.name] = pt.total
+        compute_s += pt.compute_s
+        exposed_s += sum(pt.exposed)
+        optimizer_s += pt.optimizer_s
+        model_flops += pt.model_flops
+        hardware_flops += pt.hardware_flops
+        reports += [CollectiveReport(name=f"{ph.name}: {c.name}", kind=c.kind, group=c.group, group_size=c.group_size,
+                                     count=c.count, tensor_bytes=c.tensor_bytes, bytes_per_rank=c.bytes_per_rank,
+                                     time_s=c.time_s, exposed_s=x, overlapped=c.overlapped, link=c.link)
+                    for c, x in zip(pt.items, pt.exposed)]
+        if placement == "separate" and m.frozen:
+            continue  # runs on other GPUs: no memory of this rank (its time still delays the step)
+        roles = _resident_roles(workload, ph, placement, models)
+        resident_in[ph.name] = roles
+        idle: dict[str, float] = {}
+        for r in roles:
+            if r != ph.role or ph.kind != "train_step":
+                _add(idle, _idle_states(models[r], accumulating))
+        carried = ph.carried * ph.batch * ph.seq / layout.tp
+        if ph.kind == "train_step":
+            for name, bd in _train_moments(ph, m, layout, activations, cc).items():
+                bd = dict(bd)
+                _add(bd, idle)
+                bd["activations"] = bd.get("activations", 0.0) + carried
+                moments[f"{ph.name}.{name}"] = bd
+                gathered_at[f"{ph.name}.{name}"] = m.states.gpu.get("gathered", 0.0) if name != "optimizer" else 0.0
+        else:
+            gathered = 0.0
+            if layout.stage >= 3:
+                gathered = gathered_bytes(m.part, m.use.setup, semantics(layout), m.use.setup.compute_dtype,
+                                          with_grads=False)
+            for name, extra in _no_grad_moments(ph, m, layout).items():
+                bd = dict(idle)
+                bd["parameters"] = bd.get("parameters", 0.0) + gathered
+                _add(bd, extra)
+                bd["activations"] = bd.get("activations", 0.0) + carried
+                bd["other"] = float(cublas_workspace_bytes(cc, 1))
+                moments[f"{ph.name}.{name}"] = bd
+                gathered_at[f"{ph.name}.{name}"] = gathered
+    if not moments:
+        raise LayoutError(f"frozen_placement: every phase of {plan.task} runs on other GPUs")
+    off_exposed = sum(c.time_s for c in offload_items)
+    reports += [CollectiveReport(name=c.name, kind=c.kind, group=c.group, group_size=c.group_size, count=c.count,
+                                 tensor_bytes=c.tensor_bytes, bytes_per_rank=c.bytes_per_rank, time_s=c.time_s,
+                                 exposed_s=c.time_s, overlapped=False, link=c.link) for c in offload_items]
+    exposed_s += off_exposed
+    total_s = compute_s + exposed_s
+
+    peak_name, peak_bd = max(moments.items(), key=lambda x: sum(x[1].values()))
+    breakdown = {k: int(peak_bd.get(k, 0.0)) for k in CATS if peak_bd.get(k, 0.0) or k in (
+        "parameters", "buffers", "gradients", "activations", "optimizer_states", "temporaries", "other")}
+    total = sum(breakdown.values())
+    reserved = reserved_bytes(total, sum(1 for v in breakdown.values() if v))
+    details = {f"{r}.states": int(sum(models[r].states.gpu.values()) - models[r].states.gpu.get("gathered", 0.0))
+               for r in resident_in.get(peak_name.split(".", 1)[0], [])}
+    if gathered_at.get(peak_name):
+        details["zero3_gathered"] = int(gathered_at[peak_name])
+    cpu = sum(m.states.cpu_total for m in models.values())
+    memory = RankMemory(stage=0, peak_allocated_bytes=total, reserved_bytes=reserved,
+                        device_bytes=reserved + gpu.cuda_context_bytes, peak_phase=peak_name, breakdown=breakdown,
+                        details=details, cpu_bytes=int(cpu))
+    tokens = tokens_per_step(workload) * layout.dp * layout.grad_accum
+    peak = compute.peak_flops(gpu, plan.compute_dtype)
+    phase_s = {k: v + sum(c.time_s for c in offload_items if c.name.startswith(f"{k}: ")) for k, v in phase_s.items()}
+    return DistributedEstimate(
+        layout=layout, semantics=semantics(layout), memory=memory, stages=[memory],
+        cpu_bytes_per_node=int(cpu) * min(layout.gpus, layout.per_node), gpu_memory_bytes=gpu.memory_bytes,
+        fits=memory.device_bytes <= gpu.memory_bytes, collectives=reports,
+        time=StepTime(compute_s=compute_s, exposed_comm_s=exposed_s, bubble_s=0.0, total_s=total_s,
+                      optimizer_s=optimizer_s, micro_batch_s=total_s / layout.grad_accum),
+        model_flops=model_flops, hardware_flops=hardware_flops, tokens_per_s=tokens / total_s,
+        mfu=compute.mfu(model_flops, total_s, layout.gpus, peak),
+        tflops_per_gpu=hardware_flops / (total_s * layout.gpus) / 1e12,
+        efficiency={"matmul": eff.matmul, "memory": eff.memory, "software": eff.software, "source": eff.source},
+        technique=plan.task, phases={k: int(sum(v.values())) for k, v in moments.items()}, phase_seconds=phase_s,
+        resident=resident_in, model_states={r: dict(m.states.gpu) for r, m in models.items()},
+    )
+
+
+def _train_moments(ph: Phase, m: _Model, layout: Layout, activations: ActivationModel,
+                   cc: str) -> dict[str, dict[str, float]]:
+    """The sft moments of the trained model in this phase (its rows, seq and loss program)."""
+    setup = m.use.setup
+    # FSDP's MixedPrecisionPolicy hands the modules half-precision weights and runs no autocast
+    act_plan = (setup.model_copy(update={"precision": setup.compute_dtype})
+                if layout.fsdp and setup.precision.startswith("mixed") else setup)
+    acts = _activations(m.use.spec, act_plan, layout, 0, activations, rows=ph.batch, seq=ph.seq, loss=ph.loss)
+    opt = optimizer_memory(setup.optimizer, m.res, m.part.num_layers)
+    temp = 0.0
+    if not layout.offload_optimizer and semantics(layout) == "torch":
+        temp = opt.step_temp_bytes / (layout.dp if layout.stage >= 1 else 1)
+    return rank_moments(m.states, m.res.buffer_bytes, acts, temp, cublas_workspace_bytes(cc, 2), layout)
