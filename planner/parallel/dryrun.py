@@ -34,6 +34,10 @@ What makes the fake-PG replay count what a GPU rank allocates (each seen in prac
 The rank is rank 0: with uneven shards (FSDP pads dim 0 to a multiple of the mesh size) it holds the
 largest shard, so its peak is the job's.
 
+Techniques other than sft (rm, dpo, distill: planner.parallel.backend_fakepg_techniques): every model of
+the technique's workload FSDP2-wrapped the same way, the technique's own `step(ctx)` run on them,
+one FSDPMemTracker over all of them; FSDP only, one trained model, no generation.
+
 Not covered: pipeline parallelism, sequence parallelism, DeepSpeed ZeRO (see
 planner.parallel.deepspeed_run for real ZeRO partitions), offload, LoRA/QLoRA under FSDP.
 """
@@ -157,7 +161,7 @@ def dry_run_distributed(plan: "Plan", layout: Layout, config: dict | None = None
     """
     check_supported(layout)
     if plan.task != "sft":
-        raise LayoutError(f"task: distributed dry runs cover training steps (sft), not {plan.task}")
+        return _dry_run_technique(plan, layout, config, steps=steps, round_bytes=round_bytes, device=device)
     if plan.method != "full":
         raise LayoutError(f"method: the distributed dry run covers full fine-tuning, not {plan.method}")
     if plan.batch != layout.micro_batch:
@@ -171,6 +175,26 @@ def dry_run_distributed(plan: "Plan", layout: Layout, config: dict | None = None
     from planner.parallel.backend_fakepg import run
 
     return run(plan, layout, config, steps=steps, round_bytes=round_bytes, vocab=vocab, device=device)
+
+
+def _dry_run_technique(plan: "Plan", layout: Layout, config: dict | None, *, steps: int, round_bytes: int,
+                       device: str) -> DistributedDryRunResult:
+    """A technique's own step (planner.parallel.backend_fakepg_techniques): FSDP2 over every model of
+    its workload, full fine-tuning of its one trained model; each model's config is the one its
+    workload names (`config` is refused: it would be ambiguous between models)."""
+    if layout.fsdp is None or layout.tp > 1:
+        raise LayoutError(f"task: the distributed dry run of {plan.task} covers FSDP (every model wrapped), not TP")
+    if plan.method != "full":
+        raise LayoutError(f"method: the distributed dry run covers full fine-tuning, not {plan.method}")
+    if config is not None:
+        raise LayoutError(f"config: {plan.task} loads each model's config from its workload; pass none")
+    if plan.batch != layout.micro_batch:
+        raise LayoutError(f"batch: the plan's micro-batch {plan.batch} differs from the layout's {layout.micro_batch}")
+    if device not in ("fake", "cpu"):
+        raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
+    from planner.parallel.backend_fakepg_techniques import run_technique
+
+    return run_technique(plan, layout, steps=steps, round_bytes=round_bytes, device=device)
 
 
 def compare_with_estimate(result: DistributedDryRunResult, plan: "Plan", layout: Layout, spec, gpu) -> dict[str, Any]:

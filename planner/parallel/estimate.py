@@ -464,9 +464,15 @@ def _optimizer_traffic(plan: Plan, layout: Layout) -> float:
 
 
 def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_temp: float, workspace: int,
-                 layout: Layout) -> dict[str, dict[str, float]]:
-    """Bytes per category at the three moments of a rank's step: the loss's backward (last stage), a
-    layer's backward with every micro-batch in flight, and the optimizer step."""
+                 layout: Layout, loss_in_model: bool = True) -> dict[str, dict[str, float]]:
+    """Bytes per category at the moments of a rank's step: the head's forward and the loss's backward
+    (last stage), a layer's backward with every micro-batch in flight, and the optimizer step.
+
+    loss_in_model: the loss is computed inside the model's forward (transformers' `labels=`), so
+    under stage 3 the gathered working set is still there around it; a loss computed on the logits
+    the model returned (log-probs, pairwise, KL) runs after the forward released its units and before
+    the backward gathers them again (seen in the FSDP2 dry run of DPO: no gathered parameters at the
+    loss's moments)."""
     g = states.gpu
     params = g.get("parameters", 0.0)
     grads = g.get("gradients", 0.0)
@@ -476,10 +482,11 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
     base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
     kept = acts["activations"] + acts["held"]
     grads_bwd = grads if accumulating else 0.0
+    at_loss = gathered if loss_in_model else 0.0
     out = {
-        "loss": {**base, "parameters": params + gathered, "gradients": grads_bwd,
+        "loss": {**base, "parameters": params + at_loss, "gradients": grads_bwd,
                  "activations": acts["activations"] + acts.get("loss_fwd", 0.0), "temporaries": 0.0},
-        "loss backward": {**base, "parameters": params + gathered, "gradients": grads_bwd,
+        "loss backward": {**base, "parameters": params + at_loss, "gradients": grads_bwd,
                           "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
         "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
                      "temporaries": acts["transient"]},

@@ -63,11 +63,13 @@ from planner.parallel.estimate import (ActivationModel, CollectiveReport, Distri
                                        optimizer_seconds, rank_moments)
 from planner.parallel.layout import Layout, LayoutError
 from planner.parallel.shard import rank_spec
-from planner.parallel.zero import (RankStates, frozen_model_states, gathered_bytes, rank_model_states,
-                                   semantics)
+from planner.parallel.zero import RankStates, forward_gathered, frozen_model_states, rank_model_states, semantics
 from planner.specs import Plan
 from planner.workload import ModelUse, Phase, Workload
 
+# transformers computes a loss inside the model's forward only for `labels=` (its causal-LM loss); every
+# other head (log-probs, pairwise, KL) runs on the logits or scores the model returned
+LOSS_IN_MODEL = frozenset({"causal_lm"})
 CATS = ("parameters", "buffers", "gradients", "activations", "optimizer_states", "temporaries", "kv_cache", "other")
 
 
@@ -138,15 +140,20 @@ def _timeline(kind: str, m: _Model, tp: int) -> tuple:
 
 
 def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str, float]]:
-    """Activations (and KV cache) of the phase's program beyond the model's own weights, per moment."""
+    """Activations (and KV cache), and the stage-3 gathered parameters, of the phase's program beyond
+    the model's own weights, per moment: `forward` (inside the model; for a score its log-softmax
+    moment `score` runs after the model returned, with nothing gathered) and for generation
+    `prefill` and `decode`."""
     from planner.engine import generation
     from planner.engine.estimate import finish
 
     timeline, res, extra = _timeline(ph.kind, m, layout.tp)
     base = res.param_bytes + res.buffer_bytes + res.quant_state_bytes
+    start = during = 0.0
+    if layout.stage >= 3:
+        start, during = forward_gathered(m.part, m.use.setup, semantics(layout), m.use.setup.compute_dtype)
     if ph.kind == "generate":
         mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, m.part, m.use.setup, 0, 0)
-        # the cache is the same at both ends of the prefill; the decode moment carries its own split
         out = {}
         for name in ("prefill", "decode"):
             v = mem.phases.get(name)
@@ -154,10 +161,17 @@ def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str
                 continue
             kv = generation.kv_bytes_per_token(m.part, res.non_linear_dtype) * ph.batch * (
                 ph.seq if name == "prefill" else ph.seq + ph.new_tokens - 1)
-            out[name] = {"kv_cache": float(kv), "activations": float(v - base - kv)}
+            # every decode step is a forward too: the working set is gathered again
+            out[name] = {"kv_cache": float(kv), "activations": float(v - base - kv), "parameters": during}
         return out
-    mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, 0, 0)
-    return {"forward": {"activations": float(mem.peak_allocated_bytes - base)}}
+    phases = finish(timeline, extra, ph.batch * ph.seq, ph.seq, 0, 0).phases
+    fwd = float(phases["forward"] - base)
+    out = {"forward": {"activations": fwd, "parameters": during}}
+    if start > during:  # the forward's start: twice the first units, hardly any activations yet
+        out["forward start"] = {"activations": 0.0, "parameters": start}
+    if "score" in phases:
+        out["score"] = {"activations": float(phases["score"] - base)}
+    return out
 
 
 # ---- time ---------------------------------------------------------------------------------------------
@@ -312,18 +326,13 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
                 moments[f"{ph.name}.{name}"] = bd
                 gathered_at[f"{ph.name}.{name}"] = m.states.gpu.get("gathered", 0.0) if name != "optimizer" else 0.0
         else:
-            gathered = 0.0
-            if layout.stage >= 3:
-                gathered = gathered_bytes(m.part, m.use.setup, semantics(layout), m.use.setup.compute_dtype,
-                                          with_grads=False)
             for name, extra in _no_grad_moments(ph, m, layout).items():
                 bd = dict(idle)
-                bd["parameters"] = bd.get("parameters", 0.0) + gathered
+                gathered_at[f"{ph.name}.{name}"] = extra.get("parameters", 0.0)
                 _add(bd, extra)
                 bd["activations"] = bd.get("activations", 0.0) + carried
                 bd["other"] = float(cublas_workspace_bytes(cc, 1))
                 moments[f"{ph.name}.{name}"] = bd
-                gathered_at[f"{ph.name}.{name}"] = gathered
     if not moments:
         raise LayoutError(f"frozen_placement: every phase of {plan.task} runs on other GPUs")
     off_exposed = sum(c.time_s for c in offload_items)
@@ -376,4 +385,5 @@ def _train_moments(ph: Phase, m: _Model, layout: Layout, activations: Activation
     temp = 0.0
     if not layout.offload_optimizer and semantics(layout) == "torch":
         temp = opt.step_temp_bytes / (layout.dp if layout.stage >= 1 else 1)
-    return rank_moments(m.states, m.res.buffer_bytes, acts, temp, cublas_workspace_bytes(cc, 2), layout)
+    return rank_moments(m.states, m.res.buffer_bytes, acts, temp, cublas_workspace_bytes(cc, 2), layout,
+                        loss_in_model=ph.loss in LOSS_IN_MODEL)

@@ -210,10 +210,36 @@ def gathered_bytes(part: ModelSpec, plan: Plan, sem: Semantics, dtype: str, with
         linears = [lin.in_features * lin.out_features * b_lin for lin in part.layer_linears] if part.num_layers else []
         biggest = max(linears + [part.embedding_params * b, part.lm_head_params * b, part.layer_expert_params * b])
         return biggest * (2 if full else 1)
-    layer = (part.linear_params_per_layer * b_lin + part.layer_other_params * b) if part.num_layers else 0
-    root = (part.embedding_params + part.position_embedding_params + part.lm_head_params + part.final_norm_params) * b
+    layer, root = fsdp_units(part, plan, dtype)
     unit = max(layer, root)
     return 2 * unit + (unit if full else 0)
+
+
+def fsdp_units(part: ModelSpec, plan: Plan, dtype: str) -> tuple[float, float]:
+    """Bytes of FSDP's units as gathered for compute: (one decoder layer, the root: embeddings,
+    final norm, head)."""
+    b = DTYPE_BYTES[dtype]
+    b_lin = 0.5 if plan.method == "qlora" else b  # 4-bit weights are gathered packed
+    layer = (part.linear_params_per_layer * b_lin + part.layer_other_params * b) if part.num_layers else 0
+    root = (part.embedding_params + part.position_embedding_params + part.lm_head_params + part.final_norm_params
+            + part.extra_params) * b
+    return float(layer), float(root)
+
+
+def forward_gathered(part: ModelSpec, plan: Plan, sem: Semantics, dtype: str) -> tuple[float, float]:
+    """Stage-3 working set of a no-grad forward (a frozen model's, or a trained model's scoring pass):
+    (at the forward's start, while its layers run).
+
+    torch (FSDP2; seen in the fake-PG dry run of DPO's reference, Llama-2-7B at FSDP8, where these
+    terms are exact): the root unit stays gathered for the whole forward, and an all-gather's output
+    buffer is freed only at the next all-gather's wait; so at the start the root and the first layer
+    are there twice, 2(R + U), and afterwards a layer, the next one's buffer and the root, R + 2U.
+    deepspeed: the largest module, at both."""
+    if sem == "deepspeed":
+        g = gathered_bytes(part, plan, sem, dtype, with_grads=False)
+        return g, g
+    layer, root = fsdp_units(part, plan, dtype)
+    return 2 * (root + layer), root + 2 * layer
 
 
 def rank_model_states(spec: ModelSpec, plan: Plan, layout: Layout, stage: int = 0) -> RankStates:
@@ -231,6 +257,6 @@ def frozen_model_states(spec: ModelSpec, setup: Plan, layout: Layout, stage: int
     part = rank_spec(spec, layout.tp, layout.pp, stage)
     res = resident(part, setup)
     sem = semantics(layout)
-    gathered = gathered_bytes(part, setup, sem, setup.compute_dtype, with_grads=False) if layout.stage >= 3 else 0.0
+    gathered = max(forward_gathered(part, setup, sem, setup.compute_dtype)) if layout.stage >= 3 else 0.0
     st = StateBytes(params_frozen=res.param_bytes + res.quant_state_bytes, gathered=gathered)
     return partition(st, layout.stage, layout.dp, offload_params=layout.offload_params)
