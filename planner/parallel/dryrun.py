@@ -219,8 +219,9 @@ def compare_with_estimate(result: DistributedDryRunResult, plan: "Plan", layout:
 
 
 def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[str, float]]:
-    """The three moments `estimate_distributed` takes the largest of ("loss backward", "backward",
-    "optimizer"), each as a breakdown, for comparing with the dry run's phase_breakdowns. Captures
+    """The moments `estimate_distributed` takes the largest of ("loss", "loss backward", "backward",
+    "end of backward", "optimizer"; the dry run's "backward" phase spans the two backward moments),
+    each as a breakdown, for comparing with the dry run's phase_breakdowns. Captures
     the arguments of estimate._rank_memory and evaluates the same moments (estimate.rank_moments)."""
     from planner.parallel import estimate as est_mod
 

@@ -8,13 +8,18 @@ Memory of a rank (pipeline stage k; the first and the last stage are evaluated, 
                       (activations.py; "engine": the transformers program replayed by our engine on the
                       rank's TP-split layer; "megatron": Korthikanti's formulas)
     transients        one layer's forward / recompute + its backward's gradients of activations
-    head (last stage) the logits (e bytes each, vocab-parallel: b·s·V/t), and at the loss's backward
-                      its fp32 log-probabilities and two fp32 gradients (+12 bytes each)
+    head (last stage) the engine's own head and loss program (planner.engine.heads: causal_lm for sft)
+                      replayed on the rank's vocab-parallel share (vocab ceil(V/t)): what it keeps for
+                      backward (the fp32 log-probabilities, the final norm's saved tensors), what the
+                      program holds (transformers' `out.logits`), its largest forward moment and its
+                      backward's temporaries (two fp32 b·s·V/t tensors for causal_lm)
     runtime           cuBLAS workspaces (two threads); `reserved` adds the allocator's rounding
                       (engine.runtime), `device` the CUDA context (NCCL's buffers are not modelled)
-The peak is the largest of three moments: the loss's backward (last stage), a layer's backward with
-every micro-batch in flight (gradients live when they accumulate over micro-batches or pipeline
-steps), and the optimizer step (all gradients, the optimizer's temporaries, the held logits).
+The peak is the largest of five moments: the head's forward and the loss's backward (last stage), a
+layer's backward with every micro-batch in flight (gradients live when they accumulate over
+micro-batches or pipeline steps), the end of the backward (the gradients of all layers but one done,
+one layer's activations left), and the optimizer step (all gradients, the optimizer's temporaries,
+the held logits); `phases` reports each.
 CPU memory per node = the busiest rank's offloaded states × GPUs on a node.
 
 Step time (the slowest stage sets the pipeline's pace):
@@ -23,6 +28,10 @@ Step time (the slowest stage sets the pipeline's pace):
                   of the DP / ZeRO collectives (comm.py says which overlap)
     bubble        (p − 1)/v × one micro-batch's time (= bubble_fraction × the pipeline's busy time)
 tokens/s = global batch × seq / step time; MFU = model FLOPs (no recompute) / (step time × GPUs × peak).
+
+Every other training technique (rm, dpo, distill, grpo, ppo, a plugin's) goes to
+planner.parallel.techniques, which applies the same per-rank model to each model and phase of the
+technique's Workload.
 """
 
 from __future__ import annotations
@@ -218,8 +227,10 @@ def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model:
         per_layer = saved / div
         transient = max(peak - saved, bwd) / div
     kept = per_layer * part.num_layers * flight + rope.at(tokens, s) * flight
+    # at the last layer's backward (layer 0, last micro-batch): its own kept bytes and the rotary tables
+    end_kept = per_layer + rope.at(tokens, s)
     out = {"activations": kept, "transient": transient, "loss_fwd": 0.0, "loss_saved": 0.0, "loss_temp": 0.0,
-           "held": 0.0}
+           "held": 0.0, "end_kept": end_kept, "layers": float(part.num_layers)}
     if last:
         fwd, hsaved, held, bwd_temps = _engine_head(rank_spec(spec, t, pp, pp - 1), plan, spec, t, loss, res_dtype)
         out["loss_fwd"] = max((x.at(tokens, s) for x in fwd), default=0.0)
@@ -492,6 +503,13 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
                      "temporaries": acts["transient"]},
         "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
     }
+    layers = acts.get("layers", 0.0)
+    if layers:
+        # the end of the backward: every layer but the last one's gradients are done (sharded, or
+        # whole), while few activations are left (FSDP8 + checkpointing peaks here in the dry run)
+        done = grads if accumulating else grads * (layers - 1) / layers
+        out["end of backward"] = {**base, "parameters": params + gathered, "gradients": done,
+                                  "activations": acts["end_kept"] + acts["held"], "temporaries": acts["transient"]}
     if not acts.get("loss_fwd"):
         del out["loss"]  # not the last stage (or the megatron model): no head here
     return out
