@@ -25,7 +25,8 @@ QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
 TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
                     "teacher_method", "ref_logprobs", "beta", "reward_model", "value_model", "group_size",
-                    "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement", "hard_label_weight")
+                    "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement", "hard_label_weight", "logprobs",
+                    "pair_forward")
 
 
 class Plan(BaseModel):
@@ -69,6 +70,15 @@ class Plan(BaseModel):
     ref_logprobs: Literal["model", "precomputed"] = Field(
         default="model", description="dpo: a resident reference model, or log-probs computed beforehand")
     beta: float = Field(default=0.1, gt=0, description="dpo: the loss's beta")
+    pair_forward: Literal["concatenated", "separate"] = Field(
+        default="concatenated",
+        description="rm/dpo: chosen and rejected sequences in one forward of 2 x batch (TRL's trainers), or in "
+                    "two forwards of batch each whose graphs both stay alive until one backward")
+    logprobs: Literal["full", "fused"] = Field(
+        default="full",
+        description="dpo: how per-token log-probabilities are computed: full (log_softmax(logits.float()).gather "
+                    "over the batch x seq x vocab logits) or fused (TRL 1.16's fused LM head, add_fused_lm_head: "
+                    "the projection in 4096-token x 32768-vocabulary tiles, no logits)")
     reward_model: str | None = Field(default=None, description="ppo/grpo: reward model (else a reward function)")
     value_model: str | None = Field(default=None, description="ppo: value model (default: the policy's model)")
     group_size: int = Field(default=8, description="grpo: completions per prompt (>= 2)")

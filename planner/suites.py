@@ -89,6 +89,11 @@ def _alignment_suite() -> list[Plan]:
         _p("llama-3.2-1b", task="dpo", batch=1, seq=2048, method="lora"),
         _p("llama-3.2-1b", task="dpo", batch=2, seq=1024, method="qlora", grad_ckpt=True),
         _p("llama-3.2-3b", task="dpo", batch=1, seq=1024, ref_logprobs="precomputed"),
+        # the programs' variants: TRL 1.16's fused LM head, and the pair in two forwards
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, logprobs="fused"),
+        _p("llama-3.2-1b", task="dpo", batch=1, seq=2048, method="lora", logprobs="fused"),
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, pair_forward="separate"),
+        _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", pair_forward="separate"),
         _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.2-3b", batch=1, seq=2048, method="lora"),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.1-8b", batch=1, seq=1024, grad_ckpt=True),

@@ -57,6 +57,12 @@ class Phase:
     # bytes per token of tensors an earlier phase of the step created and this phase's program
     # still references (a teacher's logits during the student's step)
     carried: int = 0
+    # False when the phase runs a peft model with its adapters disabled (a LoRA policy as its own
+    # reference): the adapters stay resident but none of their operations run
+    adapters: bool = True
+    # train_step: forwards of `batch` sequences each before one backward (2: a preference pair's
+    # chosen and rejected sequences in two forwards)
+    passes: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,15 +1,20 @@
 """Built-in alignment techniques: `rm` (reward model) and `dpo`.
 
-`--batch` counts preference pairs, as TRL's per_device_train_batch_size does: each step runs the
-chosen and the rejected sequences of every pair in one batch (chosen first), 2 x batch sequences.
+`--batch` counts preference pairs, as TRL's per_device_train_batch_size does. With
+`--pair-forward concatenated` (the default, what TRL 1.16.0's DPOTrainer and RewardTrainer do) each
+step runs the chosen and the rejected sequences of every pair in one forward (chosen first),
+2 x batch sequences; with `separate` the chosen and the rejected sequences go through two forwards
+of batch sequences each, both graphs kept until one backward.
 
 Programs (shared/notes/heldout-protocol.md; what the estimate models and the backends execute):
 - rm: AutoModelForSequenceClassification(num_labels=1); rewards = model(ids).logits;
   loss = -logsigmoid(r_chosen - r_rejected).mean().
 - dpo: a frozen reference (a second copy in bf16; with LoRA/QLoRA the policy with its adapters
-  disabled; or log-probs computed beforehand) scored under no_grad, then the policy; log-probs are
-  log_softmax(logits.float()).gather(ids) summed per sequence (a full log-softmax, not TRL's
-  selective one); loss = -logsigmoid(beta * ((pc - pr) - (rc - rr))).mean().
+  disabled; or log-probs computed beforehand) scored under no_grad and the plan's autocast, then
+  the policy; loss = -logsigmoid(beta * ((pc - pr) - (rc - rr))).mean(). Log-probs (`--logprobs`,
+  planner_plugins.logprobs): `full` = log_softmax(logits.float()).gather(ids) summed per sequence
+  (the held-out protocol's hand-written program), `fused` = TRL 1.16.0's fused LM head, as its
+  DPOTrainer calls it.
 """
 
 from __future__ import annotations
@@ -18,15 +23,31 @@ from planner.architecture import seq_cls_spec
 from planner.hookspecs import hookimpl
 from planner.technique import Technique
 from planner.workload import ModelUse, Phase, Workload
+from planner_plugins.logprobs import POLICY_OUTPUTS, REFERENCE_OUTPUTS, sequence_logprobs
 
 __version__ = "0.1.0"
 
 
+def _pair_rows(plan) -> tuple[int, int]:
+    """Sequences per forward and forwards per step: one of chosen-then-rejected, or one of each."""
+    return (2 * plan.batch, 1) if plan.pair_forward == "concatenated" else (plan.batch, 2)
+
+
+def _pair_forward(fn, ids, plan):
+    """`fn` over chosen-then-rejected `ids`: one call on all rows, or one per half, concatenated."""
+    import torch
+
+    if plan.pair_forward == "concatenated":
+        return fn(ids)
+    return torch.cat([fn(ids[: plan.batch]), fn(ids[plan.batch:])])
+
+
 def rm_workload(plan, model) -> Workload:
+    rows, passes = _pair_rows(plan)
     return Workload(
         technique="rm",
         models=(ModelUse("model", seq_cls_spec(model), plan, trainable=True, ref=plan.model),),
-        phases=(Phase("train", "train_step", "model", 2 * plan.batch, plan.seq, loss="pairwise"),),
+        phases=(Phase("train", "train_step", "model", rows, plan.seq, loss="pairwise", passes=passes),),
     )
 
 
@@ -37,7 +58,7 @@ def rm_step(ctx) -> None:
     model, opt = ctx.model("model"), ctx.optimizer("model")
     ids = ctx.token_ids(2 * p.batch, p.seq)  # chosen, then rejected
     with ctx.phase("forward"):
-        rewards = model(input_ids=ids).logits.squeeze(-1)
+        rewards = _pair_forward(lambda x: model(input_ids=x).logits.squeeze(-1), ids, p)
         loss = -F.logsigmoid(rewards[: p.batch] - rewards[p.batch:]).mean()
     with ctx.phase("backward"):
         loss.backward()
@@ -48,23 +69,21 @@ def rm_step(ctx) -> None:
 
 def dpo_workload(plan, model) -> Workload:
     policy = ModelUse("policy", model, plan, trainable=True, ref=plan.model)
-    rows = 2 * plan.batch
-    phases = [Phase("policy", "train_step", "policy", rows, plan.seq, loss="logprobs")]
+    rows, passes = _pair_rows(plan)
+    fused = plan.logprobs == "fused"
+    phases = [Phase("policy", "train_step", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
+                    passes=passes)]
     models = [policy]
     if plan.ref_logprobs == "model":
         if plan.method == "full":
             ref_setup = plan.model_copy(update={"precision": "bf16" if plan.precision != "fp16" else "fp16"})
             models.append(ModelUse("reference", model, ref_setup, trainable=False, ref=plan.model))
-            phases.insert(0, Phase("reference", "score", "reference", rows, plan.seq))
-        else:  # the base model with the adapters disabled: no second copy
-            phases.insert(0, Phase("reference", "score", "policy", rows, plan.seq))
+            phases.insert(0, Phase("reference", "score", "reference", rows, plan.seq,
+                                   loss="fused_logprobs" if fused else "logprobs", passes=passes))
+        else:  # the base model with the adapters disabled: no second copy (the policy's fused head)
+            phases.insert(0, Phase("reference", "score", "policy", rows, plan.seq,
+                                   loss="fused" if fused else "logprobs", adapters=False, passes=passes))
     return Workload(technique="dpo", models=tuple(models), phases=tuple(phases))
-
-
-def _sequence_logprobs(logits, ids):
-    import torch
-
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
 
 
 def dpo_step(ctx) -> None:
@@ -76,16 +95,25 @@ def dpo_step(ctx) -> None:
     p = ctx.plan
     policy, opt = ctx.model("policy"), ctx.optimizer("policy")
     ids = ctx.token_ids(2 * p.batch, p.seq)
-    with ctx.phase("reference"), torch.no_grad():
+    # the HF Trainer runs compute_loss, the reference's forward included, under the plan's autocast
+    with ctx.phase("reference"), torch.no_grad(), ctx.autocast():
         if p.ref_logprobs == "precomputed":
             ref = torch.zeros(2 * p.batch, device=ids.device)
         elif p.method == "full":
-            ref = _sequence_logprobs(ctx.model("reference")(input_ids=ids, use_cache=False).logits, ids)
+            reference = ctx.model("reference")
+            ref = _pair_forward(lambda x: sequence_logprobs(reference, x, p.logprobs, REFERENCE_OUTPUTS)[0], ids, p)
         else:
             with policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext():
-                ref = _sequence_logprobs(policy(input_ids=ids, use_cache=False).logits, ids)
+                ref = _pair_forward(lambda x: sequence_logprobs(policy, x, p.logprobs, POLICY_OUTPUTS)[0], ids, p)
     with ctx.phase("forward"):
-        pol = _sequence_logprobs(policy(input_ids=ids).logits, ids)
+        outputs = []  # the model outputs stay bound through the step, as in TRL's compute_loss
+
+        def policy_logprobs(x):
+            lp, out = sequence_logprobs(policy, x, p.logprobs, POLICY_OUTPUTS)
+            outputs.append(out)
+            return lp
+
+        pol = _pair_forward(policy_logprobs, ids, p)
         margin = (pol[: p.batch] - pol[p.batch:]) - (ref[: p.batch] - ref[p.batch:])
         loss = -F.logsigmoid(p.beta * margin).mean()
     with ctx.phase("backward"):
@@ -98,13 +126,14 @@ def dpo_step(ctx) -> None:
 RM = Technique(
     name="rm", kind="alignment",
     description="reward model: sequence-classification head, pairwise loss on chosen and rejected",
-    workload=rm_workload, step=rm_step, plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer"),
+    workload=rm_workload, step=rm_step, plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "pair_forward"),
 )
 DPO = Technique(
     name="dpo", kind="alignment",
     description="direct preference optimization: trainable policy, frozen reference (or adapters off)",
     workload=dpo_workload, step=dpo_step,
-    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "ref_logprobs", "beta", "frozen_placement"),
+    plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "ref_logprobs", "beta", "frozen_placement",
+                 "logprobs", "pair_forward"),
 )
 
 

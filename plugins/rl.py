@@ -87,7 +87,7 @@ def grpo_workload(plan, model) -> Workload:
             models.append(ModelUse("reference", model, _frozen(plan), trainable=False, ref=plan.model))
             phases.append(Phase("reference", "score", "reference", rows, total))
         else:
-            phases.append(Phase("reference", "score", "policy", rows, total))
+            phases.append(Phase("reference", "score", "policy", rows, total, adapters=False))
     phases.append(Phase("train", "train_step", "policy", rows, total, loss="logprobs"))
     return Workload(technique="grpo", models=tuple(models), phases=tuple(phases))
 
@@ -117,7 +117,7 @@ def ppo_workload(plan, model) -> Workload:
             models.append(ModelUse("reference", model, _frozen(plan), trainable=False, ref=plan.model))
             phases.append(Phase("reference", "score", "reference", plan.batch, total))
         else:
-            phases.append(Phase("reference", "score", "policy", plan.batch, total))
+            phases.append(Phase("reference", "score", "policy", plan.batch, total, adapters=False))
     phases += [
         Phase("policy_train", "train_step", "policy", mini, total, loss="logprobs"),
         Phase("value_train", "train_step", "value", mini, total, loss="pairwise"),

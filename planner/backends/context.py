@@ -42,6 +42,11 @@ class StepContext(ABC):
         with self._autocast() if name == "forward" else contextlib.nullcontext():
             yield
 
+    def autocast(self) -> Any:
+        """The plan's autocast context, for a forward outside a "forward" phase that a trainer still
+        runs under autocast (TRL's DPOTrainer scores the reference inside `compute_loss`)."""
+        return self._autocast()
+
     def _enter_phase(self, name: str) -> None:
         self.current_phase = name
 

@@ -155,6 +155,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         if any(use.setup.method == "qlora" for use in workload.models):
             stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
+        if getattr(plan, "logprobs", "full") == "fused":
+            stack.enter_context(_patches.trl_triton_kernels())
         models = {}
         opts = {}
         for use in workload.models:
@@ -209,7 +211,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     if device == "cpu" and times:
         later = sorted(times[1:] or times)
         step_time = later[len(later) // 2]
-    tokens = sum(p.batch * (p.seq + p.new_tokens) for p in workload.phases)
+    tokens = sum(p.batch * p.passes * (p.seq + p.new_tokens) for p in workload.phases)
     return Measurement(
         backend="dry-run" if device == "fake" else "real", device=device,
         step_time_s=step_time, tokens_per_s=tokens / step_time if step_time else None,
@@ -220,16 +222,22 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
 
 
 def _loss_phase_hooks(models: dict[str, Any], tracker) -> list[Any]:
-    """Mark the 'loss' phase from the output head's forward on, as planner.dryrun does."""
+    """Mark the 'loss' phase from the output head's forward on, as planner.dryrun does, and the
+    'forward' phase again when another forward of the same phase starts (a pair's second half)."""
     handles = []
+
+    def to_loss(_mod, _inp, _out):
+        if tracker.phase == "forward":
+            tracker.phase = "loss"
+
+    def to_forward(_mod, _inp):
+        if tracker.phase == "loss":
+            tracker.phase = "forward"
+
     for model in models.values():
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             continue
-
-        def to_loss(_mod, _inp, _out):
-            if tracker.phase == "forward":
-                tracker.phase = "loss"
-
         handles.append(head.register_forward_hook(to_loss))
+        handles.append(model.register_forward_pre_hook(to_forward))
     return handles

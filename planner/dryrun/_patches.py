@@ -450,3 +450,50 @@ def kv_cache_attribution(tracker) -> Iterator[None]:
         yield
     finally:
         cls.update = orig
+
+
+# -------------------------------------------------------------------------------------------
+# 6. TRL's fused LM head: allocate what its Triton kernels allocate
+# -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def trl_triton_kernels() -> Iterator[None]:
+    """TRL 1.16's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) folds every logits tile
+    with a Triton kernel on CUDA: the forward kernel writes only per-token statistics, the backward
+    kernel overwrites the tile with its gradient, and `_addmm_fp32` accumulates the gradient GEMMs
+    with `torch.addmm(..., out_dtype=torch.float32, out=acc)`. Without Triton, TRL folds with torch
+    ops whose tile-sized fp32 temporaries (and `a.float()` copies) a GPU run never allocates. Here
+    the folds allocate what the kernels do: nothing. On fake tensors they are skipped (their values
+    are never read back); on real tensors TRL's own torch folds run with the tracker's dispatch
+    modes disabled, as a kernel's registers are invisible to the allocator."""
+    import torch
+    import trl.kernels.chunked_logprob as ck
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    orig = {name: getattr(ck, name) for name in ("_forward_tile", "_backward_tile", "_addmm_fp32")}
+
+    def kernel(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(tile, *args, **kwargs):
+            if _is_fake(tile):
+                return None
+            with _disable_current_modes():
+                return fn(tile, *args, **kwargs)
+        return run
+
+    def addmm_fp32(acc, a, b) -> None:
+        if a.dtype not in (torch.float16, torch.bfloat16):
+            return orig["_addmm_fp32"](acc, a, b)  # fp32 inputs: `.float()` returns them, no copy
+        if _is_fake(acc):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # CUDA's path (meta kernel)
+            return None
+        with _disable_current_modes():
+            return orig["_addmm_fp32"](acc, a, b)
+
+    ck._forward_tile = kernel(orig["_forward_tile"])
+    ck._backward_tile = kernel(orig["_backward_tile"])
+    ck._addmm_fp32 = addmm_fp32
+    try:
+        yield
+    finally:
+        for name, fn in orig.items():
+            setattr(ck, name, fn)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from planner.architecture import ModelSpec
 from planner.engine import generation, scoring, training
+from planner.engine.heads import TILED_HEADS, FusedTiles
 from planner.engine.resident import resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.timeline import CompiledTimeline
@@ -28,14 +29,17 @@ _BUILDERS = {"train_step": training.build, "generate": generation.build, "score"
 _cache: dict[tuple, tuple] = {}
 
 
-def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm") -> tuple:
+def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm", tiles: FusedTiles | None = None,
+              adapters: bool = True, passes: int = 1) -> tuple:
     spec, setup = use.spec, use.setup
     d = setup.__dict__
-    key = (kind, loss, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
+    key = (kind, loss, tiles, adapters, passes, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
     hit = _cache.get(key)
     if hit is None or hit[0] is not spec:
         if kind == "train_step":
-            built = training.build(spec, setup, loss)
+            built = training.build(spec, setup, loss, tiles, passes)
+        elif kind == "score":
+            built = scoring.build(spec, setup, loss, tiles, adapters)
         else:
             built = _BUILDERS[kind](spec, setup)
         hit = (spec, *built)
@@ -61,7 +65,9 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
     multi = len(workload.phases) > 1
     for ph in workload.phases:
         use = workload.model(ph.role)
-        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss)
+        # the fused head's buffers depend on the scored positions: batch x (seq - 1)
+        tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
+        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes)
         if ph.kind == "generate":
             mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, use.spec, use.setup,
                                       context, cublas_workspace_bytes(cc, 1))

@@ -15,6 +15,13 @@ Programs (shared/notes/heldout-protocol.md; the techniques' `step` functions run
   sequence; nothing of batch x seq x vocab size is held after the loss but log_softmax's output.
 - pairwise (reward model): sequence-classification head `score` (hidden -> 1) on every position,
   the last token's score pooled; loss `-logsigmoid(r_chosen - r_rejected).mean()`.
+- fused (DPO's policy with `logprobs: fused`): TRL 1.16.0's fused LM head (add_fused_lm_head):
+  `model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs` summed per sequence; the hidden
+  states of the scored positions are gathered (`hidden[mask]`), projected in tiles of
+  4096 tokens x 32768 vocabulary entries into one reused buffer and folded into per-token statistics;
+  its backward recomputes every tile and accumulates the hidden states' (and the head weight's)
+  gradients in fp32. The scored positions are counted as batch x seq (TRL scores seq - 1 per
+  sequence: the estimate is high by one position per sequence).
 - kl (distillation): `kl_div(log_softmax(s.float()), log_softmax(t.float()), log_target=True,
   reduction="batchmean")` with the student's logits `s` bound through the step; the teacher's
   logits are carried from the teacher's phase.
@@ -24,11 +31,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TRL_TOKEN_TILE = 4096  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE (TRL 1.16.0)
+TRL_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16.0)
+# per-token outputs of the fused head and their bytes (FusedCausalLMOutput's fields)
+FUSED_OUTPUT_BYTES = {"log_probs": 4, "entropy": 4, "log_sum_sq_probs": 4, "mean_logits": 4, "is_top1": 1}
+# TRL 1.16.0's DPOTrainer patches the policy with these (entropy, mean logits and top-1 feed its metrics)
+FUSED_POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """What of the fused head's buffers depends on the number N of scored positions: the tile buffer
+    has min(N, 4096) rows; with more than one token tile the chunk casts are re-made per tile."""
+
+    rows: int
+    several: bool
+
+    @classmethod
+    def for_positions(cls, n: int) -> "FusedTiles":
+        return cls(min(n, TRL_TOKEN_TILE), n > TRL_TOKEN_TILE)
+
 from planner.architecture import ModelSpec
 from planner.engine.layers import LayerCfg, gemma_rms_norm, layer_norm, rms_norm
 from planner.engine.ops import Weight, binary, cast, linear, unary
 from planner.engine.resident import Resident
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, tok
+from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, fixed, tok
 
 
 @dataclass
@@ -39,6 +66,8 @@ class HeadRun:
     held: Sym = ZERO
     prev_held: Sym = ZERO
     backward: list[tuple[str, Sym, dict[str, Sym]]] = field(default_factory=list)
+    # whether the head runs inside the backbone's forward (which holds `inputs_embeds` until it returns)
+    inside_backbone: bool = True
 
 
 def _norm_and_logits(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool):
@@ -127,6 +156,80 @@ def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     )
 
 
+def fused_head_forward(tp: Tape, hn, spec: ModelSpec, cfg: LayerCfg, res: Resident, tiles: FusedTiles,
+                       outputs: tuple[str, ...]) -> dict:
+    """TRL's `_fused_forward` after the backbone, on the tape: returns the moment of the tile buffer,
+    and what the program and autograd keep (per-token outputs, the gathered hidden states)."""
+    V, H = spec.vocab_size, spec.hidden_size
+    mask = tp.new(tok(1), "bool", False, "label_mask")
+    hc = tp.new(tok(H), hn.dtype, hn.rg, "hidden[mask]")  # index's backward keeps only the mask
+    tp.save(mask)
+    targets = tp.new(tok(1), "int64", False, "labels[mask]")
+    stats = tp.new(tok(7), "fp32", False, "online log-sum-exp statistics")
+    cd = cfg.autocast or hc.dtype
+    buf = tp.new(fixed(tiles.rows * TRL_VOCAB_TILE), cd, False, "projection tile")
+    casts = []
+    if hc.dtype != cd:  # hidden[tile].to(compute dtype), bound until the next token tile
+        casts.append(tp.new(fixed(tiles.rows * H), cd, False, "hidden tile cast"))
+    if res.non_linear_dtype != cd:  # weight[chunk].to(compute dtype), an argument of torch.mm
+        casts.append(tp.new(fixed(min(V, TRL_VOCAB_TILE) * H), cd, False, "lm_head chunk cast"))
+    tile_moment = tp.live
+    tp.drop(*casts, buf)
+    log_z = tp.new(tok(1), "fp32", False, "log_z")
+    kept = [log_z]
+    outs = [tp.new(tok(1), "fp32", False, "log_probs")]
+    if "entropy" in outputs:
+        outs.append(tp.new(tok(1), "fp32", False, "entropy"))
+        kept.append(outs[-1])
+    for name in outputs:
+        if name not in ("log_probs", "entropy"):
+            outs.append(tp.new(tok(1), "fp32" if FUSED_OUTPUT_BYTES[name] == 4 else "bool", False, name))
+    tp.drop(stats)
+    tp.save(hc, targets, *kept)
+    # each output scattered back to (batch, seq - 1): new_zeros(...).masked_scatter(mask, x)
+    held = ZERO
+    for o in outs:
+        full = tp.new(tok(1), o.dtype, False, f"{o.name} scattered")
+        tp.drop(o)
+        held = held + full.size
+    return {"tile": tile_moment, "held": held, "hidden": hc, "cd": cd}
+
+
+def fused(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool,
+          tiles: FusedTiles = FusedTiles(TRL_TOKEN_TILE, True),
+          outputs: tuple[str, ...] = FUSED_POLICY_OUTPUTS) -> HeadRun:
+    V, H = spec.vocab_size, spec.hidden_size
+    tp = Tape()
+    x = tp.new(tok(H), res_dtype, True, "final_hidden")
+    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
+    hn = norm(tp, x, cfg, "norm")
+    tp.drop(x)
+    f = fused_head_forward(tp, hn, spec, cfg, res, tiles, outputs)
+    tp.drop(hn)  # `backbone_outputs` is released when the patched forward returns
+    hc, cd = f["hidden"], f["cd"]
+    # ChunkedLogProbFunction.backward: fp32 accumulators, the tile buffer, the chunk casts, then
+    # `grad.to(dtype)` of each accumulator while the accumulators and the buffer are still bound
+    grad_in = Sym(t=2 * 4)  # the log-probs' gradient: slice backward's zeros and masked_select's output
+    acc = Sym(t=H * 4) + (Sym(c=V * H * 4) if full else ZERO)
+    buf = Sym(c=tiles.rows * TRL_VOCAB_TILE * DTYPE_BYTES[cd])
+    h_cast = Sym(c=tiles.rows * H * DTYPE_BYTES[cd]) if hc.dtype != cd else ZERO
+    w_chunk = Sym(c=min(V, TRL_VOCAB_TILE) * H * DTYPE_BYTES[cd]) if res.non_linear_dtype != cd else ZERO
+    last_chunk = V - TRL_VOCAB_TILE * ((V - 1) // TRL_VOCAB_TILE)
+    w_last = Sym(c=last_chunk * H * DTYPE_BYTES[cd]) if res.non_linear_dtype != cd else ZERO
+    # `w_chunk = weight[...].to(...)` is rebound: the new cast exists before the old one is freed
+    rebinds = 2 if (V > TRL_VOCAB_TILE or tiles.several) else 1
+    out_casts = (Sym(t=H * DTYPE_BYTES[hc.dtype]) if hc.dtype != "fp32" else ZERO) + (
+        Sym(c=V * H * DTYPE_BYTES[res.non_linear_dtype]) if full and res.non_linear_dtype != "fp32" else ZERO)
+    return HeadRun(
+        forward=[("forward", "fused lm_head tile", f["tile"], {}, True),
+                 ("forward", "fused lm_head outputs", tp.live, {}, True)],
+        saved=tp.saved_total, held=f["held"],
+        backward=[("fused lm_head backward tile", grad_in + acc + buf + h_cast + w_chunk * rebinds, {}),
+                  ("fused lm_head backward return", grad_in + acc + buf + h_cast + w_last + out_casts, {})],
+        inside_backbone=False,
+    )
+
+
 def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool,
        hard_labels: bool = False) -> HeadRun:
     V = spec.vocab_size
@@ -174,4 +277,14 @@ def kl_hard(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full:
     return kl(spec, cfg, res, res_dtype, full, hard_labels=True)
 
 
-HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "pairwise": pairwise, "kl": kl, "kl_hard": kl_hard}
+def fused_logprobs_only(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool,
+                        tiles: FusedTiles = FusedTiles(TRL_TOKEN_TILE, True)) -> HeadRun:
+    """The fused head patched with the default outputs (log-probabilities only)."""
+    return fused(spec, cfg, res, res_dtype, full, tiles, ("log_probs",))
+
+
+HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "pairwise": pairwise, "kl": kl, "kl_hard": kl_hard,
+         "fused": fused, "fused_logprobs": fused_logprobs_only}
+# heads whose buffers depend on the number of scored positions (built per FusedTiles), and the
+# per-token outputs each asks the fused head for
+TILED_HEADS = {"fused": FUSED_POLICY_OUTPUTS, "fused_logprobs": ("log_probs",)}

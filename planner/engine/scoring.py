@@ -8,18 +8,27 @@ their fp32 copy and the fp32 log-softmax.
 
 from __future__ import annotations
 
+import dataclasses
+
 from planner.architecture import ModelSpec
+from planner.engine.heads import TILED_HEADS, FusedTiles, fused_head_forward
 from planner.engine.resident import Resident, resident
-from planner.engine.tape import DTYPE_BYTES, Sym
+from planner.engine.tape import DTYPE_BYTES, Sym, Tape, tok
 from planner.engine.timeline import CompiledTimeline, Timeline
 from planner.engine.training import layer_cfg, resident_details, run_layer
 from planner.specs import Plan
 
 
-def _no_grad_forward(spec: ModelSpec, plan: Plan, keep_previous_logits: bool):
+def _cfg(spec: ModelSpec, plan: Plan, res: Resident, adapters: bool):
+    cfg = layer_cfg(spec, plan, res, training=False)
+    # peft's disable_adapter(): the adapters stay resident, the base layers run alone
+    return cfg if adapters else dataclasses.replace(cfg, loras={})
+
+
+def _no_grad_forward(spec: ModelSpec, plan: Plan, keep_previous_logits: bool, adapters: bool = True):
     """The timeline of a no-grad forward up to the full logits, and what later moments need."""
     res = resident(spec, plan)
-    cfg = layer_cfg(spec, plan, res, training=False)
+    cfg = _cfg(spec, plan, res, adapters)
     dt = res.non_linear_dtype
     layer = run_layer(cfg, dt, False, grad=False)
     h = spec.hidden_size
@@ -37,12 +46,38 @@ def _no_grad_forward(spec: ModelSpec, plan: Plan, keep_previous_logits: bool):
     return tl, res, base, logits, V, dt
 
 
-def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
-    tl, res, base, logits, V, dt = _no_grad_forward(spec, plan, keep_previous_logits=False)
+def build(spec: ModelSpec, plan: Plan, loss: str = "logprobs", tiles: FusedTiles | None = None,
+          adapters: bool = True) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    if loss in TILED_HEADS:
+        return build_fused(spec, plan, TILED_HEADS[loss], tiles or FusedTiles.for_positions(1 << 30), adapters)
+    tl, res, base, logits, V, dt = _no_grad_forward(spec, plan, keep_previous_logits=False, adapters=adapters)
     fp32 = Sym(t=V * 4)
     lsm = logits + fp32 + (fp32 if dt != "fp32" else Sym())
     tl.add("score", "log_softmax over fp32 logits", **base, activations=lsm,
            details={"logits_fp32": fp32 * (2 if dt != "fp32" else 1), **({"logits": logits} if dt != "fp32" else {})})
+    return tl.compiled(), res, resident_details(res)
+
+
+def build_fused(spec: ModelSpec, plan: Plan, outputs: tuple[str, ...], tiles: FusedTiles,
+                adapters: bool = True) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    """`with torch.no_grad(): model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs` (TRL
+    1.16.0's fused LM head, planner.engine.heads.fused): the layers, then the final norm's output,
+    the gathered hidden states and one projection tile; no logits."""
+    res = resident(spec, plan)
+    cfg = _cfg(spec, plan, res, adapters)
+    dt = res.non_linear_dtype
+    layer = run_layer(cfg, dt, False, grad=False)
+    h = spec.hidden_size
+    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
+    base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
+    embeds = Sym(t=h * DTYPE_BYTES[dt])  # `inputs_embeds`, referenced until the backbone returns
+    tl = Timeline()
+    for peak in layer.peaks:
+        tl.add("forward", "last decoder layer", **base, activations=peak + rope + embeds)
+    tp = Tape(grad=False)
+    hn = tp.new(tok(h), layer.out_dtype, False, "last_hidden_state")
+    f = fused_head_forward(tp, hn, spec, cfg, res, tiles, outputs)
+    tl.add("score", "fused lm_head tile", **base, activations=f["tile"])
     return tl.compiled(), res, resident_details(res)
 
 

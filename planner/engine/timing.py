@@ -33,14 +33,15 @@ def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
         targets = lora_targets(spec, setup) if setup.method != "full" else []
         kw = dict(dtype=setup.compute_dtype, method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets,
                   flash=setup.attn == "sdpa", eff=eff)
+        rows = ph.batch * ph.passes  # two forwards of a pair's halves cost what one of both costs
         if ph.kind == "train_step":
-            t = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, **kw)
+            t = compute.micro_batch_time(spec, rows * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, **kw)
             res = resident(spec, setup)
             # read param, grad, 2 states; write param, 2 states (AdamW), in the trainable dtype
             per_elem = 7 * (4 if res.trainable_dtype == "fp32" else 2)
             out[ph.name] = t.total + compute.optimizer_step_time(res.trainable_elems, per_elem, gpu, eff)
         elif ph.kind in ("score", "forward"):
-            out[ph.name] = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+            out[ph.name] = compute.micro_batch_time(spec, rows * ph.seq, ph.seq, gpu, **kw).forward
         elif ph.kind == "generate":
             prefill = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
             res = resident(spec, setup)
@@ -54,4 +55,4 @@ def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
 
 
 def tokens_per_step(workload: Workload) -> int:
-    return sum(ph.batch * (ph.seq + ph.new_tokens) for ph in workload.phases if ph.kind in ("train_step", "generate"))
+    return sum(ph.batch * ph.passes * (ph.seq + ph.new_tokens) for ph in workload.phases if ph.kind in ("train_step", "generate"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.architecture import ModelSpec
-from planner.engine.heads import HEADS
+from planner.engine.heads import HEADS, TILED_HEADS, FusedTiles
 from planner.engine.layers import LAYERS, LayerCfg
 from planner.engine.ops import Lora, Weight
 from planner.engine.optimizers import optimizer_memory
@@ -120,7 +120,8 @@ def prologue_kept(spec: ModelSpec, cfg: LayerCfg, emb_dtype: str, input_rg: bool
     return ZERO
 
 
-def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
+          passes: int = 1) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res)
     opt = optimizer_memory(plan.optimizer, res, spec.num_layers)
@@ -158,7 +159,10 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
             return first.saved + steady.saved * (n - 1) if n > 0 else ZERO
 
     # ---- head: final norm and the loss program ---------------------------------------------------
-    head = HEADS[loss](spec, cfg, res, res_dtype, full)
+    if loss in TILED_HEADS:
+        head = HEADS[loss](spec, cfg, res, res_dtype, full, tiles=tiles or FusedTiles.for_positions(1 << 30))
+    else:
+        head = HEADS[loss](spec, cfg, res, res_dtype, full)
     logits_held = head.held  # e.g. `out.logits`, referenced until the next forward returns
     prev_held = head.prev_held
 
@@ -167,49 +171,65 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm") -> tuple[Compile
     buffers = Sym(c=res.buffer_bytes)
     qstate = Sym(c=res.quant_state_bytes)
     states = Sym(c=opt.state_bytes)
-    grads_all = Sym(c=res.grad_bytes)
     base = dict(parameters=params, buffers=buffers, other=qstate, optimizer_states=states)
 
     tl = Timeline()
-    # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
+    # `passes` forwards of the same shape before one backward (a pair's chosen and rejected
+    # sequences in two forwards): every earlier forward's graph (what its layers and head keep) and
+    # the outputs the program binds stay live through the later ones; autograd then runs the graphs
+    # backward latest first (higher sequence numbers first)
+    graph = kept(L) + rope + head.saved + logits_held
     # the model's forward keeps `inputs_embeds` referenced until it returns
     embeds = ZERO if first.input_saved else Sym(t=h * DTYPE_BYTES[emb_dtype])
-    for peak in fwd_layer.peaks:
-        tl.add("forward", "last decoder layer", **base,
-               activations=kept(L - 1) + cached * L + rope + embeds + peak + prev_held)
     layers_kept = kept(L) + rope
-    for phase, what, live, details, with_prev in head.forward:
-        # the loss runs inside the autocast region only when it is computed inside model(...)
-        in_autocast = cached * L if with_prev else ZERO
-        tl.add(phase, what, **base, activations=layers_kept + in_autocast + (embeds if phase == "forward" else ZERO)
-               + live + (prev_held if with_prev else ZERO), details=details)
+    for p in range(passes):
+        before = graph * p
+        # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
+        for peak in fwd_layer.peaks:
+            tl.add("forward", "last decoder layer", **base,
+                   activations=before + kept(L - 1) + cached * L + rope + embeds + peak + prev_held)
+        for phase, what, live, details, with_prev in head.forward:
+            # the loss runs inside the autocast region only when it is computed inside model(...)
+            in_autocast = cached * L if with_prev else ZERO
+            in_backbone = phase == "forward" and head.inside_backbone
+            tl.add(phase, what, **base, activations=before + layers_kept + in_autocast
+                   + (embeds if in_backbone else ZERO) + live + (prev_held if with_prev else ZERO), details=details)
 
-    # backward: the loss and head first, then the layers
-    for what, temps, details in head.backward:
-        tl.add("backward", what, **base, activations=layers_kept + head.saved + logits_held, temporaries=temps,
-               details=details)
     head_grads = Sym(c=res.head_grad_bytes)
     grad_l = Sym(c=res.layer_grad_bytes)
-    bwd_t = backward_transient(cfg, plan.compute_dtype, res_dtype)
-    # layer L-1 (first in backward) and layer 0 (last): the ends of a linear walk
-    for idx in (L - 1, 0):
-        done = head_grads + grad_l * (L - 1 - idx)
-        if plan.grad_ckpt:
-            # the layer's forward is re-run (saving everything) right before its backward
-            for peak in steady.peaks:
-                tl.add("backward", f"decoder layer {idx} recompute", **base,
-                       activations=kept(idx) + rope + peak + logits_held, gradients=done)
-            acts = kept(idx + 1) + rope + steady.saved + logits_held
-        else:
-            acts = kept(idx + 1) + rope + logits_held
-        tl.add("backward", f"decoder layer {idx} backward", **base,
-               activations=acts, gradients=done, temporaries=bwd_t)
-    # the embedding's gradient is a temporary of embedding_dense_backward until AccumulateGrad
-    # stores it as .grad; the gradient of the embedding output is still live
+    grads_all = Sym(c=res.grad_bytes)
     embed_grad = Sym(c=res.embed_grad_bytes)
-    tl.add("backward", "embedding backward", **base, activations=logits_held, gradients=grads_all - embed_grad,
-           temporaries=embed_grad + Sym(t=h * DTYPE_BYTES[res_dtype]))
-    tl.add("optimizer", f"{plan.optimizer} step", **base, activations=logits_held, gradients=grads_all,
+    bwd_t = backward_transient(cfg, plan.compute_dtype, res_dtype)
+    # a later graph's gradients are computed into new tensors and added to the existing .grad
+    accumulate = Sym(c=max((w.in_features * w.out_features * DTYPE_BYTES[res.trainable_dtype]
+                            for w in cfg.weights.values() if w.trainable), default=0))
+    for p in reversed(range(passes)):
+        waiting = graph * p + logits_held * (passes - 1 - p)  # earlier graphs; later passes' outputs
+        first_bwd = p == passes - 1
+        # backward: the loss and head first, then the layers
+        for what, temps, details in head.backward:
+            tl.add("backward", what, **base, activations=waiting + layers_kept + head.saved + logits_held,
+                   temporaries=temps, gradients=ZERO if first_bwd else grads_all, details=details)
+        # layer L-1 (first in backward) and layer 0 (last): the ends of a linear walk
+        for idx in (L - 1, 0):
+            done = head_grads + grad_l * (L - 1 - idx) if first_bwd else grads_all
+            new_grads = ZERO if first_bwd else accumulate
+            if plan.grad_ckpt:
+                # the layer's forward is re-run (saving everything) right before its backward
+                for peak in steady.peaks:
+                    tl.add("backward", f"decoder layer {idx} recompute", **base,
+                           activations=waiting + kept(idx) + rope + peak + logits_held, gradients=done)
+                acts = kept(idx + 1) + rope + steady.saved + logits_held
+            else:
+                acts = kept(idx + 1) + rope + logits_held
+            tl.add("backward", f"decoder layer {idx} backward", **base,
+                   activations=waiting + acts, gradients=done, temporaries=bwd_t + new_grads)
+        # the embedding's gradient is a temporary of embedding_dense_backward until AccumulateGrad
+        # stores it as .grad; the gradient of the embedding output is still live
+        tl.add("backward", "embedding backward", **base, activations=waiting + logits_held,
+               gradients=grads_all - (embed_grad if first_bwd else ZERO),
+               temporaries=embed_grad + Sym(t=h * DTYPE_BYTES[res_dtype]))
+    tl.add("optimizer", f"{plan.optimizer} step", **base, activations=logits_held * passes, gradients=grads_all,
            temporaries=Sym(c=opt.step_temp_bytes))
     extra = resident_details(res)
     if opt.paged_bytes:

@@ -1,0 +1,127 @@
+"""The DPO/RM program variants: TRL 1.16's fused LM head (`--logprobs fused`) and a preference pair
+in two forwards (`--pair-forward separate`): their log-probabilities, their estimates, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from planner.cli import main
+from planner.engine.estimate import estimate
+from planner.models import load_model
+from planner.specs import Plan
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    return main(list(argv), stdout=out, stderr=err), out.getvalue(), err.getvalue()
+
+
+def _est(**kw):
+    plan = Plan(**kw)
+    return estimate(plan, load_model(plan.model))
+
+
+def test_fused_head_holds_no_logits():
+    """Full log-probs keep batch x seq x vocab fp32 tensors; the fused head's extra memory grows with
+    the tokens only through hidden-sized tensors: doubling the sequence costs far less."""
+    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2)
+    full = {s: _est(**base, seq=s).phases["policy.backward"] for s in (512, 1024)}
+    fused = {s: _est(**base, seq=s, logprobs="fused").phases["policy.backward"] for s in (512, 1024)}
+    V = load_model("qwen2.5-0.5b").vocab_size
+    extra_tokens = 2 * 2 * 512  # rows x added positions
+    assert fused[1024] < full[1024]
+    # the full program's growth includes >= 3 fp32 vocabulary-wide tensors per added token
+    assert (full[1024] - full[512]) - (fused[1024] - fused[512]) >= 3 * 4 * V * extra_tokens * 0.9
+
+
+def test_fused_tile_buffer_is_capped_at_4096_tokens():
+    """TRL's projection buffer has min(N, 4096) rows of 32768 entries: above 4096 scored positions
+    it stops growing, so the reference phase grows only by hidden-sized tensors."""
+    base = dict(model="llama-3.2-1b", task="dpo", logprobs="fused", method="lora")
+    small, large = (_est(**base, batch=1, seq=s).phases["reference.score"] for s in (4097, 8193))
+    H = load_model("llama-3.2-1b").hidden_size
+    # 2 x 4096 more positions: the final hidden states, their gathered copy and the embeddings
+    # (bf16), the per-token statistics and mask; no second tile buffer (32768 x 2 bytes per row)
+    per_token = (large - small) / (2 * 4096)
+    assert per_token < 4 * H * 2 + 64
+    assert per_token > 2 * H * 2
+
+
+def test_separate_forwards_lower_the_loss_peak_but_not_the_saved_activations():
+    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=1024)
+    one, two = _est(**base), _est(**base, pair_forward="separate")
+    assert two.phases["policy.loss"] < one.phases["policy.loss"]
+    # both graphs are alive before the backward: the activations at the peak are the same
+    assert two.breakdown["activations"] == pytest.approx(one.breakdown["activations"], rel=0.01)
+
+
+def test_separate_forwards_count_the_same_tokens():
+    from planner.plugins import technique
+    from planner.engine.timing import tokens_per_step
+
+    for pf in ("concatenated", "separate"):
+        plan = Plan(model="qwen2.5-0.5b", task="rm", batch=3, seq=256, pair_forward=pf)
+        assert tokens_per_step(technique("rm").workload(plan, load_model(plan.model))) == 2 * 3 * 256
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "sft", "--logprobs", "fused"], "logprobs: only applies with task dpo (task is sft)"),
+    (["--task", "grpo", "--pair-forward", "separate"], "pair_forward: only applies with task dpo or rm (task is grpo)"),
+    (["--task", "dpo", "--logprobs", "selective"], "logprobs"),
+    (["--task", "rm", "--pair-forward", "two"], "pair_forward"),
+])
+def test_bad_variant_input_is_one_line(argv, message):
+    code, out, err = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", *argv])
+    assert code == 2 and out == "", err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_reports_the_variant_in_json():
+    code, out, err = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--task", "dpo", "--logprobs", "fused",
+                          "--pair-forward", "separate", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["plan"]["logprobs"] == "fused" and doc["plan"]["pair_forward"] == "separate"
+
+
+# ---- the real programs (torch, transformers, TRL) -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_cache=False, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_fused_logprobs_equal_the_full_log_softmax_under_the_kernel_emulation(tiny_model):
+    """TRL's fused head, with the CPU folds replaced as on a dry run of a GPU program
+    (planner.dryrun._patches.trl_triton_kernels), gives next-token log-probs and gradients equal
+    to a full log-softmax's."""
+    import copy
+
+    import torch
+
+    from planner.dryrun._patches import trl_triton_kernels
+    from planner_plugins.logprobs import sequence_logprobs
+
+    ids = torch.randint(0, 500, (3, 17), generator=torch.Generator().manual_seed(1))
+    ref_model = copy.deepcopy(tiny_model)
+    logits = ref_model(input_ids=ids).logits
+    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+    expected.sum().backward()
+    fused_model = copy.deepcopy(tiny_model)
+    with trl_triton_kernels():
+        got, out = sequence_logprobs(fused_model, ids, "fused", ("log_probs", "entropy"))
+        got.sum().backward()
+    assert out.log_probs.shape == (3, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused_model.lm_head.weight.grad, ref_model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_model.model.layers[0].mlp.up_proj.weight.grad,
+                               ref_model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-4, atol=1e-5)
