@@ -6,7 +6,7 @@ tables of reports/validation/distributed.md (the narrative there is written by h
     python scripts/distributed_validation.py --csv reports/validation/distributed.csv \\
         --tables /tmp/distributed-tables.md [--json /tmp/distributed.json] [--skip-deepspeed]
 
-About 12 minutes on 2 cores (16 dry runs of 20-60 s, two torchrun launches).
+About 13 minutes on 2 cores (17 dry runs of 20-60 s, two torchrun launches).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ PLANS = [("bf16", False), ("bf16", True), ("mixed-bf16", False), ("mixed-bf16", 
 MOMENTS = ("loss backward", "backward", "optimizer")
 # techniques: (task, plan fields); every model FSDP2-wrapped over 8 ranks, bf16, batch 1 (pairs for
 # dpo and rm), seq 2048
-TECHNIQUES = [("dpo", {}), ("dpo", {"grad_ckpt": True}), ("rm", {}), ("distill", {"teacher": "llama-2-13b"})]
+TECHNIQUES = [("dpo", {}), ("dpo", {"reference_pass": "before"}), ("dpo", {"grad_ckpt": True}), ("rm", {}),
+              ("distill", {"teacher": "llama-2-13b"})]
 TRAIN_MOMENTS = ("loss", "loss backward", "backward", "optimizer")
 ODD = {"model_type": "llama", "vocab_size": 1001, "hidden_size": 33, "head_dim": 8, "intermediate_size": 71,
        "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1, "max_position_embeddings": 256,
@@ -105,6 +106,8 @@ def technique_runs(model: str, gpu_id: str) -> list[dict]:
                            "breakdown": res.phase_breakdowns.get(name, {})})
         label = task + (" + ckpt" if extra.get("grad_ckpt") else "") + (f" (teacher {extra['teacher']})"
                                                                          if "teacher" in extra else "")
+        if task == "dpo":
+            label += f" (reference {plan.reference_pass} the policy's forward)"
         rows.append({"task": task, "label": label, "grad_ckpt": bool(extra.get("grad_ckpt")), "result": res.model_dump(),
                      "compare": cmp, "phases": phases, "model_states": est.model_states})
         print(f"FSDP8 {label:32s} dry {res.peak_allocated_bytes / GIB:7.3f} GiB ({res.peak_phase}) est "

@@ -77,9 +77,11 @@ def run_technique(plan, layout: Layout, *, steps: int, round_bytes: int, device:
             tracker._root_mod = nn.ModuleDict(models)  # instrument every model's FSDP units
             stack.enter_context(_SkipPropagation(tracker))
             stack.enter_context(tracker)
-            for m in models.values():
-                # FSDPMemTracker refuses a second root forward without a reset of its module stats
-                stack.callback(m.register_forward_pre_hook(lambda *_: tracker.reset_mod_stats(), prepend=True).remove)
+            # FSDPMemTracker refuses a second root forward without a reset of its module stats: reset
+            # them once a step, at the trained model's forward (a frozen model may run between that
+            # forward and its backward, whose hooks need the trained model's stats)
+            stack.callback(models[main].register_forward_pre_hook(lambda *_: tracker.reset_mod_stats(),
+                                                                  prepend=True).remove)
             stack.callback(decoder_layers(models[main])[-1].register_forward_hook(_end_of_loss_backward(tracker)).remove)
             for h in _loss_phase_hooks(models, tracker):
                 stack.callback(h.remove)

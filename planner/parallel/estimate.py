@@ -50,7 +50,7 @@ from planner.parallel import activations as act
 from planner.parallel import comm, compute
 from planner.parallel.layout import Layout, LayoutError
 from planner.parallel.shard import busiest_stages, rank_spec
-from planner.parallel.zero import RankStates, rank_model_states, semantics
+from planner.parallel.zero import RankStates, fsdp_moment_gathered, rank_model_states, semantics
 from planner.specs import Plan
 
 ActivationModel = Literal["engine", "megatron"]
@@ -161,24 +161,30 @@ def _engine_layer(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int) -> tu
 _head_cache: dict[tuple, tuple] = {}
 
 
-def _engine_head(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int, loss: str, res_dtype: str) -> tuple:
+def _engine_head(part: ModelSpec, plan: Plan, origin: ModelSpec, tp: int, loss: str, res_dtype: str,
+                 positions: int = 1 << 30) -> tuple:
     """(forward peak, saved, held, backward temporaries) as Syms per token of the last stage's head
     and loss program, from the engine's own head (planner.engine.heads) replayed on the rank's
     vocab-parallel share (`part` has vocab_size ceil(V/t)): the batch x seq x vocab tensors divide by t.
     forward peak = the largest live moment after the last layer (the previous step's held tensors
-    included where the program still binds them)."""
-    key = (id(origin), tp, loss, res_dtype, plan.method, plan.precision, plan.lora_rank, plan.lora_targets,
+    included where the program still binds them). `positions`: the scored positions of one forward,
+    which size a tiled (fused) head's buffers as the engine sizes them."""
+    from planner.engine.heads import HEADS, TILED_HEADS, FusedTiles
+
+    tiles = FusedTiles.for_positions(positions) if loss in TILED_HEADS else None
+    key = (id(origin), tp, loss, res_dtype, tiles, plan.method, plan.precision, plan.lora_rank, plan.lora_targets,
            plan.quant, plan.double_quant, plan.kbit_prep, plan.grad_ckpt, part.head)
     hit = _head_cache.get(key)
     if hit is None or hit[0] is not origin:
         from planner.engine import training as tr
-        from planner.engine.heads import HEADS
 
         res = resident(part, plan)
         cfg = tr.layer_cfg(part, plan, res)
         if loss not in HEADS:
             raise LayoutError(f"loss: the engine has no head '{loss}' (known: {', '.join(sorted(HEADS))})")
-        head = HEADS[loss](part, cfg, res, res_dtype, plan.method == "full")
+        full = plan.method == "full"
+        head = (HEADS[loss](part, cfg, res, res_dtype, full, tiles=tiles) if tiles is not None
+                else HEADS[loss](part, cfg, res, res_dtype, full))
         fwd = [live + (head.prev_held if with_prev else ZERO) for _ph, _what, live, _d, with_prev in head.forward]
         bwd = [temps for _what, temps, _d in head.backward]
         hit = (origin, fwd, head.saved, head.held, bwd)
@@ -232,7 +238,8 @@ def _activations(spec: ModelSpec, plan: Plan, layout: Layout, stage: int, model:
     out = {"activations": kept, "transient": transient, "loss_fwd": 0.0, "loss_saved": 0.0, "loss_temp": 0.0,
            "held": 0.0, "end_kept": end_kept, "layers": float(part.num_layers)}
     if last:
-        fwd, hsaved, held, bwd_temps = _engine_head(rank_spec(spec, t, pp, pp - 1), plan, spec, t, loss, res_dtype)
+        fwd, hsaved, held, bwd_temps = _engine_head(rank_spec(spec, t, pp, pp - 1), plan, spec, t, loss, res_dtype,
+                                                    positions=b * (s - 1))
         out["loss_fwd"] = max((x.at(tokens, s) for x in fwd), default=0.0)
         out["loss_saved"] = hsaved.at(tokens, s)
         out["loss_temp"] = max((x.at(tokens, s) for x in bwd_temps), default=0.0)
@@ -379,7 +386,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
         # a mixed plan's activations are those of the compute dtype's pure plan
         act_plan = (plan.model_copy(update={"precision": plan.compute_dtype})
                     if layout.fsdp and plan.precision.startswith("mixed") else plan)
-        acts = _activations(spec, act_plan, layout, k, activations)
+        acts = {**_activations(spec, act_plan, layout, k, activations), **fsdp_moment_gathered(part, plan, layout)}
         opt = optimizer_memory(plan.optimizer, res, part.num_layers)
         temp = 0.0
         if not layout.offload_optimizer and semantics(layout) == "torch":
@@ -493,13 +500,16 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
     base = {"parameters": params, "buffers": float(buffers), "optimizer_states": opt, "other": float(workspace)}
     kept = acts["activations"] + acts["held"]
     grads_bwd = grads if accumulating else 0.0
-    at_loss = gathered if loss_in_model else 0.0
+    # FSDP2's working set differs by moment (zero.fsdp_moment_gathered, given through `acts`)
+    g_loss = acts.get("gathered_loss", gathered)
+    g_bwd = acts.get("gathered_backward", gathered)
+    at_loss = g_loss if loss_in_model else 0.0
     out = {
         "loss": {**base, "parameters": params + at_loss, "gradients": grads_bwd,
                  "activations": acts["activations"] + acts.get("loss_fwd", 0.0), "temporaries": 0.0},
         "loss backward": {**base, "parameters": params + at_loss, "gradients": grads_bwd,
                           "activations": kept + acts["loss_saved"], "temporaries": acts["loss_temp"]},
-        "backward": {**base, "parameters": params + gathered, "gradients": grads_bwd, "activations": kept,
+        "backward": {**base, "parameters": params + g_bwd, "gradients": grads_bwd, "activations": kept,
                      "temporaries": acts["transient"]},
         "optimizer": {**base, "gradients": grads, "activations": acts["held"], "temporaries": step_temp},
     }
@@ -508,7 +518,7 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
         # the end of the backward: every layer but the last one's gradients are done (sharded, or
         # whole), while few activations are left (FSDP8 + checkpointing peaks here in the dry run)
         done = grads if accumulating else grads * (layers - 1) / layers
-        out["end of backward"] = {**base, "parameters": params + gathered, "gradients": done,
+        out["end of backward"] = {**base, "parameters": params + g_bwd, "gradients": done,
                                   "activations": acts["end_kept"] + acts["held"], "temporaries": acts["transient"]}
     if not acts.get("loss_fwd"):
         del out["loss"]  # not the last stage (or the megatron model): no head here
@@ -519,9 +529,9 @@ def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, f
                  workspace: int, gpu: GPUSpec, layout: Layout) -> RankMemory:
     """The larger of three moments: the loss's backward (last stage), a layer's backward with every
     micro-batch in flight, and the optimizer step."""
-    gathered = states.gpu.get("gathered", 0.0)
     moments = rank_moments(states, buffers, acts, step_temp, workspace, layout)
     phase, bd = max(moments.items(), key=lambda x: sum(x[1].values()))
+    gathered = bd["parameters"] - states.gpu.get("parameters", 0.0)
     breakdown = {k: int(bd.get(k, 0.0)) for k in ("parameters", "buffers", "gradients", "activations",
                                                    "optimizer_states", "temporaries", "other")}
     total = sum(breakdown.values())

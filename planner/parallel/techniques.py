@@ -63,7 +63,8 @@ from planner.parallel.estimate import (ActivationModel, CollectiveReport, Distri
                                        optimizer_seconds, rank_moments)
 from planner.parallel.layout import Layout, LayoutError
 from planner.parallel.shard import rank_spec
-from planner.parallel.zero import RankStates, forward_gathered, frozen_model_states, rank_model_states, semantics
+from planner.parallel.zero import (RankStates, forward_gathered, frozen_model_states, fsdp_moment_gathered,
+                                   rank_model_states, semantics)
 from planner.specs import Plan
 from planner.workload import ModelUse, Phase, Workload
 
@@ -119,24 +120,16 @@ def _add(into: dict[str, float], more: dict[str, float]) -> None:
 
 
 # ---- the engine's no-grad timelines on a rank's share --------------------------------------------
-_timelines: dict[tuple, tuple] = {}
+def _timeline(ph: Phase, m: _Model) -> tuple:
+    """(compiled timeline, resident, extra) of the phase's score / forward / generate program on the
+    rank's share, compiled (and cached) by the single-GPU engine as it compiles the phase."""
+    from planner.engine.estimate import _compiled
+    from planner.engine.heads import TILED_HEADS, FusedTiles
 
-
-def _timeline(kind: str, m: _Model, tp: int) -> tuple:
-    """(compiled timeline, resident, extra) of a score / forward / generate program on the share."""
-    from planner.engine import generation, scoring
-
-    setup = m.use.setup
-    key = (kind, id(m.use.spec), tp, setup.method, setup.precision, setup.attn, setup.quant, setup.double_quant,
-           setup.lora_rank, setup.lora_targets, setup.kbit_prep)
-    hit = _timelines.get(key)
-    if hit is None or hit[0] is not m.use.spec:
-        build = {"score": scoring.build, "forward": scoring.build_forward, "generate": generation.build}[kind]
-        hit = (m.use.spec, *build(m.part, setup))
-        if len(_timelines) > 1024:
-            _timelines.clear()
-        _timelines[key] = hit
-    return hit[1:]
+    # the fused head's buffers depend on the scored positions (as planner.engine.estimate sizes them)
+    tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
+    use = ModelUse(m.use.role, m.part, m.use.setup, m.use.trainable, m.use.ref)
+    return _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes)[1:]
 
 
 def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str, float]]:
@@ -147,7 +140,7 @@ def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str
     from planner.engine import generation
     from planner.engine.estimate import finish
 
-    timeline, res, extra = _timeline(ph.kind, m, layout.tp)
+    timeline, res, extra = _timeline(ph, m)
     base = res.param_bytes + res.buffer_bytes + res.quant_state_bytes
     start = during = 0.0
     if layout.stage >= 3:
@@ -318,13 +311,18 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
             if r != ph.role or ph.kind != "train_step":
                 _add(idle, _idle_states(models[r], accumulating))
         carried = ph.carried * ph.batch * ph.seq / layout.tp
+        during = getattr(ph, "during", None)
+        if during is not None:  # another phase's forward graph is alive while this one runs
+            host = next(h for h in workload.phases if h.name == during)
+            carried += _graph_after_forward(host, models[host.role], layout, activations)
         if ph.kind == "train_step":
             for name, bd in _train_moments(ph, m, layout, activations, cc).items():
                 bd = dict(bd)
                 _add(bd, idle)
                 bd["activations"] = bd.get("activations", 0.0) + carried
                 moments[f"{ph.name}.{name}"] = bd
-                gathered_at[f"{ph.name}.{name}"] = m.states.gpu.get("gathered", 0.0) if name != "optimizer" else 0.0
+                gathered_at[f"{ph.name}.{name}"] = bd["parameters"] - idle.get("parameters", 0.0) - \
+                    m.states.gpu.get("parameters", 0.0)
         else:
             for name, extra in _no_grad_moments(ph, m, layout).items():
                 bd = dict(idle)
@@ -373,14 +371,35 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
     )
 
 
-def _train_moments(ph: Phase, m: _Model, layout: Layout, activations: ActivationModel,
-                   cc: str) -> dict[str, dict[str, float]]:
-    """The sft moments of the trained model in this phase (its rows, seq and loss program)."""
+def _train_acts(ph: Phase, m: _Model, layout: Layout, activations: ActivationModel) -> dict[str, float]:
+    """estimate._activations of the trained model in this phase (its rows, seq and loss program).
+    With `passes` forwards before one backward every earlier forward's graph and bound outputs stay:
+    what the layers and the head keep, and what the program holds, count `passes` times (first
+    order: the transients are one pass's)."""
     setup = m.use.setup
     # FSDP's MixedPrecisionPolicy hands the modules half-precision weights and runs no autocast
     act_plan = (setup.model_copy(update={"precision": setup.compute_dtype})
                 if layout.fsdp and setup.precision.startswith("mixed") else setup)
-    acts = _activations(m.use.spec, act_plan, layout, 0, activations, rows=ph.batch, seq=ph.seq, loss=ph.loss)
+    acts = {**_activations(m.use.spec, act_plan, layout, 0, activations, rows=ph.batch, seq=ph.seq, loss=ph.loss),
+            **fsdp_moment_gathered(m.part, setup, layout)}
+    if ph.passes > 1:
+        for k in ("activations", "loss_saved", "held"):
+            acts[k] *= ph.passes
+    return acts
+
+
+def _graph_after_forward(ph: Phase, m: _Model, layout: Layout, activations: ActivationModel) -> float:
+    """What a train_step phase's forward leaves alive until its backward: the layers' and the head's
+    saved tensors and the outputs the program binds (a reference scored `during` it sees them)."""
+    acts = _train_acts(ph, m, layout, activations)
+    return acts["activations"] + acts["loss_saved"] + acts["held"]
+
+
+def _train_moments(ph: Phase, m: _Model, layout: Layout, activations: ActivationModel,
+                   cc: str) -> dict[str, dict[str, float]]:
+    """The sft moments of the trained model in this phase."""
+    setup = m.use.setup
+    acts = _train_acts(ph, m, layout, activations)
     opt = optimizer_memory(setup.optimizer, m.res, m.part.num_layers)
     temp = 0.0
     if not layout.offload_optimizer and semantics(layout) == "torch":

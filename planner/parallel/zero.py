@@ -260,3 +260,21 @@ def frozen_model_states(spec: ModelSpec, setup: Plan, layout: Layout, stage: int
     gathered = max(forward_gathered(part, setup, sem, setup.compute_dtype)) if layout.stage >= 3 else 0.0
     st = StateBytes(params_frozen=res.param_bytes + res.quant_state_bytes, gathered=gathered)
     return partition(st, layout.stage, layout.dp, offload_params=layout.offload_params)
+
+
+def fsdp_moment_gathered(part: ModelSpec, plan: Plan, layout: Layout) -> dict[str, float]:
+    """FSDP2 full-shard (torch semantics, stage 3): what a training step holds gathered at each of the
+    estimator's moments, as the fake-PG dry runs of Llama-2-7B at FSDP8 and FSDP4xTP2 show it
+    (reports/validation/distributed.md), with U = one decoder layer's unit and R = the root unit in the
+    compute dtype and r = reduce-dtype bytes / compute-dtype bytes (2 for mixed precision, whose
+    MixedPrecisionPolicy reduces in fp32; else 1):
+        gathered_loss      R + U        the root (unsharded until its post-backward) and the last
+                                        layer, all-gathered ahead of the backward
+        gathered_backward  R + 2U + rU  the root, the layer in backward, the next layer's all-gather
+                                        output and the previous layer's reduce-scatter input
+    Empty for every other layout (zero.gathered_bytes' single working set applies)."""
+    if layout.fsdp != "full-shard" or layout.dp == 1:
+        return {}
+    layer, root = fsdp_units(part, plan, plan.compute_dtype)
+    r = 4 / DTYPE_BYTES[plan.compute_dtype] if plan.precision.startswith("mixed") else 1.0
+    return {"gathered_loss": root + layer, "gathered_backward": root + 2 * layer + r * layer}
