@@ -26,7 +26,7 @@ PLAN_FLAGS: tuple[str, ...] = (
     "batch", "seq", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
     "quant", "double_quant", "kbit_prep", "prompt_len", "new_tokens", "teacher", "teacher_method",
     "ref_logprobs", "beta", "reward_model", "value_model", "group_size", "kl_coef", "ppo_epochs", "mini_batch",
-    "frozen_placement", "hard_label_weight", "logprobs", "pair_forward",
+    "frozen_placement", "hard_label_weight", "logprobs", "pair_forward", "reference_pass",
 )  # fmt: skip
 
 
@@ -119,6 +119,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, metavar="B", help="dpo: beta of the loss (default: 0.1)")
     g.add_argument("--logprobs", metavar="{full,fused}",
                    help="dpo: log_softmax over the full fp32 logits, or TRL 1.16's fused LM head (no logits) (default: full)")
+    g.add_argument("--reference-pass", metavar="{after,before}",
+                   help="dpo: score the reference after the policy's forward, its graph alive (TRL's order), or before it (default: after)")
     g.add_argument("--pair-forward", metavar="{concatenated,separate}",
                    help="rm/dpo: chosen and rejected in one forward (TRL), or in two forwards before one backward (default: concatenated)")
     g.add_argument("--reward-model", metavar="M", help="ppo/grpo: reward model (default: a reward function, no model)")

@@ -26,7 +26,7 @@ QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 TECHNIQUE_FIELDS = ("seq", "grad_accum", "grad_ckpt", "optimizer", "prompt_len", "new_tokens", "teacher",
                     "teacher_method", "ref_logprobs", "beta", "reward_model", "value_model", "group_size",
                     "kl_coef", "ppo_epochs", "mini_batch", "frozen_placement", "hard_label_weight", "logprobs",
-                    "pair_forward")
+                    "pair_forward", "reference_pass")
 
 
 class Plan(BaseModel):
@@ -74,6 +74,10 @@ class Plan(BaseModel):
         default="concatenated",
         description="rm/dpo: chosen and rejected sequences in one forward of 2 x batch (TRL's trainers), or in "
                     "two forwards of batch each whose graphs both stay alive until one backward")
+    reference_pass: Literal["after", "before"] = Field(
+        default="after",
+        description="dpo: the reference's no-grad forward after the policy's forward, while its graph is alive "
+                    "(TRL's DPOTrainer order), or before it")
     logprobs: Literal["full", "fused"] = Field(
         default="full",
         description="dpo: how per-token log-probabilities are computed: full (log_softmax(logits.float()).gather "

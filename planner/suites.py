@@ -80,7 +80,8 @@ def _gpu_suite() -> list[Plan]:
 
 
 def _alignment_suite() -> list[Plan]:
-    """rm, dpo, distill, grpo and ppo on two shapes each, one with LoRA (the alignment issue's table)."""
+    """rm, dpo, distill, grpo and ppo on two shapes each, one with LoRA (the alignment issue's table),
+    and the program variants (dpo's fused log-probs and reference order, rm/dpo pairs in two forwards)."""
     return [
         _p("qwen2.5-0.5b", task="rm", batch=4, seq=1024),
         _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", grad_ckpt=True),
@@ -93,6 +94,7 @@ def _alignment_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, logprobs="fused"),
         _p("llama-3.2-1b", task="dpo", batch=1, seq=2048, method="lora", logprobs="fused"),
         _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, pair_forward="separate"),
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, reference_pass="before"),
         _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", pair_forward="separate"),
         _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.2-3b", batch=1, seq=2048, method="lora"),

@@ -45,6 +45,8 @@ def describe(plan: Plan) -> str:
             parts.append(f"teacher {plan.teacher}" + (f" ({plan.teacher_method})" if plan.teacher_method != "full" else ""))
         if plan.task == "dpo" and plan.ref_logprobs != "model":
             parts.append("precomputed ref")
+        if plan.task == "dpo" and plan.reference_pass != "after" and plan.ref_logprobs == "model":
+            parts.append("reference first")
         if plan.task == "dpo" and plan.logprobs != "full":
             parts.append(f"{plan.logprobs} logprobs")
         if plan.task in ("rm", "dpo") and plan.pair_forward != "concatenated":

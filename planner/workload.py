@@ -63,6 +63,13 @@ class Phase:
     # train_step: forwards of `batch` sequences each before one backward (2: a preference pair's
     # chosen and rejected sequences in two forwards)
     passes: int = 1
+    # the name of a train_step phase whose forward graph (what its backward needs, and the
+    # outputs its program binds) stays alive while this phase runs (a reference scored after the
+    # policy's forward)
+    during: str | None = None
+    # score/forward: whether the program runs this phase inside the plan's autocast region (TRL
+    # scores the DPO reference inside compute_loss, under autocast)
+    autocast: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +77,12 @@ class Workload:
     technique: str
     models: tuple[ModelUse, ...]
     phases: tuple[Phase, ...]
+
+    def phase(self, name: str) -> Phase:
+        for ph in self.phases:
+            if ph.name == name:
+                return ph
+        raise KeyError(f"workload of {self.technique} has no phase '{name}'")
 
     def model(self, role: str) -> ModelUse:
         for m in self.models:

@@ -9,9 +9,10 @@ of batch sequences each, both graphs kept until one backward.
 Programs (shared/notes/heldout-protocol.md; what the estimate models and the backends execute):
 - rm: AutoModelForSequenceClassification(num_labels=1); rewards = model(ids).logits;
   loss = -logsigmoid(r_chosen - r_rejected).mean().
-- dpo: a frozen reference (a second copy in bf16; with LoRA/QLoRA the policy with its adapters
-  disabled; or log-probs computed beforehand) scored under no_grad and the plan's autocast, then
-  the policy; loss = -logsigmoid(beta * ((pc - pr) - (rc - rr))).mean(). Log-probs (`--logprobs`,
+- dpo: the policy's forward, then a frozen reference (a second copy in bf16; with LoRA/QLoRA the
+  policy with its adapters disabled; or log-probs computed beforehand) scored under no_grad and the
+  plan's autocast while the policy's graph is alive, as TRL 1.16.0's DPOTrainer orders them
+  (`--reference-pass before`: the reference first, a hand-written loop's other order); loss = -logsigmoid(beta * ((pc - pr) - (rc - rr))).mean(). Log-probs (`--logprobs`,
   planner_plugins.logprobs): `full` = log_softmax(logits.float()).gather(ids) summed per sequence
   (the held-out protocol's hand-written program), `fused` = TRL 1.16.0's fused LM head, as its
   DPOTrainer calls it.
@@ -71,18 +72,23 @@ def dpo_workload(plan, model) -> Workload:
     policy = ModelUse("policy", model, plan, trainable=True, ref=plan.model)
     rows, passes = _pair_rows(plan)
     fused = plan.logprobs == "fused"
-    phases = [Phase("policy", "train_step", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
-                    passes=passes)]
+    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
+                  passes=passes)
     models = [policy]
+    # after: the reference runs while the policy's forward graph is alive (TRL's order)
+    after = "policy" if plan.reference_pass == "after" else None
+    reference = None
     if plan.ref_logprobs == "model":
         if plan.method == "full":
             ref_setup = plan.model_copy(update={"precision": "bf16" if plan.precision != "fp16" else "fp16"})
             models.append(ModelUse("reference", model, ref_setup, trainable=False, ref=plan.model))
-            phases.insert(0, Phase("reference", "score", "reference", rows, plan.seq,
-                                   loss="fused_logprobs" if fused else "logprobs", passes=passes))
+            reference = Phase("reference", "score", "reference", rows, plan.seq,
+                              loss="fused_logprobs" if fused else "logprobs", passes=passes, during=after,
+                              autocast=True)
         else:  # the base model with the adapters disabled: no second copy (the policy's fused head)
-            phases.insert(0, Phase("reference", "score", "policy", rows, plan.seq,
-                                   loss="fused" if fused else "logprobs", adapters=False, passes=passes))
+            reference = Phase("reference", "score", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
+                              adapters=False, passes=passes, during=after, autocast=True)
+    phases = [train] if reference is None else [train, reference] if after else [reference, train]
     return Workload(technique="dpo", models=tuple(models), phases=tuple(phases))
 
 
@@ -95,16 +101,22 @@ def dpo_step(ctx) -> None:
     p = ctx.plan
     policy, opt = ctx.model("policy"), ctx.optimizer("policy")
     ids = ctx.token_ids(2 * p.batch, p.seq)
-    # the HF Trainer runs compute_loss, the reference's forward included, under the plan's autocast
-    with ctx.phase("reference"), torch.no_grad(), ctx.autocast():
-        if p.ref_logprobs == "precomputed":
-            ref = torch.zeros(2 * p.batch, device=ids.device)
-        elif p.method == "full":
-            reference = ctx.model("reference")
-            ref = _pair_forward(lambda x: sequence_logprobs(reference, x, p.logprobs, REFERENCE_OUTPUTS)[0], ids, p)
-        else:
+
+    def reference_logprobs():
+        # under no_grad and the plan's autocast: the HF Trainer runs compute_loss, the reference's
+        # forward included, inside autocast
+        with ctx.phase("reference"), torch.no_grad(), ctx.autocast():
+            if p.ref_logprobs == "precomputed":
+                return torch.zeros(2 * p.batch, device=ids.device)
+            if p.method == "full":
+                reference = ctx.model("reference")
+                return _pair_forward(lambda x: sequence_logprobs(reference, x, p.logprobs, REFERENCE_OUTPUTS)[0],
+                                     ids, p)
             with policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext():
-                ref = _pair_forward(lambda x: sequence_logprobs(policy, x, p.logprobs, POLICY_OUTPUTS)[0], ids, p)
+                return _pair_forward(lambda x: sequence_logprobs(policy, x, p.logprobs, POLICY_OUTPUTS)[0], ids, p)
+
+    if p.reference_pass == "before":
+        ref = reference_logprobs()
     with ctx.phase("forward"):
         outputs = []  # the model outputs stay bound through the step, as in TRL's compute_loss
 
@@ -114,6 +126,8 @@ def dpo_step(ctx) -> None:
             return lp
 
         pol = _pair_forward(policy_logprobs, ids, p)
+        if p.reference_pass == "after":  # TRL 1.16.0's _compute_loss: the policy, then the reference
+            ref = reference_logprobs()
         margin = (pol[: p.batch] - pol[p.batch:]) - (ref[: p.batch] - ref[p.batch:])
         loss = -F.logsigmoid(p.beta * margin).mean()
     with ctx.phase("backward"):
@@ -133,7 +147,7 @@ DPO = Technique(
     description="direct preference optimization: trainable policy, frozen reference (or adapters off)",
     workload=dpo_workload, step=dpo_step,
     plan_fields=("seq", "grad_accum", "grad_ckpt", "optimizer", "ref_logprobs", "beta", "frozen_placement",
-                 "logprobs", "pair_forward"),
+                 "logprobs", "pair_forward", "reference_pass"),
 )
 
 

@@ -49,6 +49,7 @@ CASES = {
     "dpo-fused-lora-mixed": dict(task="dpo", batch=1, seq=32, method="lora", lora_rank=4, precision="mixed-bf16",
                                  logprobs="fused"),
     "dpo-separate": dict(task="dpo", batch=2, seq=32, pair_forward="separate"),
+    "dpo-reference-before": dict(task="dpo", batch=2, seq=32, reference_pass="before"),
     "rm-separate": dict(task="rm", batch=2, seq=32, pair_forward="separate"),
     "distill": dict(task="distill", batch=2, seq=32),
     "distill-hard-labels": dict(task="distill", batch=2, seq=32, hard_label_weight=0.5),

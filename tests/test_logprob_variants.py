@@ -40,7 +40,7 @@ def test_fused_head_holds_no_logits():
 def test_fused_tile_buffer_is_capped_at_4096_tokens():
     """TRL's projection buffer has min(N, 4096) rows of 32768 entries: above 4096 scored positions
     it stops growing, so the reference phase grows only by hidden-sized tensors."""
-    base = dict(model="llama-3.2-1b", task="dpo", logprobs="fused", method="lora")
+    base = dict(model="llama-3.2-1b", task="dpo", logprobs="fused", method="lora", reference_pass="before")
     small, large = (_est(**base, batch=1, seq=s).phases["reference.score"] for s in (4097, 8193))
     H = load_model("llama-3.2-1b").hidden_size
     # 2 x 4096 more positions: the final hidden states, their gathered copy and the embeddings
@@ -51,8 +51,9 @@ def test_fused_tile_buffer_is_capped_at_4096_tokens():
 
 
 def test_separate_forwards_lower_the_loss_peak_but_not_the_saved_activations():
-    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=1024)
+    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=1024, reference_pass="before")
     one, two = _est(**base), _est(**base, pair_forward="separate")
+    assert one.peak_phase == two.peak_phase == "policy.backward"
     assert two.phases["policy.loss"] < one.phases["policy.loss"]
     # both graphs are alive before the backward: the activations at the peak are the same
     assert two.breakdown["activations"] == pytest.approx(one.breakdown["activations"], rel=0.01)
@@ -125,3 +126,17 @@ def test_fused_logprobs_equal_the_full_log_softmax_under_the_kernel_emulation(ti
     torch.testing.assert_close(fused_model.lm_head.weight.grad, ref_model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_model.model.layers[0].mlp.up_proj.weight.grad,
                                ref_model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_after_the_policy_forward_carries_the_policy_graph():
+    """TRL's order (reference scored while the policy's graph is alive) adds at least the policy's
+    saved fp32 log-softmax (2 x batch x seq x vocab x 4 bytes) to the reference phase."""
+    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=512)
+    after, before = _est(**base), _est(**base, reference_pass="before")
+    V = load_model("qwen2.5-0.5b").vocab_size
+    assert after.phases["reference.score"] - before.phases["reference.score"] >= 2 * 2 * 512 * V * 4
+    # the policy's own phases do not change
+    for k in ("policy.forward", "policy.loss", "policy.backward", "policy.optimizer"):
+        assert after.phases[k] == before.phases[k]
+    # precomputed log-probs: no reference phase at all
+    assert not any(k.startswith("reference") for k in _est(**base, ref_logprobs="precomputed").phases)

@@ -30,16 +30,18 @@ _cache: dict[tuple, tuple] = {}
 
 
 def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm", tiles: FusedTiles | None = None,
-              adapters: bool = True, passes: int = 1) -> tuple:
+              adapters: bool = True, passes: int = 1, autocast: bool = False) -> tuple:
     spec, setup = use.spec, use.setup
     d = setup.__dict__
-    key = (kind, loss, tiles, adapters, passes, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
+    key = (kind, loss, tiles, adapters, passes, autocast, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
     hit = _cache.get(key)
     if hit is None or hit[0] is not spec:
         if kind == "train_step":
             built = training.build(spec, setup, loss, tiles, passes)
         elif kind == "score":
-            built = scoring.build(spec, setup, loss, tiles, adapters)
+            built = scoring.build(spec, setup, loss, tiles, adapters, autocast)
+        elif kind == "forward":
+            built = scoring.build_forward(spec, setup, autocast)
         else:
             built = _BUILDERS[kind](spec, setup)
         hit = (spec, *built)
@@ -67,14 +69,21 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
         use = workload.model(ph.role)
         # the fused head's buffers depend on the scored positions: batch x (seq - 1)
         tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes)
+        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast)
         if ph.kind == "generate":
             mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, use.spec, use.setup,
                                       context, cublas_workspace_bytes(cc, 1))
         else:
             threads = 2 if ph.kind == "train_step" else 1
+            carried = ph.carried * ph.batch * ph.seq
+            if ph.during is not None:  # another phase's forward graph is alive while this one runs
+                host = workload.phase(ph.during)
+                host_tiles = FusedTiles.for_positions(host.batch * (host.seq - 1)) if host.loss in TILED_HEADS else None
+                host_tl = _compiled(host.kind, workload.model(host.role), host.loss, host_tiles, host.adapters,
+                                    host.passes)[1]
+                carried += int(host_tl.after_forward.at(host.batch * host.seq, host.seq))
             mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads),
-                         carried=ph.carried * ph.batch * ph.seq)
+                         carried=carried)
         # frozen models another phase uses: on the GPU only if the plan keeps them resident
         placement = getattr(use.setup, "frozen_placement", "resident")
         others = [m for m in workload.models if m.role != ph.role and (m.trainable or placement == "resident")]

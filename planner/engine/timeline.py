@@ -29,7 +29,7 @@ class Timeline:
     def add(self, phase: str, what: str, details: dict[str, Sym] | None = None, **parts: Sym) -> None:
         self.moments.append(Moment(phase, what, {k: v for k, v in parts.items() if v != ZERO}, details or {}))
 
-    def compiled(self) -> "CompiledTimeline":
+    def compiled(self, after_forward: Sym = ZERO) -> "CompiledTimeline":
         """Keep per phase only the moments that can be the phase's peak for some batch and length."""
         kept: list[Moment] = []
         for m in self.moments:
@@ -38,13 +38,16 @@ class Timeline:
             if any(k.total.dominates(tot) for k in same):
                 continue
             kept = [k for k in kept if k.phase != m.phase or not tot.dominates(k.total)] + [m]
-        return CompiledTimeline(kept, [m.total for m in kept])
+        return CompiledTimeline(kept, [m.total for m in kept], after_forward)
 
 
 @dataclass(frozen=True)
 class CompiledTimeline:
     moments: list[Moment]
     totals: list[Sym]
+    # a training step's bytes alive between its forward and its backward beyond the resident ones
+    # (the saved activations and bound outputs), for a phase that runs in between
+    after_forward: Sym = ZERO
 
     def evaluate(self, tokens: float, seq: float) -> tuple[Moment, int, dict[str, int]]:
         """The peak moment, its bytes, and the peak of every phase."""

@@ -234,7 +234,9 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTile
     extra = resident_details(res)
     if opt.paged_bytes:
         extra["paged_optimizer_states"] = opt.paged_bytes
-    return tl.compiled(), res, extra
+    # between the forward and the backward: every pass's graph, and autocast's cache while the
+    # program stays in the autocast region
+    return tl.compiled(after_forward=graph * passes + cached * L), res, extra
 
 
 def resident_details(res: Resident) -> dict[str, int]:
