@@ -95,7 +95,9 @@ def technique_runs(model: str, gpu_id: str) -> list[dict]:
               for k in est.phases}
         phases = []
         for name, measured in res.phases.items():
-            if name in TRAIN_MOMENTS:
+            if name == "backward":  # the dry run's backward phase spans both backward moments
+                keys = [f"{train}.backward", f"{train}.end of backward"]
+            elif name in TRAIN_MOMENTS:
                 keys = [f"{train}.{name}"]
             else:  # a no-grad phase of the workload: the largest of its moments
                 keys = [k for k in est.phases if k.startswith(name + ".")]
@@ -109,7 +111,8 @@ def technique_runs(model: str, gpu_id: str) -> list[dict]:
         if task == "dpo":
             label += f" (reference {plan.reference_pass} the policy's forward)"
         rows.append({"task": task, "label": label, "grad_ckpt": bool(extra.get("grad_ckpt")), "result": res.model_dump(),
-                     "compare": cmp, "phases": phases, "model_states": est.model_states})
+                     "compare": cmp, "phases": phases, "model_states": est.model_states,
+                     "estimate_phases": est.phases})
         print(f"FSDP8 {label:32s} dry {res.peak_allocated_bytes / GIB:7.3f} GiB ({res.peak_phase}) est "
               f"{cmp['estimate_wo_other'] / GIB:7.3f} ({cmp['estimate_phase']}) {cmp['error'] * 100:+6.2f}%  "
               f"{res.wall_s:.0f} s", flush=True)

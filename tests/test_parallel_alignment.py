@@ -57,6 +57,25 @@ def test_precomputed_reference_has_no_reference_model_or_phase():
     assert with_ref.time.total_s > pre.time.total_s
 
 
+def test_reference_scored_during_the_policy_forward_sees_its_graph():
+    """TRL's order (the reference after the policy's forward) keeps the policy's graph alive."""
+    after = est(task="dpo", fsdp="full-shard", reference_pass="after")
+    before = est(task="dpo", fsdp="full-shard", reference_pass="before")
+    plan = Plan(model=SPEC.id, task="dpo", batch=1, seq=1024)
+    acts = _activations(SPEC, plan, layout_for_plan(1, 1, gpus=8, fsdp="full-shard"), 0, "engine", rows=2, seq=1024,
+                        loss="logprobs")
+    graph = acts["activations"] + acts["loss_saved"] + acts["held"]
+    assert after.phases["reference.forward"] - before.phases["reference.forward"] == pytest.approx(graph, abs=2)
+    assert after.phases["policy.backward"] == before.phases["policy.backward"]
+
+
+def test_separate_pair_forwards_keep_both_graphs():
+    one = est(task="rm", fsdp="full-shard", pair_forward="concatenated")
+    two = est(task="rm", fsdp="full-shard", pair_forward="separate")
+    # the same rows in two forwards: what the layers keep is the same to first order
+    assert two.phases["train.backward"] == pytest.approx(one.phases["train.backward"], rel=0.02)
+
+
 def test_lora_reference_is_the_policy_with_adapters_off():
     e = est(task="dpo", zero=2, method="lora")
     assert set(e.model_states) == {"policy"}

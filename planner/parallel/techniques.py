@@ -16,15 +16,25 @@ Memory of a rank, phase by phase (the busiest moment over the phases is the rank
                       Frozen: zero.frozen_model_states (weights only, TP share, / dp when the stage
                       shards parameters, i.e. ZeRO-3 / FSDP full-shard).
     train_step        the sft moments (estimate.rank_moments: the head's forward, the loss's backward,
-                      a layer's backward, the optimizer step) of the trained model with the phase's
-                      rows x seq and its loss program: the engine's own head (planner.engine.heads:
-                      causal_lm, logprobs, pairwise, kl, ...) replayed on the rank's vocab-parallel
-                      share, so every batch x seq x vocab tensor divides by t.
-    score / forward   the engine's no-grad forward timeline (planner.engine.scoring) replayed on the
-                      rank's TP share (heads/t, MLP/t, vocab/t logits and their fp32 copies); under
-                      stage 3 + the gathered unit working set (parameters only).
+                      a layer's backward, the end of the backward, the optimizer step) of the trained
+                      model with the phase's rows x seq and its loss program: the engine's own head
+                      (planner.engine.heads: causal_lm, logprobs, pairwise, kl, fused, ...) replayed on
+                      the rank's vocab-parallel share, so every batch x seq x vocab tensor divides by t.
+                      Under FSDP full-shard the gathered units per moment (zero.fsdp_moment_gathered);
+                      a loss computed on the returned logits (every head but causal_lm) runs with no
+                      unit gathered. `passes` forwards before one backward keep every pass's graph
+                      (first order: the transients of one pass).
+    score / forward   the single-GPU engine's compiled program for the phase (its loss, fused-head
+                      tiles, adapters on or off) replayed on the rank's TP share (heads/t, MLP/t, vocab/t
+                      logits and their fp32 copies); under stage 3 the gathered units
+                      (zero.forward_gathered: FSDP2 2(R + U) at the forward's start, R + 2U while the
+                      layers run; none at a score's log-softmax, which runs after the model returned)
+    during            a phase run while a training phase's forward graph is alive (DPO's reference
+                      after the policy's forward, TRL's order) also holds that graph: the layers' and the
+                      head's saved tensors and the outputs the program binds
     generate          the engine's generation timeline (planner.engine.generation) on the rank's share:
-                      the KV cache holds KV heads / t; prefill and the last decode step.
+                      the KV cache holds KV heads / t; prefill and the last decode step; under stage 3
+                      the layers' working set gathered
     carried           tensors an earlier phase made and this one still references (a teacher's logits
                       in the student's step): `Phase.carried` bytes per token / t (they are logits,
                       vocab-parallel, in every built-in technique).
