@@ -117,8 +117,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-label-weight", type=float, metavar="W", help="distill: weight of the hard-label loss mixed with KL (default: 0)")
     g.add_argument("--ref-logprobs", metavar="{model,precomputed}", help="dpo: a resident reference, or log-probs computed beforehand (default: model)")
     g.add_argument("--beta", type=float, metavar="B", help="dpo: beta of the loss (default: 0.1)")
-    g.add_argument("--logprobs", metavar="{full,fused}",
-                   help="dpo: log_softmax over the full fp32 logits, or TRL 1.16's fused LM head (no logits) (default: full)")
+    g.add_argument("--logprobs", metavar="{full,selective,fused}",
+                   help="dpo: log_softmax over the full fp32 logits, TRL 1.16's selective_log_softmax over the logits, "
+                        "or TRL 1.16's fused LM head (no logits) (default: full)")
     g.add_argument("--reference-pass", metavar="{after,before}",
                    help="dpo: score the reference after the policy's forward, its graph alive (TRL's order), or before it (default: after)")
     g.add_argument("--pair-forward", metavar="{concatenated,separate}",

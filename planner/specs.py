@@ -78,11 +78,12 @@ class Plan(BaseModel):
         default="after",
         description="dpo: the reference's no-grad forward after the policy's forward, while its graph is alive "
                     "(TRL's DPOTrainer order), or before it")
-    logprobs: Literal["full", "fused"] = Field(
+    logprobs: Literal["full", "selective", "fused"] = Field(
         default="full",
         description="dpo: how per-token log-probabilities are computed: full (log_softmax(logits.float()).gather "
-                    "over the batch x seq x vocab logits) or fused (TRL 1.16's fused LM head, add_fused_lm_head: "
-                    "the projection in 4096-token x 32768-vocabulary tiles, no logits)")
+                    "over the batch x seq x vocab logits), selective (TRL 1.16's selective_log_softmax over the "
+                    "logits: its Triton kernel keeps only the logits) or fused (TRL 1.16's fused LM head, "
+                    "add_fused_lm_head: the projection in 4096-token x 32768-vocabulary tiles, no logits)")
     reward_model: str | None = Field(default=None, description="ppo/grpo: reward model (else a reward function)")
     value_model: str | None = Field(default=None, description="ppo: value model (default: the policy's model)")
     group_size: int = Field(default=8, description="grpo: completions per prompt (>= 2)")

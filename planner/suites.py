@@ -93,6 +93,7 @@ def _alignment_suite() -> list[Plan]:
         # the programs' variants: TRL 1.16's fused LM head, and the pair in two forwards
         _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, logprobs="fused"),
         _p("llama-3.2-1b", task="dpo", batch=1, seq=2048, method="lora", logprobs="fused"),
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, logprobs="selective"),
         _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, pair_forward="separate"),
         _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, reference_pass="before"),
         _p("llama-3.2-1b", task="rm", batch=2, seq=2048, method="lora", pair_forward="separate"),

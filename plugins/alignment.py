@@ -14,8 +14,8 @@ Programs (shared/notes/heldout-protocol.md; what the estimate models and the bac
   plan's autocast while the policy's graph is alive, as TRL 1.16.0's DPOTrainer orders them
   (`--reference-pass before`: the reference first, a hand-written loop's other order); loss = -logsigmoid(beta * ((pc - pr) - (rc - rr))).mean(). Log-probs (`--logprobs`,
   planner_plugins.logprobs): `full` = log_softmax(logits.float()).gather(ids) summed per sequence
-  (the held-out protocol's hand-written program), `fused` = TRL 1.16.0's fused LM head, as its
-  DPOTrainer calls it.
+  (the held-out protocol's hand-written program), `selective` = TRL 1.16.0's selective_log_softmax
+  over the logits, `fused` = TRL 1.16.0's fused LM head, as its DPOTrainer calls it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def dpo_workload(plan, model) -> Workload:
     policy = ModelUse("policy", model, plan, trainable=True, ref=plan.model)
     rows, passes = _pair_rows(plan)
     fused = plan.logprobs == "fused"
-    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
-                  passes=passes)
+    head = {"full": "logprobs", "selective": "selective", "fused": "fused"}[plan.logprobs]
+    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss=head, passes=passes)
     models = [policy]
     # after: the reference runs while the policy's forward graph is alive (TRL's order)
     after = "policy" if plan.reference_pass == "after" else None
@@ -83,10 +83,10 @@ def dpo_workload(plan, model) -> Workload:
             ref_setup = plan.model_copy(update={"precision": "bf16" if plan.precision != "fp16" else "fp16"})
             models.append(ModelUse("reference", model, ref_setup, trainable=False, ref=plan.model))
             reference = Phase("reference", "score", "reference", rows, plan.seq,
-                              loss="fused_logprobs" if fused else "logprobs", passes=passes, during=after,
+                              loss="fused_logprobs" if fused else head, passes=passes, during=after,
                               autocast=True)
         else:  # the base model with the adapters disabled: no second copy (the policy's fused head)
-            reference = Phase("reference", "score", "policy", rows, plan.seq, loss="fused" if fused else "logprobs",
+            reference = Phase("reference", "score", "policy", rows, plan.seq, loss=head,
                               adapters=False, passes=passes, during=after, autocast=True)
     phases = [train] if reference is None else [train, reference] if after else [reference, train]
     return Workload(technique="dpo", models=tuple(models), phases=tuple(phases))

@@ -48,6 +48,7 @@ CASES = {
     "dpo-fused": dict(task="dpo", batch=2, seq=32, logprobs="fused"),
     "dpo-fused-lora-mixed": dict(task="dpo", batch=1, seq=32, method="lora", lora_rank=4, precision="mixed-bf16",
                                  logprobs="fused"),
+    "dpo-selective": dict(task="dpo", batch=2, seq=32, logprobs="selective"),
     "dpo-separate": dict(task="dpo", batch=2, seq=32, pair_forward="separate"),
     "dpo-reference-before": dict(task="dpo", batch=2, seq=32, reference_pass="before"),
     "rm-separate": dict(task="rm", batch=2, seq=32, pair_forward="separate"),

@@ -71,7 +71,7 @@ def test_separate_forwards_count_the_same_tokens():
 @pytest.mark.parametrize("argv,message", [
     (["--task", "sft", "--logprobs", "fused"], "logprobs: only applies with task dpo (task is sft)"),
     (["--task", "grpo", "--pair-forward", "separate"], "pair_forward: only applies with task dpo or rm (task is grpo)"),
-    (["--task", "dpo", "--logprobs", "selective"], "logprobs"),
+    (["--task", "dpo", "--logprobs", "chunked"], "logprobs"),
     (["--task", "rm", "--pair-forward", "two"], "pair_forward"),
 ])
 def test_bad_variant_input_is_one_line(argv, message):
@@ -140,3 +140,35 @@ def test_reference_after_the_policy_forward_carries_the_policy_graph():
         assert after.phases[k] == before.phases[k]
     # precomputed log-probs: no reference phase at all
     assert not any(k.startswith("reference") for k in _est(**base, ref_logprobs="precomputed").phases)
+
+
+def test_selective_logprobs_equal_the_full_log_softmax_under_the_kernel_emulation(tiny_model):
+    """TRL's selective_log_softmax through the emulated Triton path gives the log-probs and gradients
+    of `log_softmax(logits).gather(ids)` (same positions, as the full program)."""
+    import copy
+
+    import torch
+
+    from planner.dryrun._patches import trl_triton_kernels
+    from planner_plugins.logprobs import sequence_logprobs
+
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(2))
+    full_model, sel_model = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    expected, _ = sequence_logprobs(full_model, ids, "full")
+    expected.sum().backward()
+    with trl_triton_kernels():
+        got, _ = sequence_logprobs(sel_model, ids, "selective")
+        got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sel_model.lm_head.weight.grad, full_model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_selective_keeps_the_logits_instead_of_fp32_log_probs():
+    """bf16 logits saved (2 bytes per vocabulary entry) instead of the fp32 log-softmax (4) and no
+    fp32 copy: the policy's backward peak is lower than the full program's by about 2 bytes x
+    tokens x vocabulary or more."""
+    base = dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=1024, reference_pass="before")
+    full, sel = _est(**base), _est(**base, logprobs="selective")
+    V = load_model("qwen2.5-0.5b").vocab_size
+    assert full.phases["policy.backward"] - sel.phases["policy.backward"] >= 2 * 2 * 1024 * V * 2
+    assert sel.phases["policy.backward"] > _est(**base, logprobs="fused").phases["policy.backward"]

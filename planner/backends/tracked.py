@@ -136,6 +136,9 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
         stack.enter_context(_patches.autocast_query_means_cpu())
         stack.enter_context(_patches.cuda_autocast_policy())
+        if getattr(plan, "logprobs", "full") in ("fused", "selective"):
+            # imports TRL (its module-level tensors) before the tracker starts
+            stack.enter_context(_patches.trl_triton_kernels())
         metas = {}
         for use in workload.models:
             metas[use.role], build_notes = build_meta(use.setup, configs[use.role], train=use.trainable,
@@ -155,8 +158,6 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         if any(use.setup.method == "qlora" for use in workload.models):
             stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
-        if getattr(plan, "logprobs", "full") == "fused":
-            stack.enter_context(_patches.trl_triton_kernels())
         models = {}
         opts = {}
         for use in workload.models:

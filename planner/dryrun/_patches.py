@@ -457,15 +457,17 @@ def kv_cache_attribution(tracker) -> Iterator[None]:
 # -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def trl_triton_kernels() -> Iterator[None]:
-    """TRL 1.16's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) folds every logits tile
+    """TRL 1.16's Triton kernels, as a CUDA run allocates around them.
+
+    ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) folds every logits tile
     with a Triton kernel on CUDA: the forward kernel writes only per-token statistics, the backward
     kernel overwrites the tile with its gradient, and `_addmm_fp32` accumulates the gradient GEMMs
     with `torch.addmm(..., out_dtype=torch.float32, out=acc)`. Without Triton, TRL folds with torch
     ops whose tile-sized fp32 temporaries (and `a.float()` copies) a GPU run never allocates. Here
     the folds allocate what the kernels do: nothing. On fake tensors they are skipped (their values
     are never read back); on real tensors TRL's own torch folds run with the tracker's dispatch
-    modes disabled, as a kernel's registers are invisible to the allocator."""
-    import torch
+    modes disabled, as a kernel's registers are invisible to the allocator. `selective_log_softmax`
+    runs its Triton path (see _LogProbEntropyKernel)."""
     import trl.kernels.chunked_logprob as ck
     from torch.utils._python_dispatch import _disable_current_modes
 
@@ -492,8 +494,72 @@ def trl_triton_kernels() -> Iterator[None]:
     ck._forward_tile = kernel(orig["_forward_tile"])
     ck._backward_tile = kernel(orig["_backward_tile"])
     ck._addmm_fp32 = addmm_fp32
+    # selective_log_softmax dispatches to the Triton logprob/entropy kernel on CUDA
+    import trl.trainer.utils as tu
+
+    saved = {name: tu.__dict__.get(name, _MISSING) for name in
+             ("is_triton_available", "_supports_trl_loss_kernel", "_fused_logprob_entropy")}
+    tu.is_triton_available = lambda: True
+    tu._supports_trl_loss_kernel = lambda logits, index=None, row_mask=None: (
+        logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= logits.ndim <= 3
+        and logits.stride(-1) == 1 and (index is None or index.shape == logits.shape[:-1]))
+    tu._fused_logprob_entropy = lambda logits, index, temperature=1.0, row_mask=None: (
+        _LogProbEntropyKernel.apply(logits, index, temperature))
     try:
         yield
     finally:
         for name, fn in orig.items():
             setattr(ck, name, fn)
+        for name, fn in saved.items():
+            if fn is _MISSING:
+                delattr(tu, name)
+            else:
+                setattr(tu, name, fn)
+
+
+_MISSING = object()
+
+
+class _LogProbEntropyKernel(torch.autograd.Function):
+    """What TRL 1.16.0's Triton `_LogProbEntropyFunction` (trl/kernels/logprob_entropy.py, which
+    imports triton and cannot load here) allocates: four fp32 per-token vectors in the forward
+    (log-probs, entropy, log Z, expected logit), the logits kept for backward, and one gradient
+    like the logits in the backward. The values are computed (on real tensors) by torch with the
+    tracker's modes disabled, as the kernel computes them in registers."""
+
+    @staticmethod
+    def forward(ctx, logits, index, temperature):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        out = [torch.empty(logits.shape[:-1], device=logits.device, dtype=torch.float32) for _ in range(4)]
+        logprobs, entropy, log_z, expected = out
+        if not _is_fake(logits):
+            with _disable_current_modes():
+                z = logits.float() / temperature
+                log_z.copy_(z.logsumexp(-1))
+                logprobs.copy_(z.gather(-1, index.unsqueeze(-1)).squeeze(-1) - log_z)
+                expected.copy_((torch.softmax(z, -1) * z).sum(-1))
+                entropy.copy_(log_z - expected)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, index, log_z, expected)
+        ctx.temperature = temperature
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        logits, index, log_z, expected = ctx.saved_tensors
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if not _is_fake(logits):
+            with _disable_current_modes():
+                z = logits.float() / ctx.temperature
+                p = torch.exp(z - log_z.unsqueeze(-1))
+                g = torch.zeros_like(z)
+                if grad_logprobs is not None:
+                    onehot = torch.zeros_like(z).scatter_(-1, index.unsqueeze(-1), 1.0)
+                    g += grad_logprobs.unsqueeze(-1) * (onehot - p)
+                if grad_entropy is not None:
+                    g += grad_entropy.unsqueeze(-1) * p * (expected.unsqueeze(-1) - z)
+                grad.copy_(g / ctx.temperature)
+        return grad, None, None

@@ -15,6 +15,8 @@ Programs (shared/notes/heldout-protocol.md; the techniques' `step` functions run
   sequence; nothing of batch x seq x vocab size is held after the loss but log_softmax's output.
 - pairwise (reward model): sequence-classification head `score` (hidden -> 1) on every position,
   the last token's score pooled; loss `-logsigmoid(r_chosen - r_rejected).mean()`.
+- selective (DPO's policy with `logprobs: selective`): TRL 1.16.0's selective_log_softmax over the
+  logits, its CUDA path (a Triton kernel: the logits saved in their dtype, per-token vectors only).
 - fused (DPO's policy with `logprobs: fused`): TRL 1.16.0's fused LM head (add_fused_lm_head):
   `model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs` summed per sequence; the hidden
   states of the scored positions are gathered (`hidden[mask]`), projected in tiles of
@@ -136,6 +138,28 @@ def logprobs(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
         saved=tp.saved_total,
         # gather backward's zero-filled gradient and log_softmax backward's output, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, ZERO, "fp32", 3))],
+    )
+
+
+def selective(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool) -> HeadRun:
+    """`selective_log_softmax(model(ids).logits, ids)` (TRL 1.16.0) on CUDA: the Triton kernel keeps
+    the logits for backward and writes four fp32 per-token vectors (log-probs, entropy, log Z,
+    expected logit; log Z and the expected logit are saved); its backward allocates one gradient
+    like the logits."""
+    V = spec.vocab_size
+    tp, logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
+    after_logits = tp.live
+    vecs = tp.new(tok(4), "fp32", False, "logprobs, entropy, log_z, expected_logit")
+    loss_peak = tp.live
+    tp.save(logits)
+    tp.drop(logits, vecs)
+    tp.save(tp.new(tok(2), "fp32", False, "log_z, expected_logit"))
+    return HeadRun(
+        forward=[("forward", "lm_head", after_logits, {}, True),
+                 ("loss", "selective log-softmax kernel", loss_peak, {"logits": logits.size}, True)],
+        saved=tp.saved_total,
+        backward=[("selective log-softmax backward", Sym(t=V * DTYPE_BYTES[logits.dtype]) + Sym(t=2 * 4),
+                   {"logits": logits.size})],
     )
 
 
@@ -283,8 +307,8 @@ def fused_logprobs_only(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype
     return fused(spec, cfg, res, res_dtype, full, tiles, ("log_probs",))
 
 
-HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "pairwise": pairwise, "kl": kl, "kl_hard": kl_hard,
-         "fused": fused, "fused_logprobs": fused_logprobs_only}
+HEADS = {"causal_lm": causal_lm, "logprobs": logprobs, "selective": selective, "pairwise": pairwise, "kl": kl,
+         "kl_hard": kl_hard, "fused": fused, "fused_logprobs": fused_logprobs_only}
 # heads whose buffers depend on the number of scored positions (built per FusedTiles), and the
 # per-token outputs each asks the fused head for
 TILED_HEADS = {"fused": FUSED_POLICY_OUTPUTS, "fused_logprobs": ("log_probs",)}

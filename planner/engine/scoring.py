@@ -64,6 +64,9 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "logprobs", tiles: FusedTiles
                            autocast)
     tl, res, base, logits, V, dt = _no_grad_forward(spec, plan, keep_previous_logits=False, adapters=adapters,
                                                     autocast=autocast)
+    if loss == "selective":  # TRL's Triton kernel: four fp32 per-token vectors beside the logits
+        tl.add("score", "selective log-softmax kernel", **base, activations=logits + Sym(t=16), details={"logits": logits})
+        return tl.compiled(), res, resident_details(res)
     fp32 = Sym(t=V * 4)
     lsm = logits + fp32 + (fp32 if dt != "fp32" else Sym())
     tl.add("score", "log_softmax over fp32 logits", **base, activations=lsm,
