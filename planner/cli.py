@@ -233,15 +233,29 @@ def _print_distributed(result: Any, out: _Out) -> None:
 
 
 def _plan_summary(plan: Any) -> str:
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    fields = set(technique(plan.task).plan_fields)
     parts = [plan.task, plan.method, plan.precision]
-    if plan.task == "sft":
-        parts += [plan.optimizer, f"batch {plan.batch} x seq {plan.seq}"]
-        if plan.grad_accum > 1:
-            parts.append(f"grad-accum {plan.grad_accum}")
-        if plan.grad_ckpt:
-            parts.append("grad-ckpt")
+    if "optimizer" in fields:
+        parts.append(plan.optimizer)
+    if "seq" in fields:
+        parts.append(f"batch {plan.batch} x seq {plan.seq}")
     else:
-        parts += [f"batch {plan.batch}", f"prompt {plan.prompt_len} + {plan.new_tokens} new tokens"]
+        parts.append(f"batch {plan.batch}")
+    if "prompt_len" in fields or "new_tokens" in fields:
+        parts.append(f"prompt {plan.prompt_len} + {plan.new_tokens} new tokens")
+    if "grad_accum" in fields and plan.grad_accum > 1:
+        parts.append(f"grad-accum {plan.grad_accum}")
+    if "grad_ckpt" in fields and plan.grad_ckpt:
+        parts.append("grad-ckpt")
+    # the technique's own options where they differ from their defaults
+    shown = {"optimizer", "seq", "prompt_len", "new_tokens", "grad_accum", "grad_ckpt"}
+    for name in sorted(fields - shown):
+        value = getattr(plan, name)
+        if value != Plan.model_fields[name].default:
+            parts.append(f"{name.replace('_', '-')} {value}")
     if plan.method in ("lora", "qlora"):
         parts.append(f"rank {plan.lora_rank}")
     if plan.method == "qlora":

@@ -172,3 +172,15 @@ def test_selective_keeps_the_logits_instead_of_fp32_log_probs():
     V = load_model("qwen2.5-0.5b").vocab_size
     assert full.phases["policy.backward"] - sel.phases["policy.backward"] >= 2 * 2 * 1024 * V * 2
     assert sel.phases["policy.backward"] > _est(**base, logprobs="fused").phases["policy.backward"]
+
+
+def test_plan_line_names_the_technique_options_that_differ():
+    code, out, err = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--task", "dpo", "--seq", "1024",
+                          "--logprobs", "fused", "--reference-pass", "before"])
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("plan"))
+    assert "batch 1 x seq 1024" in line and "new tokens" not in line
+    assert "logprobs fused" in line and "reference-pass before" in line and "pair-forward" not in line
+    code, out, _ = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--task", "grpo", "--group-size", "4"])
+    line = next(x for x in out.splitlines() if x.startswith("plan"))
+    assert "prompt 512 + 128 new tokens" in line and "group-size 4" in line and "x seq" not in line
