@@ -522,7 +522,8 @@ def rank_moments(states: RankStates, buffers: int, acts: dict[str, float], step_
                                   "activations": acts["end_kept"] + acts["held"], "temporaries": acts["transient"]}
     if not acts.get("loss_fwd"):
         del out["loss"]  # not the last stage (or the megatron model): no head here
-    return out
+    order = ("loss", "loss backward", "backward", "end of backward", "optimizer")  # the step's order
+    return {k: out[k] for k in order if k in out}
 
 
 def _rank_memory(stage: int, states: RankStates, buffers: int, acts: dict[str, float], step_temp: float,
