@@ -138,7 +138,10 @@ def phase_errors(est: dict[str, int], meas: dict[str, int], workspace: int) -> d
     mapped: dict[str, int] = {}
     for key, v in est.items():
         head, _, sub = key.partition(".")
-        name = head if (sub and head in meas) else (sub or head)
+        if key in meas:  # the backend marked the same sub-phase (a generation's prefill and decode)
+            name = key
+        else:
+            name = head if (sub and head in meas) else (sub or head)
         mapped[name] = max(mapped.get(name, 0), v - workspace)
     return {k: 100.0 * (mapped[k] - m) / m for k, m in meas.items() if k in mapped and m}
 

@@ -50,8 +50,10 @@ class TrackedContext(StepContext):
 
         from planner.dryrun._programs import _generate_phases
 
+        # a step of several phases names the generation's sub-phases as the estimate does ('rollout.prefill')
+        prefix = f"{self.current_phase}." if len(self.workload.phases) > 1 and self.current_phase else ""
         try:
-            with _generate_phases(model, self.tracker, new_tokens, False), torch.no_grad():
+            with _generate_phases(model, self.tracker, new_tokens, False, prefix), torch.no_grad():
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, use_cache=True)
         finally:

@@ -305,9 +305,10 @@ def run_generate(
 
 
 @contextlib.contextmanager
-def _generate_phases(model, tracker, new_tokens: int, full_decode: bool):
-    """prefill = the first forward; decode = every later one. Forward calls 0 (prefill), 1 and
-    new_tokens-1 run the model; the others (unless full_decode) only return logits."""
+def _generate_phases(model, tracker, new_tokens: int, full_decode: bool, prefix: str = ""):
+    """prefill = the first forward; decode = every later one (named `<prefix>prefill`, ...). Forward
+    calls 0 (prefill), 1 and new_tokens-1 run the model; the others (unless full_decode) only return
+    logits."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     state = {"calls": 0}
@@ -319,7 +320,7 @@ def _generate_phases(model, tracker, new_tokens: int, full_decode: bool):
     def forward(*args, **kwargs):
         k = state["calls"]
         state["calls"] += 1
-        tracker.phase = "prefill" if k == 0 else "decode"
+        tracker.phase = prefix + ("prefill" if k == 0 else "decode")
         tracker.step = k
         if not full_decode and 1 < k < new_tokens - 1:
             # a middle decode step: the cache will have grown by one position (done in one go

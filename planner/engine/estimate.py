@@ -13,9 +13,10 @@ from planner.engine.timeline import CompiledTimeline
 from planner.result import CATEGORIES, MemoryEstimate
 from planner.plugins import technique
 from planner.specs import Plan
-from planner.workload import ModelUse, Workload
+from planner.workload import ModelUse, Phase, Workload
 
 if TYPE_CHECKING:
+    from planner.engine.resident import Resident
     from planner.gpus import GPUSpec
 
 DEFAULT_CUDA_CONTEXT = 547_356_672  # measured H200 context: (139.80 - 139.29) GiB, rounded to 2 MiB
@@ -51,6 +52,16 @@ def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm", tiles: FusedTil
     return hit
 
 
+def compile_phase(ph: Phase, use: ModelUse) -> tuple[CompiledTimeline, "Resident", dict[str, int]]:
+    """The compiled timeline (cached), resident bytes and resident details of one phase's program
+    run by `use` (its loss, the fused head's tiles for its scored positions, adapters on or off,
+    passes, autocast)."""
+    # the fused head's buffers depend on the scored positions: batch x (seq - 1)
+    tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
+    _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast)
+    return timeline, res, extra
+
+
 def estimate(plan: Plan, model: ModelSpec, gpu: "GPUSpec | None" = None) -> MemoryEstimate:
     """Per-GPU memory of one step of `plan` on `model`; `gpu` sets the CUDA context and the cuBLAS
     workspace size (without it: the measured H200 context and sm90's workspace)."""
@@ -67,9 +78,7 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
     multi = len(workload.phases) > 1
     for ph in workload.phases:
         use = workload.model(ph.role)
-        # the fused head's buffers depend on the scored positions: batch x (seq - 1)
-        tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-        _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast)
+        timeline, res, extra = compile_phase(ph, use)
         if ph.kind == "generate":
             mem = generation.evaluate(timeline, res, extra, ph.batch, ph.seq, ph.new_tokens, use.spec, use.setup,
                                       context, cublas_workspace_bytes(cc, 1))
@@ -78,9 +87,7 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
             carried = ph.carried * ph.batch * ph.seq
             if ph.during is not None:  # another phase's forward graph is alive while this one runs
                 host = workload.phase(ph.during)
-                host_tiles = FusedTiles.for_positions(host.batch * (host.seq - 1)) if host.loss in TILED_HEADS else None
-                host_tl = _compiled(host.kind, workload.model(host.role), host.loss, host_tiles, host.adapters,
-                                    host.passes)[1]
+                host_tl = compile_phase(host, workload.model(host.role))[0]
                 carried += int(host_tl.after_forward.at(host.batch * host.seq, host.seq))
             mem = finish(timeline, extra, ph.batch * ph.seq, ph.seq, context, cublas_workspace_bytes(cc, threads),
                          carried=carried)

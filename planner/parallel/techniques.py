@@ -134,13 +134,9 @@ def _timeline(ph: Phase, m: _Model) -> tuple:
     """(compiled timeline, resident, extra) of the phase's score / forward / generate program on the
     rank's share, compiled (and cached) by the single-GPU engine as it compiles the phase (its loss,
     fused-head tiles, adapters on or off, passes, and whether it runs under the plan's autocast)."""
-    from planner.engine.estimate import _compiled
-    from planner.engine.heads import TILED_HEADS, FusedTiles
+    from planner.engine.estimate import compile_phase
 
-    # the fused head's buffers depend on the scored positions (as planner.engine.estimate sizes them)
-    tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-    use = ModelUse(m.use.role, m.part, m.use.setup, m.use.trainable, m.use.ref)
-    return _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast)[1:]
+    return compile_phase(ph, ModelUse(m.use.role, m.part, m.use.setup, m.use.trainable, m.use.ref))
 
 
 def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str, float]]:
