@@ -32,26 +32,33 @@ def _cfg(spec: ModelSpec, plan: Plan, res: Resident, adapters: bool, autocast: b
     return cfg
 
 
-def _no_grad_forward(spec: ModelSpec, plan: Plan, keep_previous_logits: bool, adapters: bool = True,
-                     autocast: bool = False):
-    """The timeline of a no-grad forward up to the full logits, and what later moments need."""
+def _backbone(spec: ModelSpec, plan: Plan, adapters: bool, autocast: bool, prev: Sym = Sym()):
+    """The no-grad decoder layers: a timeline with their peaks, and what the head needs."""
     res = resident(spec, plan)
     cfg = _cfg(spec, plan, res, adapters, autocast)
     dt = res.non_linear_dtype
     layer = run_layer(cfg, dt, False, grad=False)
-    h = spec.hidden_size
-    V = 1 if spec.head == "seq_cls" else spec.vocab_size  # a classification head scores each position once
     rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
     base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
-    # under autocast the head computes in the autocast dtype from casts of its input and weight
-    out_dt = cfg.autocast or dt
-    logits = Sym(t=V * DTYPE_BYTES[out_dt])
-    casts = Sym(c=V * h * DTYPE_BYTES[out_dt], t=h * DTYPE_BYTES[out_dt]) if out_dt != dt else Sym()
-    embeds = Sym(t=h * DTYPE_BYTES[dt])  # `inputs_embeds`, referenced until the forward returns
-    prev = logits if keep_previous_logits else Sym()
+    embeds = Sym(t=spec.hidden_size * DTYPE_BYTES[dt])  # `inputs_embeds`, referenced until the backbone returns
     tl = Timeline()
     for peak in layer.peaks:
         tl.add("forward", "last decoder layer", **base, activations=peak + rope + embeds + prev)
+    return tl, res, cfg, layer, base, embeds
+
+
+def _no_grad_forward(spec: ModelSpec, plan: Plan, keep_previous_logits: bool, adapters: bool = True,
+                     autocast: bool = False):
+    """The timeline of a no-grad forward up to the full logits, and what later moments need."""
+    dt = resident(spec, plan).non_linear_dtype
+    V = 1 if spec.head == "seq_cls" else spec.vocab_size  # a classification head scores each position once
+    h = spec.hidden_size
+    # under autocast the head computes in the autocast dtype from casts of its input and weight
+    out_dt = (plan.compute_dtype if plan.autocast and autocast else None) or dt
+    logits = Sym(t=V * DTYPE_BYTES[out_dt])
+    prev = logits if keep_previous_logits else Sym()
+    tl, res, _, _, base, embeds = _backbone(spec, plan, adapters, autocast, prev)
+    casts = Sym(c=V * h * DTYPE_BYTES[out_dt], t=h * DTYPE_BYTES[out_dt]) if out_dt != dt else Sym()
     tl.add("forward", "lm_head", **base, activations=Sym(t=h * DTYPE_BYTES[dt]) + casts + embeds + logits + prev,
            details={"logits": logits + prev})
     return tl, res, base, logits, V, out_dt
@@ -79,19 +86,9 @@ def build_fused(spec: ModelSpec, plan: Plan, outputs: tuple[str, ...], tiles: Fu
     """`with torch.no_grad(): model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs` (TRL
     1.16.0's fused LM head, planner.engine.heads.fused): the layers, then the final norm's output,
     the gathered hidden states and one projection tile; no logits."""
-    res = resident(spec, plan)
-    cfg = _cfg(spec, plan, res, adapters, autocast)
-    dt = res.non_linear_dtype
-    layer = run_layer(cfg, dt, False, grad=False)
-    h = spec.hidden_size
-    rope = Sym(t=2 * spec.head_dim * DTYPE_BYTES[dt]) if cfg.family in ("llama", "gemma2") else Sym()
-    base = dict(parameters=Sym(c=res.param_bytes), buffers=Sym(c=res.buffer_bytes), other=Sym(c=res.quant_state_bytes))
-    embeds = Sym(t=h * DTYPE_BYTES[dt])  # `inputs_embeds`, referenced until the backbone returns
-    tl = Timeline()
-    for peak in layer.peaks:
-        tl.add("forward", "last decoder layer", **base, activations=peak + rope + embeds)
+    tl, res, cfg, layer, base, _ = _backbone(spec, plan, adapters, autocast)
     tp = Tape(grad=False)
-    hn = tp.new(tok(h), layer.out_dtype, False, "last_hidden_state")
+    hn = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "last_hidden_state")
     f = fused_head_forward(tp, hn, spec, cfg, res, tiles, outputs)
     tl.add("score", "fused lm_head tile", **base, activations=f["tile"])
     return tl.compiled(), res, resident_details(res)
