@@ -154,6 +154,13 @@ def versions() -> dict[str, str]:
             out[name] = getattr(mod, "__version__", "?")
         except Exception:  # noqa: BLE001 - a missing backend library is reported, not fatal
             out[name] = "not installed"
+    # TRL runs only inside the dpo steps with --logprobs selective/fused: its version without importing it
+    from importlib import metadata
+
+    try:
+        out["trl"] = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        out["trl"] = "not installed"
     return out
 
 
