@@ -453,13 +453,7 @@ def run(plan, layout: Layout, config: dict, *, steps: int, round_bytes: int, voc
     else:
         breakdown, details = _tp_breakdown(tracker)
     assert sum(breakdown.values()) == tracker.peak_total, (breakdown, tracker.peak_total)
-    phase_breakdowns = {}
-    for ph, (tot, raw, opt_state) in tracker.phase_snapshots.items():
-        if ph in ("setup", "between_steps"):
-            continue
-        cats, det = to_categories(raw, opt_state)
-        assert sum(cats.values()) == tot, (ph, cats, tot)
-        phase_breakdowns[ph] = {**cats, **{f"detail:{k}": v for k, v in det.items() if v}}
+    phase_breakdowns = phase_category_breakdowns(tracker)
     phases = {k: v for k, v in tracker.phase_peaks.items() if k not in ("setup", "between_steps")}
     versions = _versions()
     versions["process_group"] = "fake"
@@ -486,6 +480,18 @@ def _classifier_for(vocab: int, vocab_local: int):
 
 RAW_CATEGORY = {**FSDP_CATEGORY, "Parameter": "parameters", "Gradient": "gradients", "Optstate": "optimizer_states",
                 "Other": "other"}
+
+
+def phase_category_breakdowns(tracker) -> dict[str, dict[str, int]]:
+    """Each step phase's peak snapshot in categories (and its details as 'detail:<name>')."""
+    out = {}
+    for ph, (tot, raw, opt_state) in tracker.phase_snapshots.items():
+        if ph in ("setup", "between_steps"):
+            continue
+        cats, det = to_categories(raw, opt_state)
+        assert sum(cats.values()) == tot, (ph, cats, tot)
+        out[ph] = {**cats, **{f"detail:{k}": v for k, v in det.items() if v}}
+    return out
 
 
 def to_categories(raw: dict[str, int], opt_state: int | None) -> tuple[dict[str, int], dict[str, int]]:

@@ -23,7 +23,7 @@ from planner.dryrun._programs import make_optimizer
 from planner.dryrun._run import _versions
 from planner.parallel.backend_fakepg import (FSDPDryRunTracker, _end_of_loss_backward, _no_fake, _SkipPropagation,
                                              decoder_layers, fake_process_group, make_mesh, mixed_precision_policy,
-                                             shard, to_categories)
+                                             phase_category_breakdowns, shard, to_categories)
 from planner.parallel.dryrun import DistributedDryRunResult
 from planner.parallel.layout import Layout, LayoutError
 
@@ -103,12 +103,7 @@ def run_technique(plan, layout: Layout, *, steps: int, round_bytes: int, device:
 
     breakdown, details = to_categories(tracker.peak_categories, tracker.peak_opt_state)
     assert sum(breakdown.values()) == tracker.peak_total, (breakdown, tracker.peak_total)
-    phase_breakdowns = {}
-    for ph, (tot, raw, opt_state) in tracker.phase_snapshots.items():
-        if ph in ("setup", "between_steps"):
-            continue
-        cats, det = to_categories(raw, opt_state)
-        phase_breakdowns[ph] = {**cats, **{f"detail:{k}": v for k, v in det.items() if v}}
+    phase_breakdowns = phase_category_breakdowns(tracker)
     versions = _versions()
     versions["process_group"] = "fake"
     return DistributedDryRunResult(
