@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 TRL_TOKEN_TILE = 4096  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE (TRL 1.16.0)
 TRL_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE (TRL 1.16.0)
-# per-token outputs of the fused head and their bytes (FusedCausalLMOutput's fields)
-FUSED_OUTPUT_BYTES = {"log_probs": 4, "entropy": 4, "log_sum_sq_probs": 4, "mean_logits": 4, "is_top1": 1}
+# per-token outputs of the fused head and their dtypes (FusedCausalLMOutput's fields)
+FUSED_OUTPUT_DTYPES = {"log_probs": "fp32", "entropy": "fp32", "log_sum_sq_probs": "fp32", "mean_logits": "fp32",
+                       "is_top1": "bool"}
 # TRL 1.16.0's DPOTrainer patches the policy with these (entropy, mean logits and top-1 feed its metrics)
 FUSED_POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
@@ -57,7 +58,7 @@ from planner.architecture import ModelSpec
 from planner.engine.layers import LayerCfg, gemma_rms_norm, layer_norm, rms_norm
 from planner.engine.ops import Weight, binary, cast, linear, unary
 from planner.engine.resident import Resident
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, fixed, tok
+from planner.engine.tape import DTYPE_BYTES, Sym, Tape, Tensor, ZERO, fixed, tok
 
 
 @dataclass
@@ -180,10 +181,22 @@ def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     )
 
 
-def fused_head_forward(tp: Tape, hn, spec: ModelSpec, cfg: LayerCfg, res: Resident, tiles: FusedTiles,
-                       outputs: tuple[str, ...]) -> dict:
-    """TRL's `_fused_forward` after the backbone, on the tape: returns the moment of the tile buffer,
-    and what the program and autograd keep (per-token outputs, the gathered hidden states)."""
+@dataclass(frozen=True)
+class FusedForward:
+    """What TRL's fused head leaves on the tape after its forward, and the sizes its backward reuses."""
+
+    tile: Sym  # live bytes while a projection tile is folded (the forward's largest moment)
+    held: Sym  # the per-token outputs the program keeps bound
+    hidden: Tensor  # the gathered hidden states (saved for backward)
+    compute_dtype: str
+    buffer: Sym  # the projection tile buffer
+    hidden_cast: Sym  # a token tile of the hidden states cast to the compute dtype (or nothing)
+    weight_cast: Sym  # a vocabulary chunk of the head weight cast to the compute dtype (or nothing)
+
+
+def fused_head_forward(tp: Tape, hn: Tensor, spec: ModelSpec, cfg: LayerCfg, res: Resident, tiles: FusedTiles,
+                       outputs: tuple[str, ...]) -> FusedForward:
+    """TRL's `_fused_forward` after the backbone, on the tape."""
     V, H = spec.vocab_size, spec.hidden_size
     mask = tp.new(tok(1), "bool", False, "label_mask")
     hc = tp.new(tok(H), hn.dtype, hn.rg, "hidden[mask]")  # index's backward keeps only the mask
@@ -192,11 +205,12 @@ def fused_head_forward(tp: Tape, hn, spec: ModelSpec, cfg: LayerCfg, res: Reside
     stats = tp.new(tok(7), "fp32", False, "online log-sum-exp statistics")
     cd = cfg.autocast or hc.dtype
     buf = tp.new(fixed(tiles.rows * TRL_VOCAB_TILE), cd, False, "projection tile")
-    casts = []
-    if hc.dtype != cd:  # hidden[tile].to(compute dtype), bound until the next token tile
-        casts.append(tp.new(fixed(tiles.rows * H), cd, False, "hidden tile cast"))
-    if res.non_linear_dtype != cd:  # weight[chunk].to(compute dtype), an argument of torch.mm
-        casts.append(tp.new(fixed(min(V, TRL_VOCAB_TILE) * H), cd, False, "lm_head chunk cast"))
+    # hidden[tile].to(compute dtype), bound until the next token tile
+    h_cast = tp.new(fixed(tiles.rows * H), cd, False, "hidden tile cast") if hc.dtype != cd else None
+    # weight[chunk].to(compute dtype), an argument of torch.mm
+    w_cast = (tp.new(fixed(min(V, TRL_VOCAB_TILE) * H), cd, False, "lm_head chunk cast")
+              if res.non_linear_dtype != cd else None)
+    casts = [t for t in (h_cast, w_cast) if t is not None]
     tile_moment = tp.live
     tp.drop(*casts, buf)
     log_z = tp.new(tok(1), "fp32", False, "log_z")
@@ -207,16 +221,17 @@ def fused_head_forward(tp: Tape, hn, spec: ModelSpec, cfg: LayerCfg, res: Reside
         kept.append(outs[-1])
     for name in outputs:
         if name not in ("log_probs", "entropy"):
-            outs.append(tp.new(tok(1), "fp32" if FUSED_OUTPUT_BYTES[name] == 4 else "bool", False, name))
+            outs.append(tp.new(tok(1), FUSED_OUTPUT_DTYPES[name], False, name))
     tp.drop(stats)
     tp.save(hc, targets, *kept)
     # each output scattered back to (batch, seq - 1): new_zeros(...).masked_scatter(mask, x)
     held = ZERO
     for o in outs:
-        full = tp.new(tok(1), o.dtype, False, f"{o.name} scattered")
+        scattered = tp.new(tok(1), o.dtype, False, f"{o.name} scattered")
         tp.drop(o)
-        held = held + full.size
-    return {"tile": tile_moment, "held": held, "hidden": hc, "cd": cd}
+        held = held + scattered.size
+    return FusedForward(tile=tile_moment, held=held, hidden=hc, compute_dtype=cd, buffer=buf.size,
+                        hidden_cast=h_cast.size if h_cast else ZERO, weight_cast=w_cast.size if w_cast else ZERO)
 
 
 def fused(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool,
@@ -230,26 +245,24 @@ def fused(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: b
     tp.drop(x)
     f = fused_head_forward(tp, hn, spec, cfg, res, tiles, outputs)
     tp.drop(hn)  # `backbone_outputs` is released when the patched forward returns
-    hc, cd = f["hidden"], f["cd"]
+    hc = f.hidden
     # ChunkedLogProbFunction.backward: fp32 accumulators, the tile buffer, the chunk casts, then
     # `grad.to(dtype)` of each accumulator while the accumulators and the buffer are still bound
     grad_in = Sym(t=2 * 4)  # the log-probs' gradient: slice backward's zeros and masked_select's output
     acc = Sym(t=H * 4) + (Sym(c=V * H * 4) if full else ZERO)
-    buf = Sym(c=tiles.rows * TRL_VOCAB_TILE * DTYPE_BYTES[cd])
-    h_cast = Sym(c=tiles.rows * H * DTYPE_BYTES[cd]) if hc.dtype != cd else ZERO
-    w_chunk = Sym(c=min(V, TRL_VOCAB_TILE) * H * DTYPE_BYTES[cd]) if res.non_linear_dtype != cd else ZERO
     last_chunk = V - TRL_VOCAB_TILE * ((V - 1) // TRL_VOCAB_TILE)
-    w_last = Sym(c=last_chunk * H * DTYPE_BYTES[cd]) if res.non_linear_dtype != cd else ZERO
+    w_last = Sym(c=last_chunk * H * DTYPE_BYTES[f.compute_dtype]) if f.weight_cast != ZERO else ZERO
     # `w_chunk = weight[...].to(...)` is rebound: the new cast exists before the old one is freed
     rebinds = 2 if (V > TRL_VOCAB_TILE or tiles.several) else 1
     out_casts = (Sym(t=H * DTYPE_BYTES[hc.dtype]) if hc.dtype != "fp32" else ZERO) + (
         Sym(c=V * H * DTYPE_BYTES[res.non_linear_dtype]) if full and res.non_linear_dtype != "fp32" else ZERO)
+    common = grad_in + acc + f.buffer + f.hidden_cast
     return HeadRun(
-        forward=[("forward", "fused lm_head tile", f["tile"], {}, True),
+        forward=[("forward", "fused lm_head tile", f.tile, {}, True),
                  ("forward", "fused lm_head outputs", tp.live, {}, True)],
-        saved=tp.saved_total, held=f["held"],
-        backward=[("fused lm_head backward tile", grad_in + acc + buf + h_cast + w_chunk * rebinds, {}),
-                  ("fused lm_head backward return", grad_in + acc + buf + h_cast + w_last + out_casts, {})],
+        saved=tp.saved_total, held=f.held,
+        backward=[("fused lm_head backward tile", common + f.weight_cast * rebinds, {}),
+                  ("fused lm_head backward return", common + w_last + out_casts, {})],
         inside_backbone=False,
     )
 

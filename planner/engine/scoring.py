@@ -90,7 +90,7 @@ def build_fused(spec: ModelSpec, plan: Plan, outputs: tuple[str, ...], tiles: Fu
     tp = Tape(grad=False)
     hn = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "last_hidden_state")
     f = fused_head_forward(tp, hn, spec, cfg, res, tiles, outputs)
-    tl.add("score", "fused lm_head tile", **base, activations=f["tile"])
+    tl.add("score", "fused lm_head tile", **base, activations=f.tile)
     return tl.compiled(), res, resident_details(res)
 
 
