@@ -95,6 +95,14 @@ def dpo_workload(plan, model) -> Workload:
 def dpo_step(ctx) -> None:
     import contextlib
 
+    # TRL's log-prob functions run their own CUDA kernels on a GPU (emulated on CPU backends)
+    with ctx.device_kernels("trl") if ctx.plan.logprobs != "full" else contextlib.nullcontext():
+        _dpo_step(ctx)
+
+
+def _dpo_step(ctx) -> None:
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 

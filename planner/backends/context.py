@@ -42,6 +42,11 @@ class StepContext(ABC):
         with self._autocast() if name == "forward" else contextlib.nullcontext():
             yield
 
+    def device_kernels(self, library: str) -> Any:
+        """A context in which `library`'s CUDA kernels behave as on a GPU. A GPU backend runs the
+        library's own kernels (a null context); CPU backends emulate their allocations."""
+        return contextlib.nullcontext()
+
     def autocast(self) -> Any:
         """The plan's autocast context, for a forward outside a "forward" phase that a trainer still
         runs under autocast (TRL's DPOTrainer scores the reference inside `compute_loss`)."""

@@ -59,6 +59,25 @@ class TrackedContext(StepContext):
         finally:
             self.tracker.step = self.step_index
 
+    @contextlib.contextmanager
+    def device_kernels(self, library: str):
+        """The library's CUDA kernels as a GPU run allocates around them (planner.dryrun._patches);
+        the library is imported with the tracker's modes off: its module-level tensors are not the
+        step's."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from planner.dryrun import _patches
+
+        if library not in _patches.DEVICE_KERNELS:
+            raise ValueError(f"library: no kernel emulation for '{library}' (known: {', '.join(_patches.DEVICE_KERNELS)})")
+        cm = _patches.DEVICE_KERNELS[library]()
+        with _disable_current_modes():
+            cm.__enter__()
+        try:
+            yield
+        finally:
+            cm.__exit__(None, None, None)
+
     def _enter_phase(self, name: str) -> None:
         self.current_phase = name
         self.tracker.phase = name
@@ -138,9 +157,6 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
         stack.enter_context(_patches.autocast_query_means_cpu())
         stack.enter_context(_patches.cuda_autocast_policy())
-        if getattr(plan, "logprobs", "full") in ("fused", "selective"):
-            # imports TRL (its module-level tensors) before the tracker starts
-            stack.enter_context(_patches.trl_triton_kernels())
         metas = {}
         for use in workload.models:
             metas[use.role], build_notes = build_meta(use.setup, configs[use.role], train=use.trainable,

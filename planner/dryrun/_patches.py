@@ -518,6 +518,8 @@ def trl_triton_kernels() -> Iterator[None]:
 
 
 _MISSING = object()
+# libraries whose CUDA kernels the step context can emulate (StepContext.device_kernels)
+DEVICE_KERNELS: dict[str, Callable] = {"trl": trl_triton_kernels}
 
 
 class _LogProbEntropyKernel(torch.autograd.Function):
