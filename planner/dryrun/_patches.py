@@ -385,7 +385,7 @@ def cuda_gemm_4bit(props=H200_PROPS) -> Callable:
             return out
         if absmax_8bit is not None:
             absmax_dq = torch.empty_like(absmax_8bit, dtype=torch.float32)
-            absmax = absmax_dq + absmax_offset
+            _ = absmax_dq + absmax_offset  # the dispatch's dequantized absmax, bound until it returns
         B_dq = torch.empty(tuple(shapeB), dtype=A.dtype, device=A.device)
         return torch.nn.functional.linear(A, B_dq, bias)
 
