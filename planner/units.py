@@ -91,6 +91,8 @@ def gib(nbytes: int | float) -> float:
 def format_gib(nbytes: int | float, signed: bool = False) -> str:
     """'12.34 GiB' (two decimals, labelled); signed=True prints '+1.00 GiB' / '-1.00 GiB'."""
     value = nbytes / GiB
+    if abs(value) >= 1e9:  # beyond an exabyte (a batch of 10^12 asked for): digits say nothing
+        return f"{value:+.3e} GiB" if signed else f"{value:.3e} GiB"
     text = f"{value:+.2f}" if signed else f"{value:.2f}"
     return f"{text} GiB"
 

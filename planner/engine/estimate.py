@@ -147,14 +147,14 @@ def finish(timeline: CompiledTimeline, extra: dict[str, int], tokens: float, seq
         phases = {k: v + carried for k, v in phases.items()}
     breakdown = {c: 0 for c in CATEGORIES}
     for cat, s in moment.parts.items():
-        breakdown[cat] += int(s.c + s.t * tokens + s.q * tokens * seq)
+        breakdown[cat] += int(s.at(tokens, seq))
     if kv:
         for cat, b in kv.items():
             breakdown[cat] += b
     breakdown["activations"] += carried
     breakdown["other"] += workspace
     total = sum(breakdown.values())
-    details = {k: int(s.c + s.t * tokens + s.q * tokens * seq) for k, s in moment.details.items()}
+    details = {k: int(s.at(tokens, seq)) for k, s in moment.details.items()}
     details["cublas_workspace"] = workspace
     for k, v in extra.items():
         if k != "paged_optimizer_states":

@@ -12,6 +12,7 @@ without replaying the recipe again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "uint8": 1, "bool": 1}
 
@@ -36,13 +37,30 @@ class Sym:
     __rmul__ = __mul__
 
     def at(self, tokens: float, seq: float) -> float:
-        return self.c + self.t * tokens + self.q * tokens * seq
+        """c + t*T + q*T*S, exact for any integer T and S (see `exact_at`)."""
+        if tokens <= FAST_TOKENS and tokens * seq <= FAST_TOKEN_POSITIONS:
+            return self.c + self.t * tokens + self.q * tokens * seq
+        return exact_at(self, tokens, seq)
 
     def dominates(self, o: "Sym") -> bool:
         return self.c >= o.c and self.t >= o.t and self.q >= o.q
 
 
 ZERO = Sym()
+
+# Below these sizes float arithmetic is exact: coefficients are whole (or dyadic, like nf4's half a
+# byte) numbers of bytes with t < 2^26 bytes per token (a 256k vocabulary's fp32 logits and their
+# copies) and q < 2^16 bytes per token and position (eager attention's scores), so every term stays
+# below 2^52. Beyond them (a batch of 10^12 is a fair question) the sum is taken in rationals.
+FAST_TOKENS = 1 << 26
+FAST_TOKEN_POSITIONS = 1 << 36
+
+
+def exact_at(s: Sym, tokens: float, seq: float) -> Fraction | float:
+    """c + t*T + q*T*S in exact rational arithmetic (each float coefficient is a binary fraction)."""
+    if isinstance(tokens, float) or isinstance(seq, float):
+        return s.c + s.t * tokens + s.q * tokens * seq
+    return Fraction(s.c) + Fraction(s.t) * tokens + Fraction(s.q) * tokens * seq
 
 
 def tok(elements: float) -> Sym:

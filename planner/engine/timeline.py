@@ -54,7 +54,7 @@ class CompiledTimeline:
         best_i, best = 0, -1.0
         phases: dict[str, int] = {}
         for i, s in enumerate(self.totals):
-            v = s.c + s.t * tokens + s.q * tokens * seq
+            v = s.at(tokens, seq)
             ph = self.moments[i].phase
             if v > phases.get(ph, -1):
                 phases[ph] = int(v)
