@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from planner.gpus import GPUSpec, resolve_gpu
 from planner.result import MemoryEstimate
 from planner.specs import Plan
-from planner.suggest import Suggestion, suggest
+from planner.suggest import Limits, Suggestion, Verdict, limits, single_gpu_evaluator, suggest
 
 __all__ = ["DistributedFitResult", "FitResult", "fit", "fit_distributed", "plan_warnings"]
 
@@ -42,6 +42,7 @@ class FitResult(BaseModel):
     memory: MemoryEstimate
     headroom_bytes: int = Field(description="gpu.memory_bytes - memory.device_bytes (negative: short by that much)")
     suggestions: list[Suggestion] = Field(default_factory=list)
+    limits: Limits | None = Field(default=None, description="for a plan that fits: the largest batch and lengths that still fit")
     plan: Plan
     warnings: list[str] = Field(default_factory=list)
     phase_seconds: dict[str, float] = Field(default_factory=dict, description="roofline time of each phase of one step")
@@ -68,6 +69,7 @@ class FitResult(BaseModel):
                 "phases": dict(m.phases),
             },
             "suggestions": [s.to_json() for s in self.suggestions],
+            "limits": self.limits.model_dump() if self.limits is not None else None,
             "plan": self.plan.model_dump(mode="json"),
             "warnings": list(self.warnings),
             "time": self.time_json(),
@@ -90,6 +92,10 @@ def _model_info(model: Any) -> ModelInfo:
     )
 
 
+def bf16_supported(gpu: GPUSpec) -> bool:
+    return gpu.custom or gpu.bf16_tflops is not None
+
+
 def plan_warnings(plan: Plan, model: Any, gpu: GPUSpec) -> list[str]:
     """Things the user should know that do not stop the estimate."""
     out: list[str] = []
@@ -108,7 +114,30 @@ def plan_warnings(plan: Plan, model: Any, gpu: GPUSpec) -> list[str]:
             )
     if plan.compute_dtype == "bf16" and gpu.bf16_tflops is None and not gpu.custom:
         out.append(f"precision: {gpu.name} has no bf16 support; use fp16 or mixed-fp16 there")
+    experts = getattr(model, "layer_expert_params", 0) * getattr(model, "num_layers", 0)
+    if plan.method == "qlora" and experts:
+        from planner.engine.resident import resident
+        from planner.engine.tape import DTYPE_BYTES
+        from planner.units import format_gib
+
+        from planner.workload import ModelUse
+
+        trains = "optimizer" in _technique_fields(plan)
+        setup = ModelUse("model", model, plan, trainable=trains).setup  # kbit preparation only when training
+        dtype = resident(model, setup).non_linear_dtype
+        held = experts * DTYPE_BYTES[dtype]
+        out.append(
+            f"method: transformers holds {mid}'s experts as fused 3-D tensors, not nn.Linear modules, so "
+            f"bitsandbytes leaves them unquantized ({dtype}{', cast by kbit preparation' if dtype == 'fp32' else ''}): "
+            f"{format_gib(held)} of experts where 4-bit would hold {format_gib(experts // 2)}; estimated as the program runs"
+        )
     return out
+
+
+def _technique_fields(plan: Plan) -> tuple[str, ...]:
+    from planner.plugins import technique
+
+    return technique(plan.task).plan_fields
 
 
 def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
@@ -122,10 +151,13 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
     est = estimate(plan, model, gpu)
     fits = est.device_bytes <= gpu.memory_bytes
     suggestions: list[Suggestion] = []
-    if not fits and with_suggestions:
-        suggestions = suggest(
-            plan, model, gpu.memory_bytes, estimate=lambda p, m: estimate(p, m, gpu), bf16_supported=gpu.custom or gpu.bf16_tflops is not None
-        )
+    reach: Limits | None = None
+    if with_suggestions:
+        evaluate = single_gpu_evaluator(model, gpu.memory_bytes, lambda p, m: estimate(p, m, gpu))
+        if fits:
+            reach = limits(plan, model, evaluate)
+        else:
+            suggestions = suggest(plan, model, evaluate=evaluate, bf16_supported=bf16_supported(gpu))
     from planner.engine.timing import phase_times, tokens_per_step
     from planner.plugins import technique
 
@@ -138,6 +170,7 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
         memory=est,
         headroom_bytes=gpu.memory_bytes - est.device_bytes,
         suggestions=suggestions,
+        limits=reach,
         plan=plan,
         warnings=plan_warnings(plan, model, gpu),
         phase_seconds=times,
@@ -156,16 +189,22 @@ class DistributedFitResult(BaseModel):
     gpu: GPUSpec
     estimate: Any
     warnings: list[str] = Field(default_factory=list)
+    suggestions: list[Suggestion] = Field(default_factory=list)
+    limits: Limits | None = None
+    layout_fields: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         e = self.estimate
         return {
             "fits": e.fits,
             "gpu": {"id": self.gpu.id, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes},
-            "layout": e.layout.model_dump(mode="json") | {"dp": e.layout.dp, "grad_accum": e.layout.grad_accum},
+            "layout": e.layout.model_dump(mode="json") | {"dp": e.layout.dp, "grad_accum": e.layout.grad_accum,
+                                                          "engine": e.layout.engine_name},
+            "engine": e.engine,
             "memory": e.memory.model_dump(mode="json"),
             "stages": [s.model_dump(mode="json") for s in e.stages],
             "cpu_bytes_per_node": e.cpu_bytes_per_node,
+            "cpu_memory_bytes": e.cpu_memory_bytes,
             "collectives": [c.model_dump(mode="json") for c in e.collectives],
             "time": e.time.model_dump(mode="json"),
             "tokens_per_s": e.tokens_per_s,
@@ -176,23 +215,52 @@ class DistributedFitResult(BaseModel):
             "phase_seconds": dict(e.phase_seconds),
             "resident": {k: list(v) for k, v in e.resident.items()},
             "model_states": {k: dict(v) for k, v in e.model_states.items()},
+            "suggestions": [s.to_json() for s in self.suggestions],
+            "limits": self.limits.model_dump() if self.limits is not None else None,
             "plan": self.plan.model_dump(mode="json"),
             "warnings": list(self.warnings),
         }
 
 
-def fit_distributed(plan: Plan, layout_fields: dict[str, Any]) -> DistributedFitResult:
+def _layout_for(plan: Plan, fields: dict[str, Any]) -> tuple[Plan, Any]:
+    """The plan (grad-accum from the layout when a global batch is given) and its layout."""
+    from planner.parallel import layout_for_plan, make_layout
+
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "global_batch" in fields:
+        layout = make_layout(micro_batch=plan.batch, **fields)
+        return plan.model_copy(update={"grad_accum": layout.grad_accum}), layout
+    return plan, layout_for_plan(plan.batch, plan.grad_accum, **fields)
+
+
+def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions: bool = True) -> DistributedFitResult:
     """`plan` laid out over many GPUs (`layout_fields`: planner.parallel.Layout's fields)."""
     from planner.models import load_model
-    from planner.parallel import estimate_distributed, layout_for_plan, make_layout
+    from planner.parallel import estimate_distributed
 
     gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
     model = load_model(plan.model)
-    fields = dict(layout_fields)
-    if "global_batch" in fields:
-        layout = make_layout(micro_batch=plan.batch, **fields)
-        plan = plan.model_copy(update={"grad_accum": layout.grad_accum})
-    else:
-        layout = layout_for_plan(plan.batch, plan.grad_accum, **fields)
+    plan, layout = _layout_for(plan, layout_fields)
     est = estimate_distributed(plan, layout, model, gpu)
-    return DistributedFitResult(plan=plan, gpu=gpu, estimate=est, warnings=plan_warnings(plan, model, gpu))
+
+    def evaluate(p: Plan, fields: dict[str, Any]) -> Verdict | None:
+        try:
+            p2, lay = _layout_for(p, fields)
+            e = estimate_distributed(p2, lay, model, gpu)
+        except ValueError:
+            return None
+        return Verdict(e.memory.peak_allocated_bytes, e.memory.device_bytes, e.fits)
+
+    suggestions: list[Suggestion] = []
+    reach: Limits | None = None
+    if with_suggestions:
+        fields = {k: v for k, v in layout_fields.items() if v is not None}
+        if est.fits:
+            reach = limits(plan, model, evaluate, fields)
+        else:
+            from planner.suggest import layout_changes
+
+            suggestions = suggest(plan, model, evaluate=evaluate, layout=fields, bf16_supported=bf16_supported(gpu),
+                                  layout_changes=layout_changes(layout, fields, model))
+    return DistributedFitResult(plan=plan, gpu=gpu, estimate=est, warnings=plan_warnings(plan, model, gpu),
+                                suggestions=suggestions, limits=reach, layout_fields=dict(layout_fields))
