@@ -3,9 +3,12 @@
 FLOPs (forward, per token, one decoder layer; every matmul counted as 2·in·out):
 - every linear of the layer (q and GQA-sized k/v, o, gated MLP's gate/up/down or GPT's fc1/fc2),
   MoE: the router plus `experts_per_token` experts;
-- attention: QKᵀ and attention·V, 2·s·(heads·head_dim) each, i.e. 4·b·s²·h_q per layer per sequence.
-  NOT halved for causal masking (the convention of Megatron's formula and PaLM's MFU); a sliding window
-  caps s. Flash kernels skip fully masked blocks, so the TIME of flash attention counts half of it.
+- attention: QKᵀ and attention·V, 2·heads·head_dim FLOPs each per (query, key) pair that the kernel
+  computes. ONE convention, for FLOPs and time alike: the pairs the kernel executes. SDPA / flash
+  kernels skip what the causal mask removes: s(s+1)/2 pairs per sequence (a sliding window w keeps
+  w(w+1)/2 + (s−w)·w); eager attention computes all s² scores and masks them afterwards; a decode
+  step's token attends to its whole context. So achieved FLOP/s can never exceed the card's peak, and
+  with eager (materialised) attention this is exactly Megatron's formula, whose 4·b·s²·h counts all s².
 - lm_head: 2·h·V per token (the loss and softmax are not matmuls).
 A training step is forward + backward = 3× forward for full training (backward computes the input and
 the weight gradients); frozen linears (LoRA, QLoRA) need only input gradients: 2× forward. Full
@@ -48,7 +51,6 @@ SOFTWARE_EFFICIENCY = 0.877  # derived from Megatron Table 1 row 1 (see the modu
 H200_MATMUL = 788.8 / 989.0
 H200_COPY = 4258.8 / 4800.0
 FP32_PEAK_FRACTION = 1 / 16  # fp32 without tensor cores is ~1/16 of dense bf16 (A100 19.5/312, H100 67/989)
-CAUSAL_FLASH_TIME = 0.5  # flash kernels skip the fully masked half of the causal score matrix
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,23 @@ def linear_flops_per_token(spec: ModelSpec) -> float:
     return float(dense)
 
 
-def attention_flops_per_token(spec: ModelSpec, seq: int) -> float:
-    """QKᵀ + attention·V per token, forward: 2 · 2 · s · heads·head_dim (not halved for causality)."""
-    s = min(seq, spec.sliding_window) if spec.sliding_window else seq
-    return 4.0 * s * spec.num_attention_heads * spec.head_dim
+def attention_pairs_per_token(spec: ModelSpec, seq: int, causal: bool = True) -> float:
+    """(query, key) pairs a kernel computes per token of a sequence of `seq` tokens.
+
+    causal (SDPA / flash kernels on a causal mask): s(s+1)/2 per sequence, or with a sliding window w
+    < s: w(w+1)/2 + (s−w)·w. Not causal: every query meets all `seq` keys (eager attention computes the
+    masked scores too; a decode step attends to its whole context of `seq` tokens)."""
+    s = seq
+    if not causal:
+        return float(s)
+    w = spec.sliding_window
+    pairs = w * (w + 1) / 2 + (s - w) * w if w and s > w else s * (s + 1) / 2
+    return pairs / s
+
+
+def attention_flops_per_token(spec: ModelSpec, seq: int, causal: bool = True) -> float:
+    """QKᵀ + attention·V per token, forward: 2 · 2 · heads·head_dim per computed pair."""
+    return 4.0 * attention_pairs_per_token(spec, seq, causal) * spec.num_attention_heads * spec.head_dim
 
 
 def lora_flops_per_token(spec: ModelSpec, rank: int, targets: list) -> float:
@@ -144,11 +159,13 @@ class StepFlops:
 
 
 def micro_batch_flops(part: ModelSpec, tokens: int, seq: int, *, method: str = "full", grad_ckpt: bool = False,
-                      lora_rank: int = 0, lora_targets: list | None = None, with_head: bool = True) -> StepFlops:
+                      lora_rank: int = 0, lora_targets: list | None = None, with_head: bool = True,
+                      causal: bool = True) -> StepFlops:
     """FLOPs of one micro-batch of `tokens` tokens through `part` (a whole model, or one rank's share
-    of it from shard.rank_spec: its layers, heads/t, MLP width/t, vocab/t)."""
+    of it from shard.rank_spec: its layers, heads/t, MLP width/t, vocab/t). `causal`: attention by a
+    kernel that skips causally masked pairs (SDPA), else all `seq` keys per query (eager, decode)."""
     lin = linear_flops_per_token(part)
-    att = attention_flops_per_token(part, seq)
+    att = attention_flops_per_token(part, seq, causal)
     ada = lora_flops_per_token(part, lora_rank, lora_targets or []) if method != "full" else 0.0
     layer_fwd = (lin + att + ada) * tokens * part.num_layers
     # backward: input grads of every matmul (1x) + weight grads of trainable linears (1x); attention 2x
@@ -248,15 +265,17 @@ class MicroBatchTime:
 def micro_batch_time(part: ModelSpec, tokens: int, seq: int, gpu: GPUSpec, *, dtype: str, method: str = "full",
                      grad_ckpt: bool = False, lora_rank: int = 0, lora_targets: list | None = None,
                      flash: bool = True, style: Style = "hf", tp: int = 1, sp: bool = False,
-                     eff: Efficiency | None = None) -> MicroBatchTime:
-    """Roofline time of one micro-batch through `part` on one rank (see the module doc)."""
+                     eff: Efficiency | None = None, causal: bool | None = None) -> MicroBatchTime:
+    """Roofline time of one micro-batch through `part` on one rank (see the module doc). `flash`:
+    SDPA (no scores materialised); `causal` (default: `flash`): the kernel skips causally masked
+    pairs (False for eager attention and for a decode step over its context)."""
     eff = eff or efficiency(gpu)
     flop_rate = peak_flops(gpu, dtype) * eff.matmul * eff.software
     byte_rate = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
     e = 4 if dtype == "fp32" else 2
     lin = linear_flops_per_token(part)
     ada = lora_flops_per_token(part, lora_rank, lora_targets or []) if method != "full" else 0.0
-    att = attention_flops_per_token(part, seq) * (CAUSAL_FLASH_TIME if flash else 1.0)
+    att = attention_flops_per_token(part, seq, flash if causal is None else causal)
     traffic = layer_traffic_bytes(part, seq, e, traffic_for(part, style), tp=tp, sp=sp, scores=not flash)
     n = part.num_layers * tokens
     dq = dequant_bytes(part) * part.num_layers if method == "qlora" else 0.0

@@ -50,7 +50,7 @@ from planner.parallel import activations as act
 from planner.parallel import comm, compute
 from planner.parallel.layout import Layout, LayoutError
 from planner.parallel.shard import busiest_stages, rank_spec
-from planner.parallel.zero import RankStates, fsdp_moment_gathered, rank_model_states, semantics
+from planner.parallel.zero import RankStates, engine_description, fsdp_moment_gathered, rank_model_states, semantics
 from planner.specs import Plan
 
 ActivationModel = Literal["engine", "megatron"]
@@ -107,7 +107,9 @@ class DistributedEstimate(BaseModel):
     stages: list[RankMemory] = Field(description="first and last pipeline stage")
     cpu_bytes_per_node: int
     gpu_memory_bytes: int
-    fits: bool
+    cpu_memory_bytes: int = Field(description="a node's CPU memory (the layout's cpu_memory), which the offloaded states must fit")
+    engine: str = Field(description="what holds the model states and in which dtypes (zero.engine_description)")
+    fits: bool = Field(description="the busiest rank fits its GPU and the node's offloaded states fit its CPU memory")
     collectives: list[CollectiveReport]
     time: StepTime
     model_flops: float = Field(description="per step, whole job, no recompute")
@@ -424,7 +426,7 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
     total = compute_s + exposed_s + bubble_s
 
     whole = compute.micro_batch_flops(spec, layout.batch * s, s, method=plan.method, grad_ckpt=plan.grad_ckpt,
-                                      lora_rank=plan.lora_rank, lora_targets=targets)
+                                      lora_rank=plan.lora_rank, lora_targets=targets, causal=flash)
     peak = compute.peak_flops(gpu, plan.compute_dtype)
     reports = [CollectiveReport(name=c.name, kind=c.kind, group=c.group, group_size=c.group_size, count=c.count,
                                 tensor_bytes=c.tensor_bytes, bytes_per_rank=c.bytes_per_rank, time_s=c.time_s,
@@ -434,7 +436,9 @@ def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSp
     return DistributedEstimate(
         layout=layout, semantics=semantics(layout), memory=busiest, stages=stages,
         cpu_bytes_per_node=cpu_rank * ranks_per_node, gpu_memory_bytes=gpu.memory_bytes,
-        fits=busiest.device_bytes <= gpu.memory_bytes, collectives=reports,
+        cpu_memory_bytes=layout.cpu_memory, engine=engine_description(layout, plan),
+        fits=busiest.device_bytes <= gpu.memory_bytes and cpu_rank * ranks_per_node <= layout.cpu_memory,
+        collectives=reports,
         time=StepTime(compute_s=compute_s, exposed_comm_s=exposed_s, bubble_s=bubble_s, total_s=total,
                       optimizer_s=optimizer_s, micro_batch_s=busy_mb),
         model_flops=whole.model, hardware_flops=whole.hardware,

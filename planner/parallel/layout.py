@@ -11,6 +11,14 @@ number of micro-batches a pipeline runs per step (m).
 ZeRO stages follow DeepSpeed (1: optimizer states, 2: + gradients, 3: + parameters partitioned over
 the DP group). torch FSDP's `full-shard` is ZeRO-3 and `shard-grad-op` is ZeRO-2 (the sharding
 semantics differ in detail: see zero.py). Every error is one line naming the field.
+
+`engine` names the program that holds the model states, because the two keep different bytes for the
+same stage number: `deepspeed` (any ZeRO stage, 0 included) runs a half-precision plan's module in
+half precision with fp32 master weights, fp32 optimizer states and an fp32 gradient buffer; `torch`
+(DDP for stage 0, ZeroRedundancyOptimizer for stage 1, FSDP for 2 and 3) keeps the plan's own
+dtypes (a bf16 plan has bf16 AdamW states and no master copy). Default: `deepspeed` when a ZeRO stage
+of 1 or more is given, else `torch`. So `--zero 0` and `--zero 1` compare like for like only with the
+same `--engine`.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from planner.architecture import ModelSpec
 
 Offload = Literal["none", "optimizer", "optimizer+params"]
+Engine = Literal["torch", "deepspeed"]
 Schedule = Literal["1f1b", "interleaved"]
 Fsdp = Literal["full-shard", "shard-grad-op"]
 
 FSDP_STAGE = {"full-shard": 3, "shard-grad-op": 2}
+# A node's CPU memory when the user gives none: 2 TB, the system memory of an NVIDIA DGX H100 / H200
+# (DGX H100/H200 datasheet), the usual 8-GPU training node.
+DEFAULT_CPU_MEMORY_BYTES = 2 * 10**12
 
 
 class LayoutError(ValueError):
@@ -37,10 +49,15 @@ class Layout(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    gpus: int = Field(default=1, gt=0, description="GPUs in the job")
+    gpus: int = Field(default=1, gt=0, le=1 << 24, description="GPUs in the job")
     gpus_per_node: int | None = Field(default=None, gt=0, description="default: min(gpus, 8)")
-    zero: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage (default 0, or the fsdp stage)")
+    zero: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage (default 0, or the fsdp stage)")
     fsdp: Fsdp | None = Field(default=None, description="torch FSDP sharding strategy (ZeRO-3 / ZeRO-2 in torch)")
+    engine: Engine | None = Field(default=None, description=(
+        "what holds the model states: deepspeed (ZeRO 0-3, fp32 master weights for half-precision plans) or "
+        "torch (DDP, ZeroRedundancyOptimizer, FSDP: the plan's dtypes); default deepspeed for --zero >= 1, else torch"))
+    cpu_memory: int = Field(default=DEFAULT_CPU_MEMORY_BYTES, gt=0, description=(
+        "CPU memory of one node in bytes, which offloaded states must fit (default 2 TB, a DGX H100/H200)"))
     offload: Offload = "none"
     tp: int = Field(default=1, gt=0, description="tensor-parallel degree")
     sp: bool = Field(default=False, description="Megatron sequence parallelism (needs tp > 1)")
@@ -83,6 +100,13 @@ class Layout(BaseModel):
         return self.batch // (self.micro_batch * self.dp)
 
     @property
+    def engine_name(self) -> Engine:
+        """The engine that holds the model states (the `engine` field, or its default)."""
+        if self.engine is not None:
+            return self.engine
+        return "deepspeed" if self.fsdp is None and (self.zero or 0) >= 1 else "torch"
+
+    @property
     def stage(self) -> int:
         """Sharding stage: ZeRO stage, or the FSDP strategy's equivalent."""
         if self.zero is not None:
@@ -121,8 +145,21 @@ class Layout(BaseModel):
 
 
 def _validate(x: Layout) -> None:
-    if x.zero is not None and x.fsdp is not None and x.zero != FSDP_STAGE[x.fsdp]:
-        raise LayoutError(f"fsdp: {x.fsdp} is ZeRO-{FSDP_STAGE[x.fsdp]}, but zero is {x.zero}")
+    if x.zero is not None and x.fsdp is not None:
+        raise LayoutError(
+            f"fsdp: give --zero (DeepSpeed) or --fsdp (torch FSDP), not both: --fsdp {x.fsdp} is torch's "
+            f"ZeRO-{FSDP_STAGE[x.fsdp]}, --zero {x.zero} asks DeepSpeed for its stage {x.zero}")
+    if x.fsdp is not None and x.engine == "deepspeed":
+        raise LayoutError(f"engine: --fsdp {x.fsdp} is torch FSDP; with --engine deepspeed give --zero {FSDP_STAGE[x.fsdp]}")
+    if x.engine == "torch" and (x.zero or 0) >= 2:
+        fs = "full-shard" if x.zero == 3 else "shard-grad-op"
+        raise LayoutError(
+            f"zero: torch shards gradients and parameters with FSDP: give --fsdp {fs} instead of --zero {x.zero} "
+            "with --engine torch (or --engine deepspeed)")
+    if x.gpus_per_node is not None and x.gpus_per_node > x.gpus:
+        raise LayoutError(
+            f"gpus_per_node: {x.gpus_per_node} GPUs per node exceed the {x.gpus} GPUs of the job "
+            f"(give --gpus-per-node {x.gpus} or fewer, or more --gpus)")
     n = x.per_node
     if x.gpus > n and x.gpus % n:
         raise LayoutError(f"gpus: {x.gpus} GPUs do not fill whole nodes of {n} (gpus_per_node)")

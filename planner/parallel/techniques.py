@@ -73,7 +73,7 @@ from planner.parallel.estimate import (ActivationModel, CollectiveReport, Distri
                                        optimizer_seconds, rank_moments)
 from planner.parallel.layout import Layout, LayoutError
 from planner.parallel.shard import rank_spec
-from planner.parallel.zero import (RankStates, forward_gathered, frozen_model_states, fsdp_moment_gathered,
+from planner.parallel.zero import (RankStates, engine_description, forward_gathered, frozen_model_states, fsdp_moment_gathered,
                                    rank_model_states, semantics)
 from planner.specs import Plan
 from planner.workload import ModelUse, Phase, Workload
@@ -224,7 +224,7 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
     kw = _kw(m, gpu, layout, eff, style)
     whole_rows = ph.batch * layout.dp * mb
     targets = lora_targets(spec, setup) if setup.method != "full" else []
-    fl = dict(method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets)
+    fl = dict(method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets, causal=setup.attn == "sdpa")
     if ph.kind == "train_step":
         t = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, sp=False,
                                      **kw)
@@ -248,7 +248,7 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
         bw = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
         read = m.res.param_bytes + m.res.quant_state_bytes + \
             kv_bytes_per_token(m.part, m.res.non_linear_dtype) * ph.batch * mean_len
-        step_compute = compute.micro_batch_time(m.part, ph.batch, int(mean_len), gpu, **kw).forward
+        step_compute = compute.micro_batch_time(m.part, ph.batch, int(mean_len), gpu, causal=False, **kw).forward
         decode_step = max(read / bw, step_compute)
         pre_items = _tp_forward(m, layout, topo, ph.batch, ph.seq, mb, "prefill") + _gather(m, layout, topo, mb,
                                                                                             "prefill")
@@ -256,7 +256,7 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
                      + _gather(m, layout, topo, mb * steps, "decode, every token"))
         exposed = _exposed(pre_items, prefill, 0.0) + _exposed(dec_items, decode_step, 0.0)
         f = (compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, **fl).forward
-             + compute.micro_batch_flops(spec, whole_rows * steps, int(mean_len), **fl).forward)
+             + compute.micro_batch_flops(spec, whole_rows * steps, int(mean_len), **{**fl, "causal": False}).forward)
         return _PhaseTime(mb * (prefill + steps * decode_step), pre_items + dec_items, exposed, 0.0, f, f)
     raise LayoutError(f"task: phase '{ph.name}' is a '{ph.kind}' program, which the distributed estimate "
                       "does not model")
@@ -366,7 +366,10 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
     return DistributedEstimate(
         layout=layout, semantics=semantics(layout), memory=memory, stages=[memory],
         cpu_bytes_per_node=int(cpu) * min(layout.gpus, layout.per_node), gpu_memory_bytes=gpu.memory_bytes,
-        fits=memory.device_bytes <= gpu.memory_bytes, collectives=reports,
+        cpu_memory_bytes=layout.cpu_memory, engine=engine_description(layout, plan),
+        fits=(memory.device_bytes <= gpu.memory_bytes
+              and int(cpu) * min(layout.gpus, layout.per_node) <= layout.cpu_memory),
+        collectives=reports,
         time=StepTime(compute_s=compute_s, exposed_comm_s=exposed_s, bubble_s=0.0, total_s=total_s,
                       optimizer_s=optimizer_s, micro_batch_s=total_s / layout.grad_accum),
         model_flops=model_flops, hardware_flops=hardware_flops, tokens_per_s=tokens / total_s,

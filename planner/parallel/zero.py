@@ -156,8 +156,27 @@ def partition(s: StateBytes, stage: int, dp: int, offload_optimizer: bool = Fals
 
 # ---- 4. our plans ----------------------------------------------------------------------------------
 def semantics(layout: Layout) -> Semantics:
-    """DeepSpeed's for ZeRO stages >= 1, torch's for plain DDP and FSDP."""
-    return "deepspeed" if layout.fsdp is None and layout.stage >= 1 else "torch"
+    """The layout's engine: DeepSpeed's (by default for ZeRO stages >= 1), torch's (DDP, FSDP)."""
+    return layout.engine_name
+
+
+def engine_description(layout: Layout, plan: Plan) -> str:
+    """What the layout's engine keeps per trainable parameter, in its own terms (for the output)."""
+    st, dp = layout.stage, layout.dp
+    half = plan.compute_dtype if plan.compute_dtype in ("bf16", "fp16") else None
+    shard = {0: "", 1: " (optimizer states partitioned)", 2: " (optimizer states and gradients partitioned)",
+             3: " (optimizer states, gradients and parameters partitioned)"}[st]
+    over = f" over {dp} ranks" if st and dp > 1 else ""
+    if semantics(layout) == "deepspeed":
+        what = (f"{half} parameters and gradients, fp32 master weights, fp32 gradient buffer and {plan.optimizer} states"
+                if half else f"fp32 parameters, gradients and {plan.optimizer} states")
+        return f"DeepSpeed ZeRO-{st}: {what}{shard}{over}"
+    name = {0: "DDP", 1: "DDP + ZeroRedundancyOptimizer"}.get(st) or f"FSDP {layout.fsdp or 'full-shard'}"
+    wd = plan.weight_dtype
+    what = f"{wd} parameters, gradients and {plan.optimizer} states" + ("" if half is None or wd != half else ", no master copy")
+    if plan.precision.startswith("mixed"):
+        what += f", {plan.compute_dtype} autocast"
+    return f"torch {name}: {what}{shard}{over}"
 
 
 def plan_states(spec: ModelSpec, plan: Plan, layout: Layout, stage: int = 0) -> StateBytes:
