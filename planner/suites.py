@@ -48,6 +48,8 @@ def _dry_run_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", batch=2, seq=512, precision="fp32"),
         _p("qwen2.5-0.5b", batch=2, seq=1024, attn="eager"),
         _p("qwen2.5-0.5b", batch=8, **gen, prompt_len=256, new_tokens=512),
+        # 4-bit generation: no kbit preparation, no autocast (the hardening issue's +50% case)
+        _p("qwen2.5-0.5b", batch=4, **gen, method="qlora", prompt_len=512, new_tokens=64),
         # Llama-3.2-3B and Mistral-7B: other widths, QLoRA variants, 8-bit optimizer
         _p("llama-3.2-3b", batch=2, seq=4096, method="lora", grad_ckpt=True),
         _p("llama-3.2-3b", batch=2, seq=1024, method="qlora", quant="fp4", double_quant=False),
@@ -100,6 +102,8 @@ def _alignment_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=1024),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.2-3b", batch=1, seq=2048, method="lora"),
         _p("llama-3.2-1b", task="distill", teacher="llama-3.1-8b", batch=1, seq=1024, grad_ckpt=True),
+        # a frozen 4-bit teacher: no kbit preparation, bf16 logits
+        _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", teacher_method="qlora", batch=2, seq=512),
         _p("qwen2.5-0.5b", task="grpo", batch=2, group_size=4, prompt_len=256, new_tokens=64),
         _p("llama-3.2-1b", task="grpo", batch=1, group_size=4, prompt_len=256, new_tokens=64, method="lora"),
         _p("qwen2.5-0.5b", task="ppo", reward_model="qwen2.5-0.5b", batch=2, prompt_len=256, new_tokens=64),

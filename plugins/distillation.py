@@ -32,7 +32,8 @@ def distill_workload(plan, model) -> Workload:
                            f"{model.id} one of {model.vocab_size}: distillation over logits needs the same vocabulary")
     t_setup = plan.model_copy(update={"method": plan.teacher_method, "precision": "bf16", "grad_ckpt": False})
     student_logits = DTYPE_BYTES[plan.weight_dtype if not plan.autocast else plan.compute_dtype] * model.vocab_size
-    teacher_logits = DTYPE_BYTES["fp32" if plan.teacher_method == "qlora" else "bf16"] * teacher.vocab_size
+    # the teacher's head stays in its load dtype (bf16; a frozen 4-bit teacher gets no kbit preparation)
+    teacher_logits = DTYPE_BYTES[t_setup.weight_dtype] * teacher.vocab_size
     return Workload(
         technique="distill",
         models=(ModelUse("student", model, plan, trainable=True, ref=plan.model),

@@ -12,6 +12,8 @@ KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes.
 
 from __future__ import annotations
 
+import dataclasses
+
 from planner.architecture import ModelSpec
 from planner.engine.resident import Resident, resident
 from planner.engine.tape import DTYPE_BYTES, Sym
@@ -27,7 +29,8 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: str) -> int:
 
 def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
     res = resident(spec, plan)
-    cfg = layer_cfg(spec, plan, res, training=False)
+    # generate runs outside any autocast region (the HF Trainer autocasts its training forward only)
+    cfg = dataclasses.replace(layer_cfg(spec, plan, res, training=False), autocast=None)
     act_dtype = res.non_linear_dtype
     layer = run_layer(cfg, act_dtype, False, grad=False)
     h = spec.hidden_size
