@@ -187,11 +187,31 @@ class _Config:
             return self.cfg[name]
         return self.defaults.get(name, default)
 
-    def pos_int(self, *names: str) -> int:
-        value = self.req(*names)
+    def name(self, *names: str) -> str:
+        """The alias the config actually uses (n_embd or hidden_size), so errors quote the file's own key."""
+        return next((n for n in names if self.cfg.get(n) is not None), names[0])
+
+    def check_pos_int(self, name: str, value: Any) -> int:
+        # bool is an int subclass, and 4096.0 would build a Linear with a float size: both are typos
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ModelError(f"model: config.json at {self.where} has field '{names[0]}' = {value!r}, expected a positive integer")
+            raise ModelError(f"model: config.json at {self.where} has field '{name}' = {value!r}, expected a positive integer")
         return value
+
+    def pos_int(self, *names: str) -> int:
+        return self.check_pos_int(self.name(*names), self.req(*names))
+
+    def opt_pos_int(self, name: str) -> int | None:
+        """An optional size: absent or null means transformers derives it; anything else must be a
+        positive integer (a 0 would otherwise be read as 'absent' by `or`, or build a zero-width layer)."""
+        value = self.opt(name)
+        return None if value is None else self.check_pos_int(name, value)
+
+    def fail(self, message: str) -> ModelError:
+        return ModelError(f"model: config.json at {self.where}: {message}")
+
+    def check_divides(self, heads_key: str, heads: int, size_key: str, size: int, why: str) -> None:
+        if size % heads:
+            raise self.fail(f"{heads_key} {heads} does not divide {size_key} {size} ({why})")
 
 
 def _dtype(cfg: dict[str, Any], where: str) -> str:
@@ -204,11 +224,20 @@ def _dtype(cfg: dict[str, Any], where: str) -> str:
     return _DTYPES[key]
 
 
+def _rotary_factor(c: _Config) -> float:
+    """Share of head_dim that is rotated (phi-style partial rotary; 1.0 for the catalog's models)."""
+    rope = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        rope = {}
+    factor = c.cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise c.fail(f"partial_rotary_factor {factor!r} is not a number in (0, 1]")
+    return float(factor)
+
+
 def _rotary_buffer_bytes(c: _Config, head_dim: int) -> int:
     """`inv_freq` + `original_inv_freq`: fp32, one entry per rotated pair, once per model."""
-    rope = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
-    factor = c.cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
-    dim = int(head_dim * factor)
+    dim = int(head_dim * _rotary_factor(c))
     return 2 * ((dim + 1) // 2) * 4
 
 
@@ -221,8 +250,30 @@ def _rotary_family(c: _Config, model_type: str) -> dict[str, Any]:
     h = c.pos_int("hidden_size")
     layers = c.pos_int("num_hidden_layers")
     heads = c.pos_int("num_attention_heads")
-    kv = c.opt("num_key_value_heads") or heads
-    hd = c.opt("head_dim") or h // heads
+    # null copies the attention heads (MHA), as the config classes' __post_init__ do
+    kv = c.opt_pos_int("num_key_value_heads") or heads
+    if heads % kv:
+        # repeat_kv expands each KV head to heads // kv query heads: 7 heads over 8 KV heads gives
+        # 0 groups, 8 over 3 gives 6 of 8 heads; transformers builds both and fails in the forward
+        default = "" if "num_key_value_heads" in c.cfg else f" (the {model_type} config's default; the file does not set it)"
+        raise c.fail(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}{default}")
+    explicit_hd = c.opt_pos_int("head_dim")  # gemma2's class default (256) counts as given
+    if model_type in ("llama", "gemma2"):
+        # LlamaConfig/Gemma2Config.validate_architecture reject it even when head_dim is explicit
+        c.check_divides("num_attention_heads", heads, "hidden_size", h, f"transformers' {model_type} config requires it")
+    elif explicit_hd is None:
+        # the width is derived as hidden_size // num_attention_heads: a remainder is silently dropped
+        # (q_proj narrower than the residual stream), which is a typo, not a model anyone trained
+        c.check_divides("num_attention_heads", heads, "hidden_size", h, "head_dim is derived as hidden_size // "
+                        "num_attention_heads; give head_dim to choose another width")
+    # head_dim * heads != hidden_size is allowed when head_dim is explicit (gemma2-9b: 16 x 256 vs 3584)
+    hd = explicit_hd or h // heads
+    if hd > 4 and hd % 2 and int(hd * _rotary_factor(c)) == hd:
+        # RotaryEmbeddingConfigMixin.validate_rope: rotation works on pairs, so a fully rotated head
+        # must be even (transformers lets heads <= 4 through for its tiny test checkpoints)
+        how = "" if explicit_hd else " (hidden_size // num_attention_heads)"
+        raise c.fail(f"head_dim {hd}{how} is odd; rotary positions rotate pairs of channels, so transformers "
+                     "requires an even head_dim (or a partial_rotary_factor below 1)")
     inter = c.pos_int("intermediate_size")
     vocab = c.pos_int("vocab_size")
     q, kvd = heads * hd, kv * hd
@@ -255,6 +306,9 @@ def _rotary_family(c: _Config, model_type: str) -> dict[str, Any]:
     if model_type == "mixtral":
         experts = c.pos_int("num_local_experts", "num_experts")
         per_tok = c.pos_int("num_experts_per_tok")
+        if per_tok > experts:
+            # torch.topk(k > E) fails in the router's forward; the config class does not check it
+            raise c.fail(f"num_experts_per_tok {per_tok} exceeds {c.name('num_local_experts', 'num_experts')} {experts}")
         expert_params = experts * (2 * inter * h + h * inter)  # gate_up_proj [E,2I,H] + down_proj [E,H,I]
         router_params = experts * h  # MixtralTopKRouter.weight [E,H], a bare Parameter
 
@@ -263,6 +317,9 @@ def _rotary_family(c: _Config, model_type: str) -> dict[str, Any]:
     sliding = c.opt("sliding_window")
     if model_type == "qwen2" and not c.opt("use_sliding_window"):
         sliding = None  # Qwen2Config drops the window unless use_sliding_window is set
+    if sliding is not None:
+        # checked only where transformers uses it: a window of 0 masks every key (NaN attention)
+        sliding = c.check_pos_int("sliding_window", sliding)
     buffers = _rotary_buffer_bytes(c, hd) + (4 if model_type == "gemma2" else 0)  # + gemma2 embed_scale scalar
     act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
     return dict(
@@ -287,7 +344,9 @@ def _gpt2(c: _Config) -> dict[str, Any]:
     heads = c.pos_int("n_head", "num_attention_heads")
     positions = c.pos_int("n_positions", "max_position_embeddings")
     vocab = c.pos_int("vocab_size")
-    inner = c.opt("n_inner") or 4 * h  # GPT2MLP: n_inner None -> 4 * hidden
+    heads_key, h_key = c.name("n_head", "num_attention_heads"), c.name("n_embd", "hidden_size")
+    c.check_divides(heads_key, heads, h_key, h, "GPT2Attention requires it")
+    inner = c.opt_pos_int("n_inner") or 4 * h  # GPT2MLP: n_inner None -> 4 * hidden
     if c.opt("add_cross_attention"):
         raise ModelError(f"model: config.json at {c.where} sets add_cross_attention, which the planner does not model")
     linears = [
@@ -318,7 +377,8 @@ def _opt(c: _Config) -> dict[str, Any]:
     ffn = c.pos_int("ffn_dim")
     vocab = c.pos_int("vocab_size")
     positions = c.pos_int("max_position_embeddings")
-    proj = c.opt("word_embed_proj_dim") or h  # embeddings and lm_head live in this width
+    c.check_divides("num_attention_heads", heads, "hidden_size", h, "OPTAttention requires it")
+    proj = c.opt_pos_int("word_embed_proj_dim") or h  # embeddings and lm_head live in this width
     bias = bool(c.opt("enable_bias"))
     ln = 2 * h if c.opt("layer_norm_elementwise_affine") else 0
     linears = [  # registration order in OPTAttention: k, v, q, out

@@ -1,8 +1,11 @@
 """The model catalog: bundled HF config.json files, and configs the user points at.
 
-A model reference is a catalog id (`llama-3.1-8b`), a path to a config.json, or a model directory
-holding one. Catalog files are the hub's config.json plus a `_planner` key (display name, hub id,
-source), which is stripped before anything reaches transformers. Like architecture.py, this module
+A model reference is a catalog id (`llama-3.1-8b`), a path to a config.json, a model directory
+holding one, or the Hugging Face hub id of a catalog entry (`meta-llama/Llama-3.1-8B`, matched
+case-insensitively; a path that exists wins over a hub id). Nothing is ever downloaded: a hub id
+outside the catalog is an error that names the close catalog entries. Catalog files are the hub's
+config.json plus a `_planner` key (display name, hub id, source), which is stripped before anything
+reaches transformers. Like architecture.py, this module
 never imports torch or transformers.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -28,6 +32,7 @@ class ModelRow(TypedDict):
 
     id: str
     name: str
+    hf_id: str | None
     params: int
     layers: int
     hidden: int
@@ -68,17 +73,69 @@ def _catalog_entry(model_id: str) -> dict[str, Any]:
     return _parse(entry.read_text(encoding="utf-8"), str(entry))
 
 
+def _close(word: str, choices: list[str], n: int) -> list[str]:
+    """difflib's close matches, case-insensitive (hub ids mix cases: Llama-3.1-8B), best first."""
+    by_low = {c.lower(): c for c in choices}
+    return [by_low[m] for m in difflib.get_close_matches(word.lower(), list(by_low), n=n, cutoff=0.6)]
+
+
 def _unknown(ref: str) -> ModelError:
     ids = _ids()
-    close = difflib.get_close_matches(ref, ids, n=5, cutoff=0.6)
+    close = _close(ref, list(ids), 5)
     hint = f"did you mean: {', '.join(close)}?" if close else f"known ids: {', '.join(ids)}"
     return ModelError(f"model: unknown model '{ref}' ({hint})")
 
 
-def _resolve(ref: str) -> tuple[dict[str, Any], str, str]:
-    """(raw config with `_planner`, id, where) for a catalog id, config.json path or model directory."""
+# A hub repo id: "namespace/name" of letters, digits, '_', '.', '-' (what huggingface_hub's
+# validate_repo_id accepts, near enough). './x', '~/x', 'a/b/c' and '*.json' are paths, never hub ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return _HUB_ID.fullmatch(ref) is not None and not ref.lower().endswith(".json")
+
+
+@functools.cache
+def _hub_index() -> dict[str, str]:
+    """Lower-cased `_planner.hf_id` -> catalog id. Built only when a hub-looking ref is not a file."""
+    index: dict[str, str] = {}
+    for model_id in _ids():
+        hub = (_catalog_entry(model_id).get(PLANNER_KEY) or {}).get("hf_id")
+        if isinstance(hub, str) and hub:
+            index[hub.lower()] = model_id
+    return index
+
+
+def _catalog_id(ref: str) -> str | None:
+    """The catalog id `ref` names: itself, or the entry whose hub id it is (unless a file is there)."""
     if ref in _ids():
-        return _catalog_entry(ref), ref, str(_catalog_dir().joinpath(f"{ref}.json"))
+        return ref
+    if _looks_like_hub_id(ref) and not Path(ref).expanduser().exists():
+        return _hub_index().get(ref.lower())
+    return None
+
+
+def _unknown_hub(ref: str) -> ModelError:
+    """A hub-looking ref that is neither a file nor a catalog hub id: close hub ids first, then close
+    catalog ids (matched on the name after the '/'), skipping an id whose hub id is already listed."""
+    index = _hub_index()
+    hub_ids = {model_id: (_catalog_entry(model_id).get(PLANNER_KEY) or {}).get("hf_id") for model_id in index.values()}
+    found = _close(ref, [h for h in hub_ids.values() if h], 3)
+    for model_id in _close(ref.split("/", 1)[1], list(_ids()), 3):
+        if hub_ids.get(model_id) not in found:
+            found.append(model_id)
+    hint = f" (did you mean: {', '.join(found[:3])}?)" if found else " (see `planner models` for the catalog's hub ids)"
+    return ModelError(
+        f"model: '{ref}' is neither a file nor a known hub id{hint}; nothing is downloaded, so for other models "
+        "pass a local config.json or model directory"
+    )
+
+
+def _resolve(ref: str) -> tuple[dict[str, Any], str, str]:
+    """(raw config with `_planner`, id, where) for a catalog id or hub id, config.json path or model directory."""
+    model_id = _catalog_id(ref)
+    if model_id is not None:
+        return _catalog_entry(model_id), model_id, str(_catalog_dir().joinpath(f"{model_id}.json"))
     path = Path(ref).expanduser()
     if path.is_dir():
         file = path / "config.json"
@@ -89,6 +146,8 @@ def _resolve(ref: str) -> tuple[dict[str, Any], str, str]:
         file = path
         # a checkpoint's config.json is named after its directory; a loose my-model.json after itself
         model_id = path.resolve().parent.name if path.name == "config.json" else path.stem
+    elif _looks_like_hub_id(ref):
+        raise _unknown_hub(ref)
     elif path.suffix == ".json" or "/" in ref or "\\" in ref:
         raise ModelError(f"model: no such file or directory '{ref}'")
     else:
@@ -114,8 +173,9 @@ def _plugin_model(ref: str) -> dict[str, Any] | None:
 
 
 def model_config(ref: str) -> dict[str, Any]:
-    """The raw HF config (without `_planner`), for backends that build the real transformers model."""
-    if ref not in _ids():
+    """The raw HF config (without `_planner`), for backends that build the real transformers model.
+    Resolves `ref` exactly as load_model does (a hub id gives its catalog entry's config)."""
+    if _catalog_id(ref) is None:
         plugged = _plugin_model(ref)
         if plugged is not None:
             return {k: v for k, v in plugged.items() if k != PLANNER_KEY}
@@ -137,9 +197,10 @@ def _catalog_spec(model_id: str) -> ModelSpec:
 
 
 def load_model(ref: str) -> ModelSpec:
-    """ModelSpec for a catalog id, a config.json path, or a model directory. Raises ModelError."""
-    if ref in _ids():
-        return _catalog_spec(ref)
+    """ModelSpec for a catalog id or its hub id, a config.json path, or a model directory. Raises ModelError."""
+    model_id = _catalog_id(ref)
+    if model_id is not None:
+        return _catalog_spec(model_id)  # a hub id gets the catalog's spec itself: id = catalog id
     try:
         return _spec(*_resolve(ref))
     except ModelError:
@@ -155,7 +216,7 @@ def list_models() -> list[ModelRow]:
     for model_id in model_ids():
         s = load_model(model_id)
         rows.append(ModelRow(
-            id=s.id, name=s.name, params=s.num_params, layers=s.num_layers, hidden=s.hidden_size,
+            id=s.id, name=s.name, hf_id=s.hf_id, params=s.num_params, layers=s.num_layers, hidden=s.hidden_size,
             heads=s.num_attention_heads, kv_heads=s.num_key_value_heads, vocab=s.vocab_size,
             context=s.max_position_embeddings,
         ))

@@ -6,13 +6,19 @@ simulator (pure Python, no numpy, torch or pandas).
 
 Exit codes: 0 the setup fits (and was simulated), 1 it does not fit (vLLM would refuse to
 start: weights alone exceed the card, no memory left for the cache, max-model-len too long),
-2 bad input (one line on stderr).
+2 bad input (one line on stderr), 130 interrupted (Ctrl-C).
+
+Work is bounded: --requests above traffic.MAX_REQUESTS is refused before anything is loaded, and a
+simulation beyond simulator.MAX_STEPS loop passes stops with a one-line error. A simulation that
+runs longer than a second or two draws a progress bar on stderr (rich), unless --json is given or
+stderr is not a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import time
+from typing import Any, TextIO
 
 HELP = "how many requests a card serves at once: KV-cache capacity, simulated throughput and latency"
 
@@ -71,8 +77,13 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list[str]]:
     from planner.serving.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
     from planner.serving.specs import Calibration, ServeInputError, ServeSpec, TrafficSpec, build
 
+    from planner.serving.traffic import check_request_count
+
     if not args.model:
         raise ServeInputError("model: give --model (a catalog id, a config.json or a model directory)")
+    if not args.trace and not args.capacity_only:
+        # first, before the model is loaded: a count beyond the bound would only end in a MemoryError
+        check_request_count(args.requests)
     spec = build(ServeSpec, {
         "model": args.model, "gpu": args.gpu, "gpu_memory": args.gpu_memory, "tp": args.tp,
         "weights_dtype": args.weights_dtype, "kv_dtype": args.kv_dtype, "block_size": args.block_size,
@@ -104,18 +115,82 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list[str]]:
     return spec, traffic, cal, scheduler, compare
 
 
+# A bar appears once a simulation has run this long and its pace says the whole run takes at
+# least LONG_RUN_S: short runs never draw one, long ones show it within about a second.
+SHOW_AFTER_S = 1.0
+LONG_RUN_S = 2.0
+
+
+class _ProgressBar:
+    """Receives the simulator's progress reports (scheduler, done, requests) and draws a transient
+    rich bar on `stream` for runs that turn out long; rich is imported only then."""
+
+    def __init__(self, stream: TextIO, simulations: int) -> None:
+        self.stream = stream
+        self.simulations = max(simulations, 1)
+        self.start = time.monotonic()
+        self.done: dict[str, int] = {}  # per scheduler: each reports its own count, the last one at the end
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __call__(self, scheduler: str, done: int, requests: int) -> None:
+        self.done[scheduler] = done
+        total = requests * self.simulations
+        completed = sum(self.done.values())
+        if self.bar is None:
+            elapsed = time.monotonic() - self.start
+            if completed >= total or elapsed < SHOW_AFTER_S or elapsed * total / max(completed, 1) < LONG_RUN_S:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("simulating {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("requests"), TimeElapsedColumn(), console=Console(file=self.stream), transient=True,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(scheduler, total=total)
+        self.bar.update(self.task, completed=completed, description=scheduler)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _progress_bar(args: argparse.Namespace, out: Any, simulations: int) -> _ProgressBar | None:
+    stream = getattr(out, "stderr", None)
+    if args.json or args.capacity_only or stream is None:
+        return None
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return None  # piped or captured stderr: no control codes in logs
+    return _ProgressBar(stream, simulations)
+
+
 def run(args: argparse.Namespace, out: Any) -> int:
     from planner.cli import BadInput
     from planner.serving.service import serve
-    from planner.serving.simulator import SimulationStalled
+    from planner.serving.simulator import SimulationStalled, reporting_progress
     from planner.serving.specs import ServeInputError
 
+    bar: _ProgressBar | None = None
     try:
         spec, traffic, cal, scheduler, compare = _inputs(args)
-        result = serve(spec, traffic, scheduler=scheduler, compare=compare, calibration=cal,
-                       simulate_traffic=not args.capacity_only)  # fmt: skip
-    except (ServeInputError, SimulationStalled) as e:
+        bar = _progress_bar(args, out, 1 + len([s for s in compare if s != scheduler]))
+        with reporting_progress(bar):
+            result = serve(spec, traffic, scheduler=scheduler, compare=compare, calibration=cal,
+                           simulate_traffic=not args.capacity_only)  # fmt: skip
+    except (ServeInputError, SimulationStalled) as e:  # SimulationTooLong is a ServeInputError
         raise BadInput(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C during a long simulation: one line, not a traceback
+        if bar is not None:
+            bar.close()
+        print("planner: interrupted", file=out.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
     for w in result.warnings:
         out.warn(w)
     if args.json:

@@ -20,25 +20,65 @@ the end. Preemption is by recompute, as vLLM does: the request's blocks are free
 the front of the queue, and later prefills its prompt plus the tokens generated so far.
 Latencies: TTFT = first token - arrival; TPOT = (finish - first token) / (o - 1); E2E = finish -
 arrival. Throughput = output tokens / (last finish - first arrival).
+
+Bounded work: what a run costs is the number of passes through the event loop (one per prefill
+iteration, one per decode stretch, one per static batch), not the request count alone. Long prompts
+split into many chunks, and a KV cache that thrashes (more admitted sequences than fit, preempted
+and recomputed over and over) both multiply it. A run that needs more than MAX_STEPS passes stops
+with a one-line `SimulationTooLong`, early when its pace so far projects well beyond the bound.
+A caller can watch progress through `reporting_progress` (the CLI draws a bar from it).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from planner.serving.roofline import Roofline, steps_to_reach, sum_max_lines
-from planner.serving.traffic import Requests
+from planner.serving.specs import ServeInputError
+from planner.serving.traffic import MAX_TIME_S, Requests
 
 if TYPE_CHECKING:
     from planner.serving.capacity import Setup
     from planner.serving.schedulers import Scheduler
 
 TIMELINE_BINS = 10
+
+# Event-loop passes one simulation may take. Measured on the 2-core dev machine (Python 3.11): a
+# pass costs 6-8 us (2.4M passes of a thrashing chunked-prefill run: 14 s; 2.8M passes of 1,000,000
+# ordinary requests, llama-3.1-8b on h100-sxm at 4/s, 1024 + 256 tokens: ~23 s of simulation), so
+# the bound is about 30-40 s of work, and above what traffic.MAX_REQUESTS ordinary requests need.
+MAX_STEPS = 5_000_000
+# From this many passes on, a run whose pace (passes per finished request) projects beyond
+# PROJECTION_MARGIN x MAX_STEPS stops at once instead of running into the bound; the margin keeps
+# a run whose early pace is a little pessimistic from being refused.
+PROJECT_AFTER = 500_000
+PROJECTION_MARGIN = 1.5
+# Passes between progress reports and bound checks (a power of two: one AND per pass; ~0.1 s).
+CHECK_EVERY = 1 << 14
+
+# (scheduler, requests done, requests in the stream), called every CHECK_EVERY passes and at the end
+ProgressFn = Callable[[str, int, int], None]
+_PROGRESS: ContextVar[ProgressFn | None] = ContextVar("planner_serving_progress", default=None)
+
+
+@contextmanager
+def reporting_progress(fn: ProgressFn | None) -> Iterator[None]:
+    """Within this block, every simulation reports its progress to `fn` (the service layer need not
+    pass it through: a context variable carries it to the Simulator)."""
+    token = _PROGRESS.set(fn)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 class Percentiles(BaseModel):
@@ -105,6 +145,10 @@ class SimulationStalled(RuntimeError):
     """The scheduler can make no progress (a bug in a scheduler, or a request that can never fit)."""
 
 
+class SimulationTooLong(ServeInputError):
+    """The traffic needs more event-loop passes than MAX_STEPS (bad input: too much to simulate)."""
+
+
 class Simulator:
     """State of one engine over one request stream; schedulers act on it through its primitives."""
 
@@ -158,9 +202,13 @@ class Simulator:
         self.first_tokens = 0  # tokens sampled at the end of a prefill (one per admission that completes it)
         self.preemptions = 0
         self.max_running = 0
-        self.samples_t: list[float] = []
-        self.samples_used: list[int] = []
-        self.samples_run: list[int] = []
+        # one sample per pass: typed arrays take 24 bytes a pass where lists of boxed numbers took ~75
+        self.samples_t = array("d")
+        self.samples_used = array("q")
+        self.samples_run = array("q")
+        self.passes = 0
+        self.scheduler_name = ""
+        self.progress = _PROGRESS.get()
 
     # ---- primitives for schedulers ---------------------------------------------------------
     def blocks(self, tokens: int) -> int:
@@ -302,6 +350,27 @@ class Simulator:
         self.samples_t.append(self.now)
         self.samples_used.append(self.pool - self.free)
         self.samples_run.append(len(self.running))
+        self.passes += 1
+        if not self.passes & (CHECK_EVERY - 1):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Report progress; stop a run beyond MAX_STEPS passes, or projected well beyond it."""
+        if self.progress is not None:
+            self.progress(self.scheduler_name, self.done, self.N)
+        p = self.passes
+        projected = p * self.N / max(self.done, 1)
+        if p >= MAX_STEPS or (p >= PROJECT_AFTER and projected > PROJECTION_MARGIN * MAX_STEPS):
+            thrash = f", {self.preemptions:,} preemptions" if self.preemptions else ""
+            how = "reached" if p >= MAX_STEPS else f"is on pace for {projected:,.0f} (over"
+            tail = "" if p >= MAX_STEPS else ")"
+            raise SimulationTooLong(
+                f"simulation: {self.scheduler_name} {how} the limit of {MAX_STEPS:,} engine steps{tail} for "
+                f"{self.N:,} requests (after {p:,} steps {self.done:,} are done{thrash}); the work grows with "
+                f"--requests, with prompt chunks "
+                f"(--prompt-len over --max-num-batched-tokens) and with preemptions (more sequences admitted than "
+                f"the KV cache holds): lower --requests, --prompt-len, --new-tokens or --rate, or cap --max-num-seqs"
+            )
 
     def _slide_keys(self, d: int, c: int) -> int:
         """sum_{t=d+1}^{d+c} min(t, W)."""
@@ -315,6 +384,7 @@ class Simulator:
 
     # ---- the iteration-level loop --------------------------------------------------------
     def iterate(self, sched: Scheduler) -> None:
+        self.scheduler_name = sched.name or type(sched).__name__
         N, arr, waiting, roof = self.N, self.arr, self.waiting, self.roof
         F, Wl, W = self.F, self.Wl, self.W
         stall = 0
@@ -410,6 +480,7 @@ class Simulator:
 
     # ---- request-level (static) batching ------------------------------------------------
     def run_static(self) -> None:
+        self.scheduler_name = self.scheduler_name or "static"
         N, arr, prompt, out, roof = self.N, self.arr, self.prompt, self.out, self.roof
         F, Wl, W, waiting = self.F, self.Wl, self.W, self.waiting
         while self.done < N:
@@ -443,12 +514,23 @@ class Simulator:
             t_pre = roof.step_time(B * pmax, B, keys, kv)
             steps = omax - 1  # decode steps: context pmax + j + 1 at step j
             if steps > 0:
-                if Wl and pmax + omax > W:
+                if Wl and pmax + omax > W and not self.aggregate:
+                    # the reference: one step at a time (O(longest output) per batch)
                     t_dec = 0.0
                     for j in range(steps):
                         ctx = pmax + j + 1
                         kj = B * (F * ctx + Wl * min(ctx, W))
                         t_dec += roof.step_time(B, B, kj, kj)
+                elif Wl and pmax + omax > W:
+                    # the same sum in closed form, in two linear pieces: while the context (pmax + j + 1)
+                    # is within the window every layer's keys grow, after it only the full layers' do.
+                    # The loop above cost ~8,000 step_time calls per batch (gemma-2, 8k context): 1,000,000
+                    # requests in ~220 s, now O(1) per batch.
+                    j_c = min(steps, max(0, W - pmax))  # first step whose context exceeds W
+                    a1, b1, a2, b2, c0 = roof.decode_lines(B, (F + Wl) * B * (pmax + 1), (F + Wl) * B)
+                    t_dec = sum_max_lines(a1, b1, a2, b2, j_c) + c0 * j_c
+                    a1, b1, a2, b2, c0 = roof.decode_lines(B, B * (F * (pmax + 1 + j_c) + Wl * W), F * B)
+                    t_dec += sum_max_lines(a1, b1, a2, b2, steps - j_c) + c0 * (steps - j_c)
                 else:
                     layers = F + Wl
                     a1, b1, a2, b2, c0 = roof.decode_lines(B, layers * B * (pmax + 1), layers * B)
@@ -487,7 +569,7 @@ class Simulator:
             if dt > 0:
                 total += u * dt
                 run_total += r * dt
-                b = int(((prev + t) / 2 - t0) / width)
+                b = int(((prev - t0) / 2 + (t - t0) / 2) / width)  # halves: prev + t overflows near 1e308
                 bins[min(max(b, 0), TIMELINE_BINS - 1)] += u * dt
             if u > mx:
                 mx = u
@@ -532,7 +614,17 @@ def simulate(setup: Setup, roofline: Roofline, requests: Requests, pool: int, sc
     from planner.serving.schedulers import get_scheduler
 
     sched = get_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+    name = sched.name or type(sched).__name__
     sim = Simulator(setup, roofline, requests, pool, aggregate=aggregate)
+    sim.scheduler_name = name
     if len(requests):
         sched.run(sim)
-    return sim.report(sched.name or type(sched).__name__)
+    if not sim.now <= MAX_TIME_S:  # also catches inf and NaN
+        # the float clock ran away (an --iteration-overhead-ms of 1e308 reached inf, and the latency
+        # sums overflowed in the report); arrivals are bounded by the same MAX_TIME_S in traffic.py
+        raise SimulationTooLong(f"simulation: {name} reached t = {sim.now:g} s, beyond the {MAX_TIME_S:g} s the "
+                                "simulated clock can carry; check the time model (--iteration-overhead-ms, "
+                                "--calibration, --peak-tflops, --bandwidth-gbps)")
+    if sim.progress is not None:
+        sim.progress(name, sim.done, sim.N)
+    return sim.report(name)
