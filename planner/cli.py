@@ -59,8 +59,8 @@ class BadInput(Exception):
 # fit
 # ---------------------------------------------------------------------------------------------------
 LAYOUT_FLAGS: tuple[str, ...] = (
-    "gpus", "gpus_per_node", "zero", "fsdp", "offload", "tp", "sp", "pp", "pp_schedule", "pp_chunks",
-    "global_batch", "inter_node_gbps",
+    "gpus", "gpus_per_node", "zero", "fsdp", "engine", "offload", "cpu_memory", "tp", "sp", "pp", "pp_schedule",
+    "pp_chunks", "global_batch", "inter_node_gbps",
 )
 
 
@@ -69,9 +69,15 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("many GPUs (any of these switches to the distributed estimate: per-rank memory, collectives, step time)")
     g.add_argument("--gpus", type=int, metavar="N", help="GPUs in the job (data parallel = gpus / (tp x pp))")
     g.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: min(gpus, 8))")
-    g.add_argument("--zero", type=int, metavar="{0,1,2,3}", help="DeepSpeed ZeRO stage (default: 0)")
+    g.add_argument("--zero", type=int, metavar="{0,1,2,3}", help="ZeRO stage (default: 0)")
     g.add_argument("--fsdp", metavar="{full-shard,shard-grad-op}", help="torch FSDP sharding (ZeRO-3 / ZeRO-2 in torch)")
+    g.add_argument("--engine", metavar="{deepspeed,torch}",
+                   help="what holds the model states: deepspeed (fp32 master weights, fp32 states for half-precision "
+                        "plans) or torch (DDP / ZeroRedundancyOptimizer / FSDP, the plan's dtypes) "
+                        "(default: deepspeed with --zero 1-3, else torch)")
     g.add_argument("--offload", metavar="{none,optimizer,optimizer+params}", help="ZeRO offload to CPU (default: none)")
+    g.add_argument("--cpu-memory", metavar="SIZE",
+                   help="CPU memory of one node, which offloaded states must fit, e.g. 1TiB (default: 2TB, a DGX H100/H200)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (Megatron column/row splits)")
     g.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism with TP")
     g.add_argument("--pp", type=int, metavar="N", help="pipeline stages")
@@ -81,7 +87,8 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inter-node-gbps", type=float, metavar="G", help="inter-node gigabits/s per GPU, each direction (default: 400)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
-    g.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip the search for changes that would fit")
+    g.add_argument("--no-suggest", dest="suggest", action="store_false",
+                   help="skip the searches: changes that would fit, and how far a fitting plan goes")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -134,24 +141,43 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="frozen models (reference, reward, teacher): on this GPU, offloaded to the CPU between their phases, or on other GPUs (default: resident)")
 
 
+def _file_values(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """A plan file's plan settings and layout settings (both empty without a file)."""
+    from planner.plan_io import load_plan_file
+
+    if not getattr(args, "plan_file", None):
+        return None, {}
+    values = load_plan_file(args.plan_file, extra_keys=LAYOUT_FLAGS)
+    layout = {k: values.pop(k) for k in LAYOUT_FLAGS if k in values}
+    return values, layout
+
+
 def _plan_from_args(args: argparse.Namespace) -> Any:
-    from planner.plan_io import build_plan, load_plan_file
+    from planner.plan_io import build_plan
 
     flags = {name: getattr(args, name) for name in PLAN_FLAGS}
-    file_values = load_plan_file(args.plan_file) if args.plan_file else None
+    file_values, _ = _file_values(args)
     plan, _given = build_plan(file_values, flags)
     return plan
 
 
 def _layout_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in LAYOUT_FLAGS if getattr(args, k, None) is not None}
+    """Layout settings from the plan file, overridden by flags (sizes parsed, one-line errors)."""
+    from planner.plan_io import layout_values
+
+    _, fields = _file_values(args)
+    fields.update({k: getattr(args, k) for k in LAYOUT_FLAGS if getattr(args, k, None) is not None})
+    return layout_values(fields)
 
 
 def _run_fit(args: argparse.Namespace, out: _Out) -> int:
     from planner.api import fit
     from planner.models import ModelError
 
-    layout = _layout_fields(args)
+    try:
+        layout = _layout_fields(args)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     if layout:
         return _run_fit_distributed(args, out, layout)
     try:
@@ -176,11 +202,13 @@ def _run_fit_distributed(args: argparse.Namespace, out: _Out, layout_fields: dic
 
     try:
         plan = _plan_from_args(args)
-        if args.global_batch is not None and args.grad_accum is not None:
+        if layout_fields.get("global_batch") is not None and args.grad_accum is not None:
             raise BadInput("global_batch: give --global-batch or --grad-accum, not both")
-        result = fit_distributed(plan, layout_fields)
+        result = fit_distributed(plan, layout_fields, with_suggestions=args.suggest)
     except (ValueError, ModelError) as e:
         raise BadInput(str(e)) from None
+    for w in result.warnings:
+        out.warn(w)
     if args.json:
         import json
 
@@ -200,16 +228,22 @@ def _print_distributed(result: Any, out: _Out) -> None:
               f"{lay.per_node} per node: DP {lay.dp} x TP {lay.tp} x PP {lay.pp}, {e.semantics}")
     out.print(f"batch   micro-batch {lay.micro_batch} x seq {result.plan.seq}, global batch {lay.global_batch}, "
               f"{lay.grad_accum} micro-batches per step")
+    out.print(f"engine  {e.engine}")
     out.print("")
     verdict = "FITS" if e.fits else "DOES NOT FIT"
-    out.print(f"{verdict}: busiest rank (stage {m.stage}) needs {format_gib(m.device_bytes)} of {format_gib(e.gpu_memory_bytes)}")
+    gpu_line = f"busiest rank (stage {m.stage}) needs {format_gib(m.device_bytes)} of {format_gib(e.gpu_memory_bytes)}"
+    if e.cpu_bytes_per_node > e.cpu_memory_bytes:
+        out.print(f"{verdict}: the offloaded states need {format_gib(e.cpu_bytes_per_node)} of CPU memory per node, "
+                  f"more than its {format_gib(e.cpu_memory_bytes)} (--cpu-memory); on the GPU the {gpu_line}")
+    else:
+        out.print(f"{verdict}: {gpu_line}")
     out.print(f"  peak allocated  {format_gib(m.peak_allocated_bytes):>12}   reserved {format_gib(m.reserved_bytes)}   "
               f"peak phase {m.peak_phase}")
     for cat, b in m.breakdown.items():
         if b:
             out.print(f"  {cat:<18}{format_gib(b):>12}")
     if e.cpu_bytes_per_node:
-        out.print(f"  CPU memory per node (offload): {format_gib(e.cpu_bytes_per_node)}")
+        out.print(f"  CPU memory per node (offload): {format_gib(e.cpu_bytes_per_node)} of {format_gib(e.cpu_memory_bytes)}")
     if e.phases:
         out.print("")
         out.print(f"peak of each phase on the busiest rank ({e.technique}):")
@@ -229,7 +263,11 @@ def _print_distributed(result: Any, out: _Out) -> None:
     out.print("")
     out.print(f"step time {t.total_s:.3f} s = compute {t.compute_s:.3f} + exposed comm {t.exposed_comm_s:.3f} "
               f"+ bubble {t.bubble_s:.3f}")
-    out.print(f"throughput {e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.1%}, {e.tflops_per_gpu:.0f} TFLOP/s per GPU")
+    out.print(f"throughput {e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.1%}, {e.tflops_per_gpu:.0f} TFLOP/s per GPU "
+              f"(hardware FLOPs, recompute included)")
+    out.print(f"  {FLOPS_CONVENTION}")
+    _print_limits(result, out)
+    _print_suggestions(result, e.fits, out)
 
 
 def _plan_summary(plan: Any) -> str:
@@ -303,19 +341,46 @@ def _print_fit(result: Any, out: _Out) -> None:
         for ph, sec in t["phases_s"].items():
             out.print(f"  {ph:<14}{sec * 1e3:10.1f} ms")
         out.print(f"  step          {t['step_s'] * 1e3:10.1f} ms   {t['tokens_per_s']:,.0f} tokens/s")
-    if not result.fits:
-        out.print("")
-        if result.suggestions:
-            out.print("suggestions (each re-estimated; smallest change first):")
-            width = max(len(s.change) for s in result.suggestions)
-            for s in result.suggestions:
-                verdict = ("fits" if s.fits else "still too big") + (" (changes combined)" if s.combined else "")
-                out.print(
-                    f"  {s.change:<{width}}  peak {format_gib(s.peak_allocated_bytes):>12}  "
-                    f"device {format_gib(s.device_bytes):>12}  {verdict}"
-                )
-        else:
-            out.print("suggestions: none of the single changes tried lowers the estimate")
+    _print_limits(result, out)
+    _print_suggestions(result, result.fits, out)
+
+
+FLOPS_CONVENTION = ("FLOPs count the attention pairs the kernel computes: s(s+1)/2 per sequence with SDPA's "
+                    "causal kernels, s^2 with eager attention")
+LIMIT_LABELS = {"seq": "sequence", "prompt_len": "prompt", "new_tokens": "new tokens"}
+
+
+def _print_limits(result: Any, out: _Out) -> None:
+    lim = result.limits
+    if lim is None or (lim.max_batch is None and not lim.max_lengths):
+        return
+    out.print("")
+    out.print("how far it goes (each alone, everything else unchanged):")
+    if lim.max_batch is not None:
+        more = " (at least)" if "batch" in lim.at_least else ""
+        out.print(f"  largest micro-batch   {lim.max_batch:>12,}{more}")
+    for field, v in lim.max_lengths.items():
+        more = " (at least)" if field in lim.at_least else ""
+        out.print(f"  longest {LIMIT_LABELS.get(field, field):<13} {v:>12,} tokens{more}")
+
+
+def _print_suggestions(result: Any, fits: bool, out: _Out) -> None:
+    from planner.units import format_gib
+
+    if fits:
+        return
+    out.print("")
+    if result.suggestions:
+        out.print("suggestions (each re-estimated; smallest change first):")
+        width = max(len(s.change) for s in result.suggestions)
+        for s in result.suggestions:
+            verdict = ("fits" if s.fits else "still too big") + (" (changes combined)" if s.combined else "")
+            out.print(
+                f"  {s.change:<{width}}  peak {format_gib(s.peak_allocated_bytes):>12}  "
+                f"device {format_gib(s.device_bytes):>12}  {verdict}"
+            )
+    else:
+        out.print("suggestions: none of the single changes tried lowers the estimate")
 
 
 def _print_items(out: _Out, title: str, items: dict[str, int], total: int | None = None) -> None:
@@ -376,7 +441,8 @@ def _run_models(args: argparse.Namespace, out: _Out) -> int:
             else:
                 cells.append(str(v))
         body.append(cells)
-    for line in _table(body, keys, numeric):
+    header = [{"hf_id": "hub id"}.get(k, k) for k in keys]  # the JSON key stays hf_id, as in ModelSpec
+    for line in _table(body, header, numeric):
         out.print(line)
     return 0
 
@@ -441,7 +507,10 @@ def _run_plugins(args: argparse.Namespace, out: _Out) -> int:
 def _add_validate(p: argparse.ArgumentParser) -> None:
     _add_plan_args(p)
     g = p.add_argument_group("validation")
-    g.add_argument("--suite", metavar="NAME", help="run a named suite (smoke, dry-run, gpu) and write reports/validation/NAME.md and .csv")
+    from planner.suites import SUITES
+
+    g.add_argument("--suite", metavar="NAME",
+                   help=f"run a named suite ({', '.join(SUITES)}) and write reports/validation/NAME.md and .csv")
     g.add_argument("--backend", default="dry-run", metavar="B", help="dry-run (the real program on fake tensors) or real (default: dry-run)")
     g.add_argument("--device", default=None, metavar="D", help="fake (dry-run), cpu or cuda (real); default: fake for dry-run, cuda for real")
     g.add_argument("--out", default="reports/validation", metavar="DIR", help="where --suite writes its tables (default: reports/validation)")
@@ -587,6 +656,9 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
         msg = " ".join(str(e).split())
         print(f"planner: error: {msg}", file=out.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C during a long search or simulation: no traceback
+        print("planner: interrupted", file=out.stderr)
+        return 130
     except BrokenPipeError:  # `planner models | head`: stop quietly
         if out.stdout is sys.__stdout__:
             import os

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.errors import PlanError, did_you_mean, one_line
-from planner.specs import Plan, check_applicable
+from planner.specs import MAX_COUNT, Plan, check_applicable
 from planner.units import SizeError, parse_size
 
 FIELDS: tuple[str, ...] = tuple(Plan.model_fields)
@@ -30,8 +30,9 @@ def normalize_key(key: Any) -> str:
     return str(key).strip().replace("-", "_")
 
 
-def load_plan_file(path: str | Path) -> dict[str, Any]:
-    """The file's settings, keys normalized to field names; PlanError on any problem."""
+def load_plan_file(path: str | Path, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The file's settings, keys normalized to field names; PlanError on any problem. `extra_keys`:
+    other settings the command takes besides the Plan's fields (the layout's, for `fit`)."""
     import yaml  # lazy: only plan files need it
 
     p = Path(path)
@@ -56,10 +57,11 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PlanError(f"{name}: a plan file must be a mapping of settings (key: value), got {type(data).__name__}")
     out: dict[str, Any] = {}
+    known = FIELDS + tuple(extra_keys)
     for key, value in data.items():
         field = normalize_key(key)
-        if field not in FIELDS:
-            raise PlanError(f"{name}: unknown key '{key}'{did_you_mean(field, FIELDS)}")
+        if field not in known:
+            raise PlanError(f"{name}: unknown key '{key}'{did_you_mean(field, known)}")
         if field in out:
             raise PlanError(f"{name}: key '{key}' given twice (as '{field}')")
         out[field] = value
@@ -112,6 +114,18 @@ def build_plan(
     return plan, given
 
 
+def layout_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """Layout settings as planner.parallel.Layout takes them: sizes parsed (`cpu_memory: 1TiB`)."""
+    out = {normalize_key(k): v for k, v in fields.items() if v is not None}
+    cm = out.get("cpu_memory")
+    if cm is not None and not isinstance(cm, bool):
+        try:
+            out["cpu_memory"] = parse_size(cm)
+        except SizeError as e:
+            raise PlanError(f"cpu_memory: {e}") from None
+    return out
+
+
 def plan_from_file(path: str | Path, flag_values: dict[str, Any] | None = None) -> tuple[Plan, set[str]]:
     return build_plan(load_plan_file(path), flag_values)
 
@@ -157,7 +171,8 @@ def _one_error(err: dict) -> str:
     if typ == "less_than":
         return f"{field}: must be < {ctx.get('lt')}{got}"
     if typ == "less_than_equal":
-        return f"{field}: must be <= {ctx.get('le')}{got}"
+        le = ctx.get("le")
+        return f"{field}: must be <= {'10^30' if le == MAX_COUNT else le}{got}"
     if typ in ("int_parsing", "int_type", "int_from_float"):
         return f"{field}: must be a whole number{got}"
     if typ in ("float_parsing", "float_type"):

@@ -20,6 +20,11 @@ METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "sgd")
 
+# The largest count a plan may hold (batch, lengths, ranks...): every memory figure stays exact at any
+# size (planner.engine.tape evaluates in rationals beyond float's exact range), but time and rates
+# are floats, and 10^30 keeps their products (tokens x positions x bytes) far from float's 1e308.
+MAX_COUNT = 10**30
+
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 QLORA_FIELDS = ("quant", "double_quant", "kbit_prep")
 # Fields that only some techniques read (each technique lists those it reads in `plan_fields`).
@@ -47,11 +52,11 @@ class Plan(BaseModel):
     optimizer: str = Field(default="adamw", description="adamw, adamw-fused, adamw-8bit, paged-adamw-8bit, sgd, or a plugin's")
     grad_ckpt: bool = False
     attn: Attention = "sdpa"
-    batch: int = Field(default=1, gt=0)
-    seq: int = Field(default=2048, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
+    batch: int = Field(default=1, gt=0, le=MAX_COUNT)
+    seq: int = Field(default=2048, gt=0, le=MAX_COUNT)
+    grad_accum: int = Field(default=1, gt=0, le=MAX_COUNT)
     # LoRA / QLoRA (peft defaults where the issue names none)
-    lora_rank: int = Field(default=16, gt=0)
+    lora_rank: int = Field(default=16, gt=0, le=MAX_COUNT)
     lora_alpha: float | None = Field(default=None, gt=0, description="default 2 x rank")
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_targets: str = Field(default="all-linear", description="'all-linear' or a comma list of module names")
@@ -59,8 +64,8 @@ class Plan(BaseModel):
     double_quant: bool = True
     kbit_prep: bool = True
     # generation
-    prompt_len: int = Field(default=512, gt=0)
-    new_tokens: int = Field(default=128, gt=0)
+    prompt_len: int = Field(default=512, gt=0, le=MAX_COUNT)
+    new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
     # alignment and distillation (each technique reads the ones it lists in plan_fields)
     teacher: str | None = Field(default=None, description="distill: teacher model (catalog id or config path)")
     teacher_method: Method = Field(default="full", description="distill: how the teacher is held (full or qlora)")
@@ -86,14 +91,14 @@ class Plan(BaseModel):
                     "add_fused_lm_head: the projection in 4096-token x 32768-vocabulary tiles, no logits)")
     reward_model: str | None = Field(default=None, description="ppo/grpo: reward model (else a reward function)")
     value_model: str | None = Field(default=None, description="ppo: value model (default: the policy's model)")
-    group_size: int = Field(default=8, description="grpo: completions per prompt (>= 2)")
+    group_size: int = Field(default=8, le=MAX_COUNT, description="grpo: completions per prompt (>= 2)")
     kl_coef: float = Field(default=0.04, ge=0, description="ppo/grpo: KL coefficient against the reference (0: no reference)")
-    ppo_epochs: int = Field(default=1, gt=0, description="ppo: passes over each rollout")
+    ppo_epochs: int = Field(default=1, gt=0, le=MAX_COUNT, description="ppo: passes over each rollout")
     frozen_placement: Literal["resident", "offload", "separate"] = Field(
         default="resident",
         description="dpo/ppo/grpo/distill: frozen models stay on the GPU (resident), move to the CPU between "
                     "the phases that use them (offload), or live on other GPUs (separate)")
-    mini_batch: int | None = Field(default=None, gt=0, description="ppo: sequences per training mini-batch (default: batch)")
+    mini_batch: int | None = Field(default=None, gt=0, le=MAX_COUNT, description="ppo: sequences per training mini-batch (default: batch)")
 
     @field_validator("optimizer")
     @classmethod
@@ -182,6 +187,9 @@ def check_applicable(plan: Plan, given: set[str]) -> None:
     from planner.plugins import registry, technique
 
     reads = set(technique(plan.task).plan_fields)
+    if "kbit_prep" in given and "optimizer" not in reads:
+        raise ValueError(f"kbit_prep: prepare_model_for_kbit_training prepares a 4-bit model for training, and task "
+                         f"{plan.task} trains none (its 4-bit model keeps the load dtype)")
     bad = [f for f in TECHNIQUE_FIELDS if f in given and f not in reads]
     if bad:
         users = sorted(t.name for t in registry().techniques.values() if bad[0] in t.plan_fields)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+pytest.importorskip("peft", reason="peft is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
 from planner.dryrun import dry_run  # noqa: E402
 from planner.result import CATEGORIES  # noqa: E402
@@ -85,7 +85,7 @@ def test_fake_equals_real(arch, name):
     packed weights and quantization states are real never-written tensors in both; the 4-bit
     matmul is the CUDA dispatch's allocation pattern, see _patches.bnb_cuda_gemm.)"""
     if "qlora" in name:
-        pytest.importorskip("bitsandbytes")
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     plan = _plan(**PLANS[name])
     fake = dry_run(plan, CONFIGS[arch], device="fake")
     real = dry_run(plan, CONFIGS[arch], device="cpu")
@@ -158,7 +158,7 @@ def test_lora_ckpt_no_embedding_leak():
 
 
 def test_qlora_quant_state_and_packed_weights():
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     r = dry_run(_plan(method="qlora", lora_rank=4), LLAMA, round_bytes=1)
     H, I, kv_dim, L = 64, 128, 32, 2  # noqa: E741
     lin = [(H, H), (kv_dim, H), (kv_dim, H), (H, H), (I, H), (I, H), (H, I)]
@@ -180,7 +180,7 @@ def test_qlora_quant_state_and_packed_weights():
 
 
 def test_qlora_single_quant():
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     r = dry_run(_plan(method="qlora", lora_rank=4, double_quant=False, quant="fp4"), LLAMA, round_bytes=1)
     H, I, kv_dim, L = 64, 128, 32, 2  # noqa: E741
     lin = [(H, H), (kv_dim, H), (kv_dim, H), (H, H), (I, H), (I, H), (H, I)]

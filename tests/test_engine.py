@@ -124,8 +124,8 @@ def test_double_quantization_shrinks_the_constants_as_the_qlora_paper_says():
 
 
 def test_quant_state_bytes_match_bitsandbytes():
-    torch = pytest.importorskip("torch")
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+    bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     w = torch.randn(256, 512, dtype=torch.bfloat16)
     for nested in (False, True):
         _, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
 from planner.suites import suite  # noqa: E402
 from planner.validate import CATEGORY_TOLERANCE_ABS, CATEGORY_TOLERANCE_REL, compare, describe, run_suite, summary  # noqa: E402

@@ -76,7 +76,7 @@ def test_cards_without_bf16():
     assert load_gpu("v100-32gb").bf16_tflops is None
 
 
-@pytest.mark.skipif(not (SHARED_REF / "gpus.csv").exists(), reason="shared reference tables not present")
+@pytest.mark.skipif(not (SHARED_REF / "gpus.csv").exists(), reason=f"shared reference table missing: {SHARED_REF / 'gpus.csv'} (present in development checkouts beside ../shared only)")
 def test_datasheet_columns_match_the_shared_reference():
     rows = {r["name"]: r for r in csv.DictReader((SHARED_REF / "gpus.csv").open())}
     for g in list_gpus():

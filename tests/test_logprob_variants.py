@@ -91,8 +91,8 @@ def test_cli_reports_the_variant_in_json():
 # ---- the real programs (torch, transformers, TRL) -------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("trl")
+    torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+    pytest.importorskip("trl", reason="trl is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -212,7 +212,7 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermedi
 
 
 def test_dry_run_counts_the_frozen_reference_shard(tmp_path):
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from planner.parallel.dryrun import dry_run_distributed
 
     cfg = tmp_path / "tiny.json"

@@ -14,8 +14,8 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
 from planner.parallel import layout_for_plan  # noqa: E402
 from planner.parallel.dryrun import CATEGORIES, dry_run_distributed  # noqa: E402
@@ -234,7 +234,7 @@ def test_expected_partitions_padding():
 
 # ---- DeepSpeed: real ZeRO on the CPU under torchrun ------------------------------------------------
 def _check_zero(nproc: int, stages=(1, 2, 3)):
-    pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from planner.architecture import spec_from_config
     from planner.parallel import deepspeed_run as D
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
 from planner.cli import main  # noqa: E402
 from planner_plugins.rl import grpo_advantages, ppo_clipped_loss  # noqa: E402

@@ -58,8 +58,8 @@ def _tiny(kv_heads: int, **extra):
 ])  # fmt: skip
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_kv_per_token_equals_a_real_dynamic_cache(name, cfg, dtype):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from planner.architecture import spec_from_config
 
     spec = spec_from_config(cfg, id=name)
@@ -78,8 +78,8 @@ def test_kv_per_token_equals_a_real_dynamic_cache(name, cfg, dtype):
 def test_sliding_window_layers_hold_at_most_the_window_in_a_real_cache():
     """Mistral-style sliding window on every layer: transformers keeps window - 1 tokens between steps
     (vLLM holds the window during a step); the per-token bytes per layer are the same formula."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from planner.architecture import spec_from_config
 
     cfg = _tiny(2, model_type="mistral", sliding_window=8)

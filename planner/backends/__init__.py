@@ -14,11 +14,14 @@ torch and the model libraries are imported only when a backend runs.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 
 from planner.backends.measurement import Measurement
 
 BACKENDS: dict[str, tuple[str, ...]] = {"dry-run": ("fake",), "real": ("cpu", "cuda")}
 DEFAULT_DEVICE = {"dry-run": "fake", "real": "cuda"}
+# what every backend imports (bitsandbytes, deepspeed and trl only for the plans that use them)
+BACKEND_MODULES = ("torch", "transformers", "peft")
 
 __all__ = ["BACKENDS", "Measurement", "check_backend", "run_backend"]
 
@@ -34,6 +37,12 @@ def check_backend(name: str, device: str | None) -> str:
         hint = f"did you mean: {', '.join(close)}?" if close else f"choose from {', '.join(BACKENDS)}"
         raise BackendError(f"backend: unknown backend '{name}' ({hint})")
     device = device or DEFAULT_DEVICE[name]
+    missing = [m for m in BACKEND_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendError(
+            f"backend: {name} runs the real program and needs {', '.join(missing)}, which is not installed: "
+            "pip install torch==2.13.0 (the CPU build; or your CUDA build), then pip install 'planner[backends]' "
+            "(from a checkout: pip install -e '.[backends]')")
     if device not in BACKENDS[name]:
         why = {
             "dry-run": "the dry run executes on fake tensors on the CPU; use --backend real for cpu or cuda",

@@ -49,7 +49,7 @@ def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
             kv = kv_bytes_per_token(spec, res.non_linear_dtype)
             mean_len = ph.seq + ph.new_tokens / 2
             read = res.param_bytes + kv * ph.batch * mean_len
-            step_compute = compute.micro_batch_time(spec, ph.batch, int(mean_len), gpu, **kw).forward
+            step_compute = compute.micro_batch_time(spec, ph.batch, int(mean_len), gpu, causal=False, **kw).forward
             out[ph.name] = prefill + max(ph.new_tokens - 1, 0) * max(read / bw, step_compute)
     return out
 
