@@ -1,4 +1,4 @@
-"""Time one distributed estimate (`planner.parallel.estimate_distributed`) through the Python API, warm.
+"""Time one distributed estimate (`planner.engine.distributed.estimate_distributed`) through the Python API, warm.
 
     python benchmarks/distributed_speed.py [--repeats 9] [--min-time 0.05] [--json]
 
@@ -27,7 +27,7 @@ from typing import Any
 from planner.architecture import spec_from_config
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import Layout, estimate_distributed, layout_for_plan
+from planner.engine.distributed import Layout, estimate_distributed, layout_for_plan
 from planner.specs import Plan
 
 TARGET_MS = 2.0
@@ -60,7 +60,7 @@ def cases() -> dict[str, Callable[[int], Any]]:
     plans = [Plan(model=l70.id, batch=b, seq=s, grad_ckpt=True) for b, s in zip((1, 2, 4, 8), (8192, 4096, 2048, 1024))]
 
     def cold(i: int) -> Any:
-        from planner.parallel import estimate as est_mod, shard
+        from planner.engine.distributed import ranks as est_mod, shard
 
         est_mod._layer_cache.clear()
         shard._cache.clear()

@@ -30,7 +30,7 @@ TARGET_S = 10.0
 def case(rate: float, requests: int, scheduler: str, seed: int) -> dict[str, Any]:
     from planner.serving.capacity import capacity, resolve
     from planner.serving.roofline import Roofline
-    from planner.serving.simulator import simulate
+    from planner.serving.service import simulate
     from planner.serving.specs import ServeSpec, TrafficSpec
     from planner.serving.traffic import synthetic
 

@@ -224,7 +224,7 @@ class DistributedFitResult(BaseModel):
 
 def _layout_for(plan: Plan, fields: dict[str, Any]) -> tuple[Plan, Any]:
     """The plan (grad-accum from the layout when a global batch is given) and its layout."""
-    from planner.parallel import layout_for_plan, make_layout
+    from planner.engine.distributed import layout_for_plan, make_layout
 
     fields = {k: v for k, v in fields.items() if v is not None}
     if "global_batch" in fields:
@@ -234,9 +234,9 @@ def _layout_for(plan: Plan, fields: dict[str, Any]) -> tuple[Plan, Any]:
 
 
 def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions: bool = True) -> DistributedFitResult:
-    """`plan` laid out over many GPUs (`layout_fields`: planner.parallel.Layout's fields)."""
+    """`plan` laid out over many GPUs (`layout_fields`: planner.engine.distributed.Layout's fields)."""
     from planner.models import load_model
-    from planner.parallel import estimate_distributed
+    from planner.engine.distributed import estimate_distributed
 
     gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
     model = load_model(plan.model)

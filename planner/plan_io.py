@@ -115,7 +115,7 @@ def build_plan(
 
 
 def layout_values(fields: dict[str, Any]) -> dict[str, Any]:
-    """Layout settings as planner.parallel.Layout takes them: sizes parsed (`cpu_memory: 1TiB`)."""
+    """Layout settings as planner.engine.distributed.Layout takes them: sizes parsed (`cpu_memory: 1TiB`)."""
     out = {normalize_key(k): v for k, v in fields.items() if v is not None}
     cm = out.get("cpu_memory")
     if cm is not None and not isinstance(cm, bool):

@@ -420,7 +420,7 @@ MAX_GPUS_SUGGESTED = 4096
 
 
 def layout_changes(layout: Any, fields: dict[str, Any], spec: Any) -> list[Change]:
-    """Layout changes to try for a plan on many GPUs (`layout`: its planner.parallel.Layout, `fields`
+    """Layout changes to try for a plan on many GPUs (`layout`: its planner.engine.distributed.Layout, `fields`
     what the user gave): a higher sharding stage in the same engine, CPU offload, tensor parallelism
     inside a node (keeping the global batch), and more GPUs (the fewest doublings that fit, keeping
     the micro-batch and the accumulation)."""

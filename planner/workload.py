@@ -40,7 +40,7 @@ class ModelUse:
     def __post_init__(self) -> None:
         # peft's prepare_model_for_kbit_training (fp32 casts of every non-quantized weight) is part of
         # preparing a 4-bit model for training: the programs apply it to the models they train only
-        # (planner.dryrun._build.prepare_for_plan), so a frozen or generating 4-bit model keeps the
+        # (planner.backends.dryrun._build.prepare_for_plan), so a frozen or generating 4-bit model keeps the
         # load dtype.
         if not self.trainable and self.setup.method == "qlora" and self.setup.kbit_prep:
             object.__setattr__(self, "setup", self.setup.model_copy(update={"kbit_prep": False}))

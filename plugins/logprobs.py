@@ -12,7 +12,7 @@
   summed per sequence. The head projects the last hidden states in tiles of 4096 tokens x 32768
   vocabulary entries and folds each tile into per-token online log-sum-exp statistics; the logits
   never exist.
-On CUDA both TRL paths run Triton kernels; planner.dryrun._patches.trl_triton_kernels makes CPU
+On CUDA both TRL paths run Triton kernels; planner.backends.dryrun._patches.trl_triton_kernels makes CPU
 runs allocate what those kernels allocate.
 """
 

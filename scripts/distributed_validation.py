@@ -1,6 +1,6 @@
 """Distributed validation: Llama-2-7B dry runs on a fake process group against estimate_distributed (sft
 under FSDP / TP / FSDP x TP; the techniques dpo, rm, distill with every model FSDP2-wrapped), and real
-DeepSpeed ZeRO partitions against planner.parallel.zero. Writes the CSV (one row per comparison) and the
+DeepSpeed ZeRO partitions against planner.engine.distributed.zero. Writes the CSV (one row per comparison) and the
 tables of reports/validation/distributed.md (the narrative there is written by hand).
 
     python scripts/distributed_validation.py --csv reports/validation/distributed.csv \\
@@ -38,8 +38,8 @@ ODD = {"model_type": "llama", "vocab_size": 1001, "hidden_size": 33, "head_dim":
 def dry_runs(model: str, gpu_id: str) -> list[dict]:
     from planner.gpus import load_gpu
     from planner.models import load_model
-    from planner.parallel import layout_for_plan
-    from planner.parallel.dryrun import CATEGORIES, compare_with_estimate, dry_run_distributed, estimate_moments
+    from planner.engine.distributed import layout_for_plan
+    from planner.backends.fakepg import CATEGORIES, compare_with_estimate, dry_run_distributed, estimate_moments
     from planner.specs import Plan
 
     spec, gpu = load_model(model), load_gpu(gpu_id)
@@ -70,14 +70,14 @@ def dry_runs(model: str, gpu_id: str) -> list[dict]:
 
 
 def technique_runs(model: str, gpu_id: str) -> list[dict]:
-    """Each technique's own step under FSDP2 (planner.parallel.backend_fakepg_techniques) against the
+    """Each technique's own step under FSDP2 (planner.backends.fakepg.techniques) against the
     estimate, phase by phase. The estimate's cuBLAS workspaces (two in a training phase, one in a
     no-grad one) have no counterpart in a dry run and are left out."""
     from planner.engine.runtime import cublas_workspace_bytes
     from planner.gpus import load_gpu
     from planner.models import load_model
-    from planner.parallel import estimate_distributed, layout_for_plan
-    from planner.parallel.dryrun import compare_with_estimate, dry_run_distributed
+    from planner.engine.distributed import estimate_distributed, layout_for_plan
+    from planner.backends.fakepg import compare_with_estimate, dry_run_distributed
     from planner.plugins import technique
     from planner.specs import Plan
 
@@ -124,7 +124,7 @@ def technique_runs(model: str, gpu_id: str) -> list[dict]:
 
 def deepspeed_runs() -> list[dict]:
     from planner.architecture import spec_from_config
-    from planner.parallel import deepspeed_run as D
+    from planner.backends import deepspeed_run as D
     from planner.specs import Plan
 
     numels = D.param_numels(ODD)
@@ -148,7 +148,7 @@ def deepspeed_runs() -> list[dict]:
 
 
 def write_csv(path: str, dry: list[dict], ds: list[dict], tech: list[dict] | None = None) -> None:
-    from planner.parallel.dryrun import CATEGORIES
+    from planner.backends.fakepg import CATEGORIES
 
     fields = ["kind", "layout", "precision", "grad_ckpt", "moment", "quantity", "estimate_bytes", "measured_bytes",
               "difference_bytes", "error", "phase_estimate", "phase_measured", "wall_s", "note"]
@@ -229,7 +229,7 @@ def technique_tables(tech: list[dict]) -> list[str]:
 
 
 def tables(dry: list[dict], ds: list[dict], tech: list[dict] | None = None) -> str:
-    from planner.parallel.dryrun import CATEGORIES
+    from planner.backends.fakepg import CATEGORIES
 
     out = technique_tables(tech) if tech else []
     out += ["### Per-rank peak, estimate vs dry run (GiB)", "",
@@ -264,7 +264,7 @@ def tables(dry: list[dict], ds: list[dict], tech: list[dict] | None = None) -> s
             out.append("")
     if ds:
         out += ["### DeepSpeed ZeRO partitions per rank (bytes; tiny Llama, 84,513 parameters, bf16, AdamW)", "",
-                "| stage | dp | rank | quantity | planner.parallel.zero | DeepSpeed layout (padding) | measured | zero.py − measured |",
+                "| stage | dp | rank | quantity | planner.engine.distributed.zero | DeepSpeed layout (padding) | measured | zero.py − measured |",
                 "|---|---:|---:|---|---:|---:|---:|---:|"]
         for r in ds:
             mark = "" if r["expected"] == r["measured"] else " **≠**"

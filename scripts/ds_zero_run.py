@@ -1,11 +1,11 @@
 """One real DeepSpeed ZeRO training step on the CPU, run by torchrun; every rank writes what its engine
-holds (partition sizes) as JSON. Used by planner.parallel.deepspeed_run and its tests.
+holds (partition sizes) as JSON. Used by planner.backends.deepspeed_run and its tests.
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/ds_zero_run.py --stage 1,2,3 --out /tmp/ds \\
         --config tiny.json [--precision bf16] [--steps 1]
 
 Writes OUT/rank{r}_stage{s}.json: the engine's partition sizes in elements (see
-planner.parallel.deepspeed_run for the fields). The optimizer is torch's AdamW (foreach=False), wrapped by ZeRO with
+planner.backends.deepspeed_run for the fields). The optimizer is torch's AdamW (foreach=False), wrapped by ZeRO with
 `zero_allow_untested_optimizer` (DeepSpeed's own optimizers would JIT-compile C++).
 """
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (the backend
 pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 pytest.importorskip("peft", reason="peft is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
-from planner.dryrun import dry_run  # noqa: E402
+from planner.backends.dryrun import dry_run  # noqa: E402
 from planner.result import CATEGORIES  # noqa: E402
 from planner.specs import Plan  # noqa: E402
 
@@ -263,14 +263,14 @@ def _param_shapes(cfg) -> list[tuple[int, ...]]:
 
 
 def test_cuda_autocast_policy_covers_cuda_only_ops():
-    from planner.dryrun import _patches
+    from planner.backends.dryrun import _patches
 
     missing = set(_patches.cuda_only_autocast_ops()) - _patches._policy_names()
     assert not missing, f"ops CUDA autocasts but the replay does not: {sorted(missing)}"
 
 
 def test_cuda_autocast_policy_effect():
-    from planner.dryrun import _patches
+    from planner.backends.dryrun import _patches
 
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -290,7 +290,7 @@ def test_cuda_autocast_policy_effect():
 
 
 def test_autocast_query_means_cpu():
-    from planner.dryrun import _patches
+    from planner.backends.dryrun import _patches
 
     with _patches.autocast_query_means_cpu():
         assert not torch.is_autocast_enabled()
@@ -305,7 +305,7 @@ def test_result_is_json_and_lazy_import():
     import subprocess
     import sys
 
-    code = "import sys, planner.dryrun; print('torch' in sys.modules)"
+    code = "import sys, planner.backends.dryrun; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     r = dry_run(_plan(batch=1, seq=8), LLAMA)
@@ -316,7 +316,7 @@ def test_result_is_json_and_lazy_import():
 @pytest.mark.parametrize("device", ["fake", "cpu"])
 def test_generate_shortcut_is_exact(device):
     """Skipping the model in the middle decode steps (only growing the cache) changes nothing."""
-    from planner.dryrun._run import dry_run_impl
+    from planner.backends.dryrun._run import dry_run_impl
 
     plan = _plan(task="generate", batch=2, prompt_len=16, new_tokens=7)
     # exact bytes: with 512-byte rounding two consecutive steps can tie, and the shortcut then
@@ -358,7 +358,7 @@ def test_peak_by_origin_sums_to_peak():
 
 
 def test_generation_reads_do_not_depend_on_batch_beyond_two():
-    from planner.dryrun._programs import record_generation_reads
+    from planner.backends.dryrun._programs import record_generation_reads
 
     plan = _plan(task="generate", batch=5, prompt_len=16, new_tokens=5)
     two = record_generation_reads(plan, LLAMA).answers  # recorded at batch 2

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (the backend
 pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 pytest.importorskip("peft", reason="peft is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
-from planner.dryrun import dry_run  # noqa: E402
+from planner.backends.dryrun import dry_run  # noqa: E402
 from planner.specs import Plan  # noqa: E402
 
 pytestmark = pytest.mark.slow

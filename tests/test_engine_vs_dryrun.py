@@ -16,7 +16,7 @@ pytest.importorskip("torch", reason="torch is not installed (the backends extra:
 pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
 from planner.suites import suite  # noqa: E402
-from planner.validate import CATEGORY_TOLERANCE_ABS, CATEGORY_TOLERANCE_REL, compare, describe, run_suite, summary  # noqa: E402
+from planner.backends.validation import CATEGORY_TOLERANCE_ABS, CATEGORY_TOLERANCE_REL, compare, describe, run_suite, summary  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports" / "validation"
 

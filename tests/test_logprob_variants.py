@@ -103,13 +103,13 @@ def tiny_model():
 
 def test_fused_logprobs_equal_the_full_log_softmax_under_the_kernel_emulation(tiny_model):
     """TRL's fused head, with the CPU folds replaced as on a dry run of a GPU program
-    (planner.dryrun._patches.trl_triton_kernels), gives next-token log-probs and gradients equal
+    (planner.backends.dryrun._patches.trl_triton_kernels), gives next-token log-probs and gradients equal
     to a full log-softmax's."""
     import copy
 
     import torch
 
-    from planner.dryrun._patches import trl_triton_kernels
+    from planner.backends.dryrun._patches import trl_triton_kernels
     from planner_plugins.logprobs import sequence_logprobs
 
     ids = torch.randint(0, 500, (3, 17), generator=torch.Generator().manual_seed(1))
@@ -149,7 +149,7 @@ def test_selective_logprobs_equal_the_full_log_softmax_under_the_kernel_emulatio
 
     import torch
 
-    from planner.dryrun._patches import trl_triton_kernels
+    from planner.backends.dryrun._patches import trl_triton_kernels
     from planner_plugins.logprobs import sequence_logprobs
 
     ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(2))

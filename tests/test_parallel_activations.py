@@ -7,9 +7,10 @@ import pytest
 
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import activations as act
-from planner.parallel.estimate import _activations, estimate_distributed
-from planner.parallel.layout import Layout, layout_for_plan
+from planner.engine.distributed import activations as act
+from planner.engine.distributed import estimate_distributed
+from planner.engine.distributed.ranks import _activations
+from planner.engine.distributed.layout import Layout, layout_for_plan
 from planner.specs import Plan
 
 # GPT-3 175B shape (Korthikanti et al. Table 3): a=96, h=12288, s=2048, b=1, t=8

@@ -14,8 +14,8 @@ import pytest
 from planner.cli import main
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import LayoutError, estimate_distributed, layout_for_plan
-from planner.parallel.estimate import _activations
+from planner.engine.distributed import LayoutError, estimate_distributed, layout_for_plan
+from planner.engine.distributed.ranks import _activations
 from planner.specs import Plan
 
 H200 = load_gpu("h200")
@@ -213,7 +213,7 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermedi
 
 def test_dry_run_counts_the_frozen_reference_shard(tmp_path):
     pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
-    from planner.parallel.dryrun import dry_run_distributed
+    from planner.backends.fakepg import dry_run_distributed
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
@@ -233,7 +233,7 @@ def test_dry_run_counts_the_frozen_reference_shard(tmp_path):
 @pytest.mark.parametrize("task, extra", [("dpo", {}), ("rm", {}),
                                          ("distill", {"teacher": "llama-2-13b"})])
 def test_dry_run_7b_fsdp8_within_5_percent(task, extra):
-    from planner.parallel.dryrun import compare_with_estimate, dry_run_distributed
+    from planner.backends.fakepg import compare_with_estimate, dry_run_distributed
 
     plan = Plan(model="llama-2-7b", task=task, batch=1, seq=2048, **extra)
     lay = layout_for_plan(1, 1, gpus=8, fsdp="full-shard")

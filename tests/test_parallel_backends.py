@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
-from planner.parallel import layout_for_plan  # noqa: E402
-from planner.parallel.dryrun import CATEGORIES, dry_run_distributed  # noqa: E402
-from planner.parallel.layout import LayoutError  # noqa: E402
+from planner.engine.distributed import layout_for_plan  # noqa: E402
+from planner.backends.fakepg import CATEGORIES, dry_run_distributed  # noqa: E402
+from planner.engine.distributed.layout import LayoutError  # noqa: E402
 from planner.specs import Plan  # noqa: E402
 
 TINY = {
@@ -63,7 +63,7 @@ def _round(n: int) -> int:
 
 
 def _meta_params(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    from planner.dryrun._build import hf_config
+    from planner.backends.dryrun._build import hf_config
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -201,8 +201,8 @@ def test_process_group_is_cleaned_up():
 def test_estimate_moments_match_the_estimate():
     from planner.gpus import load_gpu
     from planner.models import load_model
-    from planner.parallel import estimate_distributed
-    from planner.parallel.dryrun import estimate_moments
+    from planner.engine.distributed import estimate_distributed
+    from planner.backends.fakepg import estimate_moments
 
     spec, gpu = load_model("llama-2-7b"), load_gpu("h200")
     for kw in ({"gpus": 8, "fsdp": "full-shard"}, {"gpus": 8, "tp": 8}):
@@ -218,7 +218,7 @@ def test_estimate_moments_match_the_estimate():
 
 # ---- DeepSpeed: the partition model (pure Python) -------------------------------------------------
 def test_expected_partitions_padding():
-    from planner.parallel.deepspeed_run import expected_partitions
+    from planner.backends.deepspeed_run import expected_partitions
 
     numels = [33033, 792, 264, 264, 792, 2343, 2343, 2343, 33, 33] * 1 + [33, 33033]
     n = sum(numels)
@@ -236,7 +236,7 @@ def test_expected_partitions_padding():
 def _check_zero(nproc: int, stages=(1, 2, 3)):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
     from planner.architecture import spec_from_config
-    from planner.parallel import deepspeed_run as D
+    from planner.backends import deepspeed_run as D
 
     reports = D.run_zero(ODD, stages, nproc)
     numels = D.param_numels(ODD)
@@ -252,7 +252,7 @@ def _check_zero(nproc: int, stages=(1, 2, 3)):
             expected = D.expected_partitions(numels, stage, nproc, rank=rep["rank"])
             for row in D.compare(measured, expected, zp):
                 assert row["measured"] == row["expected"], (stage, rep["rank"], row)
-            # planner.parallel.zero differs from DeepSpeed by the padding only: P vs n/dp elements
+            # planner.engine.distributed.zero differs from DeepSpeed by the padding only: P vs n/dp elements
             extra = measured.partition_numel - n / nproc
             assert measured.zero_optimizer_states - zp.zero_optimizer_states == pytest.approx(16 * extra)
             assert measured.fp32_master - zp.fp32_master == pytest.approx(4 * extra)
@@ -282,7 +282,7 @@ SEVEN_B = {"fsdp8": {"gpus": 8, "fsdp": "full-shard"}, "tp8": {"gpus": 8, "tp": 
 def test_7b_within_5_percent_of_the_estimate(name):
     from planner.gpus import load_gpu
     from planner.models import load_model
-    from planner.parallel.dryrun import compare_with_estimate
+    from planner.backends.fakepg import compare_with_estimate
 
     plan = Plan(model="llama-2-7b", batch=1, seq=2048)
     lay = layout_for_plan(1, 1, **SEVEN_B[name])

@@ -7,9 +7,9 @@ import pytest
 
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import comm
-from planner.parallel.estimate import estimate_distributed
-from planner.parallel.layout import Layout, layout_for_plan
+from planner.engine.distributed import comm
+from planner.engine.distributed import estimate_distributed
+from planner.engine.distributed.layout import Layout, layout_for_plan
 from planner.specs import Plan
 
 PSI = 7.5e9

@@ -9,9 +9,9 @@ import pytest
 
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import DistributedEstimate, LayoutError, estimate_distributed, layout_for_plan
-from planner.parallel.layout import Layout
-from planner.parallel.zero import rank_model_states
+from planner.engine.distributed import DistributedEstimate, LayoutError, estimate_distributed, layout_for_plan
+from planner.engine.distributed.layout import Layout
+from planner.engine.distributed.zero import rank_model_states
 from planner.specs import Plan
 
 H100 = load_gpu("h100-sxm")
@@ -138,7 +138,7 @@ def test_parallel_path_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from planner.parallel import estimate_distributed; "
+    code = ("import sys; from planner.engine.distributed import estimate_distributed; "
             "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

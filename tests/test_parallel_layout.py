@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from planner.models import load_model
-from planner.parallel.layout import Layout, LayoutError, layout_for_plan, make_layout
+from planner.engine.distributed.layout import Layout, LayoutError, layout_for_plan, make_layout
 
 
 def test_derived_degrees():

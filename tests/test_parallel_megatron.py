@@ -17,9 +17,9 @@ import pytest
 
 from planner.architecture import spec_from_config
 from planner.gpus import load_gpu
-from planner.parallel import compute
-from planner.parallel.estimate import estimate_distributed
-from planner.parallel.layout import Layout
+from planner.engine import compute
+from planner.engine.distributed import estimate_distributed
+from planner.engine.distributed.layout import Layout
 from planner.specs import Plan
 
 DATA = Path(__file__).parent / "data"

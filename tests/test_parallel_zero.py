@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from planner.models import load_model
-from planner.parallel.layout import Layout
-from planner.parallel.shard import rank_spec, stage_layers
-from planner.parallel.zero import (
+from planner.engine.distributed.layout import Layout
+from planner.engine.distributed.shard import rank_spec, stage_layers
+from planner.engine.distributed.zero import (
     StateBytes, deepspeed_zero2, deepspeed_zero3, partition, plan_states, rank_model_states, zero_paper_bytes,
 )
 from planner.specs import Plan

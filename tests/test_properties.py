@@ -17,7 +17,7 @@ from planner.api import fit, fit_distributed
 from planner.engine import estimate
 from planner.gpus import load_gpu
 from planner.models import load_model
-from planner.parallel import compute
+from planner.engine import compute
 from planner.specs import Plan
 
 MODELS = ("qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b", "gpt2", "opt-350m", "mistral-7b", "gemma-2-2b",

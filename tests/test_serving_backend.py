@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch", reason="torch is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 pytest.importorskip("transformers", reason="transformers is not installed (the backends extra: pip install torch==2.13.0 && pip install -e '.[backends]')")
 
-from planner.serving.backend import MIXED_OUTPUTS, MIXED_PROMPTS, compare  # noqa: E402
+from planner.backends.serving import MIXED_OUTPUTS, MIXED_PROMPTS, compare  # noqa: E402
 
 
 def check(c):

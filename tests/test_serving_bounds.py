@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from planner import cli
-from planner.serving import cli as serve_cli
+from planner.commands import serve as serve_cli
 from planner.serving import service, simulator, traffic
 from planner.serving.capacity import capacity, resolve
 from planner.serving.roofline import Roofline
 from planner.serving.schedulers import get_scheduler
-from planner.serving.simulator import Simulator, SimulationTooLong, reporting_progress, simulate
+from planner.serving.service import simulate
+from planner.serving.simulator import Simulator, SimulationTooLong, reporting_progress
 from planner.serving.specs import ServeInputError, ServeSpec, TrafficSpec
 from planner.serving.traffic import MAX_REQUESTS, check_request_count, synthetic
 
@@ -61,7 +62,7 @@ def _forbid(monkeypatch, *targets):
 def test_the_issue_example_is_refused_before_any_work(monkeypatch):
     import planner.models
 
-    _forbid(monkeypatch, (service, "serve"), (simulator, "simulate"), (traffic, "synthetic"),
+    _forbid(monkeypatch, (service, "serve"), (service, "simulate"), (traffic, "synthetic"),
             (traffic, "poisson_arrivals"), (planner.models, "load_model"))  # fmt: skip
     code, out, err = run([*BASE, "--requests", "100000000"])
     assert_one_line_error(code, out, err, "requests: at most 1,000,000 requests are simulated (got 100,000,000); ")
@@ -95,7 +96,7 @@ def test_a_trace_beyond_the_bound_is_refused_before_simulating(tmp_path, monkeyp
     path = _trace(tmp_path / "t.csv", 5)
     code, out, err = run([*BASE, "--trace", str(path), "--json"])
     assert code == 0 and json.loads(out)["traffic"]["requests"] == 5, err
-    _forbid(monkeypatch, (simulator, "simulate"))
+    _forbid(monkeypatch, (service, "simulate"))
     path = _trace(tmp_path / "t.csv", 6)
     code, out, err = run([*BASE, "--trace", str(path)])
     assert_one_line_error(code, out, err, f"trace: at most 5 requests are simulated (got more than 5 rows in {path})")
@@ -135,7 +136,7 @@ def test_a_trace_spanning_beyond_the_clock(tmp_path):
     (["--prompt-cv", "nan", "--prompt-dist", "uniform"], "prompt-cv"),
 ])  # fmt: skip
 def test_bad_traffic_is_one_line_and_never_simulated(monkeypatch, flags, field):
-    _forbid(monkeypatch, (simulator, "simulate"))
+    _forbid(monkeypatch, (service, "simulate"))
     code, out, err = run([*BASE, "--requests", "50", *flags])
     assert_one_line_error(code, out, err, f"{field}: ")
 

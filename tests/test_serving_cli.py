@@ -11,7 +11,7 @@ import time
 import pytest
 
 from planner import cli
-from planner.serving import cli as serve_cli
+from planner.commands import serve as serve_cli
 
 EXAMPLE = ["serve", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--tp", "1", "--kv-dtype", "bf16",
            "--max-model-len", "8192", "--rate", "4", "--prompt-len", "1024", "--new-tokens", "256",
@@ -121,7 +121,7 @@ def test_cold_start_is_light():
         "import io, json, sys, time\n"
         "t = time.perf_counter()\n"
         "from planner import cli\n"
-        "from planner.serving import cli as s\n"
+        "from planner.commands import serve as s\n"
         "cli.COMMANDS.setdefault('serve', (s.HELP, s.add_arguments, s.run))\n"
         "rc = cli.main(['serve', '--model', 'llama-3.1-8b', '--gpu', 'h100-sxm', '--max-model-len', '8192',"
         " '--requests', '200', '--json'], stdout=io.StringIO(), stderr=io.StringIO())\n"

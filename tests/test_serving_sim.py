@@ -11,7 +11,8 @@ from planner.serving.capacity import capacity, resolve
 from planner.serving.roofline import Roofline, sum_max_lines
 from planner.serving.schedulers import SCHEDULERS, ChunkedPrefill, Scheduler, get_scheduler, register_scheduler
 from planner.serving.service import serve
-from planner.serving.simulator import Simulator, simulate
+from planner.serving.service import simulate
+from planner.serving.simulator import Simulator
 from planner.serving.specs import Calibration, ServeInputError, ServeSpec, TrafficSpec
 from planner.serving.traffic import Requests, load_trace, synthetic
 

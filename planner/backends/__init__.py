@@ -1,7 +1,7 @@
 """Backends: a technique's step executed for real, measured.
 
 - `dry-run` (device `fake`): the real program at full scale on fake tensors on the CPU, under a
-  MemTracker (planner.dryrun). Byte-exact for what it runs; no time.
+  MemTracker (planner.backends.dryrun). Byte-exact for what it runs; no time.
 - `real` (device `cpu` or `cuda`): real tensors. On the CPU (tiny configs, in tests) memory comes
   from the same tracker as the dry run, so both can be compared byte for byte; on CUDA from
   `torch.cuda.max_memory_allocated` / `max_memory_reserved`, the CUDA context from

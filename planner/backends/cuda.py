@@ -30,7 +30,7 @@ def build_model(plan, config: dict, device: str, train: bool, head: str = "causa
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from planner.dryrun._build import hf_config, prepare_for_plan
+    from planner.backends.dryrun._build import hf_config, prepare_for_plan
 
     cfg = hf_config(config, use_cache=not train)
     if head == "seq_cls":
@@ -176,6 +176,6 @@ def _tokens_per_step(workload) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from planner.validate import versions
+    from planner.backends.measurement import versions
 
     return versions()

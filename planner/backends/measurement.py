@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 from pydantic import BaseModel, Field
 
 
@@ -33,3 +35,22 @@ class Measurement(BaseModel):
     device_name: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+
+
+def versions() -> dict[str, str]:
+    """The versions of python and of the libraries a measurement ran with (read, never required)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001 - a missing backend library is reported, not fatal
+            out[name] = "not installed"
+    # TRL runs only inside the dpo steps with --logprobs selective/fused: its version without importing it
+    from importlib import metadata
+
+    try:
+        out["trl"] = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        out["trl"] = "not installed"
+    return out

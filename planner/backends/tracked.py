@@ -1,8 +1,8 @@
 """The `dry-run` backend (fake tensors, full scale) and the `real` backend on the CPU (real tensors,
-tiny configs): a technique's `step(ctx)` under the dry-run tracker (planner.dryrun).
+tiny configs): a technique's `step(ctx)` under the dry-run tracker (planner.backends.dryrun).
 
-Models are built as the programs build them (planner.dryrun._build: on meta, then every tensor made
-fake or real), with transformers behaving as on CUDA (planner.dryrun._patches: not tracing, SDPA
+Models are built as the programs build them (planner.backends.dryrun._build: on meta, then every tensor made
+fake or real), with transformers behaving as on CUDA (planner.backends.dryrun._patches: not tracing, SDPA
 with enable_gqa, CUDA's autocast policy, bitsandbytes' CUDA GEMM path). The peak counts from after
 all models and optimizers exist, as on a GPU after `reset_peak_memory_stats()`.
 """
@@ -42,13 +42,13 @@ class TrackedContext(StepContext):
         return torch.randint(0, vocab, (batch, seq))
 
     def generate(self, model, ids, new_tokens: int):
-        """transformers' generate, as planner.dryrun replays it: host reads of fake tensors are
+        """transformers' generate, as planner.backends.dryrun replays it: host reads of fake tensors are
         answered from a narrow real run of the same program recorded beforehand; the middle decode
         steps return logits of the right shape and the cache grows in one update before the last
-        (planner.dryrun._programs._generate_phases, tested exact against the full decode)."""
+        (planner.backends.dryrun._programs._generate_phases, tested exact against the full decode)."""
         import torch
 
-        from planner.dryrun._programs import _generate_phases
+        from planner.backends.dryrun._programs import _generate_phases
 
         # a step of several phases names the generation's sub-phases as the estimate does ('rollout.prefill')
         prefix = f"{self.current_phase}." if len(self.workload.phases) > 1 and self.current_phase else ""
@@ -61,12 +61,12 @@ class TrackedContext(StepContext):
 
     @contextlib.contextmanager
     def device_kernels(self, library: str):
-        """The library's CUDA kernels as a GPU run allocates around them (planner.dryrun._patches);
+        """The library's CUDA kernels as a GPU run allocates around them (planner.backends.dryrun._patches);
         the library is imported with the tracker's modes off: its module-level tensors are not the
         step's."""
         from torch.utils._python_dispatch import _disable_current_modes
 
-        from planner.dryrun import _patches
+        from planner.backends.dryrun import _patches
 
         if library not in _patches.DEVICE_KERNELS:
             raise ValueError(f"library: no kernel emulation for '{library}' (known: {', '.join(_patches.DEVICE_KERNELS)})")
@@ -85,7 +85,7 @@ class TrackedContext(StepContext):
     def _autocast(self):
         import torch
 
-        from planner.dryrun._build import DTYPES
+        from planner.backends.dryrun._build import DTYPES
 
         if self.plan.autocast:
             return torch.autocast("cpu", dtype=DTYPES[self.plan.compute_dtype])
@@ -100,7 +100,7 @@ class _StepOracle:
     answers from the counters' own constant values."""
 
     def __init__(self) -> None:
-        from planner.dryrun._programs import ScalarOracle
+        from planner.backends.dryrun._programs import ScalarOracle
 
         self.inner = ScalarOracle()
         self.tracker = None
@@ -132,16 +132,16 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     answers do not depend on the width."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from planner.dryrun import _patches
-    from planner.dryrun._build import build_meta, materialize
-    from planner.dryrun._programs import make_optimizer, optimizer_state_tensors
-    from planner.dryrun._run import _storage_bytes
-    from planner.dryrun._run import _classifier, _versions
-    from planner.dryrun._tracker import DryRunTracker, _MemRefType
+    from planner.backends.dryrun import _patches
+    from planner.backends.dryrun._build import build_meta, materialize
+    from planner.backends.dryrun._programs import make_optimizer, optimizer_state_tensors
+    from planner.backends.dryrun._run import _storage_bytes
+    from planner.backends.dryrun._run import _classifier, _versions
+    from planner.backends.dryrun._tracker import DryRunTracker, _MemRefType
     from planner.models import load_model, model_config
 
     t0 = time.perf_counter()
-    from planner.dryrun._programs import _RecordReads, narrow_config
+    from planner.backends.dryrun._programs import _RecordReads, narrow_config
 
     workload = technique.workload(plan, load_model(plan.model))
     configs = {use.role: (config if use.source == plan.model else model_config(use.source)) for use in workload.models}
@@ -241,7 +241,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
 
 
 def _loss_phase_hooks(models: dict[str, Any], tracker) -> list[Any]:
-    """Mark the 'loss' phase from the output head's forward on, as planner.dryrun does, and the
+    """Mark the 'loss' phase from the output head's forward on, as planner.backends.dryrun does, and the
     'forward' phase again when another forward of the same phase starts (a pair's second half)."""
     handles = []
 

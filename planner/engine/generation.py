@@ -47,7 +47,7 @@ def build(spec: ModelSpec, plan: Plan) -> tuple[CompiledTimeline, Resident, dict
 
 def evaluate(timeline: CompiledTimeline, res: Resident, extra: dict[str, int], batch: int, prompt_len: int,
              new_tokens: int, spec: ModelSpec, plan: Plan, cuda_context_bytes: int, workspace: int) -> MemoryEstimate:
-    from planner.engine.estimate import finish
+    from planner.engine.evaluate import finish
 
     # K and V come out in the hidden states' dtype: dense projections in the weights' dtype, and
     # Linear4bit / peft's LoRA cast their outputs back to their input's dtype

@@ -1,4 +1,4 @@
-"""Time of one step on one GPU, phase by phase, from a roofline (planner.parallel.compute).
+"""Time of one step on one GPU, phase by phase, from a roofline (planner.engine.compute).
 
 - training and scoring phases: matmul FLOPs at the card's peak times its efficiency factors, plus
   the memory traffic of the elementwise kernels (compute-bound for real batch sizes);
@@ -6,7 +6,7 @@
   written);
 - generation: the prefill is a forward over batch x prompt tokens (compute-bound); each decode step
   reads the weights and the KV cache once (bandwidth-bound) unless its FLOPs take longer.
-One efficiency set per GPU type (the H200's is measured; see planner.parallel.compute).
+One efficiency set per GPU type (the H200's is measured; see planner.engine.compute).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
     """Seconds of each phase of one step of `workload` on `gpu`."""
     from planner.engine.generation import kv_bytes_per_token
-    from planner.parallel import compute
+    from planner.engine import compute
 
     eff = compute.efficiency(gpu)
     out: dict[str, float] = {}

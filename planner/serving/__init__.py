@@ -4,7 +4,8 @@
     result = serve(ServeSpec(model="llama-3.1-8b", gpu="h100-sxm", max_model_len=8192),
                    TrafficSpec(rate=4, requests=2000), compare=["static"])
 
-Modules (each small, none imports torch; only `backend` needs it):
+Modules (each small, pure Python; the real serving engines that check the simulator live in
+planner/backends/serving.py, and the `planner serve` command in planner/commands/serve.py):
 
 - `specs`      ServeSpec, TrafficSpec, Calibration (pydantic), one-line input errors
 - `capacity`   vLLM's KV-cache budget, blocks and concurrency; every constant with its source
@@ -13,8 +14,6 @@ Modules (each small, none imports torch; only `backend` needs it):
 - `schedulers` registry (`SCHEDULERS`, `register_scheduler`): static, continuous, chunked-prefill
 - `simulator`  the discrete-event engine and its report (percentiles, KV utilisation, preemptions)
 - `service`    `serve()`: capacity, then the simulation of each scheduler asked for
-- `backend`    the same trace on transformers' CPU engines (continuous batching vs padded generate)
-- `cli`        the `planner serve` command
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from planner.serving.capacity import CapacityReport, capacity, resolve
+from planner.serving.capacity import CapacityReport, Setup, capacity, resolve
 from planner.serving.roofline import Roofline
-from planner.serving.schedulers import DEFAULT_SCHEDULER, get_scheduler
-from planner.serving.simulator import SimulationReport, simulate
+from planner.serving.schedulers import DEFAULT_SCHEDULER, Scheduler, get_scheduler
+from planner.serving.simulator import MAX_TIME_S, SimulationReport, SimulationTooLong, Simulator
 from planner.serving.specs import Calibration, ServeSpec, TrafficSpec
-from planner.serving.traffic import requests_for
+from planner.serving.traffic import Requests, requests_for
 
 
 class ServeResult(BaseModel):
@@ -84,3 +84,23 @@ def serve(spec: ServeSpec, traffic: TrafficSpec | None = None, scheduler: str = 
         for sched in scheds:
             sims.append(simulate(setup, roof, reqs, cap.layer_blocks, sched))
     return ServeResult(capacity=cap, traffic=tinfo, roofline=roof_desc, simulations=sims, warnings=warnings)
+
+
+def simulate(setup: Setup, roofline: Roofline, requests: Requests, pool: int, scheduler: str | Scheduler,
+             aggregate: bool = True) -> SimulationReport:  # fmt: skip
+    """Run `requests` through one engine with `scheduler` (a registered name or an instance)."""
+    sched = get_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+    name = sched.name or type(sched).__name__
+    sim = Simulator(setup, roofline, requests, pool, aggregate=aggregate)
+    sim.scheduler_name = name
+    if len(requests):
+        sched.run(sim)
+    if not sim.now <= MAX_TIME_S:  # also catches inf and NaN
+        # the float clock ran away (an --iteration-overhead-ms of 1e308 reached inf, and the latency
+        # sums overflowed in the report); arrivals are bounded by the same MAX_TIME_S in traffic.py
+        raise SimulationTooLong(f"simulation: {name} reached t = {sim.now:g} s, beyond the {MAX_TIME_S:g} s the "
+                                "simulated clock can carry; check the time model (--iteration-overhead-ms, "
+                                "--calibration, --peak-tflops, --bandwidth-gbps)")
+    if sim.progress is not None:
+        sim.progress(name, sim.done, sim.N)
+    return sim.report(name)

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -48,9 +48,19 @@ from planner.serving.traffic import MAX_TIME_S, Requests
 
 if TYPE_CHECKING:
     from planner.serving.capacity import Setup
-    from planner.serving.schedulers import Scheduler
 
 TIMELINE_BINS = 10
+
+
+class IterationScheduler(Protocol):
+    """What `Simulator.iterate` asks of a scheduler (planner.serving.schedulers.Scheduler is one);
+    a protocol, so that the simulator does not import the schedulers that drive it."""
+
+    name: str
+
+    def schedule(self, sim: "Simulator") -> tuple[list[tuple[int, int]], bool]: ...
+
+    def arrival_sensitive(self, sim: "Simulator") -> bool: ...
 
 # Event-loop passes one simulation may take. Measured on the 2-core dev machine (Python 3.11): a
 # pass costs 6-8 us (2.4M passes of a thrashing chunked-prefill run: 14 s; 2.8M passes of 1,000,000
@@ -383,7 +393,7 @@ class Simulator:
         return below * (d + 1 + W) // 2 + (d + c - W) * W
 
     # ---- the iteration-level loop --------------------------------------------------------
-    def iterate(self, sched: Scheduler) -> None:
+    def iterate(self, sched: IterationScheduler) -> None:
         self.scheduler_name = sched.name or type(sched).__name__
         N, arr, waiting, roof = self.N, self.arr, self.waiting, self.roof
         F, Wl, W = self.F, self.Wl, self.W
@@ -606,25 +616,3 @@ class Simulator:
             mean_running=round(mean_run, 3), max_running=self.max_running, kv_utilisation=kv,
             output_tokens=out_tok, prompt_tokens=prompt_tok,
         )  # fmt: skip
-
-
-def simulate(setup: Setup, roofline: Roofline, requests: Requests, pool: int, scheduler: str | Scheduler,
-             aggregate: bool = True) -> SimulationReport:  # fmt: skip
-    """Run `requests` through one engine with `scheduler` (a registered name or an instance)."""
-    from planner.serving.schedulers import get_scheduler
-
-    sched = get_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
-    name = sched.name or type(sched).__name__
-    sim = Simulator(setup, roofline, requests, pool, aggregate=aggregate)
-    sim.scheduler_name = name
-    if len(requests):
-        sched.run(sim)
-    if not sim.now <= MAX_TIME_S:  # also catches inf and NaN
-        # the float clock ran away (an --iteration-overhead-ms of 1e308 reached inf, and the latency
-        # sums overflowed in the report); arrivals are bounded by the same MAX_TIME_S in traffic.py
-        raise SimulationTooLong(f"simulation: {name} reached t = {sim.now:g} s, beyond the {MAX_TIME_S:g} s the "
-                                "simulated clock can carry; check the time model (--iteration-overhead-ms, "
-                                "--calibration, --peak-tflops, --bandwidth-gbps)")
-    if sim.progress is not None:
-        sim.progress(name, sim.done, sim.N)
-    return sim.report(name)

@@ -3,7 +3,7 @@
 `dry_run_distributed(plan, layout)` runs rank 0 of `layout.gpus` ranks in a fake process group
 (`dist.init_process_group(backend="fake", ...)`, FakeStore: collectives return at once and move no
 data) on fake tensors (FakeTensorMode: shapes only, ~no real memory), and measures what that rank
-allocates with a MemTracker. The program is the single-GPU dry run's (planner.dryrun: the model built
+allocates with a MemTracker. The program is the single-GPU dry run's (planner.backends.dryrun: the model built
 by transformers on meta, the heldout-protocol training loop, AdamW foreach, the patches that make
 transformers behave as on CUDA), with the model parallelised the way torch does it:
 
@@ -16,10 +16,10 @@ transformers behave as on CUDA), with the model parallelised the way torch does 
   buffers are categories of their own).
 - TP (layout.tp > 1): `parallelize_module` per decoder layer: q, k, v, gate, up ColwiseParallel;
   o, down RowwiseParallel. With `vocab="parallel"` (default, Megatron's and torchtitan's layout, the
-  one planner.parallel.estimate assumes) the embedding is RowwiseParallel (vocab-sharded) and lm_head
+  one planner.engine.distributed.ranks assumes) the embedding is RowwiseParallel (vocab-sharded) and lm_head
   ColwiseParallel with vocab-sharded logits, the loss under `loss_parallel()`; with
   `vocab="replicated"` both stay whole on every rank (transformers' own tp_plan keeps the embedding
-  whole and gathers the logits). Measured with planner.dryrun's tracker.
+  whole and gathers the logits). Measured with planner.backends.dryrun's tracker.
 - FSDP x TP: a 2-D mesh (dp, tp); TP first, then fully_shard over the dp sub-mesh.
 
 What makes the fake-PG replay count what a GPU rank allocates (each seen in practice):
@@ -30,106 +30,32 @@ What makes the fake-PG replay count what a GPU rank allocates (each seen in prac
 2. `_c10d_functional.wait_tensor`'s fake kernel returns a new tensor; on a GPU it returns its input.
 3. DTensor ops are left to DTensor (the tracker sees the local ops), as FSDPMemTracker does.
 4. Storages rounded up to 512 bytes (CUDA's caching allocator), module hooks in "any" mode
-   (planner.dryrun._tracker), FSDPMemTracker's per-module snapshots skipped (only the global peak).
+   (planner.backends.dryrun._tracker), FSDPMemTracker's per-module snapshots skipped (only the global peak).
 The rank is rank 0: with uneven shards (FSDP pads dim 0 to a multiple of the mesh size) it holds the
 largest shard, so its peak is the job's.
 
-Techniques other than sft (rm, dpo, distill: planner.parallel.backend_fakepg_techniques): every model of
+Techniques other than sft (rm, dpo, distill: planner.backends.fakepg.techniques): every model of
 the technique's workload FSDP2-wrapped the same way, the technique's own `step(ctx)` run on them,
 one FSDPMemTracker over all of them; FSDP only, one trained model, no generation.
 
 Not covered: pipeline parallelism, sequence parallelism, DeepSpeed ZeRO (see
-planner.parallel.deepspeed_run for real ZeRO partitions), offload, LoRA/QLoRA under FSDP.
+planner.backends.deepspeed_run for real ZeRO partitions), offload, LoRA/QLoRA under FSDP.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
-
-from planner.parallel.layout import Layout, LayoutError
+from planner.backends.fakepg.result import CATEGORIES, FSDP_CATEGORY, FSDP_DETAIL, DistributedDryRunResult
+from planner.engine.distributed.layout import Layout, LayoutError
 
 if TYPE_CHECKING:
     from planner.specs import Plan
 
 Vocab = Literal["parallel", "replicated"]
 
-CATEGORIES = ("parameters", "buffers", "gradients", "activations", "optimizer_states", "temporaries", "other")
-# FSDPMemTracker's categories -> the estimator's (planner.parallel.estimate.RankMemory.breakdown)
-FSDP_CATEGORY = {
-    "Sharded Param": "parameters",
-    "Unsharded Param": "parameters",
-    "All Gather": "parameters",
-    "Buffer": "buffers",
-    "Sharded Grad": "gradients",
-    "Unsharded Grad": "gradients",
-    "Reduce Scatter": "gradients",
-    "Activation": "activations",
-    "Inputs": "activations",
-    "Temp": "temporaries",
-    "OptState": "optimizer_states",
-}
-FSDP_DETAIL = {
-    "Sharded Param": "sharded_params",
-    "Unsharded Param": "unsharded_params",
-    "All Gather": "all_gather_buffers",
-    "Sharded Grad": "sharded_grads",
-    "Unsharded Grad": "unsharded_grads",
-    "Reduce Scatter": "reduce_scatter_buffers",
-}
-
-
-class DistributedDryRunResult(BaseModel):
-    """One rank's memory in a distributed training step (planner.parallel.dryrun).
-
-    peak_allocated_bytes: most bytes live on the rank at once (its model-state shards, gathered
-      parameters, gradients, activations, optimizer states and temporaries), storages rounded to 512
-      bytes; counted from after the model, its sharding and the optimizer were set up.
-    breakdown: the estimator's categories at that peak (sums to the peak). FSDP's gathered
-      parameters and all-gather buffers are in `parameters`, its unsharded gradients and
-      reduce-scatter buffers in `gradients`; `details` has them apart (FSDPMemTracker's categories),
-      and `gathered` = unsharded_params + all_gather_buffers + unsharded_grads + reduce_scatter_buffers
-      (the estimator's `zero3_gathered`).
-    peak_phase: forward, loss (lm_head and the loss), loss backward (from `.backward()` until the
-      gradient reaches the last decoder layer), backward (the decoder layers), optimizer.
-    phases / phase_breakdowns: the peak of each phase and the breakdown at that moment (the
-      estimator's moments are "loss backward", "backward" and "optimizer"); keys `detail:*` there are
-      the details at that moment.
-    peak_module: the innermost module running at the peak ("[bw]": in backward).
-    """
-
-    layout: dict[str, Any]
-    world_size: int
-    rank: int = 0
-    mesh: dict[str, int]
-    vocab: str = "parallel"
-    mixed_precision_policy: str = ""
-    peak_allocated_bytes: int
-    breakdown: dict[str, int]
-    details: dict[str, int] = Field(default_factory=dict)
-    peak_phase: str
-    peak_step: int = 0
-    peak_op: str = ""
-    peak_module: str = ""
-    phases: dict[str, int] = Field(default_factory=dict)
-    phase_breakdowns: dict[str, dict[str, int]] = Field(default_factory=dict)
-    step_end_bytes: list[int] = Field(default_factory=list)
-    params: dict[str, int] = Field(default_factory=dict)
-    wall_s: float
-    device: str = "fake"
-    versions: dict[str, str] = Field(default_factory=dict)
-    notes: list[str] = Field(default_factory=list)
-
-    def to_measurement(self):
-        """As a planner.backends.Measurement (backend "dry-run", device "fake")."""
-        from planner.backends.measurement import Measurement
-
-        return Measurement(backend="dry-run", device=self.device, peak_allocated_bytes=self.peak_allocated_bytes,
-                           breakdown=dict(self.breakdown), details=dict(self.details), peak_phase=self.peak_phase,
-                           phases=dict(self.phases), wall_s=self.wall_s,
-                           device_name=f"rank {self.rank} of {self.world_size} (fake process group)",
-                           versions=dict(self.versions), notes=list(self.notes))
+__all__ = ["CATEGORIES", "FSDP_CATEGORY", "FSDP_DETAIL", "DistributedDryRunResult", "check_supported",
+           "compare_with_estimate", "dry_run_distributed", "estimate_moments"]
 
 
 def check_supported(layout: Layout) -> None:
@@ -141,7 +67,7 @@ def check_supported(layout: Layout) -> None:
     if layout.offload != "none":
         raise LayoutError("offload: the distributed dry run does not offload")
     if layout.fsdp is None and layout.stage > 0:
-        raise LayoutError(f"zero: DeepSpeed ZeRO-{layout.stage} is not replayed here (planner.parallel.deepspeed_run "
+        raise LayoutError(f"zero: DeepSpeed ZeRO-{layout.stage} is not replayed here (planner.backends.deepspeed_run "
                           "runs it for real); use fsdp full-shard / shard-grad-op")
     if layout.fsdp is None and layout.dp > 1:
         raise LayoutError(f"gpus: {layout.dp} data-parallel replicas without sharding (DDP) are not replayed; "
@@ -172,14 +98,14 @@ def dry_run_distributed(plan: "Plan", layout: Layout, config: dict | None = None
         from planner.models import model_config
 
         config = model_config(plan.model)
-    from planner.parallel.backend_fakepg import run
+    from planner.backends.fakepg.sft import run
 
     return run(plan, layout, config, steps=steps, round_bytes=round_bytes, vocab=vocab, device=device)
 
 
 def _dry_run_technique(plan: "Plan", layout: Layout, config: dict | None, *, steps: int, round_bytes: int,
                        device: str) -> DistributedDryRunResult:
-    """A technique's own step (planner.parallel.backend_fakepg_techniques): FSDP2 over every model of
+    """A technique's own step (planner.backends.fakepg.techniques): FSDP2 over every model of
     its workload, full fine-tuning of its one trained model; each model's config is the one its
     workload names (`config` is refused: it would be ambiguous between models)."""
     if layout.fsdp is None or layout.tp > 1:
@@ -192,7 +118,7 @@ def _dry_run_technique(plan: "Plan", layout: Layout, config: dict | None, *, ste
         raise LayoutError(f"batch: the plan's micro-batch {plan.batch} differs from the layout's {layout.micro_batch}")
     if device not in ("fake", "cpu"):
         raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
-    from planner.parallel.backend_fakepg_techniques import run_technique
+    from planner.backends.fakepg.techniques import run_technique
 
     return run_technique(plan, layout, steps=steps, round_bytes=round_bytes, device=device)
 
@@ -202,7 +128,7 @@ def compare_with_estimate(result: DistributedDryRunResult, plan: "Plan", layout:
 
     The estimate's `other` (cuBLAS workspaces) has no counterpart in a dry run: `estimate_wo_other`
     leaves it out, and the error is taken on that."""
-    from planner.parallel.estimate import estimate_distributed
+    from planner.engine.distributed import estimate_distributed
 
     est = estimate_distributed(plan, layout, spec, gpu).memory
     wo = est.peak_allocated_bytes - est.breakdown.get("other", 0)
@@ -222,8 +148,8 @@ def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[
     """The moments `estimate_distributed` takes the largest of ("loss", "loss backward", "backward",
     "end of backward", "optimizer"; the dry run's "backward" phase spans the two backward moments),
     each as a breakdown, for comparing with the dry run's phase_breakdowns. Captures
-    the arguments of estimate._rank_memory and evaluates the same moments (estimate.rank_moments)."""
-    from planner.parallel import estimate as est_mod
+    the arguments of ranks._rank_memory and evaluates the same moments (ranks.rank_moments)."""
+    from planner.engine.distributed import ranks as est_mod
 
     seen: list[tuple] = []
     orig = est_mod._rank_memory
@@ -234,7 +160,7 @@ def estimate_moments(plan: "Plan", layout: Layout, spec, gpu) -> dict[str, dict[
 
     est_mod._rank_memory = capture
     try:
-        est = est_mod.estimate_distributed(plan, layout, spec, gpu)
+        est = est_mod.estimate_sft(plan, layout, spec, gpu)
     finally:
         est_mod._rank_memory = orig
     stage, states, buffers, acts, step_temp, workspace = next(x for x in seen if x[0] == est.memory.stage)

@@ -9,7 +9,7 @@ PHASES: tuple[str, ...] = ("forward", "loss", "backward", "optimizer", "prefill"
 
 
 class DryRunResult(BaseModel):
-    """Memory of one replayed program (see planner/dryrun/__init__.py for the programs).
+    """Memory of one replayed program (see planner/backends/dryrun/__init__.py for the programs).
 
     peak_allocated_bytes: most bytes live at once, counted from after the model, adapters and
       optimizer were built (their bytes included, as they stay allocated) through all steps,

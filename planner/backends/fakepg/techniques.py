@@ -1,7 +1,7 @@
 """torch side of the distributed dry run of a technique's step (rm, dpo, distill, ...): every model of
 its Workload built as the single-GPU backends build it, each wrapped with FSDP2 (every decoder layer,
 then the model), and the technique's own `step(ctx)` run on rank 0 of a fake process group under
-FSDPMemTracker (loaded lazily by planner.parallel.dryrun.dry_run_distributed).
+FSDPMemTracker (loaded lazily by planner.backends.fakepg.dry_run_distributed).
 
 One tracker sees every model: it is built on the trained model (whose optimizer it follows) and then
 pointed at a container of all of them, so the FSDP units of the frozen ones (their sharded and gathered
@@ -17,15 +17,15 @@ import time
 
 from torch import nn
 
-from planner.dryrun import _patches
-from planner.dryrun._build import build_meta, materialize
-from planner.dryrun._programs import make_optimizer
-from planner.dryrun._run import _versions
-from planner.parallel.backend_fakepg import (FSDPDryRunTracker, _end_of_loss_backward, _no_fake, _SkipPropagation,
+from planner.backends.dryrun import _patches
+from planner.backends.dryrun._build import build_meta, materialize
+from planner.backends.dryrun._programs import make_optimizer
+from planner.backends.dryrun._run import _versions
+from planner.backends.fakepg.sft import (FSDPDryRunTracker, _end_of_loss_backward, _no_fake, _SkipPropagation,
                                              decoder_layers, fake_process_group, make_mesh, mixed_precision_policy,
                                              phase_category_breakdowns, shard, to_categories)
-from planner.parallel.dryrun import DistributedDryRunResult
-from planner.parallel.layout import Layout, LayoutError
+from planner.backends.fakepg.result import DistributedDryRunResult
+from planner.engine.distributed.layout import Layout, LayoutError
 
 
 def run_technique(plan, layout: Layout, *, steps: int, round_bytes: int, device: str) -> DistributedDryRunResult:

@@ -30,7 +30,7 @@ Step time (the slowest stage sets the pipeline's pace):
 tokens/s = global batch × seq / step time; MFU = model FLOPs (no recompute) / (step time × GPUs × peak).
 
 Every other training technique (rm, dpo, distill, grpo, ppo, a plugin's) goes to
-planner.parallel.techniques, which applies the same per-rank model to each model and phase of the
+planner.engine.distributed.techniques, which applies the same per-rank model to each model and phase of the
 technique's Workload.
 """
 
@@ -46,11 +46,12 @@ from planner.engine.resident import lora_targets, resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.tape import DTYPE_BYTES, ZERO
 from planner.gpus import GPUSpec
-from planner.parallel import activations as act
-from planner.parallel import comm, compute
-from planner.parallel.layout import Layout, LayoutError
-from planner.parallel.shard import busiest_stages, rank_spec
-from planner.parallel.zero import RankStates, engine_description, fsdp_moment_gathered, rank_model_states, semantics
+from planner.engine.distributed import activations as act
+from planner.engine import compute
+from planner.engine.distributed import comm
+from planner.engine.distributed.layout import Layout, LayoutError
+from planner.engine.distributed.shard import busiest_stages, rank_spec
+from planner.engine.distributed.zero import RankStates, engine_description, fsdp_moment_gathered, rank_model_states, semantics
 from planner.specs import Plan
 
 ActivationModel = Literal["engine", "megatron"]
@@ -351,22 +352,11 @@ def _first_share(c: comm.Collective) -> float:
 
 
 # ---- the estimate ----------------------------------------------------------------------------------
-def estimate_distributed(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
-                         activations: ActivationModel = "engine", style: compute.Style = "hf",
-                         eff: compute.Efficiency | None = None) -> DistributedEstimate:
-    """Per-rank memory, collectives and step time of `plan` laid out as `layout`.
-
-    `plan.batch` is the micro-batch per GPU and must equal `layout.micro_batch` (use
-    layout.layout_for_plan to build one from a plan); `plan.grad_accum` is ignored in favour of the
-    layout's global batch. `style` picks the elementwise-kernel model ("hf": transformers' eager ops,
-    "megatron": Megatron-LM's fused kernels); `activations` the activation model.
-    """
-    if plan.batch != layout.micro_batch:
-        raise LayoutError(f"batch: the plan's micro-batch {plan.batch} differs from the layout's {layout.micro_batch}")
-    if plan.task != "sft":
-        from planner.parallel.techniques import estimate_technique
-
-        return estimate_technique(plan, layout, spec, gpu, activations=activations, style=style, eff=eff)
+def estimate_sft(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
+                 activations: ActivationModel = "engine", style: compute.Style = "hf",
+                 eff: compute.Efficiency | None = None) -> DistributedEstimate:
+    """Per-rank memory, collectives and step time of an sft `plan` laid out as `layout` (called by
+    planner.engine.distributed.estimate.estimate_distributed, which checks the micro-batch)."""
     layout.check_model(spec)
     eff = eff or compute.efficiency(gpu)
     topo = comm.topology(layout, gpu)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from planner.gpus import GPUSpec
-from planner.parallel.layout import Layout
+from planner.engine.distributed.layout import Layout
 
 Kind = Literal["all-reduce", "reduce-scatter", "all-gather", "send/recv", "host-copy"]
 Window = Literal["forward", "backward", "none"]

@@ -20,7 +20,7 @@ partition handed to the wrapped optimizer, the gradient-reduction bucket buffers
 - ZeRO-3: each parameter is padded to a multiple of dp and split evenly: ceil(n_i / dp) elements per
   rank; the rank's bit16 partition, fp32 master, AdamW states, fp32 gradient partition and the
   persistent bit16 `grad_partitions_flat_buffer` all have P3 = Σ ceil(n_i / dp) elements.
-`zero_py_partitions(spec, plan, stage, dp)` is the same per-rank figure from planner.parallel.zero (no
+`zero_py_partitions(spec, plan, stage, dp)` is the same per-rank figure from planner.engine.distributed.zero (no
 padding: n/dp as a real number) so the two can be compared term by term (`compare`).
 """
 
@@ -60,7 +60,7 @@ class PartitionFigures(BaseModel):
 
     @property
     def zero_optimizer_states(self) -> float:
-        """planner.parallel.zero's `optimizer_states` category: master + states + fp32 gradients."""
+        """planner.engine.distributed.zero's `optimizer_states` category: master + states + fp32 gradients."""
         return self.fp32_master + self.optimizer_states + self.fp32_grads
 
 
@@ -91,9 +91,9 @@ def expected_partitions(numels: list[int], stage: int, dp: int, precision: str =
 
 
 def zero_py_partitions(spec, plan, stage: int, dp: int) -> PartitionFigures:
-    """The same figures from planner.parallel.zero (DeepSpeed semantics; n/dp without padding)."""
-    from planner.parallel.layout import make_layout
-    from planner.parallel.zero import plan_states
+    """The same figures from planner.engine.distributed.zero (DeepSpeed semantics; n/dp without padding)."""
+    from planner.engine.distributed.layout import make_layout
+    from planner.engine.distributed.zero import plan_states
 
     lay = make_layout(gpus=dp, zero=stage, micro_batch=plan.batch)
     st = plan_states(spec, plan, lay)
@@ -140,7 +140,7 @@ FIELDS = ("bit16_params", "fp32_master", "optimizer_states", "fp32_grads", "bit1
 
 
 def compare(measured: PartitionFigures, expected: PartitionFigures, zero_py: PartitionFigures) -> list[dict[str, Any]]:
-    """Rows: quantity, planner.parallel.zero, DeepSpeed's layout with padding, measured (bytes)."""
+    """Rows: quantity, planner.engine.distributed.zero, DeepSpeed's layout with padding, measured (bytes)."""
     rows = []
     for f in FIELDS + ("partition_numel",):
         rows.append({"stage": measured.stage, "dp": measured.dp, "quantity": f, "zero_py": getattr(zero_py, f),
@@ -155,7 +155,7 @@ def param_numels(config: dict) -> list[int]:
     """Trainable parameter sizes of the transformers model `config` builds, in module order (on meta)."""
     import torch
 
-    from planner.dryrun._build import hf_config
+    from planner.backends.dryrun._build import hf_config
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -67,13 +67,14 @@ from planner.engine.resident import Resident, lora_targets, resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.tape import DTYPE_BYTES
 from planner.gpus import GPUSpec
-from planner.parallel import comm, compute
-from planner.parallel.estimate import (ActivationModel, CollectiveReport, DistributedEstimate, RankMemory, StepTime,
+from planner.engine import compute
+from planner.engine.distributed import comm
+from planner.engine.distributed.ranks import (ActivationModel, CollectiveReport, DistributedEstimate, RankMemory, StepTime,
                                        _activations, _collectives, _exposed, _param_bytes_compute, _part_targets,
                                        optimizer_seconds, rank_moments)
-from planner.parallel.layout import Layout, LayoutError
-from planner.parallel.shard import rank_spec
-from planner.parallel.zero import (RankStates, engine_description, forward_gathered, frozen_model_states, fsdp_moment_gathered,
+from planner.engine.distributed.layout import Layout, LayoutError
+from planner.engine.distributed.shard import rank_spec
+from planner.engine.distributed.zero import (RankStates, engine_description, forward_gathered, frozen_model_states, fsdp_moment_gathered,
                                    rank_model_states, semantics)
 from planner.specs import Plan
 from planner.workload import ModelUse, Phase, Workload
@@ -145,7 +146,7 @@ def _no_grad_moments(ph: Phase, m: _Model, layout: Layout) -> dict[str, dict[str
     moment `score` runs after the model returned, with nothing gathered) and for generation
     `prefill` and `decode`."""
     from planner.engine import generation
-    from planner.engine.estimate import finish
+    from planner.engine.evaluate import finish
 
     timeline, res, extra = _timeline(ph, m)
     base = res.param_bytes + res.buffer_bytes + res.quant_state_bytes

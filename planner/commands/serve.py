@@ -169,7 +169,7 @@ def _progress_bar(args: argparse.Namespace, out: Any, simulations: int) -> _Prog
 
 
 def run(args: argparse.Namespace, out: Any) -> int:
-    from planner.cli import BadInput
+    from planner.commands.common import BadInput
     from planner.serving.service import serve
     from planner.serving.simulator import SimulationStalled, reporting_progress
     from planner.serving.specs import ServeInputError

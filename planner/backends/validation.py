@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from planner.backends.measurement import versions
 from planner.result import CATEGORIES
 from planner.specs import Plan
 
@@ -144,24 +145,6 @@ def phase_errors(est: dict[str, int], meas: dict[str, int], workspace: int) -> d
             name = head if (sub and head in meas) else (sub or head)
         mapped[name] = max(mapped.get(name, 0), v - workspace)
     return {k: 100.0 * (mapped[k] - m) / m for k, m in meas.items() if k in mapped and m}
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001 - a missing backend library is reported, not fatal
-            out[name] = "not installed"
-    # TRL runs only inside the dpo steps with --logprobs selective/fused: its version without importing it
-    from importlib import metadata
-
-    try:
-        out["trl"] = metadata.version("trl")
-    except metadata.PackageNotFoundError:
-        out["trl"] = "not installed"
-    return out
 
 
 def progress(i: int, n: int, label: str, stream=sys.stderr) -> None:

@@ -48,8 +48,8 @@ from planner.architecture import ModelSpec
 from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import resident
 from planner.engine.tape import DTYPE_BYTES
-from planner.parallel.layout import Layout
-from planner.parallel.shard import rank_spec
+from planner.engine.distributed.layout import Layout
+from planner.engine.distributed.shard import rank_spec
 from planner.specs import Plan
 
 Semantics = Literal["deepspeed", "torch"]

@@ -1,4 +1,4 @@
-"""torch side of planner.parallel.dryrun: fake process group, FSDP2 / TP set-up, trackers (imports
+"""torch side of planner.backends.fakepg: fake process group, FSDP2 / TP set-up, trackers (imports
 torch; loaded lazily by `dry_run_distributed`)."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _UpdateType
 from torch.distributed.tensor import DTensor
 
-from planner.dryrun import _patches
-from planner.dryrun._build import DTYPES, build_meta, materialize
-from planner.dryrun._programs import make_optimizer, optimizer_state_tensors, run_sft
-from planner.dryrun._run import _classifier, _versions
-from planner.dryrun._tracker import DryRunTracker, _AnyModeModTracker
-from planner.parallel.dryrun import CATEGORIES, FSDP_CATEGORY, FSDP_DETAIL, DistributedDryRunResult
-from planner.parallel.layout import Layout, LayoutError
+from planner.backends.dryrun import _patches
+from planner.backends.dryrun._build import DTYPES, build_meta, materialize
+from planner.backends.dryrun._programs import make_optimizer, optimizer_state_tensors, run_sft
+from planner.backends.dryrun._run import _classifier, _versions
+from planner.backends.dryrun._tracker import DryRunTracker, _AnyModeModTracker
+from planner.backends.fakepg.result import CATEGORIES, FSDP_CATEGORY, FSDP_DETAIL, DistributedDryRunResult
+from planner.engine.distributed.layout import Layout, LayoutError
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 
@@ -245,7 +245,7 @@ class FSDPDryRunTracker(_DistMixin, FSDPMemTracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # `torch.tensor(0.)` in optimizer.step: AdamW's per-parameter step counters, which the foreach
-        # (not fused / capturable) AdamW keeps on the host in a CUDA run (as planner.dryrun excludes them)
+        # (not fused / capturable) AdamW keeps on the host in a CUDA run (as planner.backends.dryrun excludes them)
         if self._in_opt and func is torch.ops.aten.lift_fresh.default:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
@@ -316,12 +316,12 @@ class FSDPDryRunTracker(_DistMixin, FSDPMemTracker):
 
 
 class TPDryRunTracker(_DistMixin, DryRunTracker):
-    """planner.dryrun's tracker for DTensor programs without FSDP."""
+    """planner.backends.dryrun's tracker for DTensor programs without FSDP."""
 
     opt = None
 
     def opt_state_bytes(self) -> int:
-        from planner.dryrun._run import _storage_bytes
+        from planner.backends.dryrun._run import _storage_bytes
 
         return _storage_bytes(self, optimizer_state_tensors(self.opt)) if self.opt is not None else 0
 
@@ -434,7 +434,7 @@ def run(plan, layout: Layout, config: dict, *, steps: int, round_bytes: int, voc
                 def at_peak() -> dict[str, int]:
                     if tracker.phase != "optimizer":
                         return {}
-                    from planner.dryrun._run import _storage_bytes
+                    from planner.backends.dryrun._run import _storage_bytes
 
                     return {"optimizer_state_bytes": _storage_bytes(tracker, optimizer_state_tensors(opt))}
 

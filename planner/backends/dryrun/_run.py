@@ -1,4 +1,4 @@
-"""dry_run implementation (imports torch; loaded lazily by planner.dryrun.dry_run)."""
+"""dry_run implementation (imports torch; loaded lazily by planner.backends.dryrun.dry_run)."""
 
 from __future__ import annotations
 

@@ -7,14 +7,14 @@ FakeTensorMode tensors on the CPU under a MemTracker, so that the peak it report
 mode can see (allocator blocks kept whole, cuBLAS / flash-attention workspaces: see `peak_op`).
 `device="cpu"` runs the same code on real (small) tensors; tests check both account identically.
 
-Programs (planner/dryrun/_programs.py):
+Programs (planner/backends/dryrun/_programs.py):
 - sft: model (+ adapters, quantization) and optimizer built first, then `steps` iterations of
   `ids = randint(B, S); out = model(input_ids=ids, labels=ids); out.loss.backward(); opt.step();
   opt.zero_grad(set_to_none=True)`, forward+loss under autocast for mixed precision and QLoRA.
 - generate: `model.generate(ids, attention_mask=ones, max_new_tokens=n, min_new_tokens=n,
   do_sample=False)` on the default DynamicCache.
 
-What makes the replay allocate what CUDA allocates (planner/dryrun/_patches.py, _tracker.py):
+What makes the replay allocate what CUDA allocates (planner/backends/dryrun/_patches.py, _tracker.py):
 1. AdamW foreach (CUDA's default), fused and 8-bit (states allocated as bitsandbytes does);
    AdamW's host-side step counters and paged (unified-memory) states kept out of the peak.
 2. transformers does not treat fake tensors as tracing (SDPA without a mask, with enable_gqa).
