@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from planner.answer import (CollectiveDoc, CPUMemoryDoc, FitDocument, GPUDoc, LayoutDoc, LimitsDoc, MemoryDoc, ModelDoc,
+                            StageDoc, SuggestionDoc, TimeDoc)
 from planner.gpus import GPUSpec, resolve_gpu
 from planner.result import MemoryEstimate
 from planner.specs import Plan
@@ -34,7 +36,10 @@ class ModelInfo(BaseModel):
 
 
 class FitResult(BaseModel):
-    """The answer for one plan on one card. Sizes in bytes."""
+    """The answer for one plan on one card. Sizes in bytes. `to_json()` is the document a plan on
+    many GPUs gives too (planner.answer.FitDocument)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     fits: bool
     gpu: GPUSpec
@@ -49,37 +54,74 @@ class FitResult(BaseModel):
     resident: dict[str, list[str]] = Field(default_factory=dict, description="models resident in each phase (roles)")
     tokens_per_step: int = 0
 
+    workload: Any = Field(default=None, exclude=True, description="the technique's workload (for the document)")
+
     def to_json(self) -> dict[str, Any]:
-        """The CLI's --json document (stable keys)."""
-        m = self.memory
-        return {
-            "fits": self.fits,
-            "headroom_bytes": self.headroom_bytes,
-            "gpu": {"id": self.gpu.id, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes},
-            "model": self.model.model_dump(),
-            "memory": {
-                "peak_allocated_bytes": m.peak_allocated_bytes,
-                "reserved_bytes": m.reserved_bytes,
-                "device_bytes": m.device_bytes,
-                "peak_phase": m.peak_phase,
-                "breakdown": dict(m.breakdown),
-                "details": dict(m.details),
-                "device_items": dict(m.device_items),
-                "outside_allocator": dict(m.outside_allocator),
-                "phases": dict(m.phases),
-            },
-            "suggestions": [s.to_json() for s in self.suggestions],
-            "limits": self.limits.model_dump() if self.limits is not None else None,
-            "plan": self.plan.model_dump(mode="json"),
-            "warnings": list(self.warnings),
-            "time": self.time_json(),
-            "resident": dict(self.resident),
-        }
+        """The CLI's --json document: planner.answer.FitDocument, the same for one GPU and many."""
+        return self.document().to_json()
 
     def time_json(self) -> dict[str, Any]:
-        step = sum(self.phase_seconds.values())
-        return {"phases_s": dict(self.phase_seconds), "step_s": step,
-                "tokens_per_s": self.tokens_per_step / step if step else None}
+        return self.document().time.model_dump()
+
+    def document(self) -> FitDocument:
+        from planner.engine import compute
+        from planner.engine.timing import step_flops, tokens_counted
+
+        m = self.memory
+        step = sum(self.phase_seconds.values()) if self.phase_seconds else None
+        model_f = hw_f = None
+        mfu = hfu = tflops = None
+        if self.workload is not None:
+            model_f, hw_f = step_flops(self.workload)
+            if step:
+                peak = compute.peak_flops(self.gpu, self.plan.compute_dtype)
+                mfu, hfu, tflops = model_f / (step * peak), hw_f / (step * peak), hw_f / step / 1e12
+        time = TimeDoc(
+            step_s=step, phases_s=dict(self.phase_seconds), compute_s=step, host_s=None,
+            exposed_comm_s=0.0 if step is not None else None, bubble_s=0.0 if step is not None else None,
+            optimizer_s=None, tokens_per_step=self.tokens_per_step,
+            tokens_counted=tokens_counted(self.workload) if self.workload is not None else "",
+            tokens_per_s=self.tokens_per_step / step if step else None, model_flops=model_f, hardware_flops=hw_f,
+            mfu=mfu, hfu=hfu, tflops_per_gpu=tflops, flops_convention=FLOPS_CONVENTION,
+            time_model=TIME_MODEL if step is not None else "none: the card has no FLOP/s figures in the catalog",
+        )
+        from planner.engine.distributed import layout_for_plan
+
+        layout = layout_for_plan(self.plan.batch, self.plan.grad_accum)
+        return FitDocument(
+            fits=self.fits, headroom_bytes=self.headroom_bytes, gpu=_gpu_doc(self.gpu), model=ModelDoc(**self.model.model_dump()),
+            technique=self.plan.task, plan=self.plan.model_dump(mode="json"), layout=_layout_doc(layout),
+            engine=_engine(layout, self.plan),
+            memory=MemoryDoc(peak_allocated_bytes=m.peak_allocated_bytes, reserved_bytes=m.reserved_bytes,
+                             device_bytes=m.device_bytes, peak_phase=m.peak_phase, stage=0, breakdown=dict(m.breakdown),
+                             details=dict(m.details), device_items=dict(m.device_items),
+                             outside_allocator=dict(m.outside_allocator), phases=dict(m.phases)),
+            time=time, resident=dict(self.resident), suggestions=[SuggestionDoc(**s.to_json()) for s in self.suggestions],
+            limits=LimitsDoc(**self.limits.model_dump()) if self.limits is not None else None,
+            warnings=list(self.warnings),
+        )
+
+
+FLOPS_CONVENTION = ("attention counts the (query, key) pairs the kernel computes: s(s+1)/2 per sequence with "
+                    "SDPA's causal kernels, s^2 with eager attention, the whole context for a decode step")
+TIME_MODEL = "roofline: FLOPs and elementwise bytes at the card's achievable ceilings (planner.engine.compute)"
+
+
+def _gpu_doc(gpu: GPUSpec) -> GPUDoc:
+    return GPUDoc(id=gpu.id, name=gpu.name, memory_bytes=gpu.memory_bytes)
+
+
+def _layout_doc(lay: Any) -> LayoutDoc:
+    return LayoutDoc(gpus=lay.gpus, gpus_per_node=lay.per_node, nodes=lay.nodes, dp=lay.dp, tp=lay.tp, pp=lay.pp,
+                     sp=lay.sp, stage=lay.stage, zero=lay.zero, fsdp=lay.fsdp, engine=lay.engine_name,
+                     offload=lay.offload, micro_batch=lay.micro_batch, grad_accum=lay.grad_accum,
+                     global_batch=lay.batch, pp_schedule=lay.pp_schedule, pp_chunks=lay.chunks)
+
+
+def _engine(layout: Any, plan: Plan) -> str:
+    from planner.engine.distributed.zero import engine_description
+
+    return engine_description(layout, plan)
 
 
 def _model_info(model: Any) -> ModelInfo:
@@ -140,8 +182,12 @@ def _technique_fields(plan: Plan) -> tuple[str, ...]:
     return technique(plan.task).plan_fields
 
 
-def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
-    """Load the model and card the plan names, estimate, and judge. Raises ModelError/GPUError (ValueError)."""
+def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None = None) -> "FitResult | DistributedFitResult":
+    """Load the model and card the plan names, estimate, and judge. Raises ModelError/GPUError (ValueError).
+    With `layout` (planner.engine.distributed.Layout's fields), the plan on many GPUs; either way
+    `.to_json()` is one document (planner.answer.FitDocument)."""
+    if layout:
+        return fit_distributed(plan, layout, with_suggestions)
     from planner.models import load_model
 
     gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
@@ -176,6 +222,7 @@ def fit(plan: Plan, with_suggestions: bool = True) -> FitResult:
         phase_seconds=times,
         resident={ph.name: [m.role for m in workload.models] for ph in workload.phases},
         tokens_per_step=tokens_per_step(workload),
+        workload=workload,
     )
 
 
@@ -192,34 +239,51 @@ class DistributedFitResult(BaseModel):
     suggestions: list[Suggestion] = Field(default_factory=list)
     limits: Limits | None = None
     layout_fields: dict[str, Any] = Field(default_factory=dict)
+    model: Any = Field(default=None, exclude=True)
 
     def to_json(self) -> dict[str, Any]:
+        """The CLI's --json document: planner.answer.FitDocument, the same for one GPU and many."""
+        return self.document().to_json()
+
+    def document(self) -> FitDocument:
+        from planner.engine import compute
+
         e = self.estimate
-        return {
-            "fits": e.fits,
-            "gpu": {"id": self.gpu.id, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes},
-            "layout": e.layout.model_dump(mode="json") | {"dp": e.layout.dp, "grad_accum": e.layout.grad_accum,
-                                                          "engine": e.layout.engine_name},
-            "engine": e.engine,
-            "memory": e.memory.model_dump(mode="json"),
-            "stages": [s.model_dump(mode="json") for s in e.stages],
-            "cpu_bytes_per_node": e.cpu_bytes_per_node,
-            "cpu_memory_bytes": e.cpu_memory_bytes,
-            "collectives": [c.model_dump(mode="json") for c in e.collectives],
-            "time": e.time.model_dump(mode="json"),
-            "tokens_per_s": e.tokens_per_s,
-            "mfu": e.mfu,
-            "tflops_per_gpu": e.tflops_per_gpu,
-            "technique": e.technique,
-            "phases": dict(e.phases),
-            "phase_seconds": dict(e.phase_seconds),
-            "resident": {k: list(v) for k, v in e.resident.items()},
-            "model_states": {k: dict(v) for k, v in e.model_states.items()},
-            "suggestions": [s.to_json() for s in self.suggestions],
-            "limits": self.limits.model_dump() if self.limits is not None else None,
-            "plan": self.plan.model_dump(mode="json"),
-            "warnings": list(self.warnings),
-        }
+        m = e.memory
+        t = e.time
+        peak = compute.peak_flops(self.gpu, self.plan.compute_dtype)
+        step = t.total_s
+        tokens = int(round(e.tokens_per_s * step))
+        time = TimeDoc(
+            step_s=step, phases_s=dict(e.phase_seconds) or {"train": step}, compute_s=t.compute_s, host_s=None,
+            exposed_comm_s=t.exposed_comm_s, bubble_s=t.bubble_s, optimizer_s=t.optimizer_s, tokens_per_step=tokens,
+            tokens_counted="trained tokens over the job (global batch x length)" if e.technique == "sft"
+            else "tokens of the step's training and generation phases over the job",
+            tokens_per_s=e.tokens_per_s, model_flops=e.model_flops, hardware_flops=e.hardware_flops, mfu=e.mfu,
+            hfu=e.hardware_flops / (step * e.layout.gpus * peak), tflops_per_gpu=e.tflops_per_gpu,
+            flops_convention=FLOPS_CONVENTION,
+            time_model=f"{TIME_MODEL}, with collectives and the pipeline bubble; efficiencies: {e.efficiency.get('source')}",
+        )
+        mem = MemoryDoc(
+            peak_allocated_bytes=m.peak_allocated_bytes, reserved_bytes=m.reserved_bytes, device_bytes=m.device_bytes,
+            peak_phase=m.peak_phase, stage=m.stage, breakdown=dict(m.breakdown), details=dict(m.details),
+            device_items={"allocator_overhead": m.reserved_bytes - m.peak_allocated_bytes,
+                          "cuda_context": m.device_bytes - m.reserved_bytes},
+            outside_allocator={}, phases=dict(e.phases))
+        return FitDocument(
+            fits=e.fits, headroom_bytes=self.gpu.memory_bytes - m.device_bytes, gpu=_gpu_doc(self.gpu),
+            model=ModelDoc(**_model_info(self.model).model_dump()) if self.model is not None else ModelDoc(id=self.plan.model, name=self.plan.model),
+            technique=e.technique, plan=self.plan.model_dump(mode="json"), layout=_layout_doc(e.layout), engine=e.engine,
+            memory=mem, time=time, resident={k: list(v) for k, v in e.resident.items()} or {"train": ["model"]},
+            suggestions=[SuggestionDoc(**s.to_json()) for s in self.suggestions],
+            limits=LimitsDoc(**self.limits.model_dump()) if self.limits is not None else None,
+            warnings=list(self.warnings),
+            collectives=[CollectiveDoc(**c.model_dump()) for c in e.collectives],
+            cpu_memory=CPUMemoryDoc(bytes_per_node=e.cpu_bytes_per_node, node_bytes=e.cpu_memory_bytes,
+                                    fits=e.cpu_bytes_per_node <= e.cpu_memory_bytes),
+            stages=[StageDoc(**r.model_dump()) for r in e.stages],
+            model_states={k: dict(v) for k, v in e.model_states.items()},
+        )
 
 
 def _layout_for(plan: Plan, fields: dict[str, Any]) -> tuple[Plan, Any]:
@@ -263,4 +327,4 @@ def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions:
             suggestions = suggest(plan, model, evaluate=evaluate, layout=fields, bf16_supported=bf16_supported(gpu),
                                   layout_changes=layout_changes(layout, fields, model))
     return DistributedFitResult(plan=plan, gpu=gpu, estimate=est, warnings=plan_warnings(plan, model, gpu),
-                                suggestions=suggestions, limits=reach, layout_fields=dict(layout_fields))
+                                suggestions=suggestions, limits=reach, layout_fields=dict(layout_fields), model=model)

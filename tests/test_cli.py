@@ -27,7 +27,7 @@ ISSUE_EXAMPLE = ["fit", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--meth
 SMALL_FITS = ["fit", "--model", "qwen2.5-0.5b", "--gpu", "h200", "--batch", "1", "--seq", "512"]
 BIG_DOES_NOT_FIT = ["fit", "--model", "llama-3.1-8b", "--gpu", "t4", "--batch", "4", "--seq", "4096"]
 
-MEMORY_KEYS = {"peak_allocated_bytes", "reserved_bytes", "device_bytes", "peak_phase", "breakdown",
+MEMORY_KEYS = {"peak_allocated_bytes", "reserved_bytes", "device_bytes", "peak_phase", "stage", "breakdown",
                "details", "device_items", "outside_allocator", "phases"}  # fmt: skip
 
 

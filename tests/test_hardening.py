@@ -187,7 +187,7 @@ def test_yaml_plans_take_layout_keys(tmp_path):
     f.write_text("model: llama-3.1-8b\ngpu: h100-sxm\ngpus: 8\nzero: 3\ncpu-memory: 1TiB\noffload: optimizer\n")
     code, out, err = run(["fit", str(f), "--json"])
     doc = json.loads(out)
-    assert doc["layout"]["gpus"] == 8 and doc["layout"]["zero"] == 3 and doc["cpu_memory_bytes"] == 2**40
+    assert doc["layout"]["gpus"] == 8 and doc["layout"]["zero"] == 3 and doc["cpu_memory"]["node_bytes"] == 2**40
     code, out, _ = run(["fit", str(f), "--zero", "2", "--json"])  # flags override the file
     assert json.loads(out)["layout"]["zero"] == 2
 

@@ -186,7 +186,7 @@ def test_cli_prints_and_json_carries_phase_peaks():
     code, out, _ = run(argv + ["--json"])
     doc = json.loads(out)
     expect = est(task="dpo", fsdp="full-shard")
-    assert doc["phases"] == expect.phases and doc["technique"] == "dpo"
+    assert doc["memory"]["phases"] == expect.phases and doc["technique"] == "dpo"
     assert doc["memory"]["peak_allocated_bytes"] == expect.memory.peak_allocated_bytes
     assert set(doc["model_states"]) == {"policy", "reference"}
 

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inter-node-gbps", type=float, metavar="G", help="inter-node gigabits/s per GPU, each direction (default: 400)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
+    g.add_argument("--json-schema", action="store_true",
+                   help="print the JSON schema of the --json document (one GPU and many) and exit")
     g.add_argument("--no-suggest", dest="suggest", action="store_false",
                    help="skip the searches: changes that would fit, and how far a fitting plan goes")
 
@@ -41,6 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: Out) -> int:
     from planner.api import fit
     from planner.models import ModelError
+
+    if args.json_schema:
+        import json
+
+        from planner.answer import json_schema
+
+        out.print(json.dumps(json_schema(), indent=2))
+        return EXIT_FITS
 
     try:
         layout = layout_fields(args)

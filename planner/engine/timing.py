@@ -54,5 +54,43 @@ def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
     return out
 
 
+def step_flops(workload: Workload) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one step: every phase's forward (and, for a training phase,
+    backward and recompute), attention counted as the kernel computes it (planner.engine.compute)."""
+    from planner.engine import compute
+
+    model = hardware = 0.0
+    for ph in workload.phases:
+        use = workload.model(ph.role)
+        spec, setup = use.spec, use.setup
+        fl = dict(method=setup.method, lora_rank=setup.lora_rank, causal=setup.attn == "sdpa",
+                  lora_targets=lora_targets(spec, setup) if setup.method != "full" else [])
+        rows = ph.batch * ph.passes
+        if ph.kind == "train_step":
+            f = compute.micro_batch_flops(spec, rows * ph.seq, ph.seq, grad_ckpt=setup.grad_ckpt, **fl)
+            model, hardware = model + f.model, hardware + f.hardware
+        elif ph.kind in ("score", "forward"):
+            fwd = compute.micro_batch_flops(spec, rows * ph.seq, ph.seq, **fl).forward
+            model, hardware = model + fwd, hardware + fwd
+        elif ph.kind == "generate":
+            steps = max(ph.new_tokens - 1, 0)
+            mean_len = ph.seq + ph.new_tokens / 2
+            fwd = (compute.micro_batch_flops(spec, ph.batch * ph.seq, ph.seq, **fl).forward
+                   + compute.micro_batch_flops(spec, ph.batch * steps, int(mean_len), **{**fl, "causal": False}).forward)
+            model, hardware = model + fwd, hardware + fwd
+    return model, hardware
+
+
+def tokens_counted(workload: Workload) -> str:
+    """What `tokens_per_step` counts, in words."""
+    kinds = {ph.kind for ph in workload.phases}
+    parts = []
+    if "train_step" in kinds:
+        parts.append("trained tokens (sequences x length)")
+    if "generate" in kinds:
+        parts.append("generate's prompt and new tokens")
+    return " + ".join(parts) or "none (no training or generation phase)"
+
+
 def tokens_per_step(workload: Workload) -> int:
     return sum(ph.batch * ph.passes * (ph.seq + ph.new_tokens) for ph in workload.phases if ph.kind in ("train_step", "generate"))

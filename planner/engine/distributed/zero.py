@@ -171,7 +171,8 @@ def engine_description(layout: Layout, plan: Plan) -> str:
         what = (f"{half} parameters and gradients, fp32 master weights, fp32 gradient buffer and {plan.optimizer} states"
                 if half else f"fp32 parameters, gradients and {plan.optimizer} states")
         return f"DeepSpeed ZeRO-{st}: {what}{shard}{over}"
-    name = {0: "DDP", 1: "DDP + ZeroRedundancyOptimizer"}.get(st) or f"FSDP {layout.fsdp or 'full-shard'}"
+    name = {0: "DDP" if layout.gpus > 1 else "(one GPU)", 1: "DDP + ZeroRedundancyOptimizer"}.get(st) \
+        or f"FSDP {layout.fsdp or 'full-shard'}"
     wd = plan.weight_dtype
     what = f"{wd} parameters, gradients and {plan.optimizer} states" + ("" if half is None or wd != half else ", no master copy")
     if plan.precision.startswith("mixed"):
