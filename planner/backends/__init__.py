@@ -59,8 +59,12 @@ def check_backend(name: str, device: str | None) -> str:
     return device
 
 
-def run_backend(name: str, plan, device: str | None = None, steps: int = 3) -> Measurement:
-    """Execute `plan` with the named backend and measure it."""
+def run_backend(name: str, plan, device: str | None = None, steps: int = 3, record_ops: bool = False) -> Measurement:
+    """Execute `plan` with the named backend and measure it.
+
+    record_ops: also record the aten ops of the last step, with their kinds, FLOPs and bytes
+    (`Measurement.ops`, planner.backends.dryrun.ops); dry-run and real on the CPU only. The memory
+    figures are the same with and without it."""
     device = check_backend(name, device)
     from planner.models import model_config
     from planner.plugins import technique
@@ -70,9 +74,12 @@ def run_backend(name: str, plan, device: str | None = None, steps: int = 3) -> M
         raise BackendError(f"task: technique '{tech.name}' has no executable step; it cannot be validated")
     config = model_config(plan.model)
     if device == "cuda":
+        if record_ops:
+            raise BackendError("record_ops: ops are recorded by the dry-run backend or by real on the cpu, "
+                               "not on cuda (a dispatch mode would slow the timed steps)")
         from planner.backends.cuda import run_cuda
 
         return run_cuda(tech, plan, config, steps=steps)
     from planner.backends.tracked import run_tracked
 
-    return run_tracked(tech, plan, config, steps=steps, device=device)
+    return run_tracked(tech, plan, config, steps=steps, device=device, record_ops=record_ops)

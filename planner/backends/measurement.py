@@ -7,6 +7,47 @@ import platform
 from pydantic import BaseModel, Field
 
 
+# The kinds of aten ops an OpRecorder tells apart; the rules are planner.backends.dryrun.ops.op_kind's
+# ("host": an op on tensors the CUDA program keeps on the host, e.g. AdamW's step counters).
+OP_KINDS = ("matmul", "attention", "elementwise", "foreach", "view", "sync", "host", "other")
+
+
+class OpTotals(BaseModel):
+    """Ops of one kind: how many, their FLOPs, and the bytes they read and write (see
+    planner.backends.dryrun.ops: views and bookkeeping ops read and write 0)."""
+
+    count: int = 0
+    flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class PhaseOps(BaseModel):
+    """The ops of one phase: totals per kind (in OP_KINDS order) and the aten overloads with their
+    counts ('aten.mm.default': 14), most frequent first."""
+
+    kinds: dict[str, OpTotals] = Field(default_factory=dict)
+    ops: dict[str, int] = Field(default_factory=dict)
+
+
+class OpSummary(BaseModel):
+    """The aten ops one step dispatched, recorded by planner.backends.dryrun.ops.OpRecorder.
+
+    step: the step summarised, the last one run (the steady state: optimizer states exist);
+    steps: every step recorded; per_step: each of them as totals per kind (compare the first
+    step with the steady one). phases: per phase of the summarised step (setup/forward/loss/
+    backward/optimizer as the tracker names them, the step's own phase names otherwise, a
+    generation's prefill/decode), in the order first entered; total: the whole step.
+    """
+
+    step: int = 0
+    steps: list[int] = Field(default_factory=list)
+    phases: dict[str, PhaseOps] = Field(default_factory=dict)
+    total: PhaseOps = Field(default_factory=PhaseOps)
+    per_step: list[dict[str, OpTotals]] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
 class Measurement(BaseModel):
     """One measured run of a plan.
 
@@ -16,6 +57,7 @@ class Measurement(BaseModel):
     breakdown: bytes per category at the peak (None where the device gives only totals).
     step_time_s / tokens_per_s: median over the steps after the first (None for the dry run).
     oom: the run ran out of memory; oom_phase says where.
+    ops: the aten ops of the last step (run_backend(..., record_ops=True)), else None.
     """
 
     backend: str
@@ -35,6 +77,7 @@ class Measurement(BaseModel):
     device_name: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    ops: OpSummary | None = None
 
 
 def versions() -> dict[str, str]:

@@ -28,6 +28,8 @@ class TrackedContext(StepContext):
         self.device = device
         self.configs = configs
         self.current_phase = "setup"
+        # run every decode forward of generate() (False: the exact-memory shortcut below)
+        self.full_decode = False
 
     def model(self, role: str):
         return self._models[role]
@@ -45,7 +47,8 @@ class TrackedContext(StepContext):
         """transformers' generate, as planner.backends.dryrun replays it: host reads of fake tensors are
         answered from a narrow real run of the same program recorded beforehand; the middle decode
         steps return logits of the right shape and the cache grows in one update before the last
-        (planner.backends.dryrun._programs._generate_phases, tested exact against the full decode)."""
+        (planner.backends.dryrun._programs._generate_phases, tested exact against the full decode),
+        unless `full_decode` is set: then every decode forward runs the model."""
         import torch
 
         from planner.backends.dryrun._programs import _generate_phases
@@ -53,7 +56,7 @@ class TrackedContext(StepContext):
         # a step of several phases names the generation's sub-phases as the estimate does ('rollout.prefill')
         prefix = f"{self.current_phase}." if len(self.workload.phases) > 1 and self.current_phase else ""
         try:
-            with _generate_phases(model, self.tracker, new_tokens, False, prefix), torch.no_grad():
+            with _generate_phases(model, self.tracker, new_tokens, self.full_decode, prefix), torch.no_grad():
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, use_cache=True)
         finally:
@@ -123,13 +126,20 @@ class _StepOracle:
 
 
 def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake",
-                narrow: bool = False, record: Any = None) -> Measurement:
+                narrow: bool = False, record: Any = None, record_ops: Any = False,
+                full_decode: bool | None = None) -> Measurement:
     """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'.
 
     Host-side reads of fake tensors (generate()'s "all finished?", transformers' mask checks) are
     answered from a recording: the same steps run first for real on narrow copies of the models
     (same vocabulary and special tokens, tiny width: `narrow=True`, `record=<oracle>`), whose
-    answers do not depend on the width."""
+    answers do not depend on the width.
+
+    record_ops: True (or an OpRecorder, to keep its per-op records; it is attached to this run's
+    tracker) records every aten op of every step (planner.backends.dryrun.ops) on top of the
+    tracker's modes; `Measurement.ops` summarises the last step. The memory figures are the same with and without it.
+    full_decode: run every decode forward of a generation (default: when recording ops, so that
+    the recorded ops are the program's; the memory figures are the same either way)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.backends.dryrun import _patches
@@ -148,10 +158,13 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     if narrow:
         configs = {role: narrow_config(c) for role, c in configs.items()}
     generates = any(ph.kind == "generate" for ph in workload.phases)
+    if full_decode is None:
+        full_decode = bool(record_ops is not False and record_ops is not None)
     oracle = None
     if generates and device == "fake":
         oracle = _StepOracle()
-        run_tracked(technique, plan, config, steps=steps, device="cpu", narrow=True, record=oracle)
+        run_tracked(technique, plan, config, steps=steps, device="cpu", narrow=True, record=oracle,
+                    full_decode=full_decode)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
@@ -189,6 +202,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
                 opts[use.role], opt_notes = make_optimizer(use.setup, trainable, tracker)
                 notes += opt_notes
         ctx = TrackedContext(plan, workload, models, opts, tracker, device, configs)
+        ctx.full_decode = full_decode
 
         def at_peak() -> dict[str, int]:
             # states created inside step() are optimizer states, not step temporaries
@@ -203,11 +217,23 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         tracker._check_peak(None)
         if record is not None:
             stack.enter_context(_RecordReads(record))
+        recorder = None
+        if record_ops is not False and record_ops is not None:
+            from planner.backends.dryrun.ops import OpRecorder, answered_reads, host_step_counters
+
+            # on top of the tracker (and FakeTensorMode): it sees every op the tracker sees
+            recorder = record_ops if isinstance(record_ops, OpRecorder) else OpRecorder()
+            recorder.attach(tracker, host_tensors=host_step_counters(opts.values()))
+            if device == "fake" and not generates:
+                stack.enter_context(answered_reads(recorder))
+            stack.enter_context(recorder)
         times: list[float] = []
         try:
             for i in range(steps):
                 ctx.step_index = i
                 tracker.step = i
+                if recorder is not None:
+                    recorder.step = i
                 t_step = time.perf_counter()
                 technique.step(ctx)
                 times.append(time.perf_counter() - t_step)
@@ -230,13 +256,23 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     if device == "cpu" and times:
         later = sorted(times[1:] or times)
         step_time = later[len(later) // 2]
-    tokens = sum(p.batch * p.passes * (p.seq + p.new_tokens) for p in workload.phases)
+    from planner.engine.timing import tokens_per_step
+
+    tokens = tokens_per_step(workload)  # what the estimate counts: trained, else generated tokens
+    ops = None
+    if recorder is not None:
+        op_notes = [f"aten ops of step {steps - 1} of {steps} (the last: the steady state), on "
+                    + ("fake tensors" if device == "fake" else "real CPU tensors")]
+        if generates and not full_decode:
+            op_notes.append("generate(): decode forwards 2..n-2 did not run the model (full_decode=False)")
+        ops = recorder.summary(notes=op_notes)
     return Measurement(
         backend="dry-run" if device == "fake" else "real", device=device,
         step_time_s=step_time, tokens_per_s=tokens / step_time if step_time else None,
         peak_allocated_bytes=tracker.peak_total, breakdown=cats, details={k: v for k, v in details.items() if v},
         peak_phase=tracker.peak_phase, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
         device_name="fake tensors on the CPU" if device == "fake" else "CPU", versions=_versions(), notes=notes,
+        ops=ops,
     )
 
 
