@@ -58,7 +58,7 @@ from planner.architecture import ModelSpec
 from planner.engine.layers import LayerCfg, gemma_rms_norm, layer_norm, rms_norm
 from planner.engine.ops import Weight, binary, cast, linear, unary
 from planner.engine.resident import Resident
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, Tensor, ZERO, fixed, tok
+from planner.engine.tape import DTYPE_BYTES, OpList, Sym, Tape, Tensor, ZERO, fixed, tok
 
 
 @dataclass
@@ -71,14 +71,33 @@ class HeadRun:
     backward: list[tuple[str, Sym, dict[str, Sym]]] = field(default_factory=list)
     # whether the head runs inside the backbone's forward (which holds `inputs_embeds` until it returns)
     inside_backbone: bool = True
+    # the aten ops: of the forward up to the logits (final norm, head), of the loss program after
+    # them, and of their backward
+    fwd_ops: OpList = field(default_factory=OpList)
+    loss_ops: OpList = field(default_factory=OpList)
+    bwd_ops: OpList = field(default_factory=OpList)
+
+
+def split_ops(tp: Tape, head_end: int) -> dict[str, OpList]:
+    """The tape's forward ops split at `head_end` (ops before it: the forward phase, after: the loss),
+    and its backward ops, for a HeadRun."""
+    ops = tp.fwd.ops
+    return {"fwd_ops": OpList(ops[:head_end], tp.fwd.modules), "loss_ops": OpList(ops[head_end:]),
+            "bwd_ops": tp.backward_ops()}
+
+
+def final_norm(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
+    """The backbone's final norm (the family's norm module)."""
+    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
+    return norm(tp, x, cfg, "norm")
 
 
 def _norm_and_logits(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool):
     tp = Tape()
     x = tp.new(tok(spec.hidden_size), res_dtype, True, "final_hidden")
-    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
-    hn = norm(tp, x, cfg, "norm")
+    hn = final_norm(tp, x, cfg)
     tp.drop(x)
+    tp.op("view", "alias")  # hidden_states[:, slice(-logits_to_keep, None), :] with logits_to_keep = 0
     logits = linear(tp, hn, Weight(spec.hidden_size, spec.vocab_size, res.non_linear_dtype, full), cfg.autocast, "lm_head")
     tp.drop(hn)
     if spec.final_logit_softcapping:
@@ -105,8 +124,20 @@ def causal_lm(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, ful
     V = spec.vocab_size
     tp, logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
     after_logits = tp.live
+    head_end = len(tp.fwd.ops)
     lf = cast(tp, logits, "fp32", "logits.float")
-    unary(tp, lf, "log_softmax", saves_output=True)
+    # ForCausalLMLoss: labels padded and shifted (constant_pad_nd, slice, clone), both flattened
+    # (views), cross_entropy = _log_softmax + nll_loss_forward; backward: ones_like (the loss's
+    # gradient), nll_loss_backward, _log_softmax_backward_data, the logits view's backward
+    tp.op("elementwise", "constant_pad_nd", bytes=Sym(t=16), dtype="int64")
+    tp.op("view", "slice")
+    tp.op("elementwise", "clone", bytes=Sym(t=16), dtype="int64")
+    tp.op("view", "view", count=2)
+    unary(tp, lf, "log_softmax", saves_output=True, aten="_log_softmax", bwd=("_log_softmax_backward_data",))
+    tp.op("elementwise", "nll_loss_forward", bytes=Sym(t=4 + 8), dtype="fp32")
+    tp.bop("elementwise", "ones_like", dtype="fp32")
+    tp.bop("elementwise", "nll_loss_backward", bytes=Sym(t=V * 4), dtype="fp32")
+    tp.bop("view", "view")
     loss_peak = tp.live
     tp.drop(lf)
     held = logits.size
@@ -118,6 +149,7 @@ def causal_lm(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, ful
         saved=tp.saved_total, held=held, prev_held=held,
         # nll backward's gradient and log_softmax backward's output, both fp32, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, held, logits.dtype, 3))],
+        **split_ops(tp, head_end),
     )
 
 

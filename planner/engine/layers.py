@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.engine.ops import Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
+from planner.engine.ops import E, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
 from planner.engine.tape import Tape, Tensor, Sym, fixed, tok
 
 
@@ -46,14 +46,9 @@ def _lin(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
 def rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
     """LlamaRMSNorm: x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype)."""
     w = tp.external(fixed(cfg.hidden), cfg.norm_dtype, cfg.norm_trainable)
+    tp.module()
     xf = cast(tp, x, "fp32", f"{name}.fp32")
-    p = unary(tp, xf, f"{name}.pow", saves_input=True)
-    var = unary(tp, p, f"{name}.mean", elems=tok(1))
-    tp.drop(p)
-    ve = unary(tp, var, f"{name}.add_eps")
-    tp.drop(var)
-    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True)
-    tp.drop(ve)
+    p, var, r = _rms(tp, xf, name)
     y = binary(tp, xf, r, f"{name}.normalize", saves=True)
     tp.drop(xf, r)
     yc = cast(tp, y, x.dtype, f"{name}.to_input_dtype")
@@ -63,17 +58,31 @@ def rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
     return out
 
 
+# x.pow(2) (backward: pow, mul, mul), .mean(-1, keepdim) (expand, div), + eps (no backward op),
+# rsqrt (saves its output; backward: pow, mul, mul)
+POW2_BWD = ("pow", "mul", "mul")
+MEAN_BWD = ("view:expand", "div")
+RSQRT_BWD = ("pow", "mul", "mul")
+
+
+def _rms(tp: Tape, xf: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) of an fp32 tensor: (pow's output, the mean, r)."""
+    p = unary(tp, xf, f"{name}.pow", saves_input=True, aten="pow", bwd=POW2_BWD)
+    var = unary(tp, p, f"{name}.mean", elems=tok(1), aten="mean", bwd=MEAN_BWD)
+    tp.drop(p)
+    ve = unary(tp, var, f"{name}.add_eps", aten="add")
+    tp.drop(var)
+    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True, aten="rsqrt", bwd=RSQRT_BWD)
+    tp.drop(ve)
+    return p, var, r
+
+
 def gemma_rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
     """Gemma2RMSNorm: (norm(x.float()) * (1 + w.float())).type_as(x)."""
     wf = tp.external(fixed(cfg.hidden), "fp32", cfg.norm_trainable)
+    tp.module()
     xf = cast(tp, x, "fp32", f"{name}.fp32")
-    p = unary(tp, xf, f"{name}.pow", saves_input=True)
-    var = unary(tp, p, f"{name}.mean", elems=tok(1))
-    tp.drop(p)
-    ve = unary(tp, var, f"{name}.add_eps")
-    tp.drop(var)
-    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True)
-    tp.drop(ve)
+    p, var, r = _rms(tp, xf, name)
     y = binary(tp, xf, r, f"{name}.normalize", saves=True)
     tp.drop(xf, r)
     out = binary(tp, y, wf, f"{name}.scale", saves=True)
@@ -98,8 +107,18 @@ def layer_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
 def rotary(tp: Tape, q: Tensor, cos: Tensor, sin: Tensor, elems: int, name: str) -> Tensor:
     """apply_rotary_pos_emb for one of q/k: (q * cos) + (rotate_half(q) * sin)."""
     a = binary(tp, q, cos, f"{name}.mul_cos", saves=True)
+    # rotate_half: cat(-x[..., d/2:], x[..., :d/2]): two slices (views of q, each sending q a gradient
+    # through slice_backward), neg, cat (its backward: two slices of the gradient)
+    tp.op(V, "slice", count=2)
+    tp.use(q, q)
     neg = tp.new(tok(elems / 2), q.dtype, q.rg, f"{name}.neg_half")
+    tp.op(E, "neg", bytes=neg.size * 2, dtype=q.dtype)
     rh = tp.new(tok(elems), q.dtype, q.rg, f"{name}.rotate_half")
+    tp.op(E, "cat", bytes=rh.size * 2, dtype=q.dtype)
+    if q.rg:
+        tp.bop(V, "slice", count=2)
+        tp.bop(E, "neg", bytes=neg.size * 2, dtype=q.dtype)
+        tp.bop(E, "slice_backward", bytes=neg.size * 3, dtype=q.dtype, count=2)
     tp.drop(neg)
     b = binary(tp, rh, sin, f"{name}.mul_sin", saves=True)
     tp.drop(rh)
@@ -119,6 +138,7 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     if cfg.attn == "sdpa":
         out = tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out")
         lse = tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp")
+        sdpa_ops(tp, q2, k2, v2, out, cfg)
         if q2.rg or k2.rg or v2.rg:
             tp.save(q2, k2, v2, out, lse)
         tp.drop(lse, q2, k2, v2)
@@ -146,6 +166,41 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     return outc
 
 
+SDPA_KERNEL = "_scaled_dot_product_flash_attention"
+SDPA_BACKWARD_FLOPS = 2.5  # 5 matmuls to the forward's 2 (torch.utils.flop_counter's sdpa backward count)
+
+
+def sdpa_ops(tp: Tape, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cfg: LayerCfg) -> None:
+    """F.scaled_dot_product_attention(is_causal=True, enable_gqa) as one flash kernel (which saves its
+    output: detached once here, once in backward), and its backward kernel. FLOPs: 4 x heads x dim
+    per computed (query, key) pair, T(S + 1)/2 causal pairs over the batch (planner.engine.compute)."""
+    hd = cfg.heads * cfg.head_dim
+    f = Sym(t=2 * hd, q=2 * hd)
+    io = q.size + k.size + v.size + out.size
+    tp.saving(q, k, v)
+    tp.op("attention", SDPA_KERNEL, flops=f, bytes=io, dtype=q.dtype)
+    tp.use(q, k, v)
+    if q.rg or k.rg or v.rg:
+        tp.op(V, SAVED_DETACH)
+        tp.bop(V, SAVED_DETACH)
+        tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=q.dtype)
+
+
+def _heads_view(tp: Tape, t: Tensor, contiguous_grad: bool) -> None:
+    """`x.view(batch, seq, heads, dim).transpose(1, 2)` of a projection's output; its backward
+    transposes back and reshapes: a view when the gradient's layout allows it (v), else clone +
+    _unsafe_view (q, k), as seen in the dry run's recording of SDPA's backward."""
+    tp.op(V, "view")
+    tp.op(V, "transpose")
+    if t.rg:
+        tp.bop(V, "transpose")
+        if contiguous_grad:
+            tp.bop(V, "view")
+        else:
+            tp.bop(E, "clone", bytes=t.size * 2, dtype=t.dtype)
+            tp.bop(V, "_unsafe_view")
+
+
 def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
     nq = cfg.heads * cfg.head_dim
     nkv = cfg.kv_heads * cfg.head_dim
@@ -161,16 +216,27 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
         tp.drop(qr, kr, v)
     else:
         q = _lin(tp, x, cfg, "q_proj")
+        _heads_view(tp, q, contiguous_grad=False)
         k = _lin(tp, x, cfg, "k_proj")
+        _heads_view(tp, k, contiguous_grad=False)
         v = _lin(tp, x, cfg, "v_proj")
+        _heads_view(tp, v, contiguous_grad=True)
+        tp.op(V, "unsqueeze", count=2)  # cos.unsqueeze(1), sin.unsqueeze(1)
         qr = rotary(tp, q, cos, sin, nq, "q")
         tp.drop(q)
         kr = rotary(tp, k, cos, sin, nkv, "k")
         tp.drop(k)
         out = attention_core(tp, qr, kr, v, cfg, "attn")
         tp.drop(qr, kr, v)
+    # attn_output.transpose(1, 2).contiguous().reshape(*input_shape, -1): views of the kernel's output
+    tp.op(V, "view")
+    tp.op(V, "transpose")
+    tp.op(V, "view")
+    if out.rg:
+        tp.bop(V, "view", count=3)
     o = _lin(tp, out, cfg, "o_proj")
     tp.drop(out)
+    tp.module()  # the attention module
     return o
 
 
@@ -202,6 +268,7 @@ def gated_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
         tp.drop(a, u)
     d = _lin(tp, m, cfg, "down_proj")
     tp.drop(m)
+    tp.module()  # the MLP module
     return d
 
 
@@ -273,6 +340,7 @@ def dropout_residual(tp: Tape, y: Tensor, residual: Tensor, cfg: LayerCfg, name:
 # ---- decoder layers --------------------------------------------------------------------------
 def llama_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
     """LlamaDecoderLayer (also Mistral, Qwen2, Phi-3): pre-norm attention and MLP with residuals."""
+    tp.module()
     h = rms_norm(tp, x, cfg, "input_layernorm")
     a = llama_attention(tp, h, cos, sin, cfg)
     tp.drop(h)
@@ -327,9 +395,15 @@ def new_gelu(tp: Tape, x: Tensor) -> Tensor:
 def activation(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
     if cfg.act == "gelu_new":
         return new_gelu(tp, x)
+    tp.module()  # the activation module (act_fn)
     if cfg.act == "relu":  # relu's backward reads its output
-        return unary(tp, x, "act.relu", saves_output=True)
-    return unary(tp, x, f"act.{cfg.act}", saves_input=True)  # silu, gelu, gelu_pytorch_tanh
+        return unary(tp, x, "act.relu", saves_output=True, aten="relu", bwd=("threshold_backward",))
+    aten, bwd = ACTIVATION_OPS.get(cfg.act, ("gelu", "gelu_backward"))
+    return unary(tp, x, f"act.{cfg.act}", saves_input=True, aten=aten, bwd=(bwd,))  # silu, gelu, gelu_pytorch_tanh
+
+
+ACTIVATION_OPS = {"silu": ("silu", "silu_backward"), "gelu": ("gelu", "gelu_backward"),
+                  "gelu_pytorch_tanh": ("gelu", "gelu_backward")}
 
 
 def fused_qkv_attention(tp: Tape, qkv: Tensor, cfg: LayerCfg) -> Tensor:

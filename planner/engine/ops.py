@@ -6,13 +6,24 @@ saved variables with `should_compute_output`). Autocast follows CUDA's policy: m
 autocast dtype (a cast copy of an input in another dtype is made; the cast of a weight that is a leaf
 requiring grad is cached for the forward and saved for backward), norms, softmax and pow run in fp32,
 elementwise ops follow type promotion. Callers drop what the Python program stops referencing.
+
+Each function also lists the aten ops it dispatches (`tp.op`) and those autograd runs for its
+backward (`tp.bop`), as the dry run's recorder sees them (planner.backends.dryrun.ops): kinds, FLOPs,
+bytes read + written. The backward templates follow torch's derivatives (tools/autograd/
+derivatives.yaml): mul's gradient is a mul per operand that needs one (plus sum + view back to a
+broadcast parameter's shape), a dtype promotion adds a _to_copy back, a tensor used k times gets
+k - 1 adds (Tape.backward_ops), a leaf parameter's AccumulateGrad is a `detach`, an op that saves
+its output detaches it once in the forward and once when backward unpacks it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, Tensor, fixed, tok
+from planner.engine.tape import DTYPE_BYTES, ZERO, Sym, Tape, Tensor, fixed, tok
+
+E, V, M = "elementwise", "view", "matmul"
+SAVED_DETACH = "detach.saved"  # aten.detach of a saved output (the recorder's name: detach)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,35 +51,86 @@ def alias(x: Tensor) -> Tensor:
 
 
 def cast(tp: Tape, x: Tensor, dtype: str, name: str) -> Tensor:
-    """`x.to(dtype)`: the same tensor when the dtype already matches, else a copy; saves nothing."""
+    """`x.to(dtype)`: the same tensor when the dtype already matches (no op dispatched), else a copy
+    (_to_copy; its backward casts the gradient back); saves nothing."""
     if x.dtype == dtype:
         return alias(x)
-    return tp.new(x.elems, dtype, x.rg, name)
+    out = tp.new(x.elems, dtype, x.rg, name)
+    tp.op(E, "_to_copy", bytes=x.size + out.size, dtype=dtype)
+    tp.use(x)
+    if x.rg:
+        tp.bop(E, "_to_copy", bytes=x.size + out.size, dtype=x.dtype)
+    return out
 
 
-def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool) -> Tensor:
+def _is_param(t: Tensor) -> bool:
+    """A parameter operand: external and independent of the tokens."""
+    return t.external and t.elems.t == 0 and t.elems.q == 0
+
+
+def _grad_of(tp: Tape, x: Tensor, out: Tensor, mul: bool) -> None:
+    """Backward ops of one operand `x` of an elementwise op producing `out`."""
+    if not x.rg:
+        return
+    if mul:
+        tp.bop(E, "mul", bytes=out.size * 2 + x.size, dtype=out.dtype)
+    if x.elems != out.elems:  # broadcast: summed back to the operand's shape
+        tp.bop(E, "sum", bytes=out.size + x.size, dtype=out.dtype)
+        if _is_param(x):
+            tp.bop(V, "view")
+    if x.dtype != out.dtype:  # type promotion: the gradient cast back
+        tp.bop(E, "_to_copy", bytes=x.size * 3, dtype=x.dtype)
+    if _is_param(x):
+        tp.bop(V, "detach")  # AccumulateGrad
+
+
+def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool, aten: str | None = None) -> Tensor:
     """Elementwise a (op) b with broadcasting: the output has the larger operand's elements.
 
-    `saves`: mul-like (each operand is saved when the other's gradient is needed) or add-like.
-    """
+    `saves`: mul-like (each operand is saved when the other's gradient is needed; the gradient of
+    each is a mul) or add-like (gradients pass through). `aten`: the op's name (mul / add)."""
     dtype = promote(a.dtype, b.dtype)
     big = a if a.elems.t >= b.elems.t else b
     out = tp.new(big.elems, dtype, a.rg or b.rg, name)
+    if saves:
+        tp.saving(*([b] if a.rg else []), *([a] if b.rg else []))
+    tp.op(E, aten or ("mul" if saves else "add"), bytes=a.size + b.size + out.size, dtype=dtype)
+    tp.use(a, b)
     if saves:
         if a.rg:
             tp.save(b)
         if b.rg:
             tp.save(a)
+    for x in (a, b):
+        _grad_of(tp, x, out, saves)
     return out
 
 
 def unary(tp: Tape, x: Tensor, name: str, saves_input: bool = False, saves_output: bool = False,
-          dtype: str | None = None, elems: Sym | None = None) -> Tensor:
+          dtype: str | None = None, elems: Sym | None = None, aten: str = "", bwd: tuple[str, ...] = ()) -> Tensor:
+    """An op of one tensor input. `aten`: its name (the op is listed only when named); `bwd`: the
+    elementwise ops of its backward (views as 'view:NAME')."""
     out = tp.new(elems if elems is not None else x.elems, dtype or x.dtype, x.rg, name)
     if x.rg and saves_input:
         tp.save(x)
     if x.rg and saves_output:
         tp.save(out)
+    if aten:
+        if x.rg and (saves_input or saves_output):
+            tp.saving(x)
+        tp.op(E, aten, bytes=x.size + out.size, dtype=out.dtype)
+        tp.use(x)
+        if saves_output and x.rg:
+            # the saved output, detached once here and once when backward unpacks it (not under a
+            # checkpoint's saved-tensor hooks: planner.engine.program drops them there)
+            tp.op(V, SAVED_DETACH)
+            tp.bop(V, SAVED_DETACH)
+        if x.rg:
+            for b in bwd:
+                if b.startswith("view:"):
+                    tp.bop(V, b[5:])
+                else:
+                    tp.bop(E, b, bytes=x.size * 2 + out.size, dtype=x.dtype)
     return out
 
 
@@ -79,10 +141,46 @@ def dropout(tp: Tape, x: Tensor, p: float, training: bool, name: str) -> Tensor:
         return alias(x)
     out = tp.new(x.elems, x.dtype, x.rg, name)
     mask = tp.new(x.elems, "bool", False, f"{name}.mask")
+    tp.op(E, "native_dropout", bytes=x.size + out.size + mask.size, dtype=x.dtype)
+    tp.use(x)
     if x.rg:
         tp.save(mask)
+        tp.bop(E, "native_dropout_backward", bytes=x.size * 2 + mask.size, dtype=x.dtype)
     tp.drop(mask)
     return out
+
+
+def matmul_ops(tp: Tape, x: Tensor, w_bytes: Sym, in_f: int, out_f: int, dtype: str, x_rg: bool, w_rg: bool,
+               bias: bool, out: Tensor) -> None:
+    """F.linear on a (batch, seq, in) input as ATen dispatches it: t, view, mm (addmm with a bias),
+    _unsafe_view; its backward: grad_x = grad @ W (view, t, mm, view), grad_W = grad^T @ x (view, t,
+    mm, t, then AccumulateGrad's detach), grad_b = grad.sum(0) (sum, view, detach)."""
+    f = Sym(t=2 * in_f * out_f)
+    io = x.size + out.size
+    tp.op(V, "t")
+    tp.op(V, "view")
+    if x_rg or w_rg:  # mm saves the input (for grad_W) and the weight (for grad_x)
+        tp.saving(out)
+    tp.op(M, "addmm" if bias else "mm", flops=f, bytes=io + w_bytes, dtype=dtype)
+    tp.op(V, "_unsafe_view")
+    if not (x_rg or w_rg):
+        return
+    tp.bop(V, "view")
+    if w_rg:
+        tp.bop(V, "t")
+        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype)
+        tp.bop(V, "t")
+    if x_rg:
+        tp.bop(V, "t")
+        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype)
+        tp.bop(V, "view")
+    if w_rg:
+        tp.bop(V, "t")  # t's backward: the weight's gradient back to its layout
+        tp.bop(V, "detach")  # AccumulateGrad
+    if bias and w_rg:
+        tp.bop(E, "sum", bytes=out.size, dtype=dtype)
+        tp.bop(V, "view")
+        tp.bop(V, "detach")
 
 
 def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> Tensor:
@@ -101,6 +199,14 @@ def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> T
     else:
         wt = tp.external(n_w, w.dtype, w.trainable)
     out = tp.new(tok(w.out_features), compute, x.rg or w.trainable, name)
+    tp.module()
+    if autocast and w.dtype != compute:
+        tp.op(E, "_to_copy", bytes=Sym(c=w.in_features * w.out_features * (DTYPE_BYTES[w.dtype] + DTYPE_BYTES[compute])),
+              dtype=compute)
+        if w.trainable:
+            tp.bop(E, "_to_copy", bytes=wt.size * 3, dtype=w.dtype)
+    tp.use(xin)
+    matmul_ops(tp, xin, wt.size, w.in_features, w.out_features, compute, xin.rg, w.trainable, w.bias, out)
     if w.trainable:
         tp.save(xin)
     if x.rg:
@@ -118,10 +224,35 @@ def linear4bit(tp: Tape, x: Tensor, w: Weight, name: str, compute: str = "bf16")
     xin = cast(tp, x, compute, f"{name}.input_cast")
     deq = tp.new(fixed(w.in_features * w.out_features), compute, False, f"{name}.dequant")
     out = tp.new(tok(w.out_features), compute, x.rg, name)
+    tp.module()
+    linear4bit_ops(tp, xin, w, compute, out)
     tp.drop(deq, xin)
     res = cast(tp, out, x.dtype, f"{name}.output_cast")
     tp.drop(out)
     return res
+
+
+def linear4bit_ops(tp: Tape, x: Tensor, w: Weight, compute: str, out: Tensor) -> None:
+    """bitsandbytes 0.50's MatMul4Bit on CUDA, as its kernels run (not as the dry run's allocation-
+    faithful stand-in records them): the packed weight viewed [(N*K+1)/2, 1], then
+    `bitsandbytes::gemm_4bit`, whose CUDA dispatch dequantizes the whole weight to the compute dtype
+    (dequantize_4bit: 0.5 B read, 2 B written per element) and runs F.linear on it (t, mm,
+    _unsafe_view); the backward dequantizes again (and, with double quantization, the absmax:
+    dequantize_blockwise + add_ of the offset) for grad_A = grad @ W. The fused small-M kernel
+    bitsandbytes picks for few tokens (`_gemm_4bit_use_custom_cuda`) is priced as this path."""
+    k, n = w.in_features, w.out_features
+    f = Sym(t=2 * k * n)
+    deq_bytes = Sym(c=k * n * (0.5 + DTYPE_BYTES[compute]))
+    tp.op(V, "view")
+    tp.op(E, "dequantize_4bit", bytes=deq_bytes, dtype=compute)
+    tp.op(V, "t")
+    tp.op(M, "mm", flops=f, bytes=x.size + out.size + Sym(c=k * n * DTYPE_BYTES[compute]), dtype=compute)
+    tp.op(V, "_unsafe_view")
+    if x.rg:
+        tp.bop(E, "dequantize_4bit", bytes=deq_bytes, dtype=compute)
+        tp.bop(V, "t")
+        tp.bop(M, "mm", flops=f, bytes=x.size + out.size + Sym(c=k * n * DTYPE_BYTES[compute]), dtype=compute)
+        tp.bop(V, "_unsafe_view")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +277,9 @@ def lora_linear(tp: Tape, x: Tensor, w: Weight, lora: Lora | None, autocast: str
     tp.drop(xin)
     hb = linear(tp, ha, b, autocast, f"{name}.lora_B")
     tp.drop(ha)
-    scaled = unary(tp, hb, f"{name}.lora_scale")  # * scaling (a Python float: saves nothing)
+    tp.module(2)  # the lora.Linear wrapper and its lora_dropout (nn.Identity at dropout 0)
+    # * scaling (a Python float: saves nothing)
+    scaled = unary(tp, hb, f"{name}.lora_scale", aten="mul", bwd=("mul",))
     tp.drop(hb)
     if w.quantized and not autocast:
         back = cast(tp, scaled, base.dtype, f"{name}.lora_out_cast")

@@ -48,6 +48,87 @@ class Sym:
 
 ZERO = Sym()
 
+# the dry run's recorder's kinds (planner.backends.measurement.OP_KINDS): matmul, attention (SDPA
+# kernels), elementwise (every other kernel), foreach (one _foreach_* op), view (metadata only),
+# sync (a host read of a device value), host (an op on host tensors: no kernel), other (bookkeeping)
+KINDS: tuple[str, ...] = ("matmul", "attention", "elementwise", "foreach", "view", "sync", "host", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """`count` identical aten ops: each computes `flops` and moves `bytes` (read + written)."""
+
+    kind: str
+    name: str
+    flops: Sym = ZERO
+    bytes: Sym = ZERO
+    dtype: str = "fp32"
+    count: int = 1
+
+    def times(self, n: int) -> "Op":
+        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n)
+
+
+@dataclass
+class OpList:
+    """Ops in program order, and the nn.Module calls that issued them (host cost per call)."""
+
+    ops: list[Op] = field(default_factory=list)
+    modules: int = 0
+    # host work that dispatches no op, by the profile's HostCosts field that prices it:
+    # {"layer_s": 1} for a decoder layer's own Python, {"model_s": 1} for a model forward's...
+    calls: dict[str, float] = field(default_factory=dict)
+
+    def call(self, name: str, n: float = 1) -> None:
+        self.calls[name] = self.calls.get(name, 0) + n
+
+    def add(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
+            count: int = 1) -> None:
+        if count:
+            self.ops.append(Op(kind, name, flops, bytes, dtype, count))
+
+    def extend(self, other: "OpList", times: int = 1) -> None:
+        if times <= 0:
+            return
+        self.ops.extend(op.times(times) if times != 1 else op for op in other.ops)
+        self.modules += other.modules * times
+        for k, v in other.calls.items():
+            self.call(k, v * times)
+
+    def scaled(self, times: int) -> "OpList":
+        out = OpList()
+        out.extend(self, times)
+        return out
+
+    def grouped(self) -> "OpList":
+        """Identical ops merged (their counts added): the same cost, fewer evaluations."""
+        seen: dict[tuple, int] = {}
+        for op in self.ops:
+            key = (op.kind, op.name, op.flops, op.bytes, op.dtype)
+            seen[key] = seen.get(key, 0) + op.count
+        return OpList([Op(k, n, f, b, d, c) for (k, n, f, b, d), c in seen.items()], self.modules, dict(self.calls))
+
+    def counts(self) -> dict[str, int]:
+        """Aten ops per kind."""
+        out = {k: 0 for k in KINDS}
+        for op in self.ops:
+            out[op.kind] += op.count
+        return out
+
+    def names(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op in self.ops:
+            out[op.name] = out.get(op.name, 0) + op.count
+        return out
+
+    def flops(self, tokens: float, seq: float) -> dict[str, float]:
+        """FLOPs per kind at T = tokens, S = seq."""
+        out: dict[str, float] = {}
+        for op in self.ops:
+            if op.flops != ZERO:
+                out[op.kind] = out.get(op.kind, 0.0) + op.count * float(op.flops.at(tokens, seq))
+        return out
+
 # Below these sizes float arithmetic is exact: coefficients are whole (or dyadic, like nf4's half a
 # byte) numbers of bytes with t < 2^26 bytes per token (a 256k vocabulary's fp32 logits and their
 # copies) and q < 2^16 bytes per token and position (eager attention's scores), so every term stays
@@ -83,6 +164,8 @@ class Tensor:
     refs: int = 1  # program references (Python names) still holding it
     # A parameter (or other tensor that lives outside the recipe): never counted by the tape.
     external: bool = False
+    # ops that will send this tensor a gradient: autograd adds the gradients of a tensor used k times
+    uses: int = 0
 
     @property
     def size(self) -> Sym:
@@ -101,6 +184,54 @@ class Tape:
     # casts CUDA autocast caches for the whole autocast region (weights that are leaves requiring grad)
     autocast_cached: Sym = ZERO
     events: list[tuple[str, Sym]] = field(default_factory=list)
+    # the aten ops the recipe dispatches in its forward, and those autograd runs for its backward
+    fwd: OpList = field(default_factory=OpList)
+    bwd: OpList = field(default_factory=OpList)
+    used: list["Tensor"] = field(default_factory=list)
+    slots: int = 0  # saved tensors that require grad
+    last_saving: int = -1  # index in fwd.ops of the last op that saves a tensor requiring grad
+
+    # ---- ops (for time) ---------------------------------------------------------------------
+    def op(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
+           count: int = 1) -> None:
+        """A forward aten op."""
+        self.fwd.add(kind, name, flops, bytes, dtype, count)
+
+    def bop(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
+            count: int = 1) -> None:
+        """An aten op of the backward (recorded only where autograd records the graph)."""
+        if self.grad:
+            self.bwd.add(kind, name, flops, bytes, dtype, count)
+
+    def module(self, n: int = 1) -> None:
+        """nn.Module calls (host cost per call)."""
+        self.fwd.modules += n
+
+    def saving(self, *ts: "Tensor") -> None:
+        """The next forward op will save some of these tensors: where a checkpoint's recompute stops
+        (torch's non-reentrant checkpoint stops once the last saved tensor is packed, which autograd
+        does before the op's kernel runs)."""
+        if self.grad and any(t.rg for t in ts):
+            self.last_saving = len(self.fwd.ops)
+
+    def use(self, *ts: "Tensor") -> None:
+        """These tensors are inputs of an op that will send them a gradient."""
+        if not self.grad:
+            return
+        for t in ts:
+            if t.rg:
+                if t.uses == 0:
+                    self.used.append(t)
+                t.uses += 1
+
+    def backward_ops(self) -> OpList:
+        """The backward's ops: each op's own, plus autograd's sum of the gradients of every tensor
+        used more than once (one `add` per extra use, in the tensor's dtype)."""
+        out = OpList(list(self.bwd.ops), self.bwd.modules)
+        for t in self.used:
+            if t.uses > 1:
+                out.add("elementwise", "add", bytes=t.size * 3, dtype=t.dtype, count=t.uses - 1)
+        return out
 
     # ---- primitives -------------------------------------------------------------------------
     def new(self, elems: Sym, dtype: str, rg: bool, name: str) -> Tensor:
@@ -114,6 +245,8 @@ class Tape:
         return Tensor(elems, dtype, rg and self.grad, name, external=True)
 
     def save(self, *ts: Tensor) -> None:
+        if self.grad:  # saved tensors that require grad (checkpoint's hooks detach each)
+            self.slots += sum(1 for t in ts if t.rg)
         if not (self.grad and self.keep_saved):
             return
         for t in ts:

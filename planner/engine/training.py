@@ -15,7 +15,7 @@ in a loop. What decides its peak:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planner.architecture import ModelSpec
 from planner.engine.heads import HEADS, TILED_HEADS, FusedTiles
@@ -23,7 +23,7 @@ from planner.engine.layers import LAYERS, LayerCfg
 from planner.engine.ops import Lora, Weight
 from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import Resident, lora_targets, resident
-from planner.engine.tape import DTYPE_BYTES, Sym, Tape, ZERO, tok
+from planner.engine.tape import DTYPE_BYTES, OpList, Sym, Tape, ZERO, tok
 from planner.engine.timeline import CompiledTimeline, Timeline
 from planner.specs import Plan
 
@@ -77,6 +77,10 @@ class LayerRun:
     out_dtype: str
     input_saved: bool  # whether autograd keeps the layer's input itself
     autocast_cached: Sym  # weight casts autocast's cache holds until the forward's autocast region ends
+    fwd: OpList = field(default_factory=OpList)  # the aten ops of the layer's forward
+    bwd: OpList = field(default_factory=OpList)  # ... and of its backward
+    slots: int = 0  # saved tensors that require grad
+    last_saving: int = -1  # index in fwd.ops of the last op that saves one
 
 
 def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True, grad: bool = True) -> LayerRun:
@@ -88,7 +92,8 @@ def run_layer(cfg: LayerCfg, in_dtype: str, in_rg: bool, keep_saved: bool = True
     sin = tp.external(tok(cfg.head_dim), in_dtype, False, "sin")
     out = LAYERS[cfg.family](tp, x, cos, sin, cfg)
     return LayerRun(saved=tp.saved_total, peaks=tp.peak_candidates(), out_dtype=out.dtype, input_saved=x.saved,
-                    autocast_cached=tp.autocast_cached)
+                    autocast_cached=tp.autocast_cached, fwd=tp.fwd, bwd=tp.backward_ops(), slots=tp.slots,
+                    last_saving=tp.last_saving)
 
 
 def backward_transient(cfg: LayerCfg, act_dtype: str, res_dtype: str) -> Sym:

@@ -1,0 +1,384 @@
+"""The aten ops of a workload's phases, from the same replay that gives their memory.
+
+A phase's program is a list of stretches in program order (the model's prologue, one decoder layer
+repeated, the head, the loss, their backward, the optimizer step), each an OpList (planner.engine.
+tape) with a repeat count, grouped by the tracker phase they run in (forward, loss, backward,
+optimizer; prefill, decode). planner.engine.cost prices them; `phase_ops` expands them for the
+comparison with the ops the dry run records from the real program.
+
+The model-level ops follow transformers 5.24 as the dry run runs it (CUDA's behaviour): the
+llama-family prologue is the embedding, create_causal_mask's ops for SDPA (arange, the cache
+position arithmetic, and one host read: `(mask == 1).all()`), and the rotary embedding's cos/sin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.architecture import ModelSpec
+from planner.engine.heads import HEADS, TILED_HEADS, FusedTiles
+from planner.engine.ops import SAVED_DETACH
+from planner.engine.resident import Resident, resident
+from planner.engine.tape import DTYPE_BYTES, Op, OpList, Sym
+from planner.engine.training import layer_cfg, run_layer
+from planner.specs import Plan
+
+E, V = "elementwise", "view"
+ROTARY_FAMILIES = ("llama", "gemma2")
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """`repeat` copies of `ops` in a row (one decoder layer, L times); `sync`: the host waits for
+    the device after it (a host read)."""
+
+    name: str
+    ops: OpList
+    repeat: int = 1
+    sync: bool = False
+    per_sequence: bool = False  # sized per sequence (T = batch), not per token of the forward
+    # in a phase run once per generated token: how many fewer times this stretch runs than the
+    # phase (generate prepares no inputs after its last token)
+    fewer: int = 0
+    mode: str = "grad"  # nograd, grad (a forward autograd records), backward: the host cost of an op
+
+
+@dataclass
+class Program:
+    """Stretches per tracker phase, phases in program order."""
+
+    phases: dict[str, list[Stretch]] = field(default_factory=dict)
+
+    def add(self, phase: str, name: str, ops: OpList, repeat: int = 1, sync: bool = False,
+            per_sequence: bool = False, fewer: int = 0, mode: str = "grad") -> None:
+        if repeat > 0 and (ops.ops or ops.modules or ops.calls):
+            self.phases.setdefault(phase, []).append(Stretch(name, ops, repeat, sync, per_sequence, fewer, mode))
+
+    def ops(self, phase: str | None = None, steps: int = 1) -> OpList:
+        """The expanded op list of one phase (None: the whole program); a phase that runs once per
+        generated token (decode) `steps` times."""
+        out = OpList()
+        for ph, stretches in self.phases.items():
+            if phase is not None and ph != phase:
+                continue
+            for s in stretches:
+                out.extend(s.ops, s.repeat * max(steps - s.fewer, 0) if s.fewer or steps != 1 else s.repeat)
+        return out
+
+
+def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, family: str,
+                 input_rg: bool = False, mask: bool = True) -> tuple[OpList, OpList]:
+    """(forward, backward) ops of the model before its first layer: nn.Module calls of the model
+    (CausalLM wrapper, backbone, embedding, rotary embedding), the embedding lookup, the causal
+    mask, the rotary tables; the embedding's backward when it is trained."""
+    h = spec.hidden_size
+    e = DTYPE_BYTES[emb_dtype]
+    f, b = OpList(), OpList()
+    f.modules += 3
+    f.call("model_s")
+    f.add(E, "embedding", bytes=Sym(t=2 * h * e + 8), dtype=emb_dtype)
+    if trainable_embeddings:
+        b.add(E, "embedding_dense_backward", bytes=Sym(c=spec.embedding_params * e, t=h * e + 8), dtype=emb_dtype)
+        b.add(V, "detach")
+    elif input_rg:  # enable_input_require_grads: the embedding output is a leaf that accumulates a grad
+        b.add(V, "detach")
+    if mask:  # generate() builds its inputs itself: no mask creation in its forwards
+        # create_causal_mask (sdpa, no padding): cache_position = arange + past length, position
+        # ids, _preprocess_mask_arguments' packed-sequence check and `fast_all(mask)`: one host read
+        for name in ("arange", "add", "sub", "sub", "cat", "ne", "cumsum", "eq", "all"):
+            f.add(E, name, bytes=Sym(t=16), dtype="int64")
+        for name in ("unsqueeze", "expand", "slice", "slice", "slice", "select"):
+            f.add(V, name)
+        f.add("sync", "_local_scalar_dense")
+    if family in ROTARY_FAMILIES:
+        f.modules += 1
+        hd = spec.head_dim
+        f.add(V, "unsqueeze")
+        # inv_freq @ positions in fp32 (_to_copy, mul), cat, cos and sin (each * attention_scaling),
+        # both cast to the hidden dtype
+        casts = 2 if emb_dtype != "fp32" else 0  # cos.to(x.dtype), sin.to(x.dtype): none for fp32
+        for name, width in (("_to_copy", 1), ("mul", hd // 2), ("cat", hd), ("cos", hd), ("mul", hd),
+                            ("sin", hd), ("mul", hd)) + (("_to_copy", hd),) * casts:
+            f.add(E, name, bytes=Sym(t=2 * width * 4), dtype="fp32")
+    return f, b
+
+
+def optimizer_ops(name: str, res: Resident) -> OpList:
+    """One `optimizer.step()` (+ zero_grad(set_to_none=True), which dispatches nothing) in the
+    steady state: torch's foreach AdamW (CUDA's default: `_multi_tensor_adamw`) runs 8 _foreach_*
+    ops over all trainable tensors (lerp/mul/addcmul on the moments, sqrt/div/add for the
+    denominator, mul for weight decay, addcdiv for the update), keeps its `step` counters on the
+    host (`_foreach_add_` and two `.item()` per tensor for the bias corrections: host ops, no kernel),
+    inside two record_function scopes (bookkeeping). Bytes: passes over the trainable elements in the
+    states' dtype (read + written per op)."""
+    n, p = res.trainable_elems, res.trainable_tensors
+    e = DTYPE_BYTES[res.trainable_dtype]
+    out = OpList()
+    out.call("optimizer_tensor_s", p)
+    out.add("other", "_record_function_enter_new", count=2)
+    out.add("other", "_record_function_exit", count=2)
+    if name in ("adamw", "adamw-fused"):
+        if name == "adamw":
+            out.add("host", "lift_fresh")
+            out.add("host", "_foreach_add_")
+            out.add("host", "_local_scalar_dense", count=2 * p)
+            # (op, passes over the elements: reads + writes)
+            for op, passes in (("_foreach_mul_", 2), ("_foreach_lerp_", 3), ("_foreach_mul_", 2),
+                               ("_foreach_addcmul_", 4), ("_foreach_sqrt", 2), ("_foreach_div_", 2),
+                               ("_foreach_add_", 2), ("_foreach_addcdiv_", 4)):
+                out.add("foreach", op, bytes=Sym(c=passes * n * e), dtype=res.trainable_dtype)
+        else:
+            out.add("foreach", "_foreach_add_", bytes=Sym(c=8 * p), dtype="fp32")
+            out.add("foreach", "_fused_adamw_", bytes=Sym(c=7 * n * e), dtype=res.trainable_dtype)
+    elif name == "sgd":
+        out.add("foreach", "_foreach_add_", bytes=Sym(c=3 * n * e), dtype=res.trainable_dtype)
+    else:  # bitsandbytes' 8-bit optimizers: one update kernel per tensor
+        out.add(E, "optimizer_update_8bit_blockwise", bytes=Sym(c=n * (3 * e + 2)), dtype=res.trainable_dtype,
+                count=p)
+    return out
+
+
+def checkpointed(layer) -> tuple[OpList, OpList, OpList]:
+    """A decoder layer under transformers' gradient checkpointing (torch's non-reentrant
+    checkpoint): (its forward, its recompute, its backward).
+
+    The forward runs under saved-tensor hooks that keep nothing, so saved outputs are not detached.
+    The recompute replays the forward until the last tensor its backward needs is saved and stops
+    there (early stop: the last saving op's kernel and everything after it are not run). Every
+    saved tensor that requires grad is detached twice, when the recompute packs it and when the
+    backward unpacks it; the backward's own saved-output detaches go with the hooks."""
+    fwd = _without(layer.fwd.ops, SAVED_DETACH)
+    stop = layer.last_saving if layer.last_saving >= 0 else len(layer.fwd.ops)
+    recompute = _without(layer.fwd.ops[:stop], SAVED_DETACH)
+    recompute.add(V, "detach", count=2 * layer.slots)
+    recompute.call("saved_hook_s", 2 * layer.slots)  # torch.utils.checkpoint's pack and unpack hooks
+    recompute.modules = layer.fwd.modules
+    bwd = _without(layer.bwd.ops, SAVED_DETACH)
+    return OpList(fwd.ops, layer.fwd.modules), recompute, bwd
+
+
+def _with_layer_call(ops: OpList) -> OpList:
+    """A decoder layer's forward ops with its own Python (HostCosts.layer_s) counted once."""
+    if not ops.ops:
+        return ops
+    out = OpList(list(ops.ops), ops.modules, dict(ops.calls))
+    out.call("layer_s")
+    return out
+
+
+def _without(ops, name: str) -> OpList:
+    return OpList([op for op in ops if op.name != name])
+
+
+_cache: dict[tuple, tuple] = {}
+
+
+def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
+                       passes: int = 1) -> Program:
+    """forward (prologue, L layers, head), loss, backward (the head's and the loss's, L layers with
+    their recompute under checkpointing, the embedding's), optimizer."""
+    key = (id(spec), spec.id, spec.num_params, loss, tiles, passes, plan.method, plan.precision, plan.optimizer,
+           plan.grad_ckpt, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    res = resident(spec, plan)
+    cfg = layer_cfg(spec, plan, res)
+    L = spec.num_layers
+    full = plan.method == "full"
+    emb_dtype = res.non_linear_dtype
+    input_rg = full or (plan.grad_ckpt and plan.method != "full")
+    first = run_layer(cfg, emb_dtype, input_rg)
+    steady = run_layer(cfg, first.out_dtype, True)
+    if loss in TILED_HEADS:
+        head = HEADS[loss](spec, cfg, res, steady.out_dtype, full, tiles=tiles or FusedTiles.for_positions(1 << 30))
+    else:
+        head = HEADS[loss](spec, cfg, res, steady.out_dtype, full)
+    pro_f, pro_b = prologue_ops(spec, emb_dtype, full, cfg.family, input_rg)
+    if plan.grad_ckpt:
+        fwd_layer, recompute, bwd_layer = checkpointed(steady)
+        fwd0, bwd0 = fwd_layer, bwd_layer
+    else:
+        fwd_layer, recompute, bwd_layer = steady.fwd, OpList(), steady.bwd
+        fwd0, bwd0 = first.fwd, first.bwd
+    fwd0, fwd_layer, recompute = (_with_layer_call(x) for x in (fwd0, fwd_layer, recompute))
+    prog = Program()
+    for _ in range(passes):
+        prog.add("forward", "prologue", pro_f)
+        prog.add("forward", "decoder layer 0", fwd0)
+        prog.add("forward", "decoder layer", fwd_layer, L - 1)
+        prog.add("forward", "final norm and head", head.fwd_ops)
+        prog.add("loss", "loss", head.loss_ops)
+    for _ in range(passes):
+        prog.add("backward", "loss and head backward", head.bwd_ops, mode="backward")
+        prog.add("backward", "decoder layer recompute", recompute, L)
+        prog.add("backward", "decoder layer backward", bwd_layer, L - 1, mode="backward")
+        prog.add("backward", "decoder layer 0 backward", bwd0, mode="backward")
+        prog.add("backward", "embedding backward", pro_b, mode="backward")
+    prog.add("optimizer", f"{plan.optimizer} step", optimizer_ops(plan.optimizer, res), mode="nograd")
+    if len(_cache) > 1024:
+        _cache.clear()
+    _cache[key] = (spec, prog)
+    return prog
+
+
+# generate()'s work around each forward (transformers 5.24, greedy, min_new_tokens = max_new_tokens,
+# as the dry run records it): preparing the next inputs (cache position, position ids), the logits
+# of the last position in fp32, MinLength and MinNewTokensLength processors (isin, clone,
+# scalar_tensor, where each), argmax, the finished-sequence arithmetic, cat of the ids, the stopping
+# criteria (EOS check, max length) and one host read: `unfinished_sequences.max() == 0`
+GENERATE_STEP_OPS: tuple[tuple[str, str], ...] = tuple(
+    [(E, n) for n in ("arange", "add", "add", "cat", "arange", "isin", "clone", "scalar_tensor", "where",
+                      "clone", "arange", "isin", "scalar_tensor", "where", "argmax", "mul", "rsub", "mul", "add", "cat",
+                      "full", "full", "bitwise_or", "isin", "any", "bitwise_or", "bitwise_not", "bitwise_and", "max",
+                      "eq")]
+    + [(V, n) for n in ("view", "slice", "select", "unsqueeze", "slice")]
+    + [("sync", "_local_scalar_dense")])
+# the slices and clones of the inputs of the next forward, after every forward but the last
+NEXT_INPUTS_OPS: tuple[tuple[str, str], ...] = ((V, "slice"), (E, "clone"), (V, "slice"), (E, "clone"))
+# generate()'s set-up before the prefill: input checks and the attention mask (5 host reads)
+GENERATE_SETUP_OPS: tuple[tuple[str, str], ...] = tuple(
+    [(E, n) for n in ("ones_like", "isin", "any", "lt", "any", "eq", "any", "cumsum", "sub", "eq", "masked_fill",
+                      "eq", "all", "lt", "any", "ones", "clone")]
+    + [(V, n) for n in ("lift_fresh", "lift_fresh", "unsqueeze", "select", "select", "slice")]
+    + [("sync", "_local_scalar_dense")] * 5)
+
+
+SCORE_OPS = frozenset({"clone", "where", "argmax"})  # the processors' ops over the (batch, vocab) fp32 scores
+
+
+def _fixed_ops(spec: tuple[tuple[str, str], ...], row_bytes: float, score_bytes: float = 0.0) -> OpList:
+    """Small per-sequence ops (`row_bytes` each per sequence), those over the scores `score_bytes`."""
+    out = OpList()
+    for kind, name in spec:
+        b = score_bytes if (name in SCORE_OPS and score_bytes) else row_bytes
+        out.add(kind, name, bytes=Sym(t=b) if kind == E else Sym(), dtype="int64")
+    return out
+
+
+def generate_program(spec: ModelSpec, plan: Plan) -> Program:
+    """model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False) on transformers'
+    DynamicCache: set-up, the prefill (a no-grad forward over the prompt, logits of the last
+    position), then per new token the same forward over one token per sequence. Each forward's
+    layers append their K and V to the cache with torch.cat (a copy of the whole layer cache: its
+    bytes grow with the context S), and each step ends in generate's bookkeeping and its host read.
+    Sizes: T = batch x the forward's tokens (prompt, or 1), S = the context (prompt, or the cache)."""
+    import dataclasses
+
+    key = ("generate", id(spec), spec.id, spec.num_params, plan.method, plan.precision, plan.attn, plan.lora_rank,
+           plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    res = resident(spec, plan)
+    cfg = dataclasses.replace(layer_cfg(spec, plan, res, training=False), autocast=None)
+    act = res.non_linear_dtype
+    layer = run_layer(cfg, act, False, grad=False)
+    kv = spec.num_key_value_heads * spec.head_dim * DTYPE_BYTES[act]  # K (or V) bytes per token per layer
+    # torch.cat([cache, new]) for K and for V: read the cache and the new tokens, write both. The
+    # prefill's cache is empty (T new tokens); a decode step's holds the S - 1 earlier positions
+    # of each sequence: bytes per step 2 x (S + 1) x kv per sequence, i.e. a T x S term
+    prefill_cache, decode_cache = OpList(), OpList()
+    prefill_cache.add(E, "cat", bytes=Sym(t=2 * kv), dtype=act, count=2)
+    decode_cache.add(E, "cat", bytes=Sym(t=2 * kv, q=2 * kv), dtype=act, count=2)
+    pro_f, _ = prologue_ops(spec, act, False, cfg.family, mask=False)
+    from planner.engine.heads import final_norm
+    from planner.engine.ops import Weight, linear
+    from planner.engine.tape import Tape, tok
+
+    tp = Tape(grad=False)
+    x = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "hidden")
+    final_norm(tp, x, cfg)
+    norm = tp.fwd
+    tp = Tape(grad=False)
+    tp.op(V, "slice")  # logits_to_keep = 1: the last position of each sequence only
+    last = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "last position")
+    linear(tp, last, Weight(spec.hidden_size, spec.vocab_size, res.non_linear_dtype, False), None, "lm_head")
+    step = _fixed_ops(GENERATE_STEP_OPS, 8.0, score_bytes=2 * 4 * spec.vocab_size)
+    # next_token_logits = outputs.logits[:, -1, :].to(torch.float32)
+    step.ops.append(Op(E, "_to_copy", bytes=Sym(t=spec.vocab_size * (DTYPE_BYTES[act] + 4)), dtype="fp32"))
+    step.call("generate_step_s")
+    prog = Program()
+    prog.add("setup", "generate set-up", _fixed_ops(GENERATE_SETUP_OPS, 8.0), sync=True, per_sequence=True,
+             mode="nograd")
+    nxt = _fixed_ops(NEXT_INPUTS_OPS, 8.0)
+    first_update = OpList()
+    first_update.add(V, "lift_fresh", count=2)  # DynamicLayer's lazy initialisation (prefill only)
+    decode_layer = OpList([_decode_attention(op, kv) for op in layer.fwd.ops], layer.fwd.modules, dict(layer.fwd.calls))
+    for phase in ("prefill", "decode"):
+        prog.add(phase, "prologue", pro_f, mode="nograd")
+        layer_ops = _with_layer_call(_merge(layer.fwd, prefill_cache) if phase == "prefill"
+                                     else _merge(decode_layer, decode_cache))
+        prog.add(phase, "decoder layer", _merge(layer_ops, first_update) if phase == "prefill" else layer_ops,
+                 spec.num_layers, mode="nograd")
+        prog.add(phase, "final norm", norm, mode="nograd")
+        prog.add(phase, "last-position logits", tp.fwd, per_sequence=True, mode="nograd")
+        prog.add(phase, "next token", step, sync=True, per_sequence=True, mode="nograd")
+        prog.add(phase, "inputs of the next forward", nxt, per_sequence=True, fewer=1 if phase == "decode" else 0,
+                 mode="nograd")
+    if len(_cache) > 1024:
+        _cache.clear()
+    _cache[key] = (spec, prog)
+    return prog
+
+
+def _decode_attention(op: Op, kv: int) -> Op:
+    """A decode step's SDPA: each new token attends to all S cached positions (not the causal
+    T(S + 1)/2 pairs of a prefill), and reads the cache's K and V."""
+    if op.kind != "attention":
+        return op
+    per_pair = 2 * op.flops.t  # 4 x heads x dim
+    return Op(op.kind, op.name, Sym(q=per_pair), op.bytes + Sym(q=2 * kv), op.dtype, op.count)
+
+
+def _merge(a: OpList, b: OpList) -> OpList:
+    out = OpList(list(a.ops), a.modules, dict(a.calls))
+    out.extend(b)
+    return out
+
+
+def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: bool = True,
+                    autocast: bool = False) -> Program:
+    """A no-grad forward over full sequences (planner.engine.scoring's programs): `model(ids).logits`
+    (kind "forward": a teacher's logits, kept) or followed by log_softmax(logits.float()).gather(ids)
+    (kind "score": a reference's log-probabilities). One phase, named after the kind."""
+    import dataclasses
+
+    from planner.engine.heads import final_norm
+    from planner.engine.ops import Weight, cast, linear, unary
+    from planner.engine.tape import Tape, tok
+
+    key = ("forward", kind, adapters, autocast, id(spec), spec.id, spec.num_params, spec.head, plan.method,
+           plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    res = resident(spec, plan)
+    cfg = layer_cfg(spec, plan, res, training=False)
+    if not adapters:
+        cfg = dataclasses.replace(cfg, loras={})
+    if not autocast:
+        cfg = dataclasses.replace(cfg, autocast=None)
+    act = res.non_linear_dtype
+    layer = run_layer(cfg, act, False, grad=False)
+    pro_f, _ = prologue_ops(spec, act, False, cfg.family)
+    tp = Tape(grad=False)
+    x = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "hidden")
+    hn = final_norm(tp, x, cfg)
+    tp.op(V, "alias")
+    out_features = 1 if spec.head == "seq_cls" else spec.vocab_size
+    logits = linear(tp, hn, Weight(spec.hidden_size, out_features, res.non_linear_dtype, False), cfg.autocast, "head")
+    if kind == "score" and spec.head != "seq_cls":
+        lf = cast(tp, logits, "fp32", "logits.float")
+        unary(tp, lf, "log_softmax", aten="_log_softmax")
+        tp.op(V, "unsqueeze")
+        tp.op(E, "gather", bytes=Sym(t=16), dtype="fp32")
+        tp.op(V, "squeeze")
+    prog = Program()
+    prog.add(kind, "prologue", pro_f, mode="nograd")
+    prog.add(kind, "decoder layer", _with_layer_call(layer.fwd), spec.num_layers, mode="nograd")
+    prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
+    if len(_cache) > 1024:
+        _cache.clear()
+    _cache[key] = (spec, prog)
+    return prog
