@@ -172,7 +172,10 @@ def run_cuda(technique, plan, config: dict, steps: int = 3) -> Measurement:
 
 
 def _tokens_per_step(workload) -> int:
-    return sum(p.batch * (p.seq + p.new_tokens) for p in workload.phases)
+    """What the estimate counts (planner.engine.timing.tokens_per_step): trained, else generated tokens."""
+    from planner.engine.timing import tokens_per_step
+
+    return tokens_per_step(workload)
 
 
 def _versions() -> dict[str, str]:

@@ -1,57 +1,98 @@
-"""Time of one step on one GPU, phase by phase, from a roofline (planner.engine.compute).
+"""Time of one step on one device, from the op list of the replayed program (planner.engine.program)
+priced by a device profile (planner.profiles) with host and device overlapped (planner.engine.cost).
 
-- training and scoring phases: matmul FLOPs at the card's peak times its efficiency factors, plus
-  the memory traffic of the elementwise kernels (compute-bound for real batch sizes);
-- the optimizer step: memory-bound (parameters, gradients and states read, parameters and states
-  written);
-- generation: the prefill is a forward over batch x prompt tokens (compute-bound); each decode step
-  reads the weights and the KV cache once (bandwidth-bound) unless its FLOPs take longer.
-One efficiency set per GPU type (the H200's is measured; see planner.engine.compute).
+A workload's phases run in order; each is the program of its kind:
+- train_step: forward, loss, backward (with the recompute under checkpointing), optimizer step,
+  at T = batch x seq tokens per pass;
+- generate: generate()'s set-up, the prefill (T = batch x prompt), and new_tokens - 1 decode steps,
+  each a forward of one token per sequence over the cache, priced at the mean context length (the
+  decode step's cost is linear in the context: attention pairs, the cache's torch.cat copies);
+- score / forward: a no-grad forward (+ log-softmax and gather for score).
+Every host read (a mask check, generate's stopping check) and the end of the step synchronise.
+`step_time` gives the step's time split into device compute and exposed host overhead, per phase.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from planner.engine.resident import lora_targets, resident
-from planner.workload import Workload
+from planner.engine.cost import StretchCost, compose, price
+from planner.engine.resident import lora_targets
+from planner.workload import Phase, Workload
 
 if TYPE_CHECKING:
+    from planner.engine.program import Program
     from planner.gpus import GPUSpec
+    from planner.profiles import DeviceProfile
 
 
-def phase_times(workload: Workload, gpu: "GPUSpec") -> dict[str, float]:
-    """Seconds of each phase of one step of `workload` on `gpu`."""
-    from planner.engine.generation import kv_bytes_per_token
-    from planner.engine import compute
+@dataclass(frozen=True)
+class PhaseTime:
+    """Seconds of one phase of a step: total = compute + host (the host overhead the device waited
+    for); `parts` the same split per part of the phase's program (forward, backward, decode...)."""
 
-    eff = compute.efficiency(gpu)
-    out: dict[str, float] = {}
-    for ph in workload.phases:
-        use = workload.model(ph.role)
-        spec, setup = use.spec, use.setup
-        targets = lora_targets(spec, setup) if setup.method != "full" else []
-        kw = dict(dtype=setup.compute_dtype, method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets,
-                  flash=setup.attn == "sdpa", eff=eff)
-        rows = ph.batch * ph.passes  # two forwards of a pair's halves cost what one of both costs
-        if ph.kind == "train_step":
-            t = compute.micro_batch_time(spec, rows * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, **kw)
-            res = resident(spec, setup)
-            # read param, grad, 2 states; write param, 2 states (AdamW), in the trainable dtype
-            per_elem = 7 * (4 if res.trainable_dtype == "fp32" else 2)
-            out[ph.name] = t.total + compute.optimizer_step_time(res.trainable_elems, per_elem, gpu, eff)
-        elif ph.kind in ("score", "forward"):
-            out[ph.name] = compute.micro_batch_time(spec, rows * ph.seq, ph.seq, gpu, **kw).forward
-        elif ph.kind == "generate":
-            prefill = compute.micro_batch_time(spec, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
-            res = resident(spec, setup)
-            bw = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
-            kv = kv_bytes_per_token(spec, res.non_linear_dtype)
-            mean_len = ph.seq + ph.new_tokens / 2
-            read = res.param_bytes + kv * ph.batch * mean_len
-            step_compute = compute.micro_batch_time(spec, ph.batch, int(mean_len), gpu, causal=False, **kw).forward
-            out[ph.name] = prefill + max(ph.new_tokens - 1, 0) * max(read / bw, step_compute)
-    return out
+    total_s: float
+    compute_s: float
+    host_s: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    total_s: float
+    compute_s: float
+    host_s: float
+    phases: dict[str, PhaseTime]
+
+
+def _program(ph: Phase, workload: Workload) -> "Program":
+    from planner.engine.heads import TILED_HEADS, FusedTiles
+    from planner.engine.program import forward_program, generate_program, train_step_program
+
+    use = workload.model(ph.role)
+    if ph.kind == "train_step":
+        tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
+        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes)
+    if ph.kind == "generate":
+        return generate_program(use.spec, use.setup)
+    return forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast)
+
+
+def phase_time(ph: Phase, workload: Workload, profile: "DeviceProfile") -> PhaseTime:
+    """One phase's time (module doc). `parts`: the device seconds of each part of its program."""
+    prog = _program(ph, workload)
+    steps = max(ph.new_tokens - 1, 0) if ph.kind == "generate" else 0
+    costs: list[StretchCost] = []
+    parts: dict[str, float] = {}
+    for part, stretches in prog.phases.items():
+        decode = part == "decode"
+        if decode and steps == 0:
+            continue
+        # a decode step: one token per sequence over the cache, priced at the mean context
+        tokens, seq = (ph.batch, ph.seq + ph.new_tokens / 2) if decode else (ph.batch * ph.seq, ph.seq)
+        step_costs = []
+        for s in stretches:
+            c = price(s.ops, ph.batch if s.per_sequence else tokens, seq, profile, s.mode)
+            n = s.repeat * ((steps - s.fewer) / steps if decode and s.fewer else 1)
+            step_costs.append(StretchCost(c.host_s * n, c.device_s * n, s.sync))
+        if decode:  # every step ends in a host read: one step composed, `steps` times
+            one = compose(step_costs, profile.asynchronous, profile.host.sync_s)
+            costs.append(StretchCost(one.total_s * steps, one.compute_s * steps, True))
+            parts[part] = one.compute_s * steps
+        else:
+            costs.extend(step_costs)
+            parts[part] = sum(c.device_s for c in step_costs)
+    t = compose(costs, profile.asynchronous, profile.host.sync_s)
+    return PhaseTime(t.total_s, t.compute_s, t.host_exposed_s, parts)
+
+
+def step_time(workload: Workload, profile: "DeviceProfile") -> StepTime:
+    """Every phase of one step (all of a technique's phases), in order."""
+    phases = {ph.name: phase_time(ph, workload, profile) for ph in workload.phases}
+    total = sum(p.total_s for p in phases.values())
+    compute = sum(p.compute_s for p in phases.values())
+    return StepTime(total, compute, max(total - compute, 0.0), phases)
 
 
 def step_flops(workload: Workload) -> tuple[float, float]:
@@ -82,15 +123,30 @@ def step_flops(workload: Workload) -> tuple[float, float]:
 
 
 def tokens_counted(workload: Workload) -> str:
-    """What `tokens_per_step` counts, in words."""
+    """What `tokens_per_step` counts, in words: the trained tokens of a step that trains, else the
+    generated tokens."""
     kinds = {ph.kind for ph in workload.phases}
-    parts = []
     if "train_step" in kinds:
-        parts.append("trained tokens (sequences x length)")
+        return "trained tokens (sequences x length of the training phases)"
     if "generate" in kinds:
-        parts.append("generate's prompt and new tokens")
-    return " + ".join(parts) or "none (no training or generation phase)"
+        return "generated tokens (sequences x new tokens)"
+    return "scored tokens (sequences x length of the forwards)"
 
 
 def tokens_per_step(workload: Workload) -> int:
-    return sum(ph.batch * ph.passes * (ph.seq + ph.new_tokens) for ph in workload.phases if ph.kind in ("train_step", "generate"))
+    """Trained tokens of one step (batch x passes x seq of each train_step phase); for a step that
+    trains nothing the tokens it generates (batch x new_tokens); else the tokens its forwards score."""
+    trained = sum(ph.batch * ph.passes * ph.seq for ph in workload.phases if ph.kind == "train_step")
+    if trained:
+        return trained
+    generated = sum(ph.batch * ph.new_tokens for ph in workload.phases if ph.kind == "generate")
+    return generated or sum(ph.batch * ph.seq for ph in workload.phases)
+
+
+def step_seconds(plan, model, profile: "DeviceProfile", gpu: "GPUSpec | None" = None) -> float:
+    """Seconds of one step of `plan` on `model` (all phases of a technique's step; for generate one
+    whole generate() call) priced by `profile`. `gpu` is accepted for the calibration interface;
+    the profile alone describes the device."""
+    from planner.plugins import technique
+
+    return step_time(technique(plan.task).workload(plan, model), profile).total_s

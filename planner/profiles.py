@@ -1,0 +1,210 @@
+"""Device profiles: what one device achieves, measured on it or built from public figures, with sources.
+
+The time model (planner.engine.cost) prices every op of the replayed program with a profile:
+- device time of an op = launch_s + max(FLOPs / matmul rate(FLOPs), bytes / memory rate(bytes)) for
+  matmuls and attention (rates by dtype), launch_s + bytes / memory rate(bytes) for the others;
+- host time of an op = host.op_s (an op that runs a kernel: framework dispatch + launch) or
+  host.view_s (a metadata-only op: view, transpose, detach...), plus host.module_s per nn.Module call;
+- `asynchronous` devices (CUDA) let the host run ahead of the device until a synchronisation, so a
+  stretch between two syncs costs max(host, device); synchronous ones (the CPU) cost host + device.
+
+Rates are curves of achieved FLOP/s (bytes/s) against the op's size, because small ops reach a
+fraction of what large ones do (launch-bound kernels, caches): points (size, rate), interpolated
+linearly in log(size), flat beyond the end points.
+
+A profile comes from `planner calibrate` (micro-benchmarks on the local machine), from
+`planner calibrate --from-steps` (a few parameters fitted to whole-step measurements), or ships in
+planner/data/profiles/ with the source of every figure (`sources`). Units: seconds, FLOP/s, bytes/s.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from planner.errors import PlannerInputError, did_you_mean
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class ProfileError(PlannerInputError):
+    """A profile that cannot be used; the message is one line naming the field."""
+
+
+class RateCurve(BaseModel):
+    """Achieved rate against op size: `points` = [(size, rate), ...], sizes ascending and > 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    points: tuple[tuple[float, float], ...] = Field(min_length=1)
+
+    @field_validator("points")
+    @classmethod
+    def _check(cls, pts: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        for size, rate in pts:
+            if not (size > 0 and rate > 0 and math.isfinite(size) and math.isfinite(rate)):
+                raise ValueError(f"every (size, rate) point must be positive and finite (got ({size}, {rate}))")
+        sizes = [p[0] for p in pts]
+        if any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError("sizes must be strictly ascending")
+        return pts
+
+    def rate(self, size: float) -> float:
+        """The rate at `size`: linear in log(size) between points, flat beyond them."""
+        pts = self.points
+        if size <= pts[0][0]:
+            return pts[0][1]
+        if size >= pts[-1][0]:
+            return pts[-1][1]
+        sizes = _sizes(pts)
+        i = bisect.bisect_right(sizes, size)
+        (s0, r0), (s1, r1) = pts[i - 1], pts[i]
+        w = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+        return r0 + w * (r1 - r0)
+
+    def seconds(self, size: float) -> float:
+        """size / rate(size)."""
+        return size / self.rate(size) if size > 0 else 0.0
+
+
+@lru_cache(maxsize=256)
+def _sizes(pts: tuple[tuple[float, float], ...]) -> list[float]:
+    return [p[0] for p in pts]
+
+
+class HostCosts(BaseModel):
+    """Seconds the host spends issuing work (Python, the framework's dispatcher, the launch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def op_cost(self, mode: str) -> float:
+        """Host seconds of one kernel-running op in a stretch of `mode` (nograd, grad, backward)."""
+        if mode == "grad" and self.grad_op_s is not None:
+            return self.grad_op_s
+        if mode == "backward" and self.backward_op_s is not None:
+            return self.backward_op_s
+        return self.op_s
+
+    op_s: float = Field(ge=0, description="an aten op that runs a kernel, outside autograd (no_grad): dispatch + launch")
+    grad_op_s: float | None = Field(default=None, ge=0, description=(
+        "an op in a forward that autograd records (a graph node made); default: op_s"))
+    backward_op_s: float | None = Field(default=None, ge=0, description=(
+        "an op the autograd engine runs in backward (per op, the engine's node overhead included); default: op_s"))
+    view_s: float = Field(ge=0, description="a metadata-only aten op (view, transpose, detach, ...)")
+    module_s: float = Field(ge=0, description="one nn.Module call (__call__, hooks, the forward's Python)")
+    sync_s: float = Field(default=0.0, ge=0, description="one host-device synchronisation (.item(), a stopping check)")
+    optimizer_tensor_s: float = Field(default=0.0, ge=0, description="Python work per parameter tensor in optimizer.step()")
+    saved_hook_s: float = Field(default=0.0, ge=0, description=(
+        "one call of a saved-tensor hook (gradient checkpointing packs and unpacks every saved tensor "
+        "through Python hooks)"))
+    layer_s: float = Field(default=0.0, ge=0, description=(
+        "a decoder layer's own Python beyond its ops and leaf modules (transformers' attention interface, "
+        "kwargs, decorators), per layer forward"))
+    model_s: float = Field(default=0.0, ge=0, description=(
+        "a model forward's own Python beyond its ops and modules (output capture, mask functions), per forward"))
+    generate_step_s: float = Field(default=0.0, ge=0, description=(
+        "Python work of one generate() step that dispatches no op (cache bookkeeping, mask and processor "
+        "functions, stopping criteria)"))
+
+
+class DeviceProfile(BaseModel):
+    """What one device achieves; every figure with its source in `sources`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    name: str
+    device: Literal["cpu", "cuda"]
+    host_cpu: str = Field(description="the host CPU the host costs were measured with")
+    asynchronous: bool = Field(description="the host runs ahead of the device until a synchronisation (CUDA)")
+    matmul: dict[str, RateCurve] = Field(description="achieved FLOP/s of a matmul by dtype, against its FLOPs")
+    attention: dict[str, RateCurve] = Field(default_factory=dict, description=(
+        "achieved FLOP/s of SDPA kernels by dtype, against their FLOPs (default: the matmul's)"))
+    memory: RateCurve = Field(description="achieved bytes/s of elementwise ops and copies, against bytes moved")
+    launch_s: float = Field(ge=0, description="the least device time of a kernel")
+    host: HostCosts
+    device_scale: float = Field(default=1.0, gt=0, description=(
+        "for a profile derived from public figures: the fraction of the measured ceilings its kernels reach "
+        "(the curves already include it)"))
+    measured_on: str = Field(default="", description="date of the measurement")
+    versions: dict[str, str] = Field(default_factory=dict)
+    sources: dict[str, str] = Field(default_factory=dict, description="where each figure comes from")
+    residuals: dict[str, float] = Field(default_factory=dict, description=(
+        "for fitted parameters: relative error of each step the fit used (name -> measured/predicted - 1)"))
+
+    @field_validator("matmul")
+    @classmethod
+    def _dtypes(cls, v: dict[str, RateCurve]) -> dict[str, RateCurve]:
+        bad = [k for k in v if k not in DTYPES]
+        if bad:
+            raise ValueError(f"unknown dtype '{bad[0]}' (allowed: {', '.join(DTYPES)})")
+        if not v:
+            raise ValueError("give a curve for at least one dtype")
+        return v
+
+    def matmul_curve(self, dtype: str) -> RateCurve:
+        """The curve for `dtype`, or fp32's (a card without a half-precision figure computes in fp32)."""
+        return self.matmul.get(dtype) or self.matmul.get("fp32") or next(iter(self.matmul.values()))
+
+    def attention_curve(self, dtype: str) -> RateCurve:
+        return self.attention.get(dtype) or self.matmul_curve(dtype)
+
+
+def _catalog_dir():
+    return resources.files("planner").joinpath("data", "profiles")
+
+
+def profile_ids() -> list[str]:
+    d = _catalog_dir()
+    return sorted(p.name.removesuffix(".json") for p in d.iterdir() if p.name.endswith(".json")) if d.is_dir() else []
+
+
+def parse_profile(data: object, where: str) -> DeviceProfile:
+    """A DeviceProfile from parsed JSON, with one-line errors naming the field and the file."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile: {where} must hold a JSON object")
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            msg = "required field missing"
+        elif err.get("type") == "extra_forbidden":
+            msg = f"unknown field{did_you_mean(loc.rsplit('.', 1)[-1], DeviceProfile.model_fields)}"
+        raise ProfileError(f"profile: {where}: {loc or 'profile'}: {msg}") from None
+
+
+@lru_cache(maxsize=32)
+def _catalog_profile(pid: str) -> DeviceProfile:
+    entry = _catalog_dir().joinpath(f"{pid}.json")
+    return parse_profile(json.loads(entry.read_text(encoding="utf-8")), f"catalog profile {pid}")
+
+
+def load_profile(ref: str | Path) -> DeviceProfile:
+    """A catalog profile id (planner/data/profiles/ID.json) or a profile file written by
+    `planner calibrate -o FILE`. ProfileError (one line) otherwise."""
+    ref = str(ref)
+    if ref in profile_ids():
+        return _catalog_profile(ref)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        if path.suffix == ".json" or "/" in ref:
+            raise ProfileError(f"profile: no such file '{ref}'")
+        raise ProfileError(f"profile: unknown profile '{ref}'{did_you_mean(ref, profile_ids()) or ''} "
+                           f"(catalog: {', '.join(profile_ids()) or 'none'}; or give a file from planner calibrate -o)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"profile: cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"profile: {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return parse_profile(data, str(path))
