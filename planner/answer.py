@@ -72,6 +72,17 @@ class MemoryDoc(_Doc):
     phases: dict[str, int] = Field(description="peak allocated bytes of each phase (or moment) of the step")
 
 
+class PhaseTimeDoc(_Doc):
+    """One phase of the step: its time split, and the device seconds of each part of its program."""
+
+    step_s: float
+    compute_s: float = Field(description="device time of the phase's kernels")
+    host_s: float = Field(description="host overhead the device waited for")
+    exposed_comm_s: float
+    bubble_s: float
+    parts_compute_s: dict[str, float] = Field(description="device seconds per part (forward, backward, decode...)")
+
+
 class TimeDoc(_Doc):
     """One step (all phases of a technique's step; for generate one whole generate call)."""
 
@@ -92,6 +103,7 @@ class TimeDoc(_Doc):
     tflops_per_gpu: float | None = Field(description="hardware TFLOP/s achieved per GPU")
     flops_convention: str
     time_model: str = Field(description="how the time was estimated, and with which efficiency figures")
+    phases: dict[str, PhaseTimeDoc] = Field(default_factory=dict, description="the split per phase of the step")
 
 
 class SuggestionDoc(_Doc):

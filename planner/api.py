@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner.answer import (CollectiveDoc, CPUMemoryDoc, FitDocument, GPUDoc, LayoutDoc, LimitsDoc, MemoryDoc, ModelDoc,
-                            StageDoc, SuggestionDoc, TimeDoc)
+                            PhaseTimeDoc, StageDoc, SuggestionDoc, TimeDoc)
 from planner.gpus import GPUSpec, resolve_gpu
 from planner.result import MemoryEstimate
 from planner.specs import Plan
@@ -50,7 +50,9 @@ class FitResult(BaseModel):
     limits: Limits | None = Field(default=None, description="for a plan that fits: the largest batch and lengths that still fit")
     plan: Plan
     warnings: list[str] = Field(default_factory=list)
-    phase_seconds: dict[str, float] = Field(default_factory=dict, description="roofline time of each phase of one step")
+    phase_seconds: dict[str, float] = Field(default_factory=dict, description="time of each phase of one step")
+    step_time: Any = Field(default=None, exclude=True, description="planner.engine.timing.StepTime (None: no profile)")
+    profile_name: str = Field(default="", description="the device profile that priced the time")
     resident: dict[str, list[str]] = Field(default_factory=dict, description="models resident in each phase (roles)")
     tokens_per_step: int = 0
 
@@ -68,22 +70,31 @@ class FitResult(BaseModel):
         from planner.engine.timing import step_flops, tokens_counted
 
         m = self.memory
-        step = sum(self.phase_seconds.values()) if self.phase_seconds else None
+        st = self.step_time
+        step = st.total_s if st is not None else None
         model_f = hw_f = None
         mfu = hfu = tflops = None
         if self.workload is not None:
             model_f, hw_f = step_flops(self.workload)
-            if step:
+            if step and (self.gpu.bf16_tflops or self.gpu.fp16_tflops):
                 peak = compute.peak_flops(self.gpu, self.plan.compute_dtype)
                 mfu, hfu, tflops = model_f / (step * peak), hw_f / (step * peak), hw_f / step / 1e12
+        opt = None
+        if st is not None:
+            opt = sum(ph.parts.get("optimizer", 0.0) for ph in st.phases.values()) or None
         time = TimeDoc(
-            step_s=step, phases_s=dict(self.phase_seconds), compute_s=step, host_s=None,
+            step_s=step, phases_s=dict(self.phase_seconds), compute_s=st.compute_s if st else None,
+            host_s=st.host_s if st else None,
             exposed_comm_s=0.0 if step is not None else None, bubble_s=0.0 if step is not None else None,
-            optimizer_s=None, tokens_per_step=self.tokens_per_step,
+            optimizer_s=opt, tokens_per_step=self.tokens_per_step,
             tokens_counted=tokens_counted(self.workload) if self.workload is not None else "",
             tokens_per_s=self.tokens_per_step / step if step else None, model_flops=model_f, hardware_flops=hw_f,
             mfu=mfu, hfu=hfu, tflops_per_gpu=tflops, flops_convention=FLOPS_CONVENTION,
-            time_model=TIME_MODEL if step is not None else "none: the card has no FLOP/s figures in the catalog",
+            time_model=(f"{TIME_MODEL}; profile {self.profile_name}" if step is not None
+                        else "none: no device profile for this card (give --profile FILE)"),
+            phases={k: PhaseTimeDoc(step_s=v.total_s, compute_s=v.compute_s, host_s=v.host_s,
+                                    exposed_comm_s=0.0, bubble_s=0.0, parts_compute_s=dict(v.parts))
+                    for k, v in st.phases.items()} if st is not None else {},
         )
         from planner.engine.distributed import layout_for_plan
 
@@ -104,7 +115,9 @@ class FitResult(BaseModel):
 
 FLOPS_CONVENTION = ("attention counts the (query, key) pairs the kernel computes: s(s+1)/2 per sequence with "
                     "SDPA's causal kernels, s^2 with eager attention, the whole context for a decode step")
-TIME_MODEL = "roofline: FLOPs and elementwise bytes at the card's achievable ceilings (planner.engine.compute)"
+TIME_MODEL = ("op by op: every aten op of the replayed program priced by a device profile (rate curves by op size, "
+              "launch and host costs), host and device overlapped until each synchronisation (planner.engine.cost)")
+ROOFLINE_MODEL = "roofline: FLOPs and elementwise bytes at the card's achievable ceilings (planner.engine.compute)"
 
 
 def _gpu_doc(gpu: GPUSpec) -> GPUDoc:
@@ -182,7 +195,8 @@ def _technique_fields(plan: Plan) -> tuple[str, ...]:
     return technique(plan.task).plan_fields
 
 
-def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None = None) -> "FitResult | DistributedFitResult":
+def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None = None,
+        profile: str | None = None) -> "FitResult | DistributedFitResult":
     """Load the model and card the plan names, estimate, and judge. Raises ModelError/GPUError (ValueError).
     With `layout` (planner.engine.distributed.Layout's fields), the plan on many GPUs; either way
     `.to_json()` is one document (planner.answer.FitDocument)."""
@@ -204,11 +218,11 @@ def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None
             reach = limits(plan, model, evaluate)
         else:
             suggestions = suggest(plan, model, evaluate=evaluate, bf16_supported=bf16_supported(gpu))
-    from planner.engine.timing import phase_times, tokens_per_step
+    from planner.engine.timing import tokens_per_step
     from planner.plugins import technique
 
     workload = technique(plan.task).workload(plan, model)
-    times = phase_times(workload, gpu) if (gpu.bf16_tflops or gpu.fp16_tflops) else {}
+    step = _step_time(workload, gpu, profile)
     return FitResult(
         fits=fits,
         gpu=gpu,
@@ -219,11 +233,38 @@ def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None
         limits=reach,
         plan=plan,
         warnings=plan_warnings(plan, model, gpu),
-        phase_seconds=times,
+        phase_seconds={k: v.total_s for k, v in step.phases.items()} if step is not None else {},
+        step_time=step,
+        profile_name=_profile_label(gpu, profile) if step is not None else "",
         resident={ph.name: [m.role for m in workload.models] for ph in workload.phases},
         tokens_per_step=tokens_per_step(workload),
         workload=workload,
     )
+
+
+def _step_time(workload: Any, gpu: GPUSpec, profile: str | None) -> Any:
+    """The op-level step time on the plan's card, or None when no profile can price it (a custom
+    card given only by its memory, without --profile)."""
+    from planner.engine.devices import profile_for
+    from planner.engine.timing import step_time
+    from planner.profiles import ProfileError
+
+    if profile is None and gpu.id == "custom":
+        return None
+    try:
+        prof = profile_for(gpu, profile)
+    except ProfileError:
+        if profile is not None:
+            raise
+        return None
+    return step_time(workload, prof)
+
+
+def _profile_label(gpu: GPUSpec, profile: str | None) -> str:
+    from planner.engine.devices import profile_for
+
+    p = profile_for(gpu, profile)
+    return f"{p.id}: {p.name}"
 
 
 class DistributedFitResult(BaseModel):
@@ -262,7 +303,7 @@ class DistributedFitResult(BaseModel):
             tokens_per_s=e.tokens_per_s, model_flops=e.model_flops, hardware_flops=e.hardware_flops, mfu=e.mfu,
             hfu=e.hardware_flops / (step * e.layout.gpus * peak), tflops_per_gpu=e.tflops_per_gpu,
             flops_convention=FLOPS_CONVENTION,
-            time_model=f"{TIME_MODEL}, with collectives and the pipeline bubble; efficiencies: {e.efficiency.get('source')}",
+            time_model=f"{ROOFLINE_MODEL}, with collectives and the pipeline bubble; efficiencies: {e.efficiency.get('source')}",
         )
         mem = MemoryDoc(
             peak_allocated_bytes=m.peak_allocated_bytes, reserved_bytes=m.reserved_bytes, device_bytes=m.device_bytes,

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inter-node-gbps", type=float, metavar="G", help="inter-node gigabits/s per GPU, each direction (default: 400)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
+    g.add_argument("--profile", metavar="FILE|ID",
+                   help="device profile that prices the time: a file from `planner calibrate -o` or a catalog id "
+                        "(default: the card's catalog profile, else one derived from its catalog figures)")
     g.add_argument("--json-schema", action="store_true",
                    help="print the JSON schema of the --json document (one GPU and many) and exit")
     g.add_argument("--no-suggest", dest="suggest", action="store_false",
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
         return _run_fit_distributed(args, out, layout)
     try:
         plan = plan_from_args(args)
-        result = fit(plan, with_suggestions=args.suggest)
+        result = fit(plan, with_suggestions=args.suggest, profile=args.profile)
     except (ValueError, ModelError) as e:  # PlanError, GPUError, ModelError, engine input errors
         raise BadInput(str(e)) from None
     for w in result.warnings:
@@ -212,15 +215,33 @@ def _print_fit(result: Any, out: Out) -> None:
         out.print("resident models per phase (roles):")
         for ph, roles in result.resident.items():
             out.print(f"  {ph:<14}{', '.join(roles)}")
-    t = result.time_json()
-    if t["step_s"]:
-        out.print("")
-        out.print("time (roofline on the card's ceilings, one efficiency set per GPU type):")
-        for ph, sec in t["phases_s"].items():
-            out.print(f"  {ph:<14}{sec * 1e3:10.1f} ms")
-        out.print(f"  step          {t['step_s'] * 1e3:10.1f} ms   {t['tokens_per_s']:,.0f} tokens/s")
+    _print_time(result.document().time, out)
     _print_limits(result, out)
     _print_suggestions(result, result.fits, out)
+
+
+def _print_time(t: Any, out: Out) -> None:
+    """The step time split (device compute, exposed host overhead, exposed communication, pipeline
+    bubble), per phase, then tokens/s and the FLOP utilisations, each labelled."""
+    if not t.step_s:
+        out.print("")
+        out.print(f"time: {t.time_model}")
+        return
+    ms = 1e3
+    out.print("")
+    out.print(f"time ({t.time_model.split(';', 1)[-1].strip()}):")
+    out.print(f"  {'phase':<14}{'step':>11}{'GPU compute':>14}{'host (exposed)':>17}")
+    for name, ph in t.phases.items():
+        out.print(f"  {name:<14}{ph.step_s * ms:8.1f} ms{ph.compute_s * ms:11.1f} ms{ph.host_s * ms:14.1f} ms")
+    out.print(f"  step {t.step_s * ms:.1f} ms = GPU compute {(t.compute_s or 0) * ms:.1f} + exposed host overhead "
+              f"{(t.host_s or 0) * ms:.1f} + exposed communication {(t.exposed_comm_s or 0) * ms:.1f} + pipeline bubble "
+              f"{(t.bubble_s or 0) * ms:.1f}")
+    rate = f"{t.tokens_per_s:,.0f} tokens/s ({t.tokens_counted})" if t.tokens_per_s else "no tokens counted"
+    util = ""
+    if t.mfu is not None:
+        util = (f", MFU {t.mfu:.1%} (model FLOPs), HFU {t.hfu:.1%} (hardware FLOPs, recompute included), "
+                f"{t.tflops_per_gpu:.0f} TFLOP/s")
+    out.print(f"  {rate}{util}")
 
 
 FLOPS_CONVENTION = ("FLOPs count the attention pairs the kernel computes: s(s+1)/2 per sequence with SDPA's "
