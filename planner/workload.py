@@ -78,6 +78,11 @@ class Phase:
     # score/forward: whether the program runs this phase inside the plan's autocast region (TRL
     # scores the DPO reference inside compute_loss, under autocast)
     autocast: bool = False
+    # train_step: the ops the technique's loss program dispatches on per-sequence values after the
+    # head (DPO's log-ratio arithmetic and logsigmoid, a reward model's pairwise loss): (kind, aten
+    # name, backward ops as "kind:name" joined by ","), in program order; the step's final
+    # `loss.backward()` adds its ones_like
+    loss_ops: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,12 +43,32 @@ def _pair_forward(fn, ids, plan):
     return torch.cat([fn(ids[: plan.batch]), fn(ids[plan.batch:])])
 
 
+# the programs' ops on per-sequence values after the head (planner.workload.Phase.loss_ops)
+RM_LOSS_OPS = (  # rewards = logits.squeeze(-1); -logsigmoid(rewards[:B] - rewards[B:]).mean()
+    ("view", "squeeze", "view:unsqueeze"), ("view", "slice", "elementwise:slice_backward"),
+    ("view", "slice", "elementwise:slice_backward,elementwise:add"), ("elementwise", "sub", "elementwise:neg"),
+    ("elementwise", "log_sigmoid_forward", "elementwise:log_sigmoid_backward"),
+    ("elementwise", "mean", "view:expand,elementwise:div"), ("elementwise", "neg", "elementwise:neg"),
+)
+# -logsigmoid(beta * ((pc - rc) - (pr - rr))).mean() over the policy's and the reference's
+# chosen/rejected halves (four slices; the policy's two send gradients)
+SEQUENCE_SUM = (("elementwise", "sum", "view:unsqueeze,view:expand"),)  # log-probs summed per sequence
+DPO_LOSS_OPS = SEQUENCE_SUM + (
+    ("view", "slice", "elementwise:slice_backward"), ("view", "slice", "elementwise:slice_backward,elementwise:add"),
+    ("view", "slice", ""), ("view", "slice", ""), ("elementwise", "sub", ""), ("elementwise", "sub", ""),
+    ("elementwise", "sub", "elementwise:neg"), ("elementwise", "mul", "elementwise:mul"),
+    ("elementwise", "log_sigmoid_forward", "elementwise:log_sigmoid_backward"),
+    ("elementwise", "neg", "elementwise:neg"), ("elementwise", "mean", "view:expand,elementwise:div"),
+)
+
+
 def rm_workload(plan, model) -> Workload:
     rows, passes = _pair_rows(plan)
     return Workload(
         technique="rm",
         models=(ModelUse("model", seq_cls_spec(model), plan, trainable=True, ref=plan.model),),
-        phases=(Phase("train", "train_step", "model", rows, plan.seq, loss="pairwise", passes=passes),),
+        phases=(Phase("train", "train_step", "model", rows, plan.seq, loss="pairwise", passes=passes,
+                      loss_ops=RM_LOSS_OPS),),
     )
 
 
@@ -73,7 +93,7 @@ def dpo_workload(plan, model) -> Workload:
     rows, passes = _pair_rows(plan)
     fused = plan.logprobs == "fused"
     head = {"full": "logprobs", "selective": "selective", "fused": "fused"}[plan.logprobs]
-    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss=head, passes=passes)
+    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss=head, passes=passes, loss_ops=DPO_LOSS_OPS)
     models = [policy]
     # after: the reference runs while the policy's forward graph is alive (TRL's order)
     after = "policy" if plan.reference_pass == "after" else None
@@ -82,11 +102,11 @@ def dpo_workload(plan, model) -> Workload:
         if plan.method == "full":
             ref_setup = plan.model_copy(update={"precision": "bf16" if plan.precision != "fp16" else "fp16"})
             models.append(ModelUse("reference", model, ref_setup, trainable=False, ref=plan.model))
-            reference = Phase("reference", "score", "reference", rows, plan.seq,
+            reference = Phase("reference", "score", "reference", rows, plan.seq, loss_ops=SEQUENCE_SUM,
                               loss="fused_logprobs" if fused else head, passes=passes, during=after,
                               autocast=True)
         else:  # the base model with the adapters disabled: no second copy (the policy's fused head)
-            reference = Phase("reference", "score", "policy", rows, plan.seq, loss=head,
+            reference = Phase("reference", "score", "policy", rows, plan.seq, loss=head, loss_ops=SEQUENCE_SUM,
                               adapters=False, passes=passes, during=after, autocast=True)
     phases = [train] if reference is None else [train, reference] if after else [reference, train]
     return Workload(technique="dpo", models=tuple(models), phases=tuple(phases))

@@ -59,6 +59,54 @@ def reward_function(seqs):
     return (seqs % 2 == 0).float().mean(dim=-1)
 
 
+# ---- the programs' ops on per-token values after the head (planner.workload.Phase.loss_ops) -------
+# token_logprobs: logits[:, :-1] and ids[:, 1:] (two slices; the logits' sends a gradient)
+TOKEN_SLICES = (("view", "slice", "elementwise:slice_backward"), ("view", "slice", ""))
+# exp(logp - logp.detach()) * adv[:, None]; exp saves its output (detached here and in backward)
+GRPO_RATIO_OPS = (
+    ("view", "detach", ""), ("elementwise", "sub", ""), ("elementwise", "exp", "view:detach,elementwise:mul"),
+    ("view", "detach", ""), ("view", "unsqueeze", ""), ("elementwise", "mul", "elementwise:mul"),
+)
+# - kl * (exp(ref - logp) - (ref - logp) - 1)
+GRPO_KL_OPS = (
+    ("elementwise", "sub", "elementwise:neg"), ("elementwise", "exp", "view:detach,elementwise:mul"),
+    ("view", "detach", ""), ("elementwise", "sub", "elementwise:neg,elementwise:add"),
+    ("elementwise", "sub", "elementwise:neg,elementwise:add"), ("elementwise", "sub", ""),
+    ("elementwise", "mul", "elementwise:mul"), ("elementwise", "sub", "elementwise:neg"),
+)
+# prompts.repeat_interleave(G, dim=0): unsqueeze, expand, clone, view
+REPEAT_OPS = (("view", "unsqueeze", ""), ("view", "expand", ""), ("elementwise", "clone", ""), ("view", "view", ""))
+# reward_function: (seqs % 2 == 0).float().mean(-1)
+REWARD_FN_OPS = tuple(("elementwise", n, "") for n in ("remainder", "eq", "_to_copy", "mean"))
+# grpo_advantages: view, mean, std, (r - mean) / (std + eps), view
+ADVANTAGE_OPS = (("view", "view", ""),) + tuple(("elementwise", n, "") for n in ("mean", "std", "sub", "add", "div")) + (
+    ("view", "view", ""),)
+# a score model's output: .logits[:, 0].float()
+SCORE_OPS = (("view", "select", ""), ("elementwise", "_to_copy", ""))
+# rewards = score - kl * (old - ref).sum(-1); adv = rewards - old_values; normalised
+PPO_ADVANTAGE_OPS = tuple(("elementwise", n, "") for n in ("sub", "sum", "mul", "sub", "sub", "mean", "std", "sub",
+                                                          "add", "div"))
+# ppo_clipped_loss(logp, old[sl], adv[sl, None]): ratio = exp(logp - old); -min(ratio A, clamp(ratio) A).mean();
+# the backward of min and clamp (where/masks), as the dry run records it, on the last op
+PPO_LOSS_OPS = TOKEN_SLICES + (
+    ("view", "slice", ""), ("view", "slice", ""), ("view", "unsqueeze", ""), ("elementwise", "sub", ""),
+    ("elementwise", "exp", "view:detach,elementwise:mul"), ("view", "detach", ""), ("elementwise", "mul", "elementwise:mul"),
+    ("elementwise", "clamp", "elementwise:ge,elementwise:le,elementwise:logical_and_,elementwise:where"),
+    ("elementwise", "mul", "elementwise:mul"), ("elementwise", "minimum", ",".join(
+        ["elementwise:eq", "elementwise:eq", "elementwise:gt", "elementwise:lt", "elementwise:masked_fill_",
+         "elementwise:masked_fill_", "elementwise:scalar_tensor", "elementwise:where", "elementwise:where",
+         "elementwise:div", "elementwise:div", "elementwise:add"])),
+    ("elementwise", "mean", "view:expand,elementwise:div"), ("elementwise", "neg", "elementwise:neg"),
+)
+# v = value(seqs[sl]).logits[:, 0].float(); mse_loss(v, rewards[sl])
+VALUE_LOSS_OPS = (("view", "slice", ""), ("view", "select", "elementwise:select_backward"),
+                  ("elementwise", "_to_copy", "elementwise:_to_copy"), ("view", "slice", ""),
+                  ("elementwise", "mse_loss", "elementwise:mse_loss_backward"))
+# -per_token[:, prompt - 1:].mean()
+GRPO_MEAN_OPS = (("view", "slice", "elementwise:slice_backward"), ("elementwise", "mean", "view:expand,elementwise:div"),
+                 ("elementwise", "neg", "elementwise:neg"))
+
+
 # ---- workloads -----------------------------------------------------------------------------------
 def _frozen(plan):
     return plan.model_copy(update={"method": "full", "precision": "bf16" if plan.precision != "fp16" else "fp16",
@@ -77,7 +125,8 @@ def _load(ref: str, what: str):
 def grpo_workload(plan, model) -> Workload:
     rows, total = plan.batch * plan.group_size, plan.prompt_len + plan.new_tokens
     models = [ModelUse("policy", model, plan, trainable=True, ref=plan.model)]
-    phases = [Phase("rollout", "generate", "policy", rows, plan.prompt_len, plan.new_tokens)]
+    around = REPEAT_OPS + (() if plan.reward_model else REWARD_FN_OPS) + ADVANTAGE_OPS
+    phases = [Phase("rollout", "generate", "policy", rows, plan.prompt_len, plan.new_tokens, loss_ops=around)]
     if plan.reward_model:
         rm = seq_cls_spec(_load(plan.reward_model, "reward_model"))
         models.append(ModelUse("reward", rm, _frozen(plan), trainable=False, ref=plan.reward_model))
@@ -85,10 +134,11 @@ def grpo_workload(plan, model) -> Workload:
     if plan.kl_coef > 0:
         if plan.method == "full":
             models.append(ModelUse("reference", model, _frozen(plan), trainable=False, ref=plan.model))
-            phases.append(Phase("reference", "score", "reference", rows, total))
+            phases.append(Phase("reference", "score", "reference", rows, total, loss_ops=TOKEN_SLICES))
         else:
-            phases.append(Phase("reference", "score", "policy", rows, total, adapters=False))
-    phases.append(Phase("train", "train_step", "policy", rows, total, loss="logprobs"))
+            phases.append(Phase("reference", "score", "policy", rows, total, adapters=False, loss_ops=TOKEN_SLICES))
+    grpo_ops = TOKEN_SLICES + GRPO_RATIO_OPS + (GRPO_KL_OPS if plan.kl_coef > 0 else ()) + GRPO_MEAN_OPS
+    phases.append(Phase("train", "train_step", "policy", rows, total, loss="logprobs", loss_ops=grpo_ops))
     return Workload(technique="grpo", models=tuple(models), phases=tuple(phases))
 
 
@@ -108,19 +158,21 @@ def ppo_workload(plan, model) -> Workload:
     ]
     phases = [
         Phase("rollout", "generate", "policy", plan.batch, plan.prompt_len, plan.new_tokens),
-        Phase("reward", "forward", "reward", plan.batch, total),
-        Phase("old_logprobs", "score", "policy", plan.batch, total),
-        Phase("old_values", "forward", "value", plan.batch, total),
+        Phase("reward", "forward", "reward", plan.batch, total, loss_ops=SCORE_OPS),
+        Phase("old_logprobs", "score", "policy", plan.batch, total, loss_ops=TOKEN_SLICES),
+        Phase("old_values", "forward", "value", plan.batch, total, loss_ops=SCORE_OPS + PPO_ADVANTAGE_OPS),
     ]
     if plan.kl_coef > 0:
         if plan.method == "full":
             models.append(ModelUse("reference", model, _frozen(plan), trainable=False, ref=plan.model))
-            phases.append(Phase("reference", "score", "reference", plan.batch, total))
+            phases.append(Phase("reference", "score", "reference", plan.batch, total, loss_ops=TOKEN_SLICES))
         else:
-            phases.append(Phase("reference", "score", "policy", plan.batch, total, adapters=False))
+            phases.append(Phase("reference", "score", "policy", plan.batch, total, adapters=False,
+                                loss_ops=TOKEN_SLICES))
     phases += [
-        Phase("policy_train", "train_step", "policy", mini, total, loss="logprobs"),
-        Phase("value_train", "train_step", "value", mini, total, loss="pairwise"),
+        Phase("policy_train", "train_step", "policy", mini, total, loss="logprobs",
+              loss_ops=(("view", "slice", ""),) + PPO_LOSS_OPS),
+        Phase("value_train", "train_step", "value", mini, total, loss="pairwise", loss_ops=VALUE_LOSS_OPS),
     ]
     return Workload(technique="ppo", models=tuple(models), phases=tuple(phases))
 

@@ -157,11 +157,16 @@ def logprobs(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
     V = spec.vocab_size
     tp, logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
     after_logits = tp.live
+    head_end = len(tp.fwd.ops)
     lf = cast(tp, logits, "fp32", "logits.float")
-    lsm = unary(tp, lf, "log_softmax", saves_output=True)
+    lsm = unary(tp, lf, "log_softmax", saves_output=True, aten="_log_softmax", bwd=("_log_softmax_backward_data",))
     loss_peak = tp.live
     tp.drop(lf, logits)
-    gathered = unary(tp, lsm, "gather", elems=tok(1))  # saves the index (the input ids) only
+    # .gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1): the gather's backward scatters into zeros
+    tp.op("view", "unsqueeze")
+    gathered = unary(tp, lsm, "gather", elems=tok(1), aten="gather", bwd=("new_zeros", "scatter_add"))
+    tp.op("view", "squeeze")
+    tp.bop("view", "unsqueeze")  # squeeze's backward (the sum per sequence is the technique's: Phase.loss_ops)
     tp.drop(lsm, gathered)
     fp32 = 1 if logits.dtype == "fp32" else 2
     return HeadRun(
@@ -171,6 +176,7 @@ def logprobs(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
         saved=tp.saved_total,
         # gather backward's zero-filled gradient and log_softmax backward's output, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, ZERO, "fp32", 3))],
+        **split_ops(tp, head_end),
     )
 
 
@@ -199,17 +205,25 @@ def selective(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, ful
 def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool) -> HeadRun:
     tp = Tape()
     x = tp.new(tok(spec.hidden_size), res_dtype, True, "final_hidden")
-    norm = {"gemma2": gemma_rms_norm, "gpt2": layer_norm, "opt": layer_norm}.get(cfg.family, rms_norm)
-    hn = norm(tp, x, cfg, "norm")
+    hn = final_norm(tp, x, cfg)
     tp.drop(x)
     # the score head is trained in every method (peft's SEQ_CLS task keeps it in modules_to_save)
     scores = linear(tp, hn, Weight(spec.hidden_size, 1, res.non_linear_dtype, True), cfg.autocast, "score")
+    head_end = len(tp.fwd.ops)
+    # transformers' pooling: the last non-pad token of each sequence, (ids != pad).to(int32) *
+    # arange(seq), argmax, then logits[arange(batch), last]; its backward scatters into zeros
+    for name in ("ne", "_to_copy", "arange", "mul", "argmax", "arange"):
+        tp.op("elementwise", name, bytes=Sym(t=8), dtype="int64")
+    tp.op("elementwise", "index", bytes=Sym(t=4), dtype=scores.dtype)
+    tp.bop("elementwise", "new_zeros", bytes=Sym(t=4), dtype=scores.dtype)
+    tp.bop("elementwise", "index_put", bytes=Sym(t=8), dtype=scores.dtype)
     tp.drop(hn, scores)
     grad_hidden = Sym(t=spec.hidden_size * DTYPE_BYTES[cfg.autocast or res_dtype])
     return HeadRun(
         forward=[("forward", "score head", tp.live, {}, True)],
         saved=tp.saved_total,
         backward=[("score head backward", grad_hidden, {})],
+        **split_ops(tp, head_end),
     )
 
 
@@ -304,17 +318,26 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     V = spec.vocab_size
     tp, s_logits = _norm_and_logits(spec, cfg, res, res_dtype, full)
     after_logits = tp.live
+    head_end = len(tp.fwd.ops)
     moments: list[tuple[str, str, Sym, dict[str, Sym], bool]] = [("forward", "lm_head", after_logits, {}, True)]
     sf = cast(tp, s_logits, "fp32", "student.float")
-    s_lsm = unary(tp, sf, "student.log_softmax", saves_output=True)
+    s_lsm = unary(tp, sf, "student.log_softmax", saves_output=True, aten="_log_softmax",
+                  bwd=("_log_softmax_backward_data",))
     tp.drop(sf)
     # the teacher's logits (carried from its phase, bf16 or its dtype) go through the same two steps
     tf = tp.new(tok(V), "fp32", False, "teacher.float")
-    t_lsm = unary(tp, tf, "teacher.log_softmax")
+    tp.op("elementwise", "_to_copy", bytes=tf.size * 1.5, dtype="fp32")
+    t_lsm = unary(tp, tf, "teacher.log_softmax", aten="_log_softmax")
     tp.drop(tf)
-    exp_t = unary(tp, t_lsm, "kl.exp")
-    diff = binary(tp, t_lsm, s_lsm, "kl.target_minus_input", saves=False)
+    # kl_div(input, target, log_target=True) = (exp(target) * (target - input)), summed / batch
+    diff = binary(tp, t_lsm, s_lsm, "kl.target_minus_input", saves=False, aten="sub")
+    exp_t = unary(tp, t_lsm, "kl.exp", aten="exp")
     prod = binary(tp, exp_t, diff, "kl.mul", saves=True)  # saves exp(target): the input's gradient needs it
+    tp.op("elementwise", "sum", bytes=prod.size, dtype="fp32")
+    tp.op("elementwise", "div", bytes=Sym(c=8), dtype="fp32")
+    tp.bop("elementwise", "ones_like", bytes=Sym(c=8), dtype="fp32")
+    tp.bop("elementwise", "div", bytes=Sym(c=8), dtype="fp32")
+    tp.bop("view", "expand")
     # the student's logits are bound (the loop variable rebound) before the loss is computed
     moments.append(("loss", "kl_div over fp32 log-probabilities", tp.live, {}, False))
     tp.drop(t_lsm, exp_t, diff, s_lsm, prod)
@@ -333,6 +356,7 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     held = s_logits.size
     return HeadRun(
         forward=moments,
+        **split_ops(tp, head_end),
         saved=tp.saved_total, held=held, prev_held=held,
         # mul backward's gradient (grad x exp(target)) while exp(target) is still saved; then, with
         # exp(target) released, sub backward's negation and log_softmax backward's output: at each

@@ -103,6 +103,8 @@ def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool, aten: str | N
             tp.save(a)
     for x in (a, b):
         _grad_of(tp, x, out, saves)
+    if aten == "sub" and b.rg:  # the subtrahend's gradient is negated
+        tp.bop(E, "neg", bytes=out.size * 2, dtype=out.dtype)
     return out
 
 

@@ -173,11 +173,27 @@ def _without(ops, name: str) -> OpList:
 _cache: dict[tuple, tuple] = {}
 
 
+def loss_program(ops: tuple[tuple[str, str, str], ...]) -> tuple[OpList, OpList]:
+    """(forward, backward) of a technique's own loss ops (Phase.loss_ops): per-sequence values, a
+    few bytes each; `loss.backward()` starts with ones_like."""
+    f, b = OpList(), OpList()
+    if not ops:
+        return f, b
+    if any(bwd for _, _, bwd in ops):
+        b.add(E, "ones_like", bytes=Sym(c=8), dtype="fp32")
+    for kind, name, bwd in ops:
+        f.add(kind, name, bytes=Sym(t=16) if kind == E else Sym(), dtype="fp32")
+        for item in filter(None, bwd.split(",")):
+            bk, bn = item.split(":")
+            b.add(bk, bn, bytes=Sym(t=16) if bk == E else Sym(), dtype="fp32")
+    return f, b
+
+
 def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
-                       passes: int = 1) -> Program:
+                       passes: int = 1, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
     """forward (prologue, L layers, head), loss, backward (the head's and the loss's, L layers with
     their recompute under checkpointing, the embedding's), optimizer."""
-    key = (id(spec), spec.id, spec.num_params, loss, tiles, passes, plan.method, plan.precision, plan.optimizer,
+    key = (id(spec), spec.id, spec.num_params, loss, tiles, passes, loss_ops, plan.method, plan.precision, plan.optimizer,
            plan.grad_ckpt, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
@@ -209,6 +225,9 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         prog.add("forward", "decoder layer", fwd_layer, L - 1)
         prog.add("forward", "final norm and head", head.fwd_ops)
         prog.add("loss", "loss", head.loss_ops)
+    tech_f, tech_b = loss_program(loss_ops)
+    prog.add("loss", "the technique's loss", tech_f)
+    prog.add("backward", "the technique's loss backward", tech_b, mode="backward")
     for _ in range(passes):
         prog.add("backward", "loss and head backward", head.bwd_ops, mode="backward")
         prog.add("backward", "decoder layer recompute", recompute, L)
@@ -256,7 +275,7 @@ def _fixed_ops(spec: tuple[tuple[str, str], ...], row_bytes: float, score_bytes:
     return out
 
 
-def generate_program(spec: ModelSpec, plan: Plan) -> Program:
+def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
     """model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False) on transformers'
     DynamicCache: set-up, the prefill (a no-grad forward over the prompt, logits of the last
     position), then per new token the same forward over one token per sequence. Each forward's
@@ -265,7 +284,7 @@ def generate_program(spec: ModelSpec, plan: Plan) -> Program:
     Sizes: T = batch x the forward's tokens (prompt, or 1), S = the context (prompt, or the cache)."""
     import dataclasses
 
-    key = ("generate", id(spec), spec.id, spec.num_params, plan.method, plan.precision, plan.attn, plan.lora_rank,
+    key = ("generate", loss_ops, id(spec), spec.id, spec.num_params, plan.method, plan.precision, plan.attn, plan.lora_rank,
            plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
@@ -301,6 +320,8 @@ def generate_program(spec: ModelSpec, plan: Plan) -> Program:
     prog = Program()
     prog.add("setup", "generate set-up", _fixed_ops(GENERATE_SETUP_OPS, 8.0), sync=True, per_sequence=True,
              mode="nograd")
+    # the technique's ops around its generation (preparing the prompts, a reward function)
+    prog.add("setup", "the technique's ops", loss_program(loss_ops)[0], per_sequence=True, mode="nograd")
     nxt = _fixed_ops(NEXT_INPUTS_OPS, 8.0)
     first_update = OpList()
     first_update.add(V, "lift_fresh", count=2)  # DynamicLayer's lazy initialisation (prefill only)
@@ -338,7 +359,7 @@ def _merge(a: OpList, b: OpList) -> OpList:
 
 
 def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: bool = True,
-                    autocast: bool = False) -> Program:
+                    autocast: bool = False, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
     """A no-grad forward over full sequences (planner.engine.scoring's programs): `model(ids).logits`
     (kind "forward": a teacher's logits, kept) or followed by log_softmax(logits.float()).gather(ids)
     (kind "score": a reference's log-probabilities). One phase, named after the kind."""
@@ -348,7 +369,7 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     from planner.engine.ops import Weight, cast, linear, unary
     from planner.engine.tape import Tape, tok
 
-    key = ("forward", kind, adapters, autocast, id(spec), spec.id, spec.num_params, spec.head, plan.method,
+    key = ("forward", kind, adapters, autocast, loss_ops, id(spec), spec.id, spec.num_params, spec.head, plan.method,
            plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
@@ -365,10 +386,15 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     tp = Tape(grad=False)
     x = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "hidden")
     hn = final_norm(tp, x, cfg)
-    tp.op(V, "alias")
+    if spec.head != "seq_cls":
+        tp.op(V, "alias")  # hidden_states[:, slice(-logits_to_keep, None)]: the LM head's, not the score's
     out_features = 1 if spec.head == "seq_cls" else spec.vocab_size
     logits = linear(tp, hn, Weight(spec.hidden_size, out_features, res.non_linear_dtype, False), cfg.autocast, "head")
-    if kind == "score" and spec.head != "seq_cls":
+    if spec.head == "seq_cls":  # transformers' pooling at the last non-pad token (heads.pairwise)
+        for name in ("ne", "_to_copy", "arange", "mul", "argmax", "arange"):
+            tp.op(E, name, bytes=Sym(t=8), dtype="int64")
+        tp.op(E, "index", bytes=Sym(t=4), dtype=logits.dtype)
+    elif kind == "score":
         lf = cast(tp, logits, "fp32", "logits.float")
         unary(tp, lf, "log_softmax", aten="_log_softmax")
         tp.op(V, "unsqueeze")
@@ -378,6 +404,7 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     prog.add(kind, "prologue", pro_f, mode="nograd")
     prog.add(kind, "decoder layer", _with_layer_call(layer.fwd), spec.num_layers, mode="nograd")
     prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
+    prog.add(kind, "the technique's ops on the scores", loss_program(loss_ops)[0], mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()
     _cache[key] = (spec, prog)

@@ -53,10 +53,11 @@ def _program(ph: Phase, workload: Workload) -> "Program":
     use = workload.model(ph.role)
     if ph.kind == "train_step":
         tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes)
+        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes, ph.loss_ops)
     if ph.kind == "generate":
-        return generate_program(use.spec, use.setup)
-    return forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast)
+        return generate_program(use.spec, use.setup, ph.loss_ops)
+    return forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast,
+                           loss_ops=ph.loss_ops)
 
 
 def phase_time(ph: Phase, workload: Workload, profile: "DeviceProfile") -> PhaseTime:
