@@ -77,7 +77,9 @@ class FitResult(BaseModel):
         if self.workload is not None:
             model_f, hw_f = step_flops(self.workload)
             if step and (self.gpu.bf16_tflops or self.gpu.fp16_tflops):
-                peak = compute.peak_flops(self.gpu, self.plan.compute_dtype)
+                from planner.engine.timing import peak_flops
+
+                peak = peak_flops(self.workload, self.gpu)
                 mfu, hfu, tflops = model_f / (step * peak), hw_f / (step * peak), hw_f / step / 1e12
         opt = None
         if st is not None:
@@ -292,7 +294,7 @@ class DistributedFitResult(BaseModel):
         e = self.estimate
         m = e.memory
         t = e.time
-        peak = compute.peak_flops(self.gpu, self.plan.compute_dtype)
+        peak = compute.peak_flops(self.gpu, self.plan.matmul_dtype)
         step = t.total_s
         tokens = int(round(e.tokens_per_s * step))
         time = TimeDoc(

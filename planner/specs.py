@@ -169,6 +169,12 @@ class Plan(BaseModel):
         ]
 
     @property
+    def matmul_dtype(self) -> str:
+        """dtype the model's large matmuls run in: the compute dtype, except QLoRA's 4-bit layers,
+        which bitsandbytes computes in bf16 whatever the precision (the peak MFU is measured against)."""
+        return "bf16" if self.method == "qlora" else self.compute_dtype
+
+    @property
     def autocast(self) -> bool:
         """Whether the step runs under torch.autocast (mixed precision, and QLoRA's bf16 compute)."""
         return self.precision.startswith("mixed") or self.method == "qlora"

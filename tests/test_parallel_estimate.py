@@ -98,13 +98,17 @@ def test_fsdp_keeps_torch_dtypes_and_deepspeed_its_own():
     assert ds.gpu_total - ds.gpu["gathered"] == pytest.approx(18 * p / 8, rel=1e-3)
 
 
-def test_lora_step_has_less_compute_than_full():
+def test_lora_step_has_fewer_flops_and_its_own_overheads():
+    """LoRA computes no frozen-weight gradients (fewer FLOPs) but runs peft's fp32 adapters and casts
+    on every adapted layer: on the real H200 it is slower than full fine-tuning (shared/notes/
+    timing.md: 0.227 s vs 0.174 s at 4 x 2048 on Llama-3.2-1B), and the op-level time says so too."""
     spec = load_model("llama-3.1-8b")
     lay = layout_for_plan(2, 1, gpus=8)
     full = estimate_distributed(Plan(model=spec.id, batch=2, seq=2048), lay, spec, H100)
     lora = estimate_distributed(Plan(model=spec.id, method="lora", batch=2, seq=2048), lay, spec, H100)
     assert lora.model_flops < full.model_flops
-    assert lora.time.compute_s < full.time.compute_s
+    # the micro-batch itself (optimizer apart): the adapters' fp32 ops cost more than the saved matmuls
+    assert lora.time.micro_batch_s > full.time.micro_batch_s
 
 
 @pytest.mark.parametrize("plan_kw, lay_kw, start", [

@@ -97,6 +97,12 @@ def check_fit(fields: dict) -> None:
         assert "\n" not in str(e), str(e)
         return
     gpu = res.gpu
+    t = res.document().time
+    if t.tflops_per_gpu is not None:  # achieved FLOP/s of the op-level time never exceed the card's peak
+        from planner.engine.timing import peak_flops
+
+        assert t.tflops_per_gpu * 1e12 <= peak_flops(res.workload, gpu) * (1 + 1e-9)
+        assert 0 < t.mfu <= t.hfu <= 1.0
     for s in res.suggestions:
         alone = estimate(s.plan, load_model(s.plan.model), gpu)
         assert alone.device_bytes == s.device_bytes and (alone.device_bytes <= gpu.memory_bytes) == s.fits, s.change
@@ -156,7 +162,10 @@ def check_distributed(fields: dict, layout: dict) -> None:
     m = e.memory
     assert sum(m.breakdown.values()) == m.peak_allocated_bytes
     assert m.reserved_bytes >= m.peak_allocated_bytes and m.device_bytes >= m.reserved_bytes
-    peak = compute.peak_flops(res.gpu, res.plan.compute_dtype)
+    from planner.engine.timing import peak_flops
+    from planner.plugins import technique
+
+    peak = peak_flops(technique(res.plan.task).workload(res.plan, load_model(res.plan.model)), res.gpu)
     assert e.tflops_per_gpu * 1e12 <= peak * (1 + 1e-9), (e.tflops_per_gpu, peak)
     assert 0 < e.mfu <= 1.0
 

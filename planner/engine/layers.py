@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.engine.ops import E, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
-from planner.engine.tape import Tape, Tensor, Sym, fixed, tok
+from planner.engine.ops import E, M, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
+from planner.engine.tape import DTYPE_BYTES, Tape, Tensor, Sym, fixed, tok
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,17 @@ def moe_mlp(tp: Tape, x: Tensor, cfg: LayerCfg) -> Tensor:
     cd = cfg.autocast or x.dtype
     cur = tp.new(tok(k * h), cd, x.rg, "moe.gather")
     gu = tp.new(tok(k * 2 * inter), cd, x.rg or expert_w, "moe.gate_up")
+    # MixtralExperts loops over the experts: per expert, the routed tokens' gate_up and down matmuls
+    # (each token's k copies over all experts: 2 k h 2I + 2 k I h FLOPs per token), their backward
+    # (the input's gradient, and the fused expert weights' when they are trained)
+    E_ = cfg.experts
+    wb = DTYPE_BYTES[cd]
+    for f_tok, w_elems in ((2 * k * h * 2 * inter, 2 * inter * h), (2 * k * inter * h, inter * h)):
+        fl = Sym(t=f_tok / E_)
+        by = Sym(c=w_elems * wb, t=f_tok / E_ / max(inter, 1) * wb)
+        tp.op(M, "mm", flops=fl, bytes=by, dtype=cd, count=E_)
+        if x.rg or expert_w:
+            tp.bop(M, "mm", flops=fl, bytes=by, dtype=cd, count=E_ * (2 if expert_w and x.rg else 1))
     if expert_w:
         tp.save(cur)
     act = unary(tp, _view(gu, k * inter), "moe.act")

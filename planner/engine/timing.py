@@ -123,6 +123,15 @@ def step_flops(workload: Workload) -> tuple[float, float]:
     return model, hardware
 
 
+def peak_flops(workload: Workload, gpu: "GPUSpec") -> float:
+    """The card's dense peak for the fastest dtype the workload's models compute in (a frozen bf16
+    reference beside an fp32 policy runs at the bf16 rate): what MFU and HFU are measured against, so
+    that achieved FLOP/s never exceed it."""
+    from planner.engine import compute
+
+    return max(compute.peak_flops(gpu, use.setup.matmul_dtype) for use in workload.models)
+
+
 def tokens_counted(workload: Workload) -> str:
     """What `tokens_per_step` counts, in words: the trained tokens of a step that trains, else the
     generated tokens."""
@@ -151,3 +160,34 @@ def step_seconds(plan, model, profile: "DeviceProfile", gpu: "GPUSpec | None" = 
     from planner.plugins import technique
 
     return step_time(technique(plan.task).workload(plan, model), profile).total_s
+
+
+HEAD_STRETCHES = frozenset({"final norm and head", "loss", "the technique's loss", "loss and head backward",
+                            "the technique's loss backward"})
+EMBEDDING_STRETCHES = frozenset({"prologue", "embedding backward"})
+
+
+def train_micro_batch(spec, setup, profile: "DeviceProfile", rows: int, seq: int, *, first_stage: bool = True,
+                      last_stage: bool = True, loss: str = "causal_lm", passes: int = 1,
+                      loss_ops: tuple = ()) -> tuple[float, float]:
+    """(forward + loss, backward) seconds of one micro-batch of `rows` sequences through `spec` (a
+    rank's share of a model: planner.engine.distributed.shard.rank_spec) priced by `profile`, for the
+    distributed estimate: a pipeline stage without the embedding (not the first) or without the head
+    (not the last) leaves those stretches out; the optimizer step is priced apart."""
+    from planner.engine.heads import TILED_HEADS, FusedTiles
+    from planner.engine.program import train_step_program
+
+    tiles = FusedTiles.for_positions(rows * (seq - 1)) if loss in TILED_HEADS else None
+    prog = train_step_program(spec, setup, loss, tiles, passes, loss_ops)
+    skip = (set() if first_stage else EMBEDDING_STRETCHES) | (set() if last_stage else HEAD_STRETCHES)
+    out = []
+    for parts in (("forward", "loss"), ("backward",)):
+        costs = []
+        for part in parts:
+            for s in prog.phases.get(part, []):
+                if s.name in skip:
+                    continue
+                c = price(s.ops, rows * seq, seq, profile, s.mode)
+                costs.append(StretchCost(c.host_s * s.repeat, c.device_s * s.repeat, s.sync))
+        out.append(compose(costs, profile.asynchronous, profile.host.sync_s).total_s)
+    return out[0], out[1]

@@ -45,6 +45,7 @@ from planner.engine.optimizers import optimizer_memory
 from planner.engine.resident import lora_targets, resident
 from planner.engine.runtime import cublas_workspace_bytes, reserved_bytes
 from planner.engine.tape import DTYPE_BYTES, ZERO
+from planner.engine.timing import train_micro_batch
 from planner.gpus import GPUSpec
 from planner.engine.distributed import activations as act
 from planner.engine import compute
@@ -359,6 +360,7 @@ def estimate_sft(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
     planner.engine.distributed.estimate.estimate_distributed, which checks the micro-batch)."""
     layout.check_model(spec)
     eff = eff or compute.efficiency(gpu)
+    profile = _profile(gpu, style)
     topo = comm.topology(layout, gpu)
     m, s = layout.grad_accum, plan.seq
     tokens = layout.micro_batch * s
@@ -385,10 +387,16 @@ def estimate_sft(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
             temp = opt.step_temp_bytes / (layout.dp if layout.stage >= 1 else 1)
         stages.append(_rank_memory(k, states, res.buffer_bytes, acts, temp, ws, gpu, layout))
         moment_inputs[k] = (states, res.buffer_bytes, acts, temp)
-        mbt = compute.micro_batch_time(part, tokens, s, gpu, dtype=plan.compute_dtype, method=plan.method,
-                                       grad_ckpt=plan.grad_ckpt, lora_rank=plan.lora_rank,
-                                       lora_targets=_part_targets(part, targets), flash=flash, style=style,
-                                       tp=layout.tp, sp=layout.sp, eff=eff)
+        if style == "hf" and profile is not None:
+            # the rank's share of the replayed program, op by op (planner.engine.timing)
+            fwd_s, bwd_s = train_micro_batch(part, plan, profile, layout.micro_batch, s, first_stage=k == 0,
+                                             last_stage=k == layout.pp - 1)
+            mbt = compute.MicroBatchTime(fwd_s, bwd_s, 0.0)
+        else:  # Megatron's fused kernels: their own program style, the roofline of planner.engine.compute
+            mbt = compute.micro_batch_time(part, tokens, s, gpu, dtype=plan.compute_dtype, method=plan.method,
+                                           grad_ckpt=plan.grad_ckpt, lora_rank=plan.lora_rank,
+                                           lora_targets=_part_targets(part, targets), flash=flash, style=style,
+                                           tp=layout.tp, sp=layout.sp, eff=eff)
         mb_times.append((k, mbt))
         per_stage[k] = (part, states, res)
     busiest = max(stages, key=lambda r: r.device_bytes)
@@ -417,7 +425,7 @@ def estimate_sft(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
 
     whole = compute.micro_batch_flops(spec, layout.batch * s, s, method=plan.method, grad_ckpt=plan.grad_ckpt,
                                       lora_rank=plan.lora_rank, lora_targets=targets, causal=flash)
-    peak = compute.peak_flops(gpu, plan.compute_dtype)
+    peak = compute.peak_flops(gpu, plan.matmul_dtype)
     reports = [CollectiveReport(name=c.name, kind=c.kind, group=c.group, group_size=c.group_size, count=c.count,
                                 tensor_bytes=c.tensor_bytes, bytes_per_rank=c.bytes_per_rank, time_s=c.time_s,
                                 exposed_s=x, overlapped=c.overlapped, link=c.link) for c, x in zip(items, exposed)]
@@ -437,6 +445,20 @@ def estimate_sft(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec, *,
         efficiency={"matmul": eff.matmul, "memory": eff.memory, "software": eff.software, "source": eff.source},
         phases=sft_phases, model_states={"model": dict(b_states.gpu)},
     )
+
+
+def _profile(gpu: GPUSpec, style: compute.Style):
+    """The device profile of an op-level time (transformers' programs), or None (Megatron's style, a
+    card no profile can price)."""
+    if style != "hf":
+        return None
+    from planner.engine.devices import profile_for
+    from planner.profiles import ProfileError
+
+    try:
+        return profile_for(gpu)
+    except ProfileError:
+        return None
 
 
 def _part_targets(part: ModelSpec, targets: list) -> list:

@@ -69,13 +69,14 @@ from planner.engine.tape import DTYPE_BYTES
 from planner.gpus import GPUSpec
 from planner.engine import compute
 from planner.engine.distributed import comm
-from planner.engine.distributed.ranks import (ActivationModel, CollectiveReport, DistributedEstimate, RankMemory, StepTime,
+from planner.engine.distributed.ranks import (_profile, ActivationModel, CollectiveReport, DistributedEstimate, RankMemory, StepTime,
                                        _activations, _collectives, _exposed, _param_bytes_compute, _part_targets,
                                        optimizer_seconds, rank_moments)
 from planner.engine.distributed.layout import Layout, LayoutError
 from planner.engine.distributed.shard import rank_spec
 from planner.engine.distributed.zero import (RankStates, engine_description, forward_gathered, frozen_model_states, fsdp_moment_gathered,
                                    rank_model_states, semantics)
+from planner.engine.timing import train_micro_batch
 from planner.specs import Plan
 from planner.workload import ModelUse, Phase, Workload
 
@@ -226,9 +227,15 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
     whole_rows = ph.batch * layout.dp * mb
     targets = lora_targets(spec, setup) if setup.method != "full" else []
     fl = dict(method=setup.method, lora_rank=setup.lora_rank, lora_targets=targets, causal=setup.attn == "sdpa")
+    profile = _profile(gpu, style)
     if ph.kind == "train_step":
-        t = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, sp=False,
-                                     **kw)
+        if profile is not None:  # the rank's share of the replayed program, op by op
+            fwd_s, bwd_s = train_micro_batch(m.part, setup, profile, ph.batch, ph.seq, loss=ph.loss,
+                                             passes=ph.passes, loss_ops=ph.loss_ops)
+            t = compute.MicroBatchTime(fwd_s, bwd_s, 0.0)
+        else:
+            t = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, grad_ckpt=setup.grad_ckpt, sp=False,
+                                         **kw)
         items = _collectives(spec, setup, layout, topo, 0, m.states, m.res.trainable_elems, m.res.trainable_dtype,
                              _param_bytes_compute(m.part, setup, m.res), rows=ph.batch, seq=ph.seq)
         exposed = _exposed(items, t.forward, t.backward + t.recompute)
@@ -236,7 +243,8 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
         f = compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, grad_ckpt=setup.grad_ckpt, **fl)
         return _PhaseTime(mb * t.total + opt_s, items, exposed, opt_s, f.model, f.hardware)
     if ph.kind in ("score", "forward"):
-        fwd = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
+        fwd = (_rank_phase(ph, m, profile).total_s if profile is not None
+               else compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, **kw).forward)
         items = _tp_forward(m, layout, topo, ph.batch, ph.seq, mb, ph.name) + _gather(m, layout, topo, mb, ph.name)
         f = compute.micro_batch_flops(spec, whole_rows * ph.seq, ph.seq, **fl).forward
         return _PhaseTime(mb * fwd, items, _exposed(items, fwd, 0.0), 0.0, f, f)
@@ -245,12 +253,17 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
 
         prefill = compute.micro_batch_time(m.part, ph.batch * ph.seq, ph.seq, gpu, **kw).forward
         steps = max(ph.new_tokens - 1, 0)
+        if profile is not None:  # generate() on the rank's share, op by op: prefill, then the decode steps
+            pt = _rank_phase(ph, m, profile)
+            prefill = pt.total_s * pt.parts.get("prefill", 0.0) / max(sum(pt.parts.values()), 1e-30)
         mean_len = ph.seq + ph.new_tokens / 2
         bw = (gpu.mem_bandwidth_gb_per_s or 1000.0) * 1e9 * eff.memory * eff.software
         read = m.res.param_bytes + m.res.quant_state_bytes + \
             kv_bytes_per_token(m.part, m.res.non_linear_dtype) * ph.batch * mean_len
         step_compute = compute.micro_batch_time(m.part, ph.batch, int(mean_len), gpu, causal=False, **kw).forward
         decode_step = max(read / bw, step_compute)
+        if profile is not None and steps:
+            decode_step = (pt.total_s - prefill) / steps
         pre_items = _tp_forward(m, layout, topo, ph.batch, ph.seq, mb, "prefill") + _gather(m, layout, topo, mb,
                                                                                             "prefill")
         dec_items = (_tp_forward(m, layout, topo, ph.batch, 1, mb * steps, "decode")
@@ -261,6 +274,15 @@ def _phase_time(ph: Phase, m: _Model, layout: Layout, gpu: GPUSpec, topo: comm.T
         return _PhaseTime(mb * (prefill + steps * decode_step), pre_items + dec_items, exposed, 0.0, f, f)
     raise LayoutError(f"task: phase '{ph.name}' is a '{ph.kind}' program, which the distributed estimate "
                       "does not model")
+
+
+def _rank_phase(ph: Phase, m: "_Model", profile):
+    """planner.engine.timing.phase_time of one phase run by the rank's share of its model."""
+    from planner.engine.timing import phase_time
+    from planner.workload import ModelUse, Workload
+
+    use = ModelUse(m.use.role, m.part, m.use.setup, trainable=m.use.trainable, ref=m.use.ref)
+    return phase_time(ph, Workload(technique="rank", models=(use,), phases=(ph,)), profile)
 
 
 # ---- the estimate ----------------------------------------------------------------------------------
@@ -362,7 +384,9 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
                         device_bytes=reserved + gpu.cuda_context_bytes, peak_phase=peak_name, breakdown=breakdown,
                         details=details, cpu_bytes=int(cpu))
     tokens = tokens_per_step(workload) * layout.dp * layout.grad_accum
-    peak = compute.peak_flops(gpu, plan.compute_dtype)
+    from planner.engine.timing import peak_flops
+
+    peak = peak_flops(workload, gpu)
     phase_s = {k: v + sum(c.time_s for c in offload_items if c.name.startswith(f"{k}: ")) for k, v in phase_s.items()}
     return DistributedEstimate(
         layout=layout, semantics=semantics(layout), memory=memory, stages=[memory],
