@@ -63,10 +63,10 @@ class RateCurve(BaseModel):
             return pts[0][1]
         if size >= pts[-1][0]:
             return pts[-1][1]
-        sizes = _sizes(pts)
+        sizes, logs = _prepared(pts)
         i = bisect.bisect_right(sizes, size)
-        (s0, r0), (s1, r1) = pts[i - 1], pts[i]
-        w = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+        r0, r1 = pts[i - 1][1], pts[i][1]
+        w = (math.log(size) - logs[i - 1]) / (logs[i] - logs[i - 1])
         return r0 + w * (r1 - r0)
 
     def seconds(self, size: float) -> float:
@@ -75,8 +75,9 @@ class RateCurve(BaseModel):
 
 
 @lru_cache(maxsize=256)
-def _sizes(pts: tuple[tuple[float, float], ...]) -> list[float]:
-    return [p[0] for p in pts]
+def _prepared(pts: tuple[tuple[float, float], ...]) -> tuple[list[float], list[float]]:
+    """The sizes and their logarithms (a curve is priced thousands of times per estimate)."""
+    return [p[0] for p in pts], [math.log(p[0]) for p in pts]
 
 
 class HostCosts(BaseModel):

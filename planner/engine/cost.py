@@ -26,6 +26,8 @@ real program (planner.backends.dryrun.ops), kind by kind.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,36 +46,122 @@ class StretchCost:
     sync: bool = False
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """An OpList prepared for pricing (built once per list: programs are cached per plan shape):
+    the host-side counts, and the kernel ops merged by (kind, FLOPs, bytes, dtype)."""
+
+    kernels: int  # ops that run a kernel (the host cost of the stretch's mode)
+    host_ops: int  # ops on host tensors
+    views: int  # views and bookkeeping
+    syncs: int
+    modules: int
+    calls: tuple[tuple[str, float], ...]
+    # (count, priced, dtype, kind, fc, ft, fq, bc, bt, bq)
+    groups: tuple[tuple, ...]
+
+
+_compiled: dict[int, tuple[OpList, _Compiled]] = {}
+
+
+def _compile(ops: OpList) -> _Compiled:
+    hit = _compiled.get(id(ops))
+    if hit is not None and hit[0] is ops:
+        return hit[1]
+    kernels = host_ops = views = syncs = 0
+    merged: dict[tuple, int] = {}
+    for op in ops.ops:
+        k, n = op.kind, op.count
+        if k in ("view", "other"):
+            views += n
+        elif k == "sync":
+            syncs += n
+        elif k == "host":
+            host_ops += n
+        else:
+            kernels += n
+            key = (k in PRICED, op.dtype, k, op.flops.c, op.flops.t, op.flops.q, op.bytes.c, op.bytes.t, op.bytes.q)
+            merged[key] = merged.get(key, 0) + n
+    c = _Compiled(kernels, host_ops, views, syncs, ops.modules, tuple(ops.calls.items()),
+                  tuple((n, *key) for key, n in merged.items()))
+    if len(_compiled) > 65536:
+        _compiled.clear()
+    _compiled[id(ops)] = (ops, c)
+    return c
+
+
+def _seconds_fn(curve):
+    """size -> size / rate(size) for a RateCurve, as a closure over plain floats (RateCurve.rate's
+    arithmetic without its attribute lookups: an estimate prices a few hundred ops)."""
+    pts = curve.points
+    sizes = [p[0] for p in pts]
+    rates = [p[1] for p in pts]
+    logs = [math.log(x) for x in sizes]
+    lo, hi, r_lo, r_hi = sizes[0], sizes[-1], rates[0], rates[-1]
+
+    def seconds(size: float) -> float:
+        if size <= lo:
+            return size / r_lo
+        if size >= hi:
+            return size / r_hi
+        i = bisect.bisect_right(sizes, size)
+        w = (math.log(size) - logs[i - 1]) / (logs[i] - logs[i - 1])
+        return size / (rates[i - 1] + w * (rates[i] - rates[i - 1]))
+
+    return seconds
+
+
+_fns: dict[int, tuple[DeviceProfile, dict]] = {}
+
+
+def _profile_fns(profile: DeviceProfile) -> dict:
+    hit = _fns.get(id(profile))
+    if hit is not None and hit[0] is profile:
+        return hit[1]
+    fns: dict = {"memory": _seconds_fn(profile.memory)}
+    for dtype in set(profile.matmul) | set(profile.attention) | {"fp32", "bf16", "fp16"}:
+        fns[("matmul", dtype)] = _seconds_fn(profile.matmul_curve(dtype))
+        fns[("attention", dtype)] = _seconds_fn(profile.attention_curve(dtype))
+    if len(_fns) > 64:
+        _fns.clear()
+    _fns[id(profile)] = (profile, fns)
+    return fns
+
+
+_device: dict[tuple, tuple] = {}
+
+
 def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: str = "grad") -> StretchCost:
     """Host and device seconds of one stretch at T = tokens, S = seq (module doc); `mode`: nograd,
-    grad (a forward autograd records) or backward, for the host cost of an op."""
+    grad (a forward autograd records) or backward, for the host cost of an op. The device seconds
+    are cached per (op list, sizes, profile): programs are cached per plan shape, so a warm estimate
+    at sizes seen before prices nothing again."""
+    c = _compile(ops)
     host = profile.host
+    h = (c.kernels * host.op_cost(mode) + c.host_ops * host.op_s + c.views * host.view_s + c.syncs * host.sync_s
+         + c.modules * host.module_s + sum(n * getattr(host, name) for name, n in c.calls))
+    key = (id(ops), tokens, seq, id(profile))
+    hit = _device.get(key)
+    if hit is not None and hit[0] is ops and hit[1] is profile:
+        return StretchCost(h, hit[2])
+    fns = _profile_fns(profile)
+    mem = fns["memory"]
     launch = profile.launch_s
-    mem = profile.memory
-    op_s = host.op_cost(mode)
-    h = ops.modules * host.module_s + sum(n * getattr(host, name) for name, n in ops.calls.items())
+    T, TS = float(tokens), float(tokens) * float(seq)
     d = 0.0
-    for op in ops.ops:
-        kind, n = op.kind, op.count
-        if kind in ("view", "other"):
-            h += n * host.view_s
-            continue
-        if kind == "sync":
-            h += n * host.sync_s
-            continue
-        if kind == "host":  # an op on host tensors: dispatched, no kernel
-            h += n * host.op_s
-            continue
-        h += n * op_s
-        b = float(op.bytes.at(tokens, seq))
-        t_mem = mem.seconds(b) if b > 0 else 0.0
-        if kind in PRICED:
-            f = float(op.flops.at(tokens, seq))
-            curve = profile.attention_curve(op.dtype) if kind == "attention" else profile.matmul_curve(op.dtype)
-            t = max(curve.seconds(f) if f > 0 else 0.0, t_mem)
-        else:
-            t = t_mem
+    for n, priced, dtype, kind, fc, ft, fq, bc, bt, bq in c.groups:
+        b = bc + bt * T + bq * TS
+        t = mem(b) if b > 0 else 0.0
+        if priced:
+            f = fc + ft * T + fq * TS
+            if f > 0:
+                tf = fns[(kind, dtype)](f)
+                if tf > t:
+                    t = tf
         d += n * (launch + t)
+    if len(_device) > 65536:
+        _device.clear()
+    _device[key] = (ops, profile, d)
     return StretchCost(h, d)
 
 
