@@ -79,15 +79,24 @@ def format_row(row: dict[str, Any]) -> list[str]:
             if e or m:
                 err = f"{100 * (e - m) / m:+7.2f}%" if m else "      -"
                 lines.append(f"  {cat:<18}{e / GiB:14.3f}{m / GiB:15.3f}   {err}")
-    if meas.step_time_s is not None:
-        lines.append(f"  step time {meas.step_time_s:.3f} s, {meas.tokens_per_s:,.0f} tokens/s")
+    est_t, meas_t = row.get("est_step_s"), row.get("meas_step_s")
+    if meas_t is not None or est_t is not None:
+        e = f"{est_t:.4f} s" if est_t is not None else "- (no profile: --profile FILE)"
+        m = f"{meas_t:.4f} s" if meas_t is not None else "- (a dry run has no time)"
+        err = f"   error {row['step_err_pct']:+.1f}%" if row.get("step_err_pct") is not None else ""
+        lines.append(f"  step time       estimate {e}   measured {m}{err}")
+        if row.get("meas_step_spread_pct") is not None:
+            lines.append(f"                  measured over {row['meas_step_repeats']} steps (median), "
+                         f"spread {row['meas_step_spread_pct']:.0f}% (min to max)")
     lines.append("  (the estimate is shown without the cuBLAS workspace, which the dry run cannot see)"
                  if meas.backend == "dry-run" else "")
     return [ln for ln in lines if ln]
 
 
-def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[str, Any]:
-    """Estimate and measure one plan; returns one row of the validation table."""
+def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile: str | None = None) -> dict[str, Any]:
+    """Estimate and measure one plan; returns one row of the validation table. Time: the estimate's
+    op-level step time (with `profile`, or the plan's card's profile on cuda), the measurement's
+    median step (real runs; on the CPU timed apart, without the tracker, one thread)."""
     from planner.backends import run_backend
     from planner.engine import estimate
     from planner.models import load_model
@@ -95,6 +104,7 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[
     spec = load_model(plan.model)
     est = estimate(plan, spec)
     meas = run_backend(backend, plan, device)
+    timing = _time_row(plan, spec, backend, device, profile, meas)
     if meas.oom:
         return {"case": describe(plan), "est_peak_gib": est.peak_allocated_bytes / GiB, "meas_peak_gib": float("nan"),
                 "peak_err_pct": float("nan"), "est_phase": est.peak_phase, "meas_phase": f"OOM in {meas.oom_phase}",
@@ -126,9 +136,42 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake") -> dict[
     row["category_misses"] = worst_cat.strip("; ")
     row["phase_errors_pct"] = phase_errors(est.phases, meas.phases, workspace)
     row["worst_phase_err_pct"] = max((abs(v) for v in row["phase_errors_pct"].values()), default=0.0)
+    row.update(timing)
     row["measurement"] = meas
     row["estimate"] = est
     return row
+
+
+def _time_row(plan: Plan, spec: Any, backend: str, device: str, profile: str | None, meas: Any) -> dict[str, Any]:
+    """est_step_s, meas_step_s (median), its spread and the error."""
+    from planner.engine.timing import step_seconds
+
+    out: dict[str, Any] = {"est_step_s": None, "meas_step_s": None, "step_err_pct": None}
+    prof = None
+    if profile is not None:
+        from planner.profiles import load_profile
+
+        prof = load_profile(profile)
+    elif device == "cuda":
+        from planner.engine.devices import profile_for
+        from planner.gpus import load_gpu
+
+        prof = profile_for(load_gpu(plan.gpu or "h200"))
+    if prof is not None:
+        out["est_step_s"] = step_seconds(plan, spec, prof)
+    if backend == "real" and device == "cpu":
+        from planner.backends.timing import time_steps
+        from planner.models import model_config
+        from planner.plugins import technique
+
+        times = sorted(time_steps(technique(plan.task), plan, model_config(plan.model), steps=7, warmup=2))
+        med = times[len(times) // 2]
+        out.update(meas_step_s=med, meas_step_repeats=len(times), meas_step_spread_pct=100 * (times[-1] - times[0]) / med)
+    elif meas.step_time_s is not None:
+        out["meas_step_s"] = meas.step_time_s
+    if out["est_step_s"] is not None and out["meas_step_s"]:
+        out["step_err_pct"] = 100.0 * (out["est_step_s"] - out["meas_step_s"]) / out["meas_step_s"]
+    return out
 
 
 def phase_errors(est: dict[str, int], meas: dict[str, int], workspace: int) -> dict[str, float]:

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="dry-run", metavar="B", help="dry-run (the real program on fake tensors) or real (default: dry-run)")
     g.add_argument("--device", default=None, metavar="D", help="fake (dry-run), cpu or cuda (real); default: fake for dry-run, cuda for real")
     g.add_argument("--out", default="reports/validation", metavar="DIR", help="where --suite writes its tables (default: reports/validation)")
+    g.add_argument("--profile", metavar="FILE|ID",
+                   help="device profile for the estimated step time (a file from `planner calibrate -o`, needed for "
+                        "--device cpu; default on cuda: the card's profile)")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
             out.print(f"wrote {Path(args.out) / (args.suite + '.md')} and .csv")
         return 0
     try:
-        row = validate.compare(plan, args.backend, device)
+        row = validate.compare(plan, args.backend, device, profile=args.profile)
     except ValueError as e:
         raise BadInput(str(e)) from None
     if args.json:
