@@ -62,6 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, metavar="NAME", help="static, continuous or chunked-prefill (default: chunked-prefill, vLLM V1)")
     g.add_argument("--compare-schedulers", nargs="?", const="all", metavar="LIST", help="also simulate these schedulers (comma list; default: all) side by side")
     g.add_argument("--calibration", metavar="FILE", help="JSON/YAML with compute_efficiency, memory_efficiency, iteration_overhead_s, ...")
+    g.add_argument("--engine-style", metavar="{vllm,transformers}", default=None,
+                   help="the serving engine whose iteration overhead is simulated: vllm (CUDA graphs, 1 ms) or "
+                        "transformers (eager continuous batching: the host time of one decode forward of the "
+                        "replayed program) (default: vllm)")
+    g.add_argument("--profile", metavar="FILE|ID",
+                   help="device profile for the efficiencies and host costs (default: the card's, as for fit)")
     g.add_argument("--compute-efficiency", type=float, metavar="F", help="achieved / peak matmul FLOP/s")
     g.add_argument("--memory-efficiency", type=float, metavar="F", help="achieved / peak memory bandwidth")
     g.add_argument("--iteration-overhead-ms", type=float, metavar="MS", help="fixed time per engine iteration (default: 1)")
@@ -105,6 +111,13 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, str, list[str]]:
     else:
         given = {k: v for k, v in flags.items() if v is not None}
         cal = build(Calibration, {**given, "source": "flags" if given else ""})
+    if args.engine_style is not None and args.engine_style not in ("vllm", "transformers"):
+        from planner.commands.common import BadInput
+        from planner.errors import did_you_mean
+
+        raise BadInput(f"engine-style: unknown engine '{args.engine_style}'{did_you_mean(args.engine_style, ('vllm', 'transformers'))} "
+                       "(choose from vllm, transformers)")
+    cal = _profile_calibration(args, spec, cal)
     scheduler = args.scheduler or DEFAULT_SCHEDULER
     compare: list[str] = []
     if args.compare_schedulers:
@@ -317,3 +330,30 @@ def _print_table(sims: list[Any], out: Any) -> None:
     out.print("  " + " " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
     for label, cells in rows:
         out.print("  " + label.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+
+
+def _profile_calibration(args: argparse.Namespace, spec: Any, cal: Any) -> Any:
+    """The iteration-time figures from the device profile (planner.serving.engines), unless the
+    user gave them; a card no profile can price keeps the roofline's documented defaults."""
+    from planner.engine.devices import profile_for
+    from planner.gpus import resolve_gpu
+    from planner.models import load_model
+    from planner.profiles import ProfileError
+    from planner.serving.engines import calibration_from_profile
+
+    try:
+        gpu = resolve_gpu(spec.gpu, spec.gpu_memory)
+        profile = profile_for(gpu, args.profile)
+    except ProfileError as e:
+        if args.profile is not None:
+            from planner.commands.common import BadInput
+
+            raise BadInput(str(e)) from None
+        return cal
+    except ValueError:  # the card: reported by the capacity step in its own words
+        return cal
+    try:
+        model = load_model(spec.model)
+    except ValueError:  # the model: likewise
+        return cal
+    return calibration_from_profile(profile, gpu, model, args.engine_style or "vllm", base=cal)

@@ -78,9 +78,11 @@ def serve(spec: ServeSpec, traffic: TrafficSpec | None = None, scheduler: str = 
     if cap.fits and reqs is not None:
         roof = Roofline(setup, calibration)
         roof_desc = roof.describe()
-        if setup.gpu.measured is None and (calibration is None or calibration.compute_efficiency is None):
-            warnings.append(f"no measured ceilings for {setup.gpu.name}: efficiencies are the H200's measured fractions "
-                            f"(compute {roof.compute_efficiency:.3f}, memory {roof.memory_efficiency:.3f})")  # fmt: skip
+        derived = calibration is not None and calibration.source.startswith("device profile derived-")
+        if setup.gpu.measured is None and (calibration is None or calibration.compute_efficiency is None or derived):
+            warnings.append(f"no measured ceilings for {setup.gpu.name}: efficiencies from public figures and the H200's "
+                            f"measured fractions (compute {roof.compute_efficiency:.3f}, memory "
+                            f"{roof.memory_efficiency:.3f})")  # fmt: skip
         for sched in scheds:
             sims.append(simulate(setup, roof, reqs, cap.layer_blocks, sched))
     return ServeResult(capacity=cap, traffic=tinfo, roofline=roof_desc, simulations=sims, warnings=warnings)
