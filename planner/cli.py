@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from planner.commands import catalog, fit, serve, validate
+from planner.commands import calibrate, catalog, fit, serve, validate
 from planner.commands.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, Out
 
 
@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "plugins": ("list the loaded plugins and what each registers", catalog.add_arguments, catalog.run_plugins),
     "validate": (validate.HELP, validate.add_arguments, validate.run),
     "serve": (serve.HELP, serve.add_arguments, serve.run),
+    "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
 }
 
 EPILOG = """\

@@ -1,0 +1,1613 @@
+"""`planner calibrate`: this machine's DeviceProfile from micro-benchmarks, or a profile's few free
+parameters fitted to whole-step measurements.
+
+Micro-benchmarks (`calibrate`), every figure a median over interleaved repeats (the cases of a sweep
+take turns, round after round, so that a burst of load on a shared machine hits all of them alike),
+with its spread ((max - min) / median) in `sources`:
+- dispatch loops: a 1-element add (host.op_s), x.view(-1) and x.t() (host.view_s), a module whose
+  forward returns its input called through __call__ vs its forward (host.module_s), .item()
+  (host.sync_s); on CUDA the device time of a 1-element add behind a backlog (launch_s);
+- dispatch under autograd: the same 1-element add and mul on a tensor that requires grad (host.grad_op_s),
+  and the backward of chains of muls per aten op its backward dispatches (host.backward_op_s);
+- a matmul sweep (F.linear over LLM-like shapes: M tokens, K and N hidden sizes and 4x hidden sizes),
+  an SDPA sweep (is_causal=True; FLOPs 4*B*H*D*S(S+1)/2) and its backward/forward ratio, and a
+  memory sweep (add into a new tensor, clone, an fp32->bf16 cast, a bf16 add; bytes = read + written):
+  points (size, achieved rate), binned into a curve (median rate in log-spaced size bins); on the CPU
+  every case cycles through copies of its operands spanning COLD_BYTES (beyond L2), as a program's
+  operands are rarely in L1/L2 when an op runs (on hot operands small ops ran up to 2.7x faster);
+- AdamW(foreach=True).step() over many tiny tensors vs few: the per-tensor cost beyond what its
+  counted aten ops are priced at (host.optimizer_tensor_s);
+- a check: small modules' forwards timed, and predicted from the finished profile by counting their
+  aten ops (a TorchDispatchMode) and module calls and pricing them as planner.profiles describes;
+- the step fit (CPU, `fit_host_to_steps`): layer_s, model_s, module_s, generate_step_s and
+  backward_op_s fitted to whole steps of built-in tiny llama programs (no-grad forwards, sft steps,
+  a LoRA step, a generate call) timed here and predicted by planner.engine.timing.step_time.
+
+Consistency with the time model. An op is priced host (op_s or view_s, + module_s per module call)
+plus device (launch_s + size / rate). On the CPU both run on one thread, so every rate is taken from
+what remains of an op's measured time once the fixed prices of the ops it dispatches (counted the same
+way) are taken off: the sum then predicts the op. On CUDA device times come from CUDA events around
+ops queued behind a `torch.cuda._sleep` backlog (the device runs them back to back, whatever the
+host's speed), host costs from the issuing loop's wall time while the device keeps up, and the fixed
+part taken off a device time is launch_s.
+
+Fitting (`read_steps`, `fit_profile`): rows of a whole-step CSV (the format of
+shared/reference/h200_measured_steps.csv), a predict function (planner.engine.timing.step_seconds in
+the CLI; any function of (plan, model, profile, gpu) in tests), and dotted paths of the profile's
+float fields; Levenberg-Marquardt from several starts, then Nelder-Mead from the best point, on the
+sum of squared log residuals, parameters bounded at >= 0; all pure Python.
+
+torch is imported inside the functions that measure, never at module import.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import itertools
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlannerInputError, did_you_mean, one_line
+from planner.profiles import DeviceProfile, HostCosts, RateCurve
+
+DEVICES = ("cpu", "cuda")
+Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
+
+
+class CalibrationError(PlannerInputError):
+    """A calibration that cannot run (unknown device, no GPU, no torch); one line."""
+
+
+class StepsError(PlannerInputError):
+    """A step-measurement CSV or a fit request that cannot be used; one line naming file, row, column."""
+
+
+# ---- settings -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    repeats: int  # interleaved rounds per case
+    sample_s: float  # target seconds of one timed sample (a loop of n calls)
+    max_calls: int  # most calls in one sample (CUDA: bounded by the launch queue)
+    mm_tokens: tuple[int, ...]
+    mm_hidden: tuple[int, ...]
+    mm_max_dim: int
+    mm_max_flops: float
+    mm_cases: int  # shapes per dtype, spread over the FLOP range
+    mm_dtypes: tuple[str, ...]
+    mem_bytes: tuple[float, float]  # smallest and largest bytes moved
+    mem_points: int  # sizes per op kind
+    sdpa_shapes: tuple[tuple[int, int, int, int], ...]  # (batch, heads, seq, head_dim)
+    sdpa_backward: int  # shapes (the first ones) whose backward is timed too
+    attn_dtypes: tuple[str, ...]
+    opt_tensors: tuple[int, int]  # parameter tensors of the few- and the many-tensor AdamW
+    dispatch_calls: int  # calls per sample in the dispatch loops (CPU)
+    check_llama: bool  # time a tiny transformers LlamaDecoderLayer as well as the MLP
+    autograd_chain: tuple[int, int] = (8, 64)  # lengths of the two chains whose backward is timed
+    # the rate sweeps cycle each case through copies of its operands spanning this many bytes, so
+    # that they come from beyond the L1/L2 caches as in a program (0: the same operands every call)
+    cold_bytes: float = 0.0
+    step_rounds: int = 5  # interleaved rounds over the calibration programs (the step fit)
+    step_programs: str = "full"  # which built-in calibration programs: quick | full
+
+
+# CPU sweeps: operands cycled over 8 MiB (beyond this machine's 2 MiB L2, within its L3): an op
+# timed on the same operands in a tight loop runs from L1/L2 and, at 4-256 kB, took 1.5-2.7x less
+# than with cold operands, while a tiny llama step's ops took ~2x their hot-loop time in the program
+COLD_BYTES = 8 * 2**20
+MAX_COPIES = 4096
+
+
+def copies_for(footprint_bytes: float, cold_bytes: float, room: int = MAX_COPIES) -> int:
+    """How many copies of a case's operands (footprint_bytes) to cycle through: enough to span
+    cold_bytes, at most `room` (what the pools hold) and MAX_COPIES; at least 1."""
+    if cold_bytes <= 0 or footprint_bytes <= 0:
+        return 1
+    return max(1, min(MAX_COPIES, int(room), math.ceil(cold_bytes / footprint_bytes)))
+
+
+def _cycle(fns: Sequence[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable calling `fns` in turn (each call the next one)."""
+    if len(fns) == 1:
+        return fns[0]
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
+
+
+def settings(device: str, quick: bool) -> Settings:
+    if device == "cuda":
+        if quick:
+            return Settings(repeats=3, sample_s=0.002, max_calls=200, mm_tokens=(1, 64, 1024, 4096),
+                            mm_hidden=(256, 1024, 4096), mm_max_dim=16384, mm_max_flops=2e11, mm_cases=10,
+                            mm_dtypes=("fp32", "bf16", "fp16"), mem_bytes=(4e3, 2.56e8), mem_points=6,
+                            sdpa_shapes=((1, 8, 512, 64), (4, 16, 2048, 128)), sdpa_backward=1,
+                            attn_dtypes=("fp32", "bf16", "fp16"), opt_tensors=(16, 128), dispatch_calls=200,
+                            check_llama=False)  # fmt: skip
+        return Settings(repeats=7, sample_s=0.003, max_calls=200, mm_tokens=(1, 4, 16, 64, 256, 1024, 4096, 8192),
+                        mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096, 8192), mm_max_dim=16384, mm_max_flops=2.2e12,
+                        mm_cases=64, mm_dtypes=("fp32", "bf16", "fp16"), mem_bytes=(4e3, 4e9), mem_points=18,
+                        sdpa_shapes=((1, 8, 128, 64), (1, 16, 512, 64), (2, 16, 1024, 128), (4, 32, 2048, 128),
+                                     (1, 32, 4096, 128), (8, 32, 4096, 128)),
+                        sdpa_backward=3, attn_dtypes=("fp32", "bf16", "fp16"), opt_tensors=(16, 256),
+                        dispatch_calls=200, check_llama=True)  # fmt: skip
+    if quick:
+        return Settings(repeats=3, sample_s=0.001, max_calls=20000, mm_tokens=(1, 16, 256), mm_hidden=(64, 256, 1024),
+                        mm_max_dim=1024, mm_max_flops=6e7, mm_cases=8, mm_dtypes=("fp32", "bf16"),
+                        mem_bytes=(4e3, 4e6), mem_points=4, sdpa_shapes=((1, 4, 64, 32), (1, 4, 256, 64)),
+                        sdpa_backward=1, attn_dtypes=("fp32", "bf16"), opt_tensors=(8, 64), dispatch_calls=1000,
+                        check_llama=False, autograd_chain=(8, 32), step_rounds=3, step_programs="quick",
+                        cold_bytes=COLD_BYTES)  # fmt: skip
+    return Settings(repeats=9, sample_s=0.004, max_calls=100000, mm_tokens=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
+                    mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096), mm_max_dim=4096, mm_max_flops=2.5e9, mm_cases=48,
+                    mm_dtypes=("fp32", "bf16"), mem_bytes=(4e3, 2.56e8), mem_points=12,
+                    sdpa_shapes=((1, 4, 128, 64), (1, 8, 256, 64), (1, 8, 512, 64), (2, 8, 512, 64), (1, 8, 1024, 64),
+                                 (1, 8, 512, 128), (1, 4, 2048, 64), (1, 16, 1024, 64)),
+                    sdpa_backward=3, attn_dtypes=("fp32", "bf16"), opt_tensors=(16, 256), dispatch_calls=5000,
+                    check_llama=True, cold_bytes=COLD_BYTES)  # fmt: skip
+
+
+def matmul_shapes(st: Settings) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the sweep: M tokens, (K, N) in (h, h), (h, 4h), (4h, h); at most mm_cases of them,
+    spread evenly over log FLOPs."""
+    pairs: set[tuple[int, int]] = set()
+    for h in st.mm_hidden:
+        for k, n in ((h, h), (h, 4 * h), (4 * h, h)):
+            if k <= st.mm_max_dim and n <= st.mm_max_dim:
+                pairs.add((k, n))
+    shapes = sorted({(m, k, n) for m in st.mm_tokens for k, n in pairs if 2 * m * k * n <= st.mm_max_flops},
+                    key=lambda s: (2 * s[0] * s[1] * s[2], s))  # fmt: skip
+    return _spread(shapes, st.mm_cases)
+
+
+def memory_sizes(st: Settings) -> list[float]:
+    lo, hi = st.mem_bytes
+    n = st.mem_points
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [hi]
+
+
+# The elementwise mix of a transformer's forward and backward, as (name, dtype, bytes moved per element
+# of the input): an add into a new tensor, a copy, a cast, a broadcast multiply by a row (norm weights,
+# biases), an activation (a transcendental per element) and a strided copy (a transpose made contiguous).
+MEMORY_KINDS = (("add fp32", "fp32", 12), ("add bf16", "bf16", 6), ("clone fp32", "fp32", 8),
+                ("cast fp32->bf16", "fp32", 6), ("mul by a row fp32", "fp32", 8), ("mul by a row bf16", "bf16", 4),
+                ("silu fp32", "fp32", 8), ("silu bf16", "bf16", 4), ("transpose copy fp32", "fp32", 8))  # fmt: skip
+ROW = 256  # the row length of the broadcast and transposed kinds
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    if n <= 1:
+        return [items[-1]]
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+# ---- the device check, before anything runs ---------------------------------------------------------
+TORCH_HINT = "pip install torch==2.13.0 (the CPU build; or your CUDA build)"
+
+
+def check_device(device: str) -> str:
+    """The device name, or CalibrationError (one line): unknown device, torch missing, no GPU."""
+    import importlib.util
+
+    if device not in DEVICES:
+        raise CalibrationError(f"device: unknown device '{device}'{did_you_mean(device, DEVICES) or ''} "
+                               f"(choose from {', '.join(DEVICES)})")
+    if importlib.util.find_spec("torch") is None:
+        raise CalibrationError(f"calibrate measures with torch, which is not installed: {TORCH_HINT}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CalibrationError(f"device: cuda is not available here (torch {torch.__version__}: "
+                                   "torch.cuda.is_available() is False); calibrate this machine with --device cpu")
+    return device
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _spread_of(xs: Sequence[float]) -> float:
+    m = _median(xs)
+    return (max(xs) - min(xs)) / m if xs and m > 0 else 0.0
+
+
+class _Clock:
+    """Per-call seconds of a callable. CPU: the wall clock around a loop. CUDA: `device_s` from events
+    around calls queued behind a `_sleep` backlog (device time, back to back), `host_s` the issuing
+    loop's wall time (started with the device idle), `wall_s` issue + finish."""
+
+    def __init__(self, torch: Any, device: str):
+        self.torch = torch
+        self.cuda = device == "cuda"
+        self.cycles_per_s = 0.0
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(1000)  # warm-up
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            rates = []
+            for _ in range(3):
+                e0.record()
+                torch.cuda._sleep(2_000_000)
+                e1.record()
+                e1.synchronize()
+                rates.append(2_000_000 / (e0.elapsed_time(e1) / 1e3))
+            self.cycles_per_s = _median(rates)
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def host_s(self, fn: Callable[[], Any], n: int) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        self.sync()
+        return (t1 - t0) / n
+
+    def wall_s(self, fn: Callable[[], Any], n: int) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t0) / n
+
+    def device_s(self, fn: Callable[[], Any], n: int) -> float:
+        if not self.cuda:
+            return self.wall_s(fn, n)
+        torch = self.torch
+        backlog = min(0.2, 60e-6 * n + 200e-6)
+        for _ in range(3):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(self.cycles_per_s * backlog))
+            t0 = time.perf_counter()
+            e0.record()
+            for _ in range(n):
+                fn()
+            e1.record()
+            issued = time.perf_counter() - t0
+            e1.synchronize()
+            if issued < 0.8 * backlog or backlog >= 0.2:
+                break
+            backlog = min(0.2, 2 * issued + 200e-6)  # the host fell behind the backlog: queue more
+        return e0.elapsed_time(e1) / 1e3 / n
+
+
+@dataclass
+class _Case:
+    key: Any
+    fn: Callable[[], Any]
+    how: str = "device"  # device | host | wall
+    n: int = 1
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return _median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        return _spread_of(self.samples)
+
+
+class _Runner:
+    def __init__(self, clock: _Clock, st: Settings, progress: Progress | None, total: int):
+        self.clock, self.st, self.progress = clock, st, progress
+        self.done, self.total = 0, max(total, 1)
+        self.stage = ""
+
+    def tick(self, k: int = 1) -> None:
+        self.done += k
+        if self.progress is not None:
+            self.progress(self.stage, min(self.done, self.total), self.total)
+
+    def time(self, c: _Case, n: int) -> float:
+        how = {"device": self.clock.device_s, "host": self.clock.host_s, "wall": self.clock.wall_s}[c.how]
+        return how(c.fn, n)
+
+    def run(self, stage: str, cases: list[_Case], repeats: int | None = None) -> list[_Case]:
+        """Pilot (warm-up, calls per sample), then `repeats` rounds over all cases, each round in
+        another order (rotated; every other one reversed)."""
+        self.stage = stage
+        repeats = repeats or self.st.repeats
+        for c in cases:
+            c.fn()
+            c.fn()
+            n, t = 1, self.time(c, 1)
+            while t * n < self.st.sample_s / 8 and n < self.st.max_calls:
+                n = min(self.st.max_calls, n * 8)
+                t = self.time(c, n)
+            c.n = max(1, min(self.st.max_calls, round(self.st.sample_s / max(t, 1e-9))))
+            self.tick()
+        for r in range(repeats):
+            k = r % len(cases) if cases else 0
+            order = cases[k:] + cases[:k]
+            for c in (order[::-1] if r % 2 else order):
+                c.samples.append(self.time(c, c.n))
+                self.tick()
+        return cases
+
+
+def planned_samples(st: Settings, device: str) -> int:
+    """Samples the calibration takes (for the progress bar): (pilot + repeats) per case."""
+    per = st.repeats + 1
+    dispatch = 7 + (1 if device == "cuda" else 0)
+    mm = len(matmul_shapes(st)) * len(st.mm_dtypes)
+    attn = len(st.sdpa_shapes) * len(st.attn_dtypes) + st.sdpa_backward * len(st.attn_dtypes)
+    mem = len(memory_sizes(st)) * len(MEMORY_KINDS)
+    opt = 2
+    check = 1 + (2 if st.check_llama else 0)
+    autograd = 6
+    return per * (dispatch + autograd + mm + attn + mem + opt + check)
+
+
+# ---- counting and pricing ops ---------------------------------------------------------------------
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_int_mm"}
+ATTENTION_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
+                 "_efficient_attention_forward"}  # fmt: skip
+# metadata-only or host-only ops whose schema does not say so (no alias annotation)
+HOST_ONLY_OPS = {"_unsafe_view", "_reshape_alias", "lift_fresh", "alias", "detach", "empty", "empty_strided",
+                 "empty_like", "new_empty", "new_empty_strided", "_record_function_enter",
+                 "_record_function_enter_new", "_record_function_exit", "set_", "resize_", "sym_size",
+                 "sym_stride", "sym_numel", "is_same_size", "_has_compatible_shallow_copy_type"}  # fmt: skip
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero"}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    kind: str  # matmul | attention | kernel | view | sync
+    flops: float = 0.0
+    bytes: float = 0.0
+    dtype: str = "fp32"
+
+
+def _tensors(torch: Any, xs: Any) -> Iterable[Any]:
+    if isinstance(xs, torch.Tensor):
+        yield xs
+    elif isinstance(xs, (list, tuple)):
+        for x in xs:
+            yield from _tensors(torch, x)
+    elif isinstance(xs, dict):
+        for x in xs.values():
+            yield from _tensors(torch, x)
+
+
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size()
+
+
+def _causal_pairs(sq: int, skv: int) -> int:
+    """Query-key pairs a causal (top-left aligned, as torch's is_causal) kernel computes."""
+    if sq <= skv:
+        return sq * (sq + 1) // 2
+    return skv * (skv + 1) // 2 + (sq - skv) * skv
+
+
+def _sdpa_flops(func: Any, args: tuple, kwargs: dict) -> float:
+    names = [a.name for a in func._schema.arguments]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+    if q is None or k is None or v is None:
+        q, k, v = args[0], args[1], args[2]
+    b_h = q.numel() // (q.shape[-2] * q.shape[-1])
+    sq, skv, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    pairs = _causal_pairs(sq, skv) if bound.get("is_causal") else sq * skv
+    return 2.0 * b_h * pairs * (d + dv)
+
+
+def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
+    """One aten op as the time model sees it: its kind, FLOPs, bytes read + written, dtype."""
+    name = func.overloadpacket.__name__
+    schema = func._schema
+    dtype = "fp32"
+    for t in _tensors(torch, (args, kwargs)):
+        if t.is_floating_point():
+            dtype = DTYPE_NAMES.get(str(t.dtype).removeprefix("torch."), "fp32")
+            break
+    if name in SYNC_OPS:
+        return Op(name, "sync", dtype=dtype)
+    if name in HOST_ONLY_OPS or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return Op(name, "view", dtype=dtype)
+    moved = sum(_nbytes(t) for t in _tensors(torch, (args, kwargs))) + sum(_nbytes(t) for t in _tensors(torch, out))
+    base = name.removesuffix("_backward")
+    if base in ATTENTION_OPS:
+        flops = _sdpa_flops(func, args, kwargs)
+        return Op(name, "attention", flops * (2.5 if name.endswith("_backward") else 1.0), moved, dtype)
+    if name in MATMUL_OPS:
+        outs = list(_tensors(torch, out))
+        mats = [t for t in _tensors(torch, args) if t.dim() >= 1]
+        a = mats[1] if name in ("addmm", "baddbmm", "addbmm", "addmv") and len(mats) > 2 else mats[0]
+        k = a.shape[-1] if a.dim() else 1
+        flops = 2.0 * (outs[0].numel() if outs else 1) * k
+        if name == "addbmm":
+            flops *= a.shape[0]
+        return Op(name, "matmul", flops, moved, dtype)
+    return Op(name, "kernel", 0.0, moved, dtype)
+
+
+def count_ops(torch: Any, fn: Callable[[], Any]) -> tuple[list[Op], int, Any]:
+    """The aten ops `fn` dispatches (a TorchDispatchMode), the nn.Module calls it makes, its result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[Op] = []
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            ops.append(classify(torch, func, args, kwargs, out))
+            return out
+
+    calls = [0]
+
+    def hook(module: Any, inputs: Any) -> None:
+        calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with _Counter():
+            result = fn()
+    finally:
+        handle.remove()
+    return ops, calls[0], result
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What the time model prices ops with (a DeviceProfile's figures, or those measured so far)."""
+
+    op_s: float
+    view_s: float
+    module_s: float = 0.0
+    sync_s: float = 0.0
+    launch_s: float = 0.0
+    asynchronous: bool = False
+    matmul: dict[str, RateCurve] = field(default_factory=dict)
+    attention: dict[str, RateCurve] = field(default_factory=dict)
+    memory: RateCurve | None = None
+
+    @classmethod
+    def of(cls, p: DeviceProfile) -> Prices:
+        return cls(op_s=p.host.op_s, view_s=p.host.view_s, module_s=p.host.module_s, sync_s=p.host.sync_s,
+                   launch_s=p.launch_s, asynchronous=p.asynchronous, matmul=dict(p.matmul),
+                   attention={d: p.attention_curve(d) for d in ("fp32", "bf16", "fp16")}, memory=p.memory)  # fmt: skip
+
+    def _curve(self, table: dict[str, RateCurve], dtype: str) -> RateCurve | None:
+        return table.get(dtype) or table.get("fp32") or next(iter(table.values()), None)
+
+    def op(self, op: Op, sizes: bool = True) -> tuple[float, float]:
+        """(host, device) seconds of one op; without `sizes`, only the fixed parts (no size / rate)."""
+        if op.kind == "view":
+            return self.view_s, 0.0
+        if op.kind == "sync":
+            return self.sync_s, 0.0
+        device = self.launch_s
+        if sizes:
+            mem = op.bytes / self.memory.rate(op.bytes) if self.memory is not None and op.bytes > 0 else 0.0
+            if op.kind in ("matmul", "attention"):
+                curve = self._curve(self.matmul if op.kind == "matmul" else (self.attention or self.matmul), op.dtype)
+                comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
+                device += max(comp, mem)
+            else:
+                device += mem
+        return self.op_s, device
+
+    def total(self, ops: Sequence[Op], modules: int = 0, sizes: bool = True) -> tuple[float, float, float]:
+        """(host, device, total) of a stretch between two syncs: host + device, or max of them (async)."""
+        host = modules * self.module_s
+        device = 0.0
+        for o in ops:
+            h, d = self.op(o, sizes)
+            host += h
+            device += d
+        return host, device, (max(host, device) if self.asynchronous else host + device)
+
+    def fixed(self, ops: Sequence[Op]) -> float:
+        """The part of a measured time that is not size / rate: CPU: host + launch; CUDA device time:
+        launch_s per kernel."""
+        host, device, _ = self.total(ops, sizes=False)
+        return device if self.asynchronous else host + device
+
+
+def _rate(size: float, seconds: float, fixed: float) -> float:
+    """size / (seconds - fixed), the remainder kept >= 5% of the time (noise on tiny ops)."""
+    return size / max(seconds - fixed, 0.05 * seconds, 1e-12)
+
+
+def binned_curve(points: Iterable[tuple[float, float]], per_decade: int = 3) -> RateCurve:
+    """Median rate in log-spaced size bins (`per_decade` a decade), at the bins' median sizes."""
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for size, rate in points:
+        if size > 0 and rate > 0 and math.isfinite(size) and math.isfinite(rate):
+            bins.setdefault(math.floor(math.log10(size) * per_decade + 1e-9), []).append((size, rate))
+    pts: list[tuple[float, float]] = []
+    for b in sorted(bins):
+        sizes = [s for s, _ in bins[b]]
+        size = float(math.exp(_median([math.log(s) for s in sizes])))
+        if pts and size <= pts[-1][0]:
+            continue
+        pts.append((round(size, 6 - int(math.floor(math.log10(size)))), float(_median([r for _, r in bins[b]]))))
+    if not pts:
+        raise CalibrationError("calibrate: no usable measurement for a curve")
+    # rounding must keep them strictly ascending
+    out = [pts[0]]
+    for s, r in pts[1:]:
+        if s > out[-1][0]:
+            out.append((s, r))
+    return RateCurve(points=tuple(out))
+
+
+def matmul_curve(raw: Sequence[tuple[float, float, float, float, float]], memory: RateCurve,
+                 per_decade: int = 3) -> tuple[RateCurve, int]:  # fmt: skip
+    """The matmul curve from (FLOPs, bytes, time, fixed, spread) per shape: FLOPs / (time - fixed), in
+    log bins, from the shapes the memory term would not explain (bytes / memory rate under half the
+    remainder): the time model prices a matmul at max(FLOPs / rate, bytes / memory rate), so a
+    memory-bound shape (a GEMV at M = 1) is priced by its bytes. A bin holding only memory-bound
+    shapes keeps them. Returns the curve and how many shapes it was taken from."""
+    pts_all = [(f, _rate(f, t, fx), b / memory.rate(b) < 0.5 * max(t - fx, 0.05 * t)) for f, b, t, fx, _ in raw]
+    bins: dict[int, list[tuple[float, float, bool]]] = {}
+    for p in pts_all:
+        bins.setdefault(math.floor(math.log10(p[0]) * per_decade + 1e-9), []).append(p)
+    pts: list[tuple[float, float]] = []
+    for b in bins.values():
+        compute = [(f, r) for f, r, c in b if c]
+        pts += compute or [(f, r) for f, r, _ in b]
+    kept = sum(1 for *_, c in pts_all if c)
+    return binned_curve(pts, per_decade), kept
+
+
+# ---- the calibration ------------------------------------------------------------------------------
+@dataclass
+class CheckResult:
+    name: str
+    measured_s: float
+    predicted_s: float
+    spread: float
+    ops: int
+    modules: int
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+
+@dataclass
+class Calibration:
+    profile: DeviceProfile
+    checks: list[CheckResult]
+    elapsed_s: float
+    notes: dict[str, str] = field(default_factory=dict)
+    step_fit: Any = None  # StepFit: the host costs fitted to the built-in calibration programs (CPU)
+
+
+def calibrate(device: str = "cpu", quick: bool = False, progress: Progress | None = None,
+              threads: int | None = None, steps: bool | None = None) -> DeviceProfile:
+    """Measure this machine's DeviceProfile (see the module docstring). `threads`: torch's intra-op
+    threads during the measurement (default: torch's own, what a program gets). `steps`: fit the
+    host costs the micro-benchmarks cannot see to the built-in calibration programs (default: on
+    the CPU, when transformers and peft are installed)."""
+    return run_calibration(device, quick, progress, threads, steps).profile
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e6:.3g} us" if s < 1e-3 else f"{s * 1e3:.3g} ms"
+
+
+def _fmt_rate(r: float, unit: str) -> str:
+    return f"{r / 1e9:.3g} G{unit}/s"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def run_calibration(device: str = "cpu", quick: bool = False, progress: Progress | None = None,
+                    threads: int | None = None, steps: bool | None = None) -> Calibration:
+    """The profile, the check's results and the time taken (what `planner calibrate` reports).
+    `steps`: run the step fit (`fit_host_to_steps`) after the micro-benchmarks; None: on the CPU when
+    transformers and peft are installed (on CUDA it does not run: its programs run on the CPU)."""
+    check_device(device)
+    if threads is not None and threads < 1:
+        raise CalibrationError(f"threads: must be >= 1 (got {threads})")
+    if steps and device != "cpu":
+        raise CalibrationError("steps: the step fit times CPU programs; it applies to --device cpu only")
+    missing = step_fit_available() if device == "cpu" else "the step fit times CPU programs"
+    if steps and missing:
+        raise CalibrationError(f"steps: the step fit runs transformers programs: {missing}")
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        cal = _calibrate(torch, device, quick, progress)
+        if steps is None and missing:
+            cal.notes["step fit"] = f"not run ({missing}): layer_s, model_s and generate_step_s stay 0"
+            cal.profile = cal.profile.model_copy(
+                update={"sources": {**cal.profile.sources, "step fit": f"not run: {missing}"}})
+        elif steps is not False and device == "cpu":
+            st = settings(device, quick)
+            started = time.perf_counter() - cal.elapsed_s
+            cal.step_fit = fit_host_to_steps(cal.profile, rounds=st.step_rounds, which=st.step_programs,
+                                             threads=None, progress=progress)  # fmt: skip
+            cal.profile = cal.step_fit.profile
+            cal.elapsed_s = time.perf_counter() - started
+        return cal
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) -> Calibration:
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    st = settings(device, quick)
+    cuda = device == "cuda"
+    dev = torch.device(device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    clock = _Clock(torch, device)
+    runner = _Runner(clock, st, progress, planned_samples(st, device))
+    sources: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    rounds = f"median of {st.repeats} interleaved rounds"
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(n: int, dtype: Any) -> Any:
+        return (torch.randn(n, device=dev, generator=gen) * 0.5).to(dtypes[dtype] if isinstance(dtype, str) else dtype)
+
+    prev_grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        # -- dispatch loops (their figures price the fixed part of every later case) --
+        a, b = torch.ones(1, device=dev), torch.ones(1, device=dev)
+        a2 = torch.ones(1, 1, device=dev)
+
+        class _Nothing(torch.nn.Module):
+            def forward(self, x: Any) -> Any:
+                return x
+
+        nothing = _Nothing()
+        host = "host" if cuda else "wall"
+        cases = [_Case("add", lambda: torch.add(a, b), host), _Case("view", lambda: a.view(-1), host),
+                 _Case("t", lambda: a2.t(), host), _Case("module", lambda: nothing(a), host),
+                 _Case("forward", lambda: nothing.forward(a), host), _Case("item", lambda: a.item(), host),
+                 _Case("empty", lambda: None, host)]  # fmt: skip
+        if cuda:
+            cases.append(_Case("launch", lambda: torch.add(a, b), "device"))
+        d = {c.key: c for c in runner.run("dispatch", cases)}
+        launch_s = d["launch"].median if cuda else 0.0
+        op_s = d["add"].median if cuda else max(d["add"].median - launch_s, 0.0)
+        view_s = (d["view"].median + d["t"].median) / 2
+        module_s = max(d["module"].median - d["forward"].median, 0.0)
+        sync_s = d["item"].median
+        how = "host time of the issuing loop, the device idle at its start" if cuda else "wall time of a loop"
+        sources["host.op_s"] = (f"torch.add of two 1-element tensors: {_fmt_s(d['add'].median)} a call ({how}, "
+                                f"{d['add'].n} calls a sample, {rounds}, spread {d['add'].spread:.0%})"
+                                + ("" if cuda else " minus launch_s (0 on the CPU)")
+                                + f"; a Python call of an empty lambda alone: {_fmt_s(d['empty'].median)}")
+        sources["host.view_s"] = (f"mean of x.view(-1) ({_fmt_s(d['view'].median)}, spread {d['view'].spread:.0%}) and "
+                                  f"x.t() ({_fmt_s(d['t'].median)}, spread {d['t'].spread:.0%}) a call ({how}, {rounds})")
+        sources["host.module_s"] = (f"an nn.Module whose forward returns its input, called ({_fmt_s(d['module'].median)}) "
+                                    f"minus its forward called directly ({_fmt_s(d['forward'].median)}) ({how}, {rounds}, "
+                                    f"spreads {d['module'].spread:.0%}, {d['forward'].spread:.0%})")
+        sources["host.sync_s"] = (f"x.item() on a 1-element {device} tensor ({how}, {rounds}, spread {d['item'].spread:.0%})")
+        sources["launch_s"] = (f"device time of a 1-element add, from CUDA events around {d['launch'].n} adds queued "
+                               f"behind a torch.cuda._sleep backlog ({rounds}, spread {d['launch'].spread:.0%})"
+                               if cuda else "0 on the CPU: an op's fixed time is all host (host.op_s)")
+        prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
+                        asynchronous=cuda)
+
+        def fixed_of(fn: Callable[[], Any]) -> float:
+            ops, _, _ = count_ops(torch, fn)
+            return prices.fixed(ops)
+
+        # -- autograd: a forward op that autograd records, an op the backward runs --
+        grad_op_s, backward_op_s, autograd_src = _autograd(torch, runner, st, dev, view_s, how, rounds)
+        sources.update(autograd_src)
+
+        # -- matmuls: F.linear(x, w) = t + mm, the layout of a Linear layer --
+        shapes = matmul_shapes(st)
+        mm_raw: dict[str, list[tuple[float, float, float, float, float]]] = {}  # flops, bytes, time, fixed, spread
+        for dt in st.mm_dtypes:
+            elem = 4 if dt == "fp32" else 2
+            maxa = max(max(m * k for m, k, _ in shapes), int(st.cold_bytes / 2 / elem))
+            maxb = max(max(k * n for _, k, n in shapes), int(st.cold_bytes / 2 / elem))
+            pool_a, pool_b = randn(maxa, dt), randn(maxb, dt)
+            cases = []
+            for m, k, n in shapes:
+                copies = copies_for((m * k + k * n) * elem, st.cold_bytes, min(maxa // (m * k), maxb // (k * n)))
+                fns = [lambda x=pool_a[j * m * k: (j + 1) * m * k].view(m, k),
+                       w=pool_b[j * k * n: (j + 1) * k * n].view(n, k): F.linear(x, w) for j in range(copies)]
+                cases.append(_Case((m, k, n), _cycle(fns)))
+            fixed = fixed_of(cases[0].fn)
+            runner.run(f"matmul {dt}", cases)
+            size = pool_a.element_size()
+            mm_raw[dt] = [(2.0 * m * k * n, float((m * k + n * k + m * n) * size), c.median, fixed, c.spread)
+                          for (m, k, n), c in zip(shapes, cases)]  # fmt: skip
+            del pool_a, pool_b, cases
+
+        # -- attention: SDPA, causal --
+        attention: dict[str, RateCurve] = {}
+        ratios: dict[str, list[float]] = {}
+        for dt in st.attn_dtypes:
+            cases, bwd, flops = [], [], []
+            for i, (bb, hh, ss, dd) in enumerate(st.sdpa_shapes):
+                numel = bb * hh * ss * dd
+                copies = min(64, copies_for(3 * numel * (4 if dt == "fp32" else 2), st.cold_bytes))
+                qkv = [tuple(randn(numel, dt).view(bb, hh, ss, dd) for _ in range(3)) for _ in range(copies)]
+                q, k, v = qkv[0]
+                cases.append(_Case((bb, hh, ss, dd), _cycle(
+                    [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v in qkv])))
+                flops.append(4.0 * bb * hh * dd * ss * (ss + 1) / 2)
+                if i < st.sdpa_backward:
+                    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+                    g = randn(bb * hh * ss * dd, dt).view(bb, hh, ss, dd)
+
+                    def fb(qg: Any = qg, kg: Any = kg, vg: Any = vg, g: Any = g) -> Any:
+                        with torch.enable_grad():
+                            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+                            return torch.autograd.grad(o, (qg, kg, vg), g)
+
+                    bwd.append(_Case(("fb", i), fb))
+            fixed = fixed_of(cases[0].fn)
+            runner.run(f"attention {dt}", cases + bwd)
+            pts = [(f, _rate(f, c.median, fixed)) for f, c in zip(flops, cases)]
+            attention[dt] = binned_curve(pts)
+            ratios[dt] = [max(fbc.median - c.median, 0.0) / c.median for fbc, c in zip(bwd, cases)]
+            spreads = [c.spread for c in cases + bwd]
+            sources[f"attention.{dt}"] = (
+                f"F.scaled_dot_product_attention(q, k, v, is_causal=True) ({dt}) over (B, H, S, D) in "
+                f"{', '.join(str(s) for s in st.sdpa_shapes)}; FLOPs 4*B*H*D*S(S+1)/2; rate = FLOPs / (time - "
+                f"{_fmt_s(fixed)} fixed); {rounds}; spreads median {_median(spreads):.0%}, worst {max(spreads):.0%}")
+            del cases, bwd
+        sources["attention.backward"] = (
+            "backward / forward time of causal SDPA (torch.autograd.grad of the output, inputs requiring grad), "
+            + "; ".join(f"{dt}: {', '.join(f'{r:.2f}' for r in rs)} for {', '.join(str(s) for s in st.sdpa_shapes[:len(rs)])}"
+                        for dt, rs in ratios.items() if rs))  # fmt: skip
+        notes["attention backward/forward"] = ", ".join(f"{dt} {_median(rs):.2f}" for dt, rs in ratios.items() if rs)
+
+        sources["operands"] = (
+            f"matmul, attention and memory sweeps: each case cycles through copies of its operands spanning "
+            f"{st.cold_bytes / 2**20:.0f} MiB (at most {MAX_COPIES} copies; attention 64), so that they come from beyond "
+            "the L1/L2 caches as a program's operands mostly do" if st.cold_bytes > 0 else
+            "matmul, attention and memory sweeps: the same operands every call (hot in the caches)")
+        # -- memory-bound ops --
+        sizes = memory_sizes(st)
+        need = {"fp32": ROW, "bf16": ROW}
+        for _, dt, per in MEMORY_KINDS:
+            need[dt] = max(need[dt], int(sizes[-1] / per) + ROW, int(st.cold_bytes / per) + ROW)
+        pools = {dt: (randn(n, dt), randn(n, dt)) for dt, n in need.items()}
+        rows = {dt: randn(ROW, dt) for dt in need}
+
+        def elementwise(kind: str, x: Any, y: Any, row: Any) -> Callable[[], Any]:
+            if kind.startswith("add"):
+                return lambda: torch.add(x, y)
+            if kind.startswith("clone"):
+                return lambda: x.clone()
+            if kind.startswith("cast"):
+                return lambda: x.to(torch.bfloat16)
+            if kind.startswith("silu"):
+                return lambda: F.silu(x)
+            x2 = x.view(-1, ROW)
+            if kind.startswith("mul by a row"):
+                return lambda: x2 * row
+            assert kind.startswith("transpose copy"), kind
+            return lambda: x2.t().contiguous()
+
+        cases, moved, fixed = [], [], []
+        for kind, dt, per in MEMORY_KINDS:
+            for size in sizes:
+                n = max(ROW, int(size / per) // ROW * ROW)
+                copies = copies_for(n * per, st.cold_bytes, need[dt] // n)
+                fn = _cycle([elementwise(kind, pools[dt][0][j * n: (j + 1) * n], pools[dt][1][j * n: (j + 1) * n],
+                                         rows[dt]) for j in range(copies)])  # fmt: skip
+                cases.append(_Case((kind, n), fn))
+                moved.append(float(n * per))
+                fixed.append(fixed_of(fn))
+        runner.run("memory", cases)
+        pts = [(m, _rate(m, c.median, fx)) for m, c, fx in zip(moved, cases, fixed)]
+        memory = binned_curve(pts)
+        spreads = [c.spread for c in cases]
+        by_kind = {k: _median([r for (m, r), c in zip(pts, cases) if c.key[0] == k and m >= 1e6] or [math.nan])
+                   for k, *_ in MEMORY_KINDS}  # fmt: skip
+        sources["memory"] = (
+            f"{', '.join(k for k, *_ in MEMORY_KINDS)} (into new tensors; rows of {ROW}) on {len(sizes)} sizes each, "
+            f"{min(moved):.3g}..{max(moved):.3g} bytes moved (read + written); rate = bytes / (time - its ops' fixed "
+            f"prices, {_fmt_s(min(fixed))}..{_fmt_s(max(fixed))}); {rounds}; spreads median {_median(spreads):.0%}, "
+            f"worst {max(spreads):.0%}; curve: median rate of all kinds in 3 bins a decade; median rate from 1 MB up "
+            f"by kind: " + ", ".join(f"{k} {_fmt_rate(r, 'B')}" for k, r in by_kind.items() if math.isfinite(r)))
+        del pools, cases
+
+        # -- the matmul curves, now that the memory curve prices a shape's bytes --
+        matmul: dict[str, RateCurve] = {}
+        for dt, raw in mm_raw.items():
+            matmul[dt], kept = matmul_curve(raw, memory)
+            spreads = [r[4] for r in raw]
+            best = max(_rate(f, t, fx) for f, _, t, fx, _ in raw)
+            sources[f"matmul.{dt}"] = (
+                f"F.linear(x[M,K], w[N,K]) ({dt}) over {len(shapes)} shapes, M in {min(s[0] for s in shapes)}.."
+                f"{max(s[0] for s in shapes)}, K and N in {min(min(s[1], s[2]) for s in shapes)}.."
+                f"{max(max(s[1], s[2]) for s in shapes)} ({raw[0][0]:.3g}..{raw[-1][0]:.3g} FLOPs); rate = 2MKN / "
+                f"(time - {_fmt_s(raw[0][3])} fixed: {'launch_s, of device time' if cuda else 't + mm priced at view_s + op_s'});"
+                f" {rounds}; median of the shapes' spreads {_median(spreads):.0%}, worst {max(spreads):.0%}; curve: "
+                f"median rate in 3 bins a decade of the {kept} shapes whose bytes / memory rate is under half their "
+                f"time (the {len(raw) - kept} others are memory-bound, priced by the memory term; a bin of only such "
+                f"shapes keeps them); best shape {_fmt_rate(best, 'FLOP')}")  # fmt: skip
+        if cuda:
+            sources["matmul.fp32"] += (f"; torch.backends.cuda.matmul.allow_tf32 = "
+                                       f"{torch.backends.cuda.matmul.allow_tf32}")
+        prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
+                        asynchronous=cuda, matmul=matmul, attention=attention, memory=memory)
+
+        # -- AdamW(foreach=True).step(): per-tensor cost beyond its counted ops --
+        opts, priced = [], []
+        torch.set_grad_enabled(True)
+        for count in st.opt_tensors:
+            params = [torch.nn.Parameter(randn(4, "fp32")) for _ in range(count)]
+            for p in params:
+                p.grad = randn(4, "fp32")
+            opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+            for _ in range(2):
+                opt.step()  # states created
+            ops, _, _ = count_ops(torch, opt.step)
+            priced.append(prices.total(ops)[0 if cuda else 2])  # CUDA: the host's share
+            opts.append(_Case(("adamw", count), opt.step, host))
+        runner.run("optimizer", opts)
+        torch.set_grad_enabled(False)
+        (n1, n2), (c1, c2) = st.opt_tensors, opts
+        slope = ((c2.median - priced[1]) - (c1.median - priced[0])) / (n2 - n1)
+        optimizer_tensor_s = max(slope, 0.0)
+        sources["host.optimizer_tensor_s"] = (
+            f"torch.optim.AdamW(foreach=True).step() over {n1} and {n2} 4-element fp32 tensors: "
+            f"{_fmt_s(c1.median)} and {_fmt_s(c2.median)} ({how}, {rounds}, spreads {c1.spread:.0%}, {c2.spread:.0%}), "
+            f"less its counted aten ops priced with this profile ({_fmt_s(priced[0])}, {_fmt_s(priced[1])}), "
+            f"per extra tensor; the rest of a step() at {n1} tensors, {_fmt_s(c1.median - priced[0] - n1 * slope)}, "
+            f"is a fixed cost per step() that no HostCosts field prices")
+        notes["optimizer fixed per step"] = _fmt_s(c1.median - priced[0] - n1 * slope)
+        del opts
+
+        host_costs = HostCosts(op_s=op_s, grad_op_s=grad_op_s, backward_op_s=backward_op_s, view_s=view_s,
+                               module_s=module_s, sync_s=sync_s, optimizer_tensor_s=optimizer_tensor_s)
+        model = cpu_model()
+        if cuda:
+            gpu_name = torch.cuda.get_device_name()
+            pid, name = f"cuda-{_slug(gpu_name)}", f"{gpu_name} (host {model}, torch {torch.__version__})"
+        else:
+            pid = f"cpu-{_slug(model)}"
+            name = f"{model} ({threads} torch threads, {socket.gethostname()}, torch {torch.__version__})"
+        sources["machine"] = (f"{'GPU ' + torch.cuda.get_device_name() + ', ' if cuda else ''}host {model}, "
+                              f"{os.cpu_count()} CPUs, torch threads {threads}, load average {load:.2f} at the start; "
+                              f"{'quick' if quick else 'full'} calibration")  # fmt: skip
+        profile = DeviceProfile(
+            id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul, attention=attention,
+            memory=memory, launch_s=launch_s, host=host_costs, measured_on=datetime.date.today().isoformat(),
+            versions=_versions(torch), sources=sources)  # fmt: skip
+
+        # -- the check: small modules' forwards, timed and predicted --
+        checks = _checks(torch, F, runner, st, dev, profile, randn)
+        profile = profile.model_copy(update={"sources": {**sources, "check": "; ".join(
+            f"{c.name}: measured {_fmt_s(c.measured_s)} ({rounds}, spread {c.spread:.0%}), predicted "
+            f"{_fmt_s(c.predicted_s)} from {c.ops} aten ops and {c.modules} module calls: error {c.error:+.1%} "
+            f"({_fmt_s(abs(c.measured_s - c.predicted_s) / max(c.modules, 1))} a module call "
+            f"{'unexplained' if c.measured_s > c.predicted_s else 'too many'})"
+            for c in checks)}})  # fmt: skip
+    finally:
+        torch.set_grad_enabled(prev_grad)
+    cpus = os.cpu_count() or 1
+    if math.isfinite(load) and load >= 0.9 and load >= 0.45 * cpus:
+        notes["load"] = (f"load average {load:.2f} on {cpus} CPUs when the calibration started: other processes "
+                         "compete for the CPU, so the figures are noisy (see the spreads in sources)")
+    return Calibration(profile=profile, checks=checks, elapsed_s=time.perf_counter() - start, notes=notes)
+
+
+def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float, how: str,
+              rounds: str) -> tuple[float, float, dict[str, str]]:  # fmt: skip
+    """(host.grad_op_s, host.backward_op_s, their sources).
+
+    grad_op_s: a 1-element add and a 1-element mul of a tensor that requires grad by a constant,
+    under grad mode (autograd makes a node, the mul saves its inputs): the mean of the two.
+    backward_op_s: `y.backward(g)` of a chain y = x * c * c ... of n1 and of n2 muls (the leaf's grad
+    reset each call), less the chain's forward, less the backward's views at view_s, divided by the
+    aten ops that run a kernel in it (a TorchDispatchMode counts them): the slope between the two
+    lengths, so that the fixed cost of a backward() call (reported) does not count per op."""
+    clock_how = "host" if runner.clock.cuda else "wall"
+    n1, n2 = st.autograd_chain
+    sources: dict[str, str] = {}
+    with torch.enable_grad():
+        x = torch.ones(1, device=dev, requires_grad=True)
+        c = torch.full((1,), 1.0001, device=dev)
+        g = torch.ones(1, device=dev)
+
+        def chain(n: int) -> Callable[[], Any]:
+            def f() -> Any:
+                y = x
+                for _ in range(n):
+                    y = y * c
+                return y
+
+            return f
+
+        def chain_backward(n: int) -> Callable[[], Any]:
+            f = chain(n)
+
+            def fb() -> None:
+                f().backward(g)
+                x.grad = None
+
+            return fb
+
+        cases = [_Case("grad add", lambda: torch.add(x, c), clock_how), _Case("grad mul", lambda: torch.mul(x, c), clock_how),
+                 _Case(("chain", n1), chain(n1), clock_how), _Case(("chain", n2), chain(n2), clock_how),
+                 _Case(("backward", n1), chain_backward(n1), clock_how),
+                 _Case(("backward", n2), chain_backward(n2), clock_how)]  # fmt: skip
+        d = {k.key: k for k in runner.run("autograd", cases)}
+        counted = {}
+        for n in (n1, n2):
+            y = chain(n)()
+            ops, _, _ = count_ops(torch, lambda y=y: y.backward(g))
+            x.grad = None
+            counted[n] = (sum(1 for o in ops if o.kind not in ("view", "sync")), sum(1 for o in ops if o.kind == "view"))
+    grad_op_s = (d["grad add"].median + d["grad mul"].median) / 2
+    bwd = {n: d[("backward", n)].median - d[("chain", n)].median - counted[n][1] * view_s for n in (n1, n2)}
+    (k1, _), (k2, _) = counted[n1], counted[n2]
+    slope = (bwd[n2] - bwd[n1]) / (k2 - k1) if k2 > k1 else bwd[n2] / max(k2, 1)
+    backward_op_s = max(slope, 0.0)
+    fixed = bwd[n1] - k1 * backward_op_s
+    sources["host.grad_op_s"] = (
+        f"mean of torch.add ({_fmt_s(d['grad add'].median)}, spread {d['grad add'].spread:.0%}) and torch.mul "
+        f"({_fmt_s(d['grad mul'].median)}, spread {d['grad mul'].spread:.0%}) of a 1-element tensor that requires grad "
+        f"and a constant, under grad mode (autograd records a node; the mul saves its inputs) ({how}, {rounds}); "
+        f"per mul of a {n1}..{n2}-mul chain: {_fmt_s((d[('chain', n2)].median - d[('chain', n1)].median) / (n2 - n1))}")
+    sources["host.backward_op_s"] = (
+        f"y.backward(g) of y = x * c * ... * c (x a 1-element leaf that requires grad), {n1} and {n2} muls: "
+        f"{_fmt_s(d[('backward', n1)].median)} and {_fmt_s(d[('backward', n2)].median)} with the chain's forward "
+        f"({_fmt_s(d[('chain', n1)].median)}, {_fmt_s(d[('chain', n2)].median)}) taken off, and the backward's views "
+        f"({counted[n1][1]}, {counted[n2][1]}) at view_s; per aten op that runs a kernel in the backward ({k1}, {k2}, "
+        f"counted by a TorchDispatchMode): the slope between the two lengths ({how}, {rounds}, spreads "
+        f"{d[('backward', n1)].spread:.0%}, {d[('backward', n2)].spread:.0%}); the fixed cost of a backward() call, "
+        f"{_fmt_s(fixed)}, is not per op and no HostCosts field prices it")
+    return grad_op_s, backward_op_s, sources
+
+
+def _versions(torch: Any) -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available() and torch.version.cuda:
+        out["cuda"] = str(torch.version.cuda)
+    try:
+        from importlib import metadata
+
+        out["transformers"] = metadata.version("transformers")
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return out
+
+
+def _checks(torch: Any, F: Any, runner: _Runner, st: Settings, dev: Any, profile: DeviceProfile,
+            randn: Callable[[int, Any], Any]) -> list[CheckResult]:  # fmt: skip
+    prices = Prices.of(profile)
+    torch.manual_seed(0)
+    mods: list[tuple[str, Any, Callable[[], Any]]] = []
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).to(dev)
+    x = randn(64 * 256, "fp32").view(64, 256)
+    mods.append(("2-layer MLP 256-1024-256 (GELU), 64 tokens, fp32 forward", mlp, lambda: mlp(x)))
+    if st.check_llama:
+        try:
+            from transformers import LlamaConfig
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        except Exception:  # noqa: BLE001 - transformers is optional: the MLP check stands alone
+            LlamaConfig = None  # noqa: N806
+        if LlamaConfig is not None:
+            cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                              num_hidden_layers=1, vocab_size=1000, max_position_embeddings=1024)
+            cfg._attn_implementation = "sdpa"
+            for dt in ("fp32", "bf16"):
+                tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+                layer = LlamaDecoderLayer(cfg, 0).to(dev, tdt)
+                rope = LlamaRotaryEmbedding(cfg).to(dev)
+                h = randn(128 * 256, dt).view(1, 128, 256)
+                pos = torch.arange(128, device=dev)[None]
+                pe = tuple(t.to(tdt) for t in rope(h, pos))
+                mods.append((f"transformers LlamaDecoderLayer (hidden 256, 4 heads, 2 KV heads, MLP 688), 1 x 128 "
+                             f"tokens, {dt} forward", layer,
+                             lambda layer=layer, h=h, pe=pe, pos=pos: layer(h, position_embeddings=pe, position_ids=pos)))
+    counted = []
+    for _, _, fn in mods:
+        fn()
+        ops, calls, _ = count_ops(torch, fn)
+        counted.append((ops, calls))
+    cases = [_Case(name, fn, "wall") for name, _, fn in mods]
+    runner.run("check", cases)
+    out = []
+    for c, (ops, calls) in zip(cases, counted):
+        out.append(CheckResult(c.key, c.median, prices.total(ops, calls)[2], c.spread, len(ops), calls))
+    return out
+
+
+# ---- fitting a profile to whole-step measurements -------------------------------------------------
+PLAN_COLUMNS = ("model", "task", "method", "precision", "batch", "seq", "grad_ckpt", "lora_rank", "prompt_len",
+                "new_tokens")  # fmt: skip
+MEASURED_COLUMNS = ("step_s", "first_step_s", "tokens_per_s", "prefill_s", "generate_s", "peak_allocated_bytes",
+                    "peak_reserved_bytes", "cublas_workspaces_in_peak_bytes")  # fmt: skip
+DEFAULT_FIT = ("host.op_s", "host.module_s", "launch_s")
+Predict = Callable[[Any, Any, DeviceProfile, Any], float]
+
+
+def float_paths() -> tuple[str, ...]:
+    """Dotted paths of the profile's float fields (what --fit may name)."""
+    floats = (float, float | None)
+    out = [n for n, f in DeviceProfile.model_fields.items() if f.annotation in floats]
+    out += [f"host.{n}" for n, f in HostCosts.model_fields.items() if f.annotation in floats]
+    return tuple(out)
+
+
+def parse_fit_params(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    if text is None:
+        return DEFAULT_FIT
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not names:
+        raise StepsError(f"fit: name at least one parameter ({', '.join(float_paths())})")
+    known = float_paths()
+    for n in names:
+        if n not in known:
+            raise StepsError(f"fit: unknown parameter '{n}'{did_you_mean(n, known) or ''} "
+                             f"(choose from {', '.join(known)})")
+    dup = [n for n in names if names.count(n) > 1]
+    if dup:
+        raise StepsError(f"fit: parameter '{dup[0]}' named twice")
+    return tuple(names)
+
+
+def get_param(profile: DeviceProfile, path: str) -> float:
+    """The float at a dotted path; an optional host cost left unset (grad_op_s, backward_op_s) is
+    what prices in its place (HostCosts.op_cost: op_s)."""
+    obj: Any = profile
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    if obj is None and path.startswith("host."):
+        return float(profile.host.op_s)
+    return float(obj)
+
+
+def with_params(profile: DeviceProfile, values: dict[str, float]) -> DeviceProfile:
+    """The profile with these dotted-path float fields replaced (no re-validation: values are >= 0)."""
+    top = {k: v for k, v in values.items() if "." not in k}
+    host = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("host.")}
+    if host:
+        top["host"] = profile.host.model_copy(update=host)
+    return profile.model_copy(update=top)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    row: int  # data rows counted from 1 (the header is line 1, row 1 is line 2)
+    label: str
+    plan: Any
+    model: Any
+    gpu: Any
+    target: str  # step_s or generate_s
+    measured: float
+
+
+def _label(row: int, v: dict[str, str], plan: Any) -> str:
+    parts = [plan.model, plan.task, plan.method, plan.precision, f"b{plan.batch}"]
+    if plan.task == "generate":
+        parts.append(f"p{plan.prompt_len}+{plan.new_tokens}")
+    else:
+        parts.append(f"s{plan.seq}")
+        if plan.grad_ckpt:
+            parts.append("ckpt")
+    if plan.method != "full" and v.get("lora_rank"):
+        parts.append(f"r{plan.lora_rank}")
+    if plan.gpu:
+        parts.append(plan.gpu)
+    return f"{row}: {' '.join(str(p) for p in parts)}"
+
+
+def read_steps(path: str | Path) -> list[StepRow]:
+    """The rows of a whole-step CSV; StepsError (one line: file, row, column) on anything unusable."""
+    from planner.errors import PlanError
+    from planner.gpus import load_gpu
+    from planner.models import load_model
+    from planner.plan_io import FIELDS, build_plan
+
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StepsError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise StepsError(f"{name}: is a directory, not a CSV file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StepsError(f"{name}: cannot read: {one_line(getattr(e, 'strerror', None) or e)}") from None
+    try:
+        rows = list(csv.reader(text.splitlines()))
+    except csv.Error as e:
+        raise StepsError(f"{name}: not a CSV file ({one_line(e)})") from None
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise StepsError(f"{name}: empty (give a header row and one row per measured step)")
+    header = [c.strip() for c in rows[0]]
+    known = tuple(FIELDS) + MEASURED_COLUMNS
+    for col in header:
+        if not col:
+            raise StepsError(f"{name}: header: an empty column name")
+        if col not in known:
+            raise StepsError(f"{name}: header: unknown column '{col}'{did_you_mean(col, known) or ''} (columns: "
+                             f"plan fields such as {', '.join(PLAN_COLUMNS)}, gpu; measured: {', '.join(MEASURED_COLUMNS)})")
+        if header.count(col) > 1:
+            raise StepsError(f"{name}: header: column '{col}' given twice")
+    if "model" not in header:
+        raise StepsError(f"{name}: header: no column 'model'")
+    if "step_s" not in header and "generate_s" not in header:
+        raise StepsError(f"{name}: header: no target column (step_s for training rows, generate_s for generate rows)")
+    if len(rows) < 2:
+        raise StepsError(f"{name}: no data rows, only a header")
+    models: dict[str, Any] = {}
+    gpus: dict[str, Any] = {}
+    out: list[StepRow] = []
+    for i, raw in enumerate(rows[1:], start=1):
+        if len(raw) > len(header):
+            raise StepsError(f"{name}: row {i}: {len(raw)} values for {len(header)} columns")
+        v = {col: (raw[j].strip() if j < len(raw) else "") for j, col in enumerate(header)}
+        for col in MEASURED_COLUMNS:
+            s = v.get(col, "")
+            if s:
+                try:
+                    x = float(s)
+                except ValueError:
+                    raise StepsError(f"{name}: row {i}, column {col}: not a number (got {s!r})") from None
+                if not math.isfinite(x) or x < 0:
+                    raise StepsError(f"{name}: row {i}, column {col}: must be a finite number >= 0 (got {s!r})")
+        flags = {k: s for k, s in v.items() if k in FIELDS and s != ""}
+        try:
+            plan, _ = build_plan(None, flags)
+        except PlanError as e:
+            msg = one_line(e)
+            col, sep, rest = msg.partition(": ")
+            if sep and col in header:
+                raise StepsError(f"{name}: row {i}, column {col}: {rest}") from None
+            raise StepsError(f"{name}: row {i}: {msg}") from None
+        target = "generate_s" if plan.task == "generate" else "step_s"
+        s = v.get(target, "")
+        if not s:
+            kind = "generate" if target == "generate_s" else "training"
+            raise StepsError(f"{name}: row {i}, column {target}: missing (the measured target of a {kind} row)")
+        measured = float(s)
+        if measured <= 0:
+            raise StepsError(f"{name}: row {i}, column {target}: must be > 0 (got {s!r})")
+        if plan.model not in models:
+            try:
+                models[plan.model] = load_model(plan.model)
+            except ValueError as e:
+                raise StepsError(f"{name}: row {i}, column model: {one_line(e).removeprefix('model: ')}") from None
+        gpu = None
+        if plan.gpu:
+            if plan.gpu not in gpus:
+                try:
+                    gpus[plan.gpu] = load_gpu(plan.gpu)
+                except ValueError as e:
+                    raise StepsError(f"{name}: row {i}, column gpu: {one_line(e).removeprefix('gpu: ')}") from None
+            gpu = gpus[plan.gpu]
+        out.append(StepRow(i, _label(i, v, plan), plan, models[plan.model], gpu, target, measured))
+    return out
+
+
+@dataclass(frozen=True)
+class FitRow:
+    label: str
+    target: str
+    measured: float
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        """predicted / measured - 1 (the profile's `residuals` keep measured / predicted - 1)."""
+        return self.predicted / self.measured - 1
+
+
+@dataclass
+class FitResult:
+    profile: DeviceProfile
+    params: dict[str, float]
+    base: dict[str, float]
+    rows: list[FitRow]
+    objective: float
+    evaluations: int
+
+    @property
+    def median_abs_error(self) -> float:
+        return _median([abs(r.error) for r in self.rows])
+
+    @property
+    def worst_abs_error(self) -> float:
+        return max(abs(r.error) for r in self.rows)
+
+
+def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], step: Sequence[float],
+                max_evals: int = 600, ftol: float = 1e-14, xtol: float = 1e-10) -> tuple[list[float], float, int]:  # fmt: skip
+    """Minimise f from x0 (standard coefficients 1, 2, 0.5, 0.5); returns (x, f(x), evaluations)."""
+    n = len(x0)
+    evals = 0
+
+    def call(x: list[float]) -> float:
+        nonlocal evals
+        evals += 1
+        y = f(x)
+        return y if math.isfinite(y) else float("inf")
+
+    simplex = [list(map(float, x0))]
+    for i in range(n):
+        x = list(map(float, x0))
+        x[i] += step[i]
+        simplex.append(x)
+    values = [call(x) for x in simplex]
+    while evals < max_evals:
+        order = sorted(range(n + 1), key=lambda j: values[j])
+        simplex, values = [simplex[j] for j in order], [values[j] for j in order]
+        size = max(max(abs(simplex[j][i] - simplex[0][i]) for i in range(n)) for j in range(1, n + 1))
+        if abs(values[-1] - values[0]) <= ftol * (abs(values[0]) + 1e-30) + 1e-300 and size <= xtol or size <= 1e-15:
+            break
+        centroid = [sum(simplex[j][i] for j in range(n)) / n for i in range(n)]
+        worst = simplex[-1]
+        xr = [c + (c - w) for c, w in zip(centroid, worst)]
+        fr = call(xr)
+        if fr < values[0]:
+            xe = [c + 2 * (c - w) for c, w in zip(centroid, worst)]
+            fe = call(xe)
+            simplex[-1], values[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = xr, fr
+        else:
+            if fr < values[-1]:
+                xc = [c + 0.5 * (r - c) for c, r in zip(centroid, xr)]
+            else:
+                xc = [c + 0.5 * (w - c) for c, w in zip(centroid, worst)]
+            fc = call(xc)
+            if fc < min(fr, values[-1]):
+                simplex[-1], values[-1] = xc, fc
+            else:  # shrink towards the best
+                best = simplex[0]
+                for j in range(1, n + 1):
+                    simplex[j] = [b + 0.5 * (x - b) for b, x in zip(best, simplex[j])]
+                    values[j] = call(simplex[j])
+    j = min(range(n + 1), key=lambda k: values[k])
+    return simplex[j], values[j], evals
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """a x = b by Gaussian elimination with partial pivoting (None when singular)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-300:
+            return None
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            k = m[r][c] / m[c][c]
+            for j in range(c, n + 1):
+                m[r][j] -= k * m[c][j]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][j] * x[j] for j in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def levenberg_marquardt(residuals: Callable[[list[float]], list[float]], x0: Sequence[float],
+                        max_evals: int = 300, lower: float = 0.0) -> tuple[list[float], float, int]:  # fmt: skip
+    """Minimise sum(residuals(x)^2) with x >= lower: Levenberg-Marquardt, forward-difference Jacobian,
+    steps projected onto the bound; returns (x, sum of squares, evaluations)."""
+    evals = 0
+
+    def res(x: list[float]) -> list[float]:
+        nonlocal evals
+        evals += 1
+        return [v if math.isfinite(v) else 1e3 for v in residuals(x)]
+
+    x = [max(float(v), lower) for v in x0]
+    r = res(x)
+    f = sum(v * v for v in r)
+    lam = 1e-3
+    n = len(x)
+    while evals + n + 1 <= max_evals and f > 1e-30:
+        jac = []
+        for j in range(n):
+            h = 1e-6 * max(abs(x[j]), 1e-2)
+            xh = x[:]
+            xh[j] += h
+            jac.append([(a - b) / h for a, b in zip(res(xh), r)])  # column j
+        a = [[sum(ci * cj for ci, cj in zip(jac[i], jac[j])) for j in range(n)] for i in range(n)]
+        g = [sum(ci * ri for ci, ri in zip(jac[i], r)) for i in range(n)]
+        improved = False
+        while evals < max_evals and lam < 1e12:
+            damped = [[a[i][j] + (lam * max(a[i][i], 1e-12) if i == j else 0.0) for j in range(n)] for i in range(n)]
+            step = _solve(damped, [-v for v in g])
+            if step is None:
+                lam *= 10
+                continue
+            xn = [max(xi + si, lower) for xi, si in zip(x, step)]
+            rn = res(xn)
+            fn = sum(v * v for v in rn)
+            if fn < f:
+                moved = max(abs(p - q) / max(abs(q), 1e-2) for p, q in zip(xn, x))
+                x, r, f_old, f = xn, rn, f, fn
+                lam = max(lam / 3, 1e-12)
+                improved = True
+                break
+            lam *= 4
+        if not improved or moved < 1e-12 or f_old - f <= 1e-15 * f_old:
+            break
+    return x, f, evals
+
+
+def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
+                params: Sequence[str] = DEFAULT_FIT, max_evals: int = 1500, csv_name: str = "steps.csv",
+                progress: Callable[[int, int], None] | None = None) -> FitResult:  # fmt: skip
+    """Fit `params` (dotted float fields of the profile, >= 0) so that `predict(plan, model, profile, gpu)`
+    matches each row's target: Levenberg-Marquardt on the log residuals log(predicted / measured), in
+    units of each parameter's base value, from several starts, then Nelder-Mead from the best point
+    (kinks of max(host, device)); the best point wins. `max_evals` bounds the evaluations (each
+    predicts every row); `progress(evaluations, max_evals)` is told of each."""
+    params = parse_fit_params(list(params))
+    if not rows:
+        raise StepsError(f"{csv_name}: no rows to fit")
+    start = {p: get_param(base, p) for p in params}
+    scale = {p: (v if v > 0 else 1e-6) for p, v in start.items()}
+    budget = max_evals
+
+    def values_of(x: Sequence[float]) -> dict[str, float]:
+        return {p: max(xi, 0.0) * scale[p] for p, xi in zip(params, x)}
+
+    def predictions(profile: DeviceProfile) -> list[float]:
+        out = []
+        for r in rows:
+            try:
+                out.append(float(predict(r.plan, r.model, profile, r.gpu)))
+            except PlannerInputError as e:
+                raise StepsError(f"{csv_name}: row {r.row}: {one_line(e)}") from None
+        return out
+
+    total_evals = [0]
+
+    def log_residuals(x: list[float]) -> list[float]:
+        total_evals[0] += 1
+        if progress is not None:
+            progress(min(total_evals[0], budget), budget)
+        prof = with_params(base, values_of(x))
+        return [math.log(p / r.measured) if p > 0 and math.isfinite(p) else 1e3
+                for r, p in zip(rows, predictions(prof))]  # fmt: skip
+
+    def objective(x: list[float]) -> float:
+        # outside the bounds: the clamped point's value, plus a slope back towards them
+        return sum(v * v for v in log_residuals(x)) + sum(xi * xi for xi in x if xi < 0)
+
+    # max(host, device) makes the residuals kinked and the sum of squares can have local minima:
+    # Levenberg-Marquardt from several starts (the base point, all parameters x 1/4 and x 4, each one
+    # alone x 1/4 and x 4), then Nelder-Mead from the best point; the best point wins
+    x0 = [start[p] / scale[p] for p in params]
+    unit = [v if v > 0 else 1.0 for v in x0]
+    starts = [x0, [u / 4 for u in unit], [u * 4 for u in unit]]
+    for i in range(len(params)):
+        for k in (0.25, 4.0):
+            starts.append([u * k if j == i else v for j, (u, v) in enumerate(zip(unit, x0))])
+    per = max(4 * (len(params) + 1), int(0.8 * budget) // len(starts))
+    x, fx, evals, stale = list(x0), math.inf, 0, 0
+    for k, s0 in enumerate(starts):
+        if evals >= 0.8 * budget or fx < 1e-24 or (k >= 3 and stale >= 2):
+            break  # the budget is spent, the fit is exact, or two starts in a row found nothing better
+        xs, fs, e = levenberg_marquardt(log_residuals, s0, max_evals=min(per, budget - evals))
+        evals += e
+        stale = 0 if fs < fx * (1 - 1e-6) else stale + 1
+        if fs < fx:
+            x, fx = xs, fs
+    if fx > 1e-20 and budget - evals > 2 * (len(params) + 1):
+        step = [max(abs(xi) * 0.1, 0.02) for xi in x]
+        xn, fn, more = nelder_mead(objective, x, step, max_evals=budget - evals)
+        evals += more
+        if fn < fx:
+            x, fx = [max(v, 0.0) for v in xn], fn
+    fitted = values_of(x)
+    profile = with_params(base, fitted)
+    preds = predictions(profile)
+    fit_rows = [FitRow(r.label, r.target, r.measured, p) for r, p in zip(rows, preds)]
+    res = {fr.label: (fr.measured / fr.predicted - 1 if fr.predicted > 0 else float("inf")) for fr in fit_rows}
+    result = FitResult(profile, fitted, start, fit_rows, fx, evals)
+    targets = sorted({r.target for r in rows})
+    how = (f"fitted to {csv_name} ({len(rows)} rows; targets {', '.join(targets)}) by Levenberg-Marquardt from "
+           f"{len(starts)} starts, then Nelder-Mead, on the sum of squared log(predicted / measured), bounded "
+           f">= 0, {result.evaluations} evaluations; base profile {base.id}; median |error| {result.median_abs_error:.1%}, worst {result.worst_abs_error:.1%}")
+    sources = dict(base.sources)
+    for p in params:
+        sources[p] = f"{how}; from {start[p]:.4g} (base: {base.sources.get(p, 'no source')})"
+    sources["fit"] = f"{how}; on {datetime.date.today().isoformat()}; parameters {', '.join(params)}"
+    profile = profile.model_copy(update={"residuals": {k: (v if math.isfinite(v) else 1e308) for k, v in res.items()},
+                                         "sources": sources, "id": f"{base.id}-fit",
+                                         "name": f"{base.name} (fitted to {Path(csv_name).name})"})  # fmt: skip
+    result.profile = DeviceProfile.model_validate(profile.model_dump())
+    return result
+
+
+# ---- host costs fitted to whole programs (the step fit) ---------------------------------------------
+# What the micro-benchmarks cannot see: transformers' own Python per model forward (output capture,
+# the mask functions), per decoder layer (the attention interface, kwargs, decorators), per module
+# beyond nn.Module.__call__ (peft's LoRA forward), per generate() step. These are fitted to whole
+# steps of a built-in set of tiny, host-bound programs, timed here (planner.backends.step_programs)
+# and predicted by the engine (planner.engine.timing.step_time) with the profile being built.
+# backward_op_s as well: the micro-benchmark's chain of muls (one op a node, nothing saved beyond
+# its inputs) costs less per op than a model's backward, whose nodes unpack saved tensors and run
+# several ops each; priced at the chain's figure, the calibration sft steps come out ~20% short
+# while the no-grad forwards come out ~15% long.
+STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.backward_op_s")
+STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6}
+# the calibration models: llama, hidden 32 (4 heads of 8, 2 KV heads), MLP 64, vocabulary 256, bf16;
+# their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
+CALIBRATION_MODEL = dict(hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=256)
+CALIBRATION_TOKENS = (1, 8)  # batch, seq (generate: the prompt)
+
+
+def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
+    """The built-in calibration programs (planner.backends.step_programs.Case), their models'
+    config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
+    layers, a LoRA (r 4) sft step of 2 layers, one generate call of 2 layers (8 new tokens);
+    `quick`: 1 and 4 layers, 4 new tokens."""
+    from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
+    from planner.specs import Plan
+
+    quick = which == "quick"
+    layers = (1, 4) if quick else (1, 2, 4)
+    m = CALIBRATION_MODEL
+    paths = {n: write_config(root, f"calibration-llama-{n}x{m['hidden']}",
+                             llama_config(n, m["hidden"], m["intermediate"], m["heads"], m["kv_heads"], m["vocab"]))
+             for n in sorted({*layers, 2})}  # fmt: skip
+    b, s = CALIBRATION_TOKENS
+    cases = []
+    for n in layers:
+        cases.append(Case(f"calibration forward {n}x{m['hidden']} b{b} s{s}", Plan(model=paths[n], batch=b, seq=s),
+                          FORWARD, steps=5, warmup=2))
+    for n in layers:
+        cases.append(Case(f"calibration sft full {n}x{m['hidden']} b{b} s{s}", Plan(model=paths[n], batch=b, seq=s),
+                          steps=5, warmup=2))
+    cases.append(Case(f"calibration sft lora r4 2x{m['hidden']} b{b} s{s}",
+                      Plan(model=paths[2], batch=b, seq=s, method="lora", lora_rank=4), steps=5, warmup=2))
+    new = 4 if quick else 8
+    cases.append(Case(f"calibration generate 2x{m['hidden']} b{b} p{s}+{new}",
+                      Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3, warmup=1))
+    return cases
+
+
+@dataclass
+class StepFit:
+    """The profile with its step-fitted host costs, the programs it was fitted on (their samples),
+    the fit (rows: measured against predicted), and the seconds it took."""
+
+    profile: DeviceProfile
+    cases: list[Any]
+    fit: FitResult | None
+    elapsed_s: float
+    note: str = ""
+
+
+def step_fit_available() -> str:
+    """'' when the step fit can run here, else why not (one line)."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed (the backends extra)" if missing else ""
+
+
+# figures the micro-benchmarks measured that a fit may raise but not lower: the bare nn.Module call,
+# the backward of a chain of single-op nodes (what a program's Python adds comes on top)
+FLOORED = ("host.module_s", "host.backward_op_s")
+
+
+def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str] = STEP_FIT, max_evals: int = 600,
+              progress: Progress | None = None) -> tuple[FitResult, list[str], dict[str, float], dict[str, float]]:  # fmt: skip
+    """Fit `params` of `profile` to the cases' medians (planner.backends.step_programs.Case, timed),
+    predicted by planner.engine.timing.step_time: `fit_profile`. A FLOORED parameter the fit puts
+    below its micro-benchmark figure is held there and the others fitted again. Returns the fit,
+    the parameters fitted, those held (with their values) and the starting values."""
+    from planner.engine.timing import step_time
+
+    workloads = {id(c.plan): c.workload() for c in cases}
+    rows = [StepRow(i, c.label, c.plan, c.model, None, "step_s", c.median) for i, c in enumerate(cases, start=1)]
+
+    def predict_row(plan: Any, model: Any, prof: DeviceProfile, gpu: Any) -> float:
+        return step_time(workloads[id(plan)], prof).total_s
+
+    floor = {p: get_param(profile, p) for p in params if p in FLOORED and get_param(profile, p) > 0}
+    free, held = list(params), {}
+    while True:
+        start = {p: max(get_param(profile, p), STEP_START.get(p, 0.0)) or 1e-6 for p in free}
+        fit = fit_profile(with_params(profile, {**held, **start}), rows, predict_row, free, max_evals=max_evals,
+                          csv_name="calibration programs",
+                          progress=(lambda d, t: progress("fit", d, t)) if progress is not None else None)  # fmt: skip
+        low = [p for p in free if p in floor and fit.params[p] < floor[p]]
+        if not low or len(low) == len(free):
+            return fit, free, held, start
+        for p in low:
+            held[p] = floor[p]
+            free.remove(p)
+
+
+def fit_host_to_steps(profile: DeviceProfile, rounds: int = 5, which: str = "full", threads: int | None = 1,
+                      progress: Progress | None = None, params: Sequence[str] = STEP_FIT,
+                      max_evals: int = 600) -> StepFit:  # fmt: skip
+    """Time the built-in calibration programs (`calibration_cases`, `rounds` interleaved rounds,
+    threads=1 by default) and fit `params` of `profile` so that planner.engine.timing.step_time
+    reproduces them: `fit_profile` (least squares on log(predicted / measured)). The fitted figures'
+    sources say what they were fitted on; `residuals` hold measured / predicted - 1 per program."""
+    import tempfile
+
+    from planner.backends.step_programs import time_cases
+
+    import torch
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="planner-calibration-") as root:
+        cases = calibration_cases(root, which)
+        time_cases(cases, rounds, threads=threads, progress=progress, stage="calibration programs")
+        for c in cases:
+            _ = c.model  # the specs are read now, while their config.json files exist
+        fit, free, held, start = fit_cases(profile, cases, params, max_evals=max_evals, progress=progress)
+    threads = threads or torch.get_num_threads()
+    spreads = [c.spread for c in cases]
+    names = "; ".join(f"{c.label}: {_fmt_s(c.median)} (spread {c.spread:.0%})" for c in cases)
+    how = (f"fitted to {len(cases)} built-in calibration programs timed on this machine with "
+           f"planner.backends.timing.time_steps (threads {threads}; each sample the median of one call's steps "
+           f"after its warm-up; median of {rounds} interleaved rounds, spreads median {_median(spreads):.0%}, worst "
+           f"{max(spreads):.0%}) and predicted by planner.engine.timing.step_time with this profile; "
+           f"fit_profile: least squares on log(predicted / measured), {fit.evaluations} evaluations, "
+           f"median |error| {fit.median_abs_error:.1%}, worst {fit.worst_abs_error:.1%}")
+    sources = dict(profile.sources)
+    for p in free:
+        before = get_param(profile, p)
+        was = f"; the micro-benchmark's {_fmt_s(before)} ({profile.sources.get(p, '')})" if before > 0 else ""
+        sources[p] = f"{how}; from {_fmt_s(start[p])}{was}"
+    for p, v in held.items():
+        sources[p] = (f"{profile.sources.get(p, 'micro-benchmark')}; held at this micro-benchmark figure ({_fmt_s(v)}): "
+                      f"the step fit, {how}, wanted less, and the micro-benchmark is a floor")
+    sources["step fit"] = (f"parameters {', '.join(free)} {how}"
+                           + (f"; {', '.join(held)} held at the micro-benchmarks' figures (their floor)" if held else "")
+                           + f"; programs (llama-family, hidden {CALIBRATION_MODEL['hidden']}, vocabulary "
+                           f"{CALIBRATION_MODEL['vocab']}, bf16): {names}")
+    out = fit.profile.model_copy(update={"id": profile.id, "name": profile.name, "sources": sources})
+    out = DeviceProfile.model_validate(out.model_dump())
+    fit.profile = out
+    return StepFit(out, cases, fit, time.perf_counter() - started)

@@ -1,0 +1,519 @@
+"""`planner calibrate`: the quick CPU calibration gives a valid, sane profile; the CLI writes it (and
+nothing on bad input); `--from-steps` recovers known parameters from a synthetic predict function;
+bad CSVs and bad profiles are one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+
+from planner.cli import main
+from planner.profiles import DeviceProfile, HostCosts, ProfileError, RateCurve, load_profile, parse_profile
+
+torch = pytest.importorskip("torch")
+
+from planner.backends import calibrate as cal  # noqa: E402
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_bad(code, out, err, *needles):
+    assert code == 2, (code, out, err)
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("planner: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return cal.run_calibration("cpu", quick=True)
+
+
+# ---- the calibration --------------------------------------------------------------------------------
+def test_quick_calibration_is_a_valid_profile(quick):
+    p = quick.profile
+    assert isinstance(p, DeviceProfile)
+    assert p.device == "cpu" and p.asynchronous is False and p.launch_s == 0.0
+    assert p.id.startswith("cpu-") and p.host_cpu and p.name
+    assert set(p.matmul) == {"fp32", "bf16"} and set(p.attention) == {"fp32", "bf16"}
+    # JSON round trip through the loader's parser
+    again = parse_profile(json.loads(json.dumps(p.model_dump(mode="json"))), "round trip")
+    assert again == p
+
+
+def test_curves_ascend_and_rates_are_positive(quick):
+    p = quick.profile
+    for curve in [*p.matmul.values(), *p.attention.values(), p.memory]:
+        sizes = [s for s, _ in curve.points]
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+        assert all(r > 0 and math.isfinite(r) for _, r in curve.points)
+        assert len(curve.points) >= 2
+    # the memory sweep spans KB to MB
+    assert p.memory.points[0][0] < 1e4 and p.memory.points[-1][0] > 1e6
+
+
+def test_host_costs_are_positive_and_plausible(quick):
+    h = quick.profile.host
+    for v in (h.op_s, h.view_s, h.module_s, h.sync_s):
+        assert 0 < v < 1e-3
+    assert 0 <= h.optimizer_tensor_s < 1e-2
+
+
+def test_autograd_host_costs_are_measured_and_positive(quick):
+    """grad_op_s and backward_op_s are measured (not left to default to op_s); grad_op_s >= op_s is
+    not guaranteed on a noisy machine: only that they are positive and sane."""
+    h = quick.profile.host
+    assert h.grad_op_s is not None and h.backward_op_s is not None
+    assert 0 < h.grad_op_s < 1e-3 and 0 < h.backward_op_s < 1e-3
+    assert h.op_cost("grad") == h.grad_op_s and h.op_cost("backward") == h.backward_op_s
+    src = quick.profile.sources
+    assert "requires grad" in src["host.grad_op_s"] and "TorchDispatchMode" in src["host.backward_op_s"]
+
+
+# the step fit reproduces its own calibration programs within this (a shared 2-core machine: the
+# quick calibration takes 2 rounds per program)
+STEP_FIT_MEDIAN, STEP_FIT_WORST = 0.25, 0.6
+
+
+def test_step_fit_reproduces_its_calibration_programs(quick):
+    fit = quick.step_fit
+    assert fit is not None and fit.fit is not None
+    p = quick.profile
+    assert p.host.layer_s > 0 or p.host.model_s > 0
+    for name in ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.backward_op_s"):
+        assert name in p.sources and "calibration programs" in p.sources[name], name
+        assert cal.get_param(p, name) >= 0
+    assert "calibration forward" in p.sources["step fit"] and "generate" in p.sources["step fit"]
+    # residuals: one per calibration program, measured / predicted - 1, the same as the fit's rows
+    assert set(p.residuals) == {c.label for c in fit.cases} and len(fit.cases) >= 5
+    for r in fit.fit.rows:
+        assert p.residuals[r.label] == pytest.approx(r.measured / r.predicted - 1)
+        assert r.measured > 0 and r.predicted > 0
+    assert fit.fit.median_abs_error < STEP_FIT_MEDIAN and fit.fit.worst_abs_error < STEP_FIT_WORST
+    # the floors: a fitted module_s or backward_op_s is never below what the micro-benchmarks measured
+    assert p.host.module_s > 0 and p.host.backward_op_s > 0
+    assert p.id.startswith("cpu-") and "-fit" not in p.id
+
+
+def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
+    """The fit on synthetic measurements (the calibration programs priced by a profile with known
+    layer_s, model_s, module_s, generate_step_s, backward_op_s) recovers them."""
+    from planner.backends import step_programs
+
+    truth = {"host.layer_s": 150e-6, "host.model_s": 700e-6, "host.module_s": 9e-6, "host.generate_step_s": 200e-6,
+             "host.backward_op_s": 6e-6}
+    micro = cal.with_params(quick.profile, {"host.module_s": 1e-6, "host.backward_op_s": 2e-6, "host.layer_s": 0.0,
+                                            "host.model_s": 0.0, "host.generate_step_s": 0.0})
+    known = cal.with_params(micro, truth)
+
+    def fake_time_cases(cases, rounds, threads=1, progress=None, stage=""):
+        for c in cases:
+            c.samples = [step_programs.predict(c, known).total_s] * rounds
+        return cases
+
+    monkeypatch.setattr(step_programs, "time_cases", fake_time_cases)
+    fit = cal.fit_host_to_steps(micro, rounds=1, which="full")
+    assert fit.fit.worst_abs_error < 1e-4
+    for name, v in truth.items():
+        assert cal.get_param(fit.profile, name) == pytest.approx(v, rel=1e-2), name
+    # a figure the fit would put below its micro-benchmark floor is held there
+    floor = cal.with_params(micro, {"host.module_s": 20e-6})
+    held = cal.fit_host_to_steps(floor, rounds=1, which="full")
+    assert held.profile.host.module_s == pytest.approx(20e-6)
+    assert "held at this micro-benchmark figure" in held.profile.sources["host.module_s"]
+    assert "host.module_s" not in held.fit.params
+
+
+def test_calibration_programs_are_not_the_validation_programs(tmp_path):
+    from planner.backends.time_validation import validation_cases
+
+    calib = cal.calibration_cases(tmp_path / "c", "full")
+    valid = validation_cases(tmp_path / "v", "full")
+    shape = lambda c: (c.model.hidden_size, c.model.num_layers, c.plan.batch, c.plan.seq, c.plan.prompt_len)  # noqa: E731
+    assert {shape(c) for c in calib}.isdisjoint({shape(c) for c in valid})
+    assert {c.model.hidden_size for c in calib}.isdisjoint({c.model.hidden_size for c in valid})
+
+
+def test_every_figure_has_a_source_and_the_check_reports_its_error(quick):
+    p = quick.profile
+    for key in ("host.op_s", "host.view_s", "host.module_s", "host.sync_s", "host.optimizer_tensor_s", "launch_s",
+                "host.grad_op_s", "host.backward_op_s", "host.layer_s", "host.model_s", "host.generate_step_s",
+                "matmul.fp32", "matmul.bf16", "attention.fp32", "attention.bf16", "attention.backward", "memory",
+                "machine", "check", "step fit"):  # fmt: skip
+        assert p.sources.get(key), key
+    assert "median of 3 interleaved rounds" in p.sources["matmul.fp32"] and "spread" in p.sources["matmul.fp32"]
+    assert "error" in p.sources["check"]
+    assert p.versions["torch"] == torch.__version__ and p.versions["python"]
+    assert len(p.measured_on) == 10 and p.measured_on[4] == "-"
+    assert quick.checks and all(c.measured_s > 0 and c.predicted_s > 0 and math.isfinite(c.error) for c in quick.checks)
+
+
+def test_quick_is_quick(quick):
+    assert quick.elapsed_s < 60
+
+
+# ---- the pieces -------------------------------------------------------------------------------------
+def test_binned_curve_takes_medians_in_log_bins():
+    pts = [(1000.0, 1.0), (1100.0, 3.0), (1200.0, 2.0), (1e6, 10.0), (1.1e6, 30.0)]
+    c = cal.binned_curve(pts)
+    assert [r for _, r in c.points] == [2.0, 20.0]
+    assert 1000 <= c.points[0][0] <= 1200 and 1e6 <= c.points[1][0] <= 1.1e6
+
+
+def test_counted_ops_and_their_flops():
+    import torch.nn.functional as F
+
+    x, w = torch.randn(8, 16), torch.randn(32, 16)
+    ops, modules, _ = cal.count_ops(torch, lambda: F.linear(x, w))
+    assert [o.kind for o in ops] == ["view", "matmul"] and modules == 0
+    assert ops[1].flops == 2 * 8 * 16 * 32 and ops[1].bytes == (8 * 16 + 32 * 16 + 8 * 32) * 4
+    b, h, s, d = 1, 2, 16, 8
+    q = torch.randn(b, h, s, d)
+    ops, _, _ = cal.count_ops(torch, lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    att = [o for o in ops if o.kind == "attention"]
+    assert len(att) == 1 and att[0].flops == 4 * b * h * d * s * (s + 1) / 2
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    _, modules, _ = cal.count_ops(torch, lambda: mlp(torch.randn(2, 4)))
+    assert modules == 3
+
+
+def test_prices_sum_host_and_device_on_the_cpu_and_overlap_on_cuda():
+    curve = RateCurve(points=((1.0, 1e9),))
+    ops = [cal.Op("mm", "matmul", flops=1e6, bytes=0.0), cal.Op("view", "view"), cal.Op("add", "kernel", bytes=1e3)]
+    cpu = cal.Prices(op_s=1e-6, view_s=5e-7, module_s=2e-6, matmul={"fp32": curve}, memory=curve)
+    host, device, total = cpu.total(ops, modules=1)
+    assert host == pytest.approx(2e-6 + 5e-7 + 2e-6) and device == pytest.approx(1e-3 + 1e-6)
+    assert total == pytest.approx(host + device)
+    gpu = cal.Prices(op_s=1e-6, view_s=5e-7, launch_s=2e-6, asynchronous=True, matmul={"fp32": curve}, memory=curve)
+    host, device, total = gpu.total(ops)
+    assert total == pytest.approx(max(host, device)) and device == pytest.approx(1e-3 + 1e-6 + 4e-6)
+    assert gpu.fixed(ops) == pytest.approx(4e-6) and cpu.fixed(ops) == pytest.approx(2.5e-6)
+
+
+def test_sweep_shapes_stay_within_bounds():
+    for quick_mode in (True, False):
+        st = cal.settings("cpu", quick_mode)
+        shapes = cal.matmul_shapes(st)
+        assert 2 <= len(shapes) <= st.mm_cases
+        assert all(2 * m * k * n <= st.mm_max_flops for m, k, n in shapes)
+        assert min(k for _, k, _ in shapes) == 64  # tiny models' shapes are in
+        sizes = cal.memory_sizes(st)
+        assert sizes == sorted(sizes) and sizes[-1] <= 2.6e8
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+def test_cli_quick_writes_the_profile(tmp_path):
+    path = tmp_path / "cpu.json"
+    code, out, err = run(["calibrate", "--quick", "-o", str(path)])
+    assert code == 0, err
+    p = load_profile(path)
+    assert p.device == "cpu"
+    assert "wrote" in out and "check" in out and "error" in out and "host costs" in out
+    assert [f.name for f in tmp_path.iterdir()] == ["cpu.json"]  # no temporary file left
+
+
+@pytest.fixture
+def patched(monkeypatch, quick):
+    monkeypatch.setattr(cal, "run_calibration", lambda *a, **k: quick)
+    return quick
+
+
+def test_cli_no_steps_skips_the_step_fit(tmp_path):
+    path = tmp_path / "cpu.json"
+    code, out, err = run(["calibrate", "--quick", "--no-steps", "-o", str(path)])
+    assert code == 0, err
+    p = load_profile(path)
+    assert p.host.layer_s == 0 and p.host.model_s == 0 and "step fit" not in p.sources and not p.residuals
+    assert p.host.grad_op_s > 0 and p.host.backward_op_s > 0
+    assert "step fit" not in out and "check (forward timed vs predicted from this profile" in out
+    assert_bad(*run(["calibrate", "--from-steps", "x.csv", "--profile", "p.json", "--no-steps"]), "no-steps")
+
+
+def test_cli_summary_shows_the_step_fit(tmp_path, patched):
+    code, out, err = run(["calibrate", "--quick", "-o", str(tmp_path / "p.json")])
+    assert code == 0, err
+    assert "step fit:" in out and "fitted to the calibration programs" in out and "calibration sft full" in out
+    code, out, err = run(["calibrate", "--quick", "-o", str(tmp_path / "p.json"), "--json"])
+    doc = json.loads(out)
+    assert doc["step_fit"]["rows"] and "host.model_s" in doc["step_fit"]["fitted"]
+
+
+def test_cli_without_out_prints_the_profile_json(patched):
+    code, out, err = run(["calibrate", "--quick"])
+    assert code == 0 and "error" not in err
+    assert parse_profile(json.loads(out), "stdout") == patched.profile
+
+
+def test_cli_json_summary(tmp_path, patched):
+    code, out, err = run(["calibrate", "--quick", "-o", str(tmp_path / "p.json"), "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["profile"] == str(tmp_path / "p.json") and doc["check"] and "error" in doc["check"][0]
+    assert set(doc["host"]) == set(HostCosts.model_fields)
+
+
+@pytest.mark.parametrize("where", ["missing-dir/p.json", "DIR"])
+def test_cli_bad_out_path_writes_nothing(tmp_path, patched, where):
+    target = str(tmp_path) if where == "DIR" else str(tmp_path / where)
+    before = sorted(os.listdir(tmp_path))
+    assert_bad(*run(["calibrate", "--quick", "-o", target]), "out:")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cli_failed_calibration_writes_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise cal.CalibrationError("calibrate: no usable measurement for a curve")
+
+    monkeypatch.setattr(cal, "run_calibration", boom)
+    assert_bad(*run(["calibrate", "-o", str(tmp_path / "p.json")]), "no usable measurement")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_cuda_without_a_gpu_is_one_line():
+    assert_bad(*run(["calibrate", "--device", "cuda"]), "device: cuda is not available")
+
+
+def test_cli_unknown_device_and_misplaced_flags():
+    assert_bad(*run(["calibrate", "--device", "tpu"]), "device: unknown device 'tpu'")
+    assert_bad(*run(["calibrate", "--profile", "x.json"]), "--profile only applies with --from-steps")
+    assert_bad(*run(["calibrate", "--threads", "0"]), "threads:")
+
+
+def test_cli_without_torch_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert_bad(*run(["calibrate", "--quick"]), "pip install torch")
+
+
+# ---- fitting to whole-step measurements -------------------------------------------------------------
+TRUE = {"host.op_s": 4e-6, "host.module_s": 2e-6, "launch_s": 3e-6}
+HEADER = ("model,task,method,precision,batch,seq,grad_ckpt,lora_rank,prompt_len,new_tokens,step_s,first_step_s,"
+          "tokens_per_s,prefill_s,generate_s,peak_allocated_bytes,peak_reserved_bytes,cublas_workspaces_in_peak_bytes")
+PLANS = [  # the h200_measured_steps.csv layout: (plan columns, target column)
+    ("qwen2.5-0.5b,sft,full,bf16,1,512,0,,,", "step_s"),
+    ("qwen2.5-0.5b,sft,full,bf16,4,2048,1,,,", "step_s"),
+    ("llama-3.2-1b,sft,full,bf16,1,512,0,,,", "step_s"),
+    ("llama-3.2-1b,sft,lora,bf16,4,2048,1,16,,", "step_s"),
+    ("llama-3.2-1b,sft,full,mixed-bf16,4,1024,0,,,", "step_s"),
+    ("llama-3.2-1b,generate,full,bf16,1,,,,512,64", "generate_s"),
+    ("llama-3.2-1b,generate,full,bf16,16,,,,2048,64", "generate_s"),
+]
+
+
+def synthetic_predict(plan, model, profile, gpu):
+    """An asynchronous step of known structure: the host's ops and module calls against the device's
+    kernels and work; seconds."""
+    if plan.task == "generate":
+        host = plan.new_tokens * (900 * profile.host.op_s + 180 * profile.host.module_s)
+        device = plan.new_tokens * (700 * profile.launch_s + 2e-5 * plan.batch) + 1e-9 * plan.batch * plan.prompt_len
+        return max(host, device) + 0.2 * min(host, device)
+    ckpt = 2 if plan.grad_ckpt else 1
+    ops = (3000 + 400 * ckpt) * (2 if plan.method == "lora" else 1)
+    host = ops * profile.host.op_s + 500 * ckpt * profile.host.module_s
+    device = 2500 * ckpt * profile.launch_s + 4e-9 * plan.batch * plan.seq * ckpt
+    return max(host, device) + 0.1 * min(host, device) + 1e-3
+
+
+def base_profile(**host) -> DeviceProfile:
+    curve = RateCurve(points=((1e6, 1e11), (1e12, 5e14)))
+    return DeviceProfile(id="test-gpu", name="a test card", device="cuda", host_cpu="test", asynchronous=True,
+                         matmul={"bf16": curve}, memory=RateCurve(points=((1e3, 1e9), (1e9, 4e12))), launch_s=0.0,
+                         host=HostCosts(**{"op_s": 1e-5, "view_s": 1e-6, "module_s": 5e-7, **host}),
+                         sources={"host.op_s": "a guess"})  # fmt: skip
+
+
+def write_steps(tmp_path, true=TRUE, plans=PLANS, name="steps.csv"):
+    truth = cal.with_params(base_profile(), true)
+    lines = [HEADER]
+    for i, (cols, target) in enumerate(plans, start=1):
+        rows = cal.read_steps(_one(tmp_path, cols, target))
+        t = synthetic_predict(rows[0].plan, rows[0].model, truth, None)
+        step, gen = (f"{t:.12g}", "") if target == "step_s" else ("", f"{t:.12g}")
+        lines.append(f"{cols},{step},,,,{gen},,,")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _one(tmp_path, cols, target):
+    p = tmp_path / "one.csv"
+    step, gen = ("1", "") if target == "step_s" else ("", "1")
+    p.write_text(f"{HEADER}\n{cols},{step},,,,{gen},,,\n")
+    return p
+
+
+def test_fit_recovers_known_parameters(tmp_path):
+    rows = cal.read_steps(write_steps(tmp_path))
+    assert [r.target for r in rows] == [t for _, t in PLANS]
+    fit = cal.fit_profile(base_profile(), rows, synthetic_predict, csv_name="steps.csv")
+    for name, true in TRUE.items():
+        assert fit.params[name] == pytest.approx(true, rel=1e-3), name
+        assert cal.get_param(fit.profile, name) == pytest.approx(true, rel=1e-3)
+    assert fit.worst_abs_error < 1e-4
+    assert set(fit.profile.residuals) == {r.label for r in rows}
+    assert all(abs(v) < 1e-4 for v in fit.profile.residuals.values())
+    assert "steps.csv" in fit.profile.sources["fit"] and "steps.csv" in fit.profile.sources["host.op_s"]
+    assert fit.profile.host.view_s == base_profile().host.view_s  # what is not fitted stays
+
+
+def test_fit_of_a_chosen_subset(tmp_path):
+    rows = cal.read_steps(write_steps(tmp_path))
+    base = base_profile(module_s=TRUE["host.module_s"])
+    fit = cal.fit_profile(base, rows, synthetic_predict, params=["host.op_s", "launch_s"])
+    assert set(fit.params) == {"host.op_s", "launch_s"}
+    assert fit.params["launch_s"] == pytest.approx(TRUE["launch_s"], rel=1e-3)
+    assert fit.params["host.op_s"] == pytest.approx(TRUE["host.op_s"], rel=1e-3)
+
+
+def test_nelder_mead_finds_a_bounded_minimum():
+    x, fx, evals = cal.nelder_mead(lambda v: (v[0] - 3) ** 2 + 10 * (v[1] + 1) ** 2, [0.0, 0.0], [1.0, 1.0])
+    assert x[0] == pytest.approx(3, abs=1e-4) and x[1] == pytest.approx(-1, abs=1e-4) and evals < 600
+
+
+@pytest.fixture
+def fake_cost_model(monkeypatch):
+    mod = types.ModuleType("planner.engine.timing")
+    mod.step_seconds = synthetic_predict
+    monkeypatch.setitem(sys.modules, "planner.engine.timing", mod)
+    import planner.engine
+
+    monkeypatch.setattr(planner.engine, "cost", mod, raising=False)
+
+
+def _base_file(tmp_path, **host):
+    p = tmp_path / "base.json"
+    p.write_text(json.dumps(base_profile(**host).model_dump(mode="json")))
+    return p
+
+
+def test_cli_from_steps_writes_the_fitted_profile(tmp_path, fake_cost_model):
+    steps, base = write_steps(tmp_path), _base_file(tmp_path)
+    out_path = tmp_path / "fit.json"
+    code, out, err = run(["calibrate", "--from-steps", str(steps), "--profile", str(base), "-o", str(out_path)])
+    assert code == 0, err
+    p = load_profile(out_path)
+    assert p.host.op_s == pytest.approx(TRUE["host.op_s"], rel=1e-3)
+    assert len(p.residuals) == len(PLANS) and str(steps) in p.sources["fit"]
+    assert "median" in out and "worst" in out and "predicted" in out and "llama-3.2-1b" in out
+    code, out, err = run(["calibrate", "--from-steps", str(steps), "--profile", str(base), "-o", str(out_path),
+                          "--json", "--fit", "host.op_s,launch_s"])  # fmt: skip
+    doc = json.loads(out)
+    assert code == 0 and set(doc["fitted"]) == {"host.op_s", "launch_s"} and len(doc["rows"]) == len(PLANS)
+
+
+def test_cli_from_steps_needs_a_base_profile(tmp_path):
+    assert_bad(*run(["calibrate", "--from-steps", str(write_steps(tmp_path))]), "--profile BASE")
+
+
+def set_cell(header, rows, row, column, value):
+    cols = header.split(",")
+    cells = rows[row - 1].split(",")
+    cells[cols.index(column)] = value
+    return header, [*rows[: row - 1], ",".join(cells), *rows[row:]]
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda h, r: (h.replace("step_s", "stp_s", 1), r), ["steps.csv", "unknown column 'stp_s'", "did you mean"]),
+    (lambda h, r: set_cell(h, r, 2, "step_s", ""), ["steps.csv", "row 2, column step_s: missing"]),
+    (lambda h, r: set_cell(h, r, 7, "generate_s", ""), ["steps.csv", "row 7, column generate_s: missing"]),
+    (lambda h, r: set_cell(h, r, 1, "batch", "one"), ["steps.csv", "row 1, column batch: must be a whole number"]),
+    (lambda h, r: set_cell(h, r, 3, "step_s", "fast"), ["steps.csv", "row 3, column step_s: not a number"]),
+    (lambda h, r: set_cell(h, r, 1, "model", "qwen9"), ["steps.csv", "row 1, column model"]),
+    (lambda h, r: set_cell(h, r, 1, "method", "fulll"), ["steps.csv", "row 1, column method"]),
+    (lambda h, r: set_cell(h, r, 1, "lora_rank", "8"), ["steps.csv", "row 1, column lora_rank"]),
+], ids=["unknown column", "missing target", "missing generate target", "bad plan value", "bad measured value",
+        "unknown model", "bad method", "option that does not apply"])  # fmt: skip
+def test_cli_bad_csv_is_one_line(tmp_path, edit, needles):
+    path = write_steps(tmp_path)
+    header, *rows = path.read_text().splitlines()
+    header, rows = edit(header, rows)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    before = sorted(os.listdir(tmp_path))
+    assert_bad(*run(["calibrate", "--from-steps", str(path), "--profile", str(_base_file(tmp_path)),
+                     "-o", str(tmp_path / "fit.json")]), *needles)  # fmt: skip
+    assert not (tmp_path / "fit.json").exists()
+    assert set(os.listdir(tmp_path)) - set(before) <= {"base.json"}
+
+
+def test_bad_measured_value_and_no_rows(tmp_path):
+    p = tmp_path / "steps.csv"
+    p.write_text(f"{HEADER}\nqwen2.5-0.5b,sft,full,bf16,1,512,0,,,,fast,,,,,,,\n")
+    with pytest.raises(cal.StepsError, match=r"steps.csv: row 1, column step_s: not a number"):
+        cal.read_steps(p)
+    p.write_text(f"{HEADER}\n")
+    with pytest.raises(cal.StepsError, match="no data rows"):
+        cal.read_steps(p)
+    with pytest.raises(cal.StepsError, match="no such file"):
+        cal.read_steps(tmp_path / "nope.csv")
+
+
+def test_bad_fit_parameter_names():
+    with pytest.raises(cal.StepsError, match=r"unknown parameter 'host.ops'.*did you mean"):
+        cal.parse_fit_params("host.ops")
+    with pytest.raises(cal.StepsError, match="named twice"):
+        cal.parse_fit_params("launch_s,launch_s")
+    assert cal.parse_fit_params(None) == cal.DEFAULT_FIT
+    assert "host.optimizer_tensor_s" in cal.float_paths() and "launch_s" in cal.float_paths()
+    assert {"host.grad_op_s", "host.backward_op_s", "host.layer_s"} <= set(cal.float_paths())
+    # an unset optional host cost reads as what prices in its place (op_s)
+    assert cal.get_param(base_profile(), "host.backward_op_s") == base_profile().host.op_s
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda d: d.pop("launch_s"), "launch_s: required field missing"),
+    (lambda d: d["host"].update(op_s=-1e-6), "host.op_s"),
+    (lambda d: d["memory"].update(points=[[2.0, 1.0], [1.0, 1.0]]), "ascending"),
+], ids=["missing field", "negative value", "descending curve"])  # fmt: skip
+def test_bad_profile_file_is_one_line(tmp_path, change, needle):
+    doc = base_profile().model_dump(mode="json")
+    change(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=needle) as e:
+        load_profile(bad)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    assert_bad(*run(["calibrate", "--from-steps", str(write_steps(tmp_path)), "--profile", str(bad)]), needle)
+
+
+def test_memory_bound_matmuls_are_left_to_the_memory_term():
+    memory = RateCurve(points=((1.0, 1e9),))
+    # (FLOPs, bytes, time, fixed, spread): in the same bin a compute-bound shape and a GEMV whose bytes
+    # take all its time; the curve takes the compute-bound one's rate
+    raw = [(1e6, 1e3, 1e-5 + 1e-6, 1e-6, 0.0), (1.1e6, 1e6, 1e-3, 0.0, 0.0)]
+    curve, kept = cal.matmul_curve(raw, memory)
+    assert kept == 1 and curve.points[0][1] == pytest.approx(1e11)
+    # a bin of only memory-bound shapes keeps them
+    curve, kept = cal.matmul_curve(raw[1:], memory)
+    assert kept == 0 and curve.points[0][1] == pytest.approx(1.1e9)
+
+
+def test_fit_to_noisy_steps_reports_the_residuals(tmp_path):
+    path = write_steps(tmp_path)
+    header, *rows = path.read_text().splitlines()
+    noisy = []
+    for i, line in enumerate(rows):  # +-4% on every target
+        cells = line.split(",")
+        col = 10 if cells[10] else 14
+        cells[col] = f"{float(cells[col]) * (1.04 if i % 2 else 0.96):.12g}"
+        noisy.append(",".join(cells))
+    path.write_text("\n".join([header, *noisy]) + "\n")
+    fit = cal.fit_profile(base_profile(), cal.read_steps(path), synthetic_predict)
+    assert 0.01 < fit.worst_abs_error < 0.1
+    for r in fit.rows:
+        assert fit.profile.residuals[r.label] == pytest.approx(r.measured / r.predicted - 1)
+    assert fit.params["host.op_s"] == pytest.approx(TRUE["host.op_s"], rel=0.15)

@@ -1,0 +1,139 @@
+"""The CPU time validation (planner.backends.time_validation): its machinery runs end to end on a
+smoke suite (three tiny cases, two interleaved rounds, the quick calibration) and produces the
+table with its columns, the CSV and the diagnostics. Behaviour only: no assertion on wall time or
+on the size of the errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from planner.backends import time_validation as tv  # noqa: E402
+from planner.backends.step_programs import Case, time_cases  # noqa: E402
+from planner.engine.timing import step_seconds  # noqa: E402
+
+TABLE_HEADER = ("| case | measured ms | spread | IQR | predicted ms | error | compute ms | host ms | host share "
+                "| op list |")
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return tv.run_suite("smoke", rounds=2, quick_calibration=True)
+
+
+def test_every_case_is_timed_predicted_and_diagnosed(suite):
+    assert len(suite.rows) == len(tv.SMOKE) == 3
+    assert {r.case.plan.task for r in suite.rows} == {"sft", "generate"}
+    for r in suite.rows:
+        assert len(r.case.samples) == 2 and all(s > 0 for s in r.case.samples)
+        assert r.measured_s > 0 and r.predicted_s > 0 and math.isfinite(r.error)
+        assert r.compute_s > 0 and r.host_s > 0
+        assert r.compute_s + r.host_s == pytest.approx(r.predicted_s)
+        assert r.error == pytest.approx(r.predicted_s / r.measured_s - 1)
+        assert r.case.spread >= 0
+        # the op-list check ran against the recorder, and the time per phase was measured
+        assert r.ops_match in (True, False) and r.ops_note
+        assert r.phases_measured and all(v >= 0 for v in r.phases_measured.values())
+        assert r.phases_predicted
+    gen = next(r for r in suite.rows if r.case.plan.task == "generate")
+    assert {"prefill", "decode"} <= set(gen.phases_measured)
+    assert {"generate/prefill", "generate/decode"} <= set(gen.phases_predicted)
+    sft = next(r for r in suite.rows if r.case.plan.method == "full")
+    assert {"forward", "backward", "optimizer"} <= set(sft.phases_measured)
+    # the worst cases' kernels timed in the program, against their priced device time
+    worst = max(suite.rows, key=lambda r: abs(r.error))
+    assert worst.op_times and all(o.count > 0 and o.measured_s > 0 and o.priced_s >= 0 for o in worst.op_times)
+    assert {o.phase for o in worst.op_times} & {"forward", "prefill", "decode"}
+
+
+def test_predictions_are_the_engines_step_seconds(suite):
+    for r in suite.rows:
+        assert r.predicted_s == step_seconds(r.case.plan, r.case.model, suite.profile)
+
+
+def test_the_profile_is_calibrated_in_the_same_run(suite):
+    p = suite.profile
+    assert p.device == "cpu" and p.measured_on
+    assert suite.calibration.step_fit is not None and p.residuals
+    assert suite.threads == 1
+    assert set(suite.timings) >= {"calibration_s", "timing_s", "diagnostics_s", "total_s"}
+
+
+def test_markdown_table_has_its_columns_and_summary(suite):
+    md = tv.to_markdown(suite, csv_name="time-cpu.csv")
+    assert md.startswith("# Step time on this CPU")
+    assert TABLE_HEADER in md
+    for r in suite.rows:
+        assert f"| {r.case.label} |" in md
+    for needle in ("median |error|", "worst", "torch threads 1", "host.layer_s", "host.backward_op_s",
+                   "Step fit residuals", "## Time per phase", "## Kernels in the program", "Versions: python",
+                   "time-cpu.csv"):  # fmt: skip
+        assert needle in md, needle
+    rows = [line for line in md.splitlines() if line.startswith("| sft ") or line.startswith("| generate ")]
+    assert len(rows) >= 6  # the cases table and the phase table
+    assert all(line.count("|") == TABLE_HEADER.count("|") for line in rows[:3])
+
+
+def test_csv_has_every_column_and_row(suite):
+    rows = list(csv.DictReader(io.StringIO(tv.to_csv(suite))))
+    assert len(rows) == 3 and tuple(rows[0]) == tv.CSV_COLUMNS
+    for row, r in zip(rows, suite.rows):
+        assert row["case"] == r.case.label and float(row["measured_s"]) == pytest.approx(r.measured_s, rel=1e-5)
+        assert float(row["predicted_s"]) == pytest.approx(r.predicted_s, rel=1e-5)
+        assert len(row["samples_s"].split(";")) == 2 and "=" in row["phases_measured_s"]
+
+
+def test_misses_are_explained():
+    """A case off by more than 10% gets a line saying where: an op-list difference, the phases whose
+    measured and predicted times differ most."""
+    from planner.specs import Plan
+
+    case = Case("sft full bf16 tiny", Plan(model="llama-3.2-1b", batch=1, seq=8), samples=[0.010])
+    row = tv.Row(case, "tiny", predicted_s=0.006, compute_s=0.002, host_s=0.004, ops_match=False,
+                 ops_note="engine vs recorded: elementwise 10 vs 12",
+                 phases_measured={"forward": 0.004, "backward": 0.005, "optimizer": 0.001},
+                 phases_predicted={"train/forward": (0.002, 0.001), "train/backward": (0.001, 0.001),
+                                   "train/optimizer": (0.0005, 0.0005)})  # fmt: skip
+    text = tv.why(row)
+    assert "op list differs (elementwise 10 vs 12)" in text
+    assert "backward under-predicted by 3 ms" in text and "forward under-predicted by 1 ms" in text
+    assert tv.phase_table(row) == [("forward", 0.004, 0.003), ("backward", 0.005, 0.002), ("optimizer", 0.001, 0.001)]
+
+
+def test_cases_are_interleaved(monkeypatch):
+    """time_cases takes its samples round-robin over the cases (each round in another order), never
+    one case's repeats back to back."""
+    from planner.backends import timing
+    from planner.specs import Plan
+
+    calls = []
+
+    def fake_time_steps(tech, plan, config, steps, warmup, threads=1):
+        calls.append(plan.batch)
+        return [0.001] * steps
+
+    monkeypatch.setattr(timing, "time_steps", fake_time_steps)
+    cases = [Case(f"c{b}", Plan(model="llama-3.2-1b", batch=b, seq=8), _config={}) for b in (1, 2, 3)]
+    time_cases(cases, rounds=3)
+    timed = calls[1:]  # the first: one untimed step of the (single) kind of program
+    assert calls[0] == 1 and len(timed) == 9
+    rounds = [timed[i:i + 3] for i in range(0, 9, 3)]
+    assert all(sorted(r) == [1, 2, 3] for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 3  # each round in another order
+    assert all(len(c.samples) == 3 for c in cases)
+
+
+def test_main_writes_the_table_and_the_csv(tmp_path, monkeypatch, suite):
+    monkeypatch.setattr(tv, "run_suite", lambda *a, **k: suite)
+    out = tmp_path / "reports" / "time-cpu.md"
+    assert tv.main(["--out", str(out), "--suite", "smoke", "--rounds", "2", "--quick-calibration"]) == 0
+    md, text = out.read_text(), (tmp_path / "reports" / "time-cpu.csv").read_text()
+    assert TABLE_HEADER in md and "--suite smoke" in md and "time-cpu.csv" in md
+    assert text.splitlines()[0] == ",".join(tv.CSV_COLUMNS)
