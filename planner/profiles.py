@@ -1,10 +1,15 @@
 """Device profiles: what one device achieves, measured on it or built from public figures, with sources.
 
 The time model (planner.engine.cost) prices every op of the replayed program with a profile:
-- device time of an op = launch_s + max(FLOPs / matmul rate(FLOPs), bytes / memory rate(bytes)) for
-  matmuls and attention (rates by dtype), launch_s + bytes / memory rate(bytes) for the others;
+- device time of an op = launch_s + max(FLOPs / rate(FLOPs), bytes / memory rate(bytes)) for
+  matmuls and attention (rates by dtype: `matmul`, `attention` for SDPA forward, `attention_backward`
+  for its backward), launch_s + bytes / memory rate(bytes) for the others (`memory_inplace` for
+  in-place ones); a `_foreach_*` op is one kernel over its list, or one per tensor where
+  `foreach_per_tensor` (the CPU's fallback);
 - host time of an op = host.op_s (an op that runs a kernel: framework dispatch + launch) or
-  host.view_s (a metadata-only op: view, transpose, detach...), plus host.module_s per nn.Module call;
+  host.view_s (a metadata-only op: view, transpose, detach...), plus host.module_s per nn.Module call,
+  plus the fixed Python of calls that dispatch no op (HostCosts: layer_s, model_s, loss_s,
+  backward_call_s, optimizer_step_s, generate_call_s, generate_step_s, saved_hook_s);
 - `asynchronous` devices (CUDA) let the host run ahead of the device until a synchronisation, so a
   stretch between two syncs costs max(host, device); synchronous ones (the CPU) cost host + device.
 
@@ -27,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from planner.errors import PlannerInputError, did_you_mean
 
@@ -113,6 +118,16 @@ class HostCosts(BaseModel):
     generate_step_s: float = Field(default=0.0, ge=0, description=(
         "Python work of one generate() step that dispatches no op (cache bookkeeping, mask and processor "
         "functions, stopping criteria)"))
+    generate_call_s: float = Field(default=0.0, ge=0, description=(
+        "Python work of one generate() call before its first forward that dispatches no op (generation "
+        "config, model kwargs, logits processors and stopping criteria built)"))
+    loss_s: float = Field(default=0.0, ge=0, description=(
+        "Python work of one loss function call beyond its ops (transformers' loss_function, a technique's loss)"))
+    backward_call_s: float = Field(default=0.0, ge=0, description=(
+        "one loss.backward() call beyond the ops it runs (the autograd engine's start: graph walk, ready queue)"))
+    optimizer_step_s: float = Field(default=0.0, ge=0, description=(
+        "one optimizer.step() + zero_grad() call beyond its ops and its per-tensor work (param groups, "
+        "hooks, the profiler scopes)"))
 
 
 class DeviceProfile(BaseModel):
@@ -129,6 +144,15 @@ class DeviceProfile(BaseModel):
     attention: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA kernels by dtype, against their FLOPs (default: the matmul's)"))
     memory: RateCurve = Field(description="achieved bytes/s of elementwise ops and copies, against bytes moved")
+    memory_inplace: RateCurve | None = Field(default=None, description=(
+        "achieved bytes/s of in-place ops (add_, mul_, _foreach_*_: no output allocated), against bytes moved "
+        "(default: memory's; on the CPU a large new output costs fresh pages, an in-place op does not)"))
+    attention_backward: dict[str, RateCurve] = Field(default_factory=dict, description=(
+        "achieved FLOP/s of SDPA backward kernels by dtype, against their FLOPs (2.5x the forward's; "
+        "default: the forward's curve)"))
+    foreach_per_tensor: bool = Field(default=False, description=(
+        "a _foreach_* op runs one kernel per tensor (the CPU's fallback) rather than one multi-tensor "
+        "kernel over the list (CUDA)"))
     launch_s: float = Field(ge=0, description="the least device time of a kernel")
     host: HostCosts
     device_scale: float = Field(default=1.0, gt=0, description=(
@@ -140,13 +164,13 @@ class DeviceProfile(BaseModel):
     residuals: dict[str, float] = Field(default_factory=dict, description=(
         "for fitted parameters: relative error of each step the fit used (name -> measured/predicted - 1)"))
 
-    @field_validator("matmul")
+    @field_validator("matmul", "attention", "attention_backward")
     @classmethod
-    def _dtypes(cls, v: dict[str, RateCurve]) -> dict[str, RateCurve]:
+    def _dtypes(cls, v: dict[str, RateCurve], info: ValidationInfo) -> dict[str, RateCurve]:
         bad = [k for k in v if k not in DTYPES]
         if bad:
             raise ValueError(f"unknown dtype '{bad[0]}' (allowed: {', '.join(DTYPES)})")
-        if not v:
+        if not v and info.field_name == "matmul":
             raise ValueError("give a curve for at least one dtype")
         return v
 
@@ -156,6 +180,12 @@ class DeviceProfile(BaseModel):
 
     def attention_curve(self, dtype: str) -> RateCurve:
         return self.attention.get(dtype) or self.matmul_curve(dtype)
+
+    def attention_backward_curve(self, dtype: str) -> RateCurve:
+        return self.attention_backward.get(dtype) or self.attention_curve(dtype)
+
+    def memory_curve(self, inplace: bool) -> RateCurve:
+        return (self.memory_inplace or self.memory) if inplace else self.memory
 
 
 def _catalog_dir():

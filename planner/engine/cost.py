@@ -4,10 +4,16 @@ The memory replay (planner.engine.tape) also lists the aten ops the program disp
 with symbolic sizes (c + t*T + q*T*S, T = batch x seq tokens, S = seq). Here each is priced by a
 `DeviceProfile` (planner.profiles):
 
-    device(op) = launch_s + max(FLOPs / matmul_rate(FLOPs), bytes / memory_rate(bytes))   matmul, attention
-    device(op) = launch_s + bytes / memory_rate(bytes)                                     elementwise, foreach
-    device(op) = 0                                                                         view, sync
-    host(op)   = host.op_s (view: host.view_s), + host.module_s per nn.Module call of the stretch
+    device(op) = launch_s + max(FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   matmul, attention
+    device(op) = launch_s + bytes / memory_rate(bytes)                              elementwise, foreach
+    device(op) = 0                                                                  view, sync
+    host(op)   = host.op_s (view: host.view_s), + host.module_s per nn.Module call of the stretch,
+                 + the HostCosts item of each call the stretch lists (layer_s, loss_s, ...)
+
+rate: the matmul curve of the op's dtype; SDPA kernels the attention curve, their backward kernels
+(`*_backward`) the attention_backward curve. memory_rate: the memory curve, or memory_inplace for
+an in-place op (aten name ending in `_`: no output allocated). A _foreach_* op over n tensors on a
+profile with foreach_per_tensor (the CPU runs one kernel per tensor) costs n x device(bytes / n).
 
 A step is a sequence of stretches (one decoder layer's forward, its backward, the loss, the optimizer
 step...). On a synchronous device (the CPU) a stretch costs host + device. On an asynchronous one
@@ -57,7 +63,7 @@ class _Compiled:
     syncs: int
     modules: int
     calls: tuple[tuple[str, float], ...]
-    # (count, priced, dtype, kind, fc, ft, fq, bc, bt, bq)
+    # (count, curve (None: memory-bound), memory curve, tensors, dtype, fc, ft, fq, bc, bt, bq)
     groups: tuple[tuple, ...]
 
 
@@ -80,7 +86,10 @@ def _compile(ops: OpList) -> _Compiled:
             host_ops += n
         else:
             kernels += n
-            key = (k in PRICED, op.dtype, k, op.flops.c, op.flops.t, op.flops.q, op.bytes.c, op.bytes.t, op.bytes.q)
+            curve = ("attention_backward" if op.name.endswith("_backward") else k) if k in PRICED else None
+            memory = "memory_inplace" if op.name.endswith("_") else "memory"
+            key = (curve, memory, op.tensors if k == "foreach" else 1, op.dtype, op.flops.c, op.flops.t, op.flops.q,
+                   op.bytes.c, op.bytes.t, op.bytes.q)
             merged[key] = merged.get(key, 0) + n
     c = _Compiled(kernels, host_ops, views, syncs, ops.modules, tuple(ops.calls.items()),
                   tuple((n, *key) for key, n in merged.items()))
@@ -118,10 +127,11 @@ def _profile_fns(profile: DeviceProfile) -> dict:
     hit = _fns.get(id(profile))
     if hit is not None and hit[0] is profile:
         return hit[1]
-    fns: dict = {"memory": _seconds_fn(profile.memory)}
+    fns: dict = {"memory": _seconds_fn(profile.memory), "memory_inplace": _seconds_fn(profile.memory_curve(True))}
     for dtype in set(profile.matmul) | set(profile.attention) | {"fp32", "bf16", "fp16"}:
         fns[("matmul", dtype)] = _seconds_fn(profile.matmul_curve(dtype))
         fns[("attention", dtype)] = _seconds_fn(profile.attention_curve(dtype))
+        fns[("attention_backward", dtype)] = _seconds_fn(profile.attention_backward_curve(dtype))
     if len(_fns) > 64:
         _fns.clear()
     _fns[id(profile)] = (profile, fns)
@@ -145,17 +155,20 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
     if hit is not None and hit[0] is ops and hit[1] is profile:
         return StretchCost(h, hit[2])
     fns = _profile_fns(profile)
-    mem = fns["memory"]
     launch = profile.launch_s
+    per_tensor = profile.foreach_per_tensor
     T, TS = float(tokens), float(tokens) * float(seq)
     d = 0.0
-    for n, priced, dtype, kind, fc, ft, fq, bc, bt, bq in c.groups:
+    for n, curve, memory, tensors, dtype, fc, ft, fq, bc, bt, bq in c.groups:
         b = bc + bt * T + bq * TS
-        t = mem(b) if b > 0 else 0.0
-        if priced:
+        if tensors > 1 and per_tensor:  # one kernel per tensor of the list, each on its share
+            n *= tensors
+            b /= tensors
+        t = fns[memory](b) if b > 0 else 0.0
+        if curve is not None:
             f = fc + ft * T + fq * TS
             if f > 0:
-                tf = fns[(kind, dtype)](f)
+                tf = fns[(curve, dtype)](f)
                 if tf > t:
                     t = tf
         d += n * (launch + t)

@@ -114,6 +114,7 @@ def optimizer_ops(name: str, res: Resident) -> OpList:
     n, p = res.trainable_elems, res.trainable_tensors
     e = DTYPE_BYTES[res.trainable_dtype]
     out = OpList()
+    out.call("optimizer_step_s")
     out.call("optimizer_tensor_s", p)
     out.add("other", "_record_function_enter_new", count=2)
     out.add("other", "_record_function_exit", count=2)
@@ -126,12 +127,12 @@ def optimizer_ops(name: str, res: Resident) -> OpList:
             for op, passes in (("_foreach_mul_", 2), ("_foreach_lerp_", 3), ("_foreach_mul_", 2),
                                ("_foreach_addcmul_", 4), ("_foreach_sqrt", 2), ("_foreach_div_", 2),
                                ("_foreach_add_", 2), ("_foreach_addcdiv_", 4)):
-                out.add("foreach", op, bytes=Sym(c=passes * n * e), dtype=res.trainable_dtype)
+                out.add("foreach", op, bytes=Sym(c=passes * n * e), dtype=res.trainable_dtype, tensors=p)
         else:
-            out.add("foreach", "_foreach_add_", bytes=Sym(c=8 * p), dtype="fp32")
-            out.add("foreach", "_fused_adamw_", bytes=Sym(c=7 * n * e), dtype=res.trainable_dtype)
+            out.add("foreach", "_foreach_add_", bytes=Sym(c=8 * p), dtype="fp32", tensors=p)
+            out.add("foreach", "_fused_adamw_", bytes=Sym(c=7 * n * e), dtype=res.trainable_dtype, tensors=p)
     elif name == "sgd":
-        out.add("foreach", "_foreach_add_", bytes=Sym(c=3 * n * e), dtype=res.trainable_dtype)
+        out.add("foreach", "_foreach_add_", bytes=Sym(c=3 * n * e), dtype=res.trainable_dtype, tensors=p)
     else:  # bitsandbytes' 8-bit optimizers: one update kernel per tensor
         out.add(E, "optimizer_update_8bit_blockwise", bytes=Sym(c=n * (3 * e + 2)), dtype=res.trainable_dtype,
                 count=p)
@@ -163,6 +164,13 @@ def _with_layer_call(ops: OpList) -> OpList:
         return ops
     out = OpList(list(ops.ops), ops.modules, dict(ops.calls))
     out.call("layer_s")
+    return out
+
+
+def _host_call(name: str) -> OpList:
+    """A call's own Python that dispatches no op, priced by the profile's HostCosts field `name`."""
+    out = OpList()
+    out.call(name)
     return out
 
 
@@ -225,8 +233,13 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         prog.add("forward", "decoder layer", fwd_layer, L - 1)
         prog.add("forward", "final norm and head", head.fwd_ops)
         prog.add("loss", "loss", head.loss_ops)
+        if head.loss_ops.ops and not loss_ops:
+            prog.add("loss", "loss function call", _host_call("loss_s"))
     tech_f, tech_b = loss_program(loss_ops)
     prog.add("loss", "the technique's loss", tech_f)
+    if loss_ops:
+        prog.add("loss", "the technique's loss function call", _host_call("loss_s"))
+    prog.add("backward", "backward() call", _host_call("backward_call_s"), mode="backward")
     prog.add("backward", "the technique's loss backward", tech_b, mode="backward")
     for _ in range(passes):
         prog.add("backward", "loss and head backward", head.bwd_ops, mode="backward")
@@ -318,8 +331,9 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     step.ops.append(Op(E, "_to_copy", bytes=Sym(t=spec.vocab_size * (DTYPE_BYTES[act] + 4)), dtype="fp32"))
     step.call("generate_step_s")
     prog = Program()
-    prog.add("setup", "generate set-up", _fixed_ops(GENERATE_SETUP_OPS, 8.0), sync=True, per_sequence=True,
-             mode="nograd")
+    setup = _fixed_ops(GENERATE_SETUP_OPS, 8.0)
+    setup.call("generate_call_s")
+    prog.add("setup", "generate set-up", setup, sync=True, per_sequence=True, mode="nograd")
     # the technique's ops around its generation (preparing the prompts, a reward function)
     prog.add("setup", "the technique's ops", loss_program(loss_ops)[0], per_sequence=True, mode="nograd")
     nxt = _fixed_ops(NEXT_INPUTS_OPS, 8.0)
@@ -376,7 +390,9 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         return hit[1]
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res, training=False)
-    if not adapters:
+    wrappers = 0
+    if not adapters:  # peft's disable_adapter(): each lora.Linear still runs, as `self.base_layer(x)`
+        wrappers = len(cfg.loras)
         cfg = dataclasses.replace(cfg, loras={})
     if not autocast:
         cfg = dataclasses.replace(cfg, autocast=None)
@@ -402,7 +418,9 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         tp.op(V, "squeeze")
     prog = Program()
     prog.add(kind, "prologue", pro_f, mode="nograd")
-    prog.add(kind, "decoder layer", _with_layer_call(layer.fwd), spec.num_layers, mode="nograd")
+    layer_fwd = _with_layer_call(layer.fwd)
+    layer_fwd = OpList(layer_fwd.ops, layer_fwd.modules + wrappers, dict(layer_fwd.calls))
+    prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="nograd")
     prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
     prog.add(kind, "the technique's ops on the scores", loss_program(loss_ops)[0], mode="nograd")
     if len(_cache) > 1024:

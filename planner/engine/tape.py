@@ -64,9 +64,10 @@ class Op:
     bytes: Sym = ZERO
     dtype: str = "fp32"
     count: int = 1
+    tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
 
     def times(self, n: int) -> "Op":
-        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n)
+        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n, self.tensors)
 
 
 @dataclass
@@ -83,9 +84,9 @@ class OpList:
         self.calls[name] = self.calls.get(name, 0) + n
 
     def add(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-            count: int = 1) -> None:
+            count: int = 1, tensors: int = 1) -> None:
         if count:
-            self.ops.append(Op(kind, name, flops, bytes, dtype, count))
+            self.ops.append(Op(kind, name, flops, bytes, dtype, count, tensors))
 
     def extend(self, other: "OpList", times: int = 1) -> None:
         if times <= 0:
@@ -104,9 +105,10 @@ class OpList:
         """Identical ops merged (their counts added): the same cost, fewer evaluations."""
         seen: dict[tuple, int] = {}
         for op in self.ops:
-            key = (op.kind, op.name, op.flops, op.bytes, op.dtype)
+            key = (op.kind, op.name, op.flops, op.bytes, op.dtype, op.tensors)
             seen[key] = seen.get(key, 0) + op.count
-        return OpList([Op(k, n, f, b, d, c) for (k, n, f, b, d), c in seen.items()], self.modules, dict(self.calls))
+        return OpList([Op(k, n, f, b, d, c, x) for (k, n, f, b, d, x), c in seen.items()], self.modules,
+                      dict(self.calls))
 
     def counts(self) -> dict[str, int]:
         """Aten ops per kind."""
