@@ -4,6 +4,7 @@ bad CSVs and bad profiles are one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -48,6 +49,10 @@ def test_quick_calibration_is_a_valid_profile(quick):
     assert p.device == "cpu" and p.asynchronous is False and p.launch_s == 0.0
     assert p.id.startswith("cpu-") and p.host_cpu and p.name
     assert set(p.matmul) == {"fp32", "bf16"} and set(p.attention) == {"fp32", "bf16"}
+    # the backward SDPA curves and the in-place memory curve are measured, not left to their defaults
+    assert set(p.attention_backward) == {"fp32", "bf16"} and p.memory_inplace is not None
+    assert p.memory_curve(True) is p.memory_inplace and p.memory_curve(True) != p.memory
+    assert p.foreach_per_tensor is True  # the CPU's _foreach_* ops run one kernel per tensor
     # JSON round trip through the loader's parser
     again = parse_profile(json.loads(json.dumps(p.model_dump(mode="json"))), "round trip")
     assert again == p
@@ -55,13 +60,19 @@ def test_quick_calibration_is_a_valid_profile(quick):
 
 def test_curves_ascend_and_rates_are_positive(quick):
     p = quick.profile
-    for curve in [*p.matmul.values(), *p.attention.values(), p.memory]:
+    for curve in [*p.matmul.values(), *p.attention.values(), *p.attention_backward.values(), p.memory,
+                  p.memory_inplace]:
         sizes = [s for s, _ in curve.points]
         assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
         assert all(r > 0 and math.isfinite(r) for _, r in curve.points)
         assert len(curve.points) >= 2
-    # the memory sweep spans KB to MB
-    assert p.memory.points[0][0] < 1e4 and p.memory.points[-1][0] > 1e6
+    # the memory sweeps span KB to MB
+    for curve in (p.memory, p.memory_inplace):
+        assert curve.points[0][0] < 1e4 and curve.points[-1][0] > 1e6
+    # the backward curves span the forward sweep's sizes (in the backward's FLOPs, 2.5x the forward's)
+    for dt in ("fp32", "bf16"):
+        fwd, bwd = p.attention[dt].points, p.attention_backward[dt].points
+        assert len(bwd) >= 2 and bwd[0][0] <= 2.5 * fwd[0][0] * 1.01 and bwd[-1][0] >= 2.5 * fwd[-1][0] * 0.99
 
 
 def test_host_costs_are_positive_and_plausible(quick):
@@ -69,6 +80,39 @@ def test_host_costs_are_positive_and_plausible(quick):
     for v in (h.op_s, h.view_s, h.module_s, h.sync_s):
         assert 0 < v < 1e-3
     assert 0 <= h.optimizer_tensor_s < 1e-2
+
+
+def test_call_host_costs_are_measured(quick):
+    """backward_call_s (a backward() call), optimizer_step_s (a step() + zero_grad()) and loss_s (a
+    loss function call) come from the micro-benchmarks, each with its source; the first two are tens
+    of microseconds of Python on any CPU, the loss's Python can be a few (>= 0)."""
+    p = quick.profile
+    h = p.host
+    assert 1e-6 < h.backward_call_s < 1e-3, h.backward_call_s
+    assert 1e-6 < h.optimizer_step_s < 5e-3, h.optimizer_step_s
+    assert 0 <= h.loss_s < 1e-3, h.loss_s
+    src = p.sources
+    assert "backward()" in src["host.backward_call_s"] and "chain" in src["host.backward_call_s"]
+    assert "zero_grad(set_to_none=True)" in src["host.optimizer_step_s"]
+    assert "zero_grad(set_to_none=True)" in src["host.optimizer_tensor_s"]
+    assert "one kernel per tensor" in src["host.optimizer_step_s"]
+    assert "ForCausalLMLoss" in src["host.loss_s"] and "grad_op_s" in src["host.loss_s"]
+    assert "True on the CPU" in src["foreach_per_tensor"]
+
+
+def test_attention_backward_and_inplace_sources(quick):
+    src = quick.profile.sources
+    for dt in ("fp32", "bf16"):
+        s = src[f"attention_backward.{dt}"]
+        assert "torch.autograd.grad" in s and "2.5x the forward" in s and "backward_call_s" in s
+        assert "_scaled_dot_product_flash_attention_for_cpu_backward" in s and "spread" in s
+    inplace = src["memory_inplace"]
+    assert "add_" in inplace and "mul_" in inplace and "in place" in inplace
+    assert "into new tensors" in src["memory"]
+    for dt in ("fp32", "bf16"):  # the three layouts, each with its median rate
+        s = src[f"matmul.{dt}"]
+        assert "grad[M,N].mm(w[N,K])" in s and "grad.t()[N,M].mm(x[M,K])" in s
+        assert "grad input" in s and "grad weight" in s and "x the forward's" in s
 
 
 def test_autograd_host_costs_are_measured_and_positive(quick):
@@ -92,10 +136,14 @@ def test_step_fit_reproduces_its_calibration_programs(quick):
     assert fit is not None and fit.fit is not None
     p = quick.profile
     assert p.host.layer_s > 0 or p.host.model_s > 0
-    for name in ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.backward_op_s"):
+    assert "host.generate_call_s" in cal.STEP_FIT
+    for name in cal.STEP_FIT:
         assert name in p.sources and "calibration programs" in p.sources[name], name
         assert cal.get_param(p, name) >= 0
     assert "calibration forward" in p.sources["step fit"] and "generate" in p.sources["step fit"]
+    # two generate programs with other numbers of new tokens (generate_call_s apart from generate_step_s)
+    gens = [c for c in fit.cases if c.plan.task == "generate"]
+    assert len({c.plan.new_tokens for c in gens}) == 2
     # residuals: one per calibration program, measured / predicted - 1, the same as the fit's rows
     assert set(p.residuals) == {c.label for c in fit.cases} and len(fit.cases) >= 5
     for r in fit.fit.rows:
@@ -113,9 +161,10 @@ def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     from planner.backends import step_programs
 
     truth = {"host.layer_s": 150e-6, "host.model_s": 700e-6, "host.module_s": 9e-6, "host.generate_step_s": 200e-6,
-             "host.backward_op_s": 6e-6}
+             "host.generate_call_s": 1.5e-3, "host.backward_op_s": 6e-6}
     micro = cal.with_params(quick.profile, {"host.module_s": 1e-6, "host.backward_op_s": 2e-6, "host.layer_s": 0.0,
-                                            "host.model_s": 0.0, "host.generate_step_s": 0.0})
+                                            "host.model_s": 0.0, "host.generate_step_s": 0.0,
+                                            "host.generate_call_s": 0.0})
     known = cal.with_params(micro, truth)
 
     def fake_time_cases(cases, rounds, threads=1, progress=None, stage=""):
@@ -150,8 +199,10 @@ def test_every_figure_has_a_source_and_the_check_reports_its_error(quick):
     p = quick.profile
     for key in ("host.op_s", "host.view_s", "host.module_s", "host.sync_s", "host.optimizer_tensor_s", "launch_s",
                 "host.grad_op_s", "host.backward_op_s", "host.layer_s", "host.model_s", "host.generate_step_s",
-                "matmul.fp32", "matmul.bf16", "attention.fp32", "attention.bf16", "attention.backward", "memory",
-                "machine", "check", "step fit"):  # fmt: skip
+                "host.generate_call_s", "host.backward_call_s", "host.optimizer_step_s", "host.loss_s",
+                "matmul.fp32", "matmul.bf16", "attention.fp32", "attention.bf16", "attention.backward",
+                "attention_backward.fp32", "attention_backward.bf16", "memory", "memory_inplace",
+                "foreach_per_tensor", "machine", "check", "step fit"):  # fmt: skip
         assert p.sources.get(key), key
     assert "median of 3 interleaved rounds" in p.sources["matmul.fp32"] and "spread" in p.sources["matmul.fp32"]
     assert "error" in p.sources["check"]
@@ -202,6 +253,59 @@ def test_prices_sum_host_and_device_on_the_cpu_and_overlap_on_cuda():
     assert gpu.fixed(ops) == pytest.approx(4e-6) and cpu.fixed(ops) == pytest.approx(2.5e-6)
 
 
+def test_prices_follow_the_engine_for_backward_attention_inplace_and_foreach():
+    """Prices (what the calibration takes off its measurements) prices a backward SDPA kernel on the
+    attention_backward curve, an in-place op on memory_inplace, and a _foreach_* op over n tensors
+    on a per-tensor device as n kernels of bytes / n (host once): what planner.engine.cost does."""
+    fwd, bwd = RateCurve(points=((1.0, 4e10),)), RateCurve(points=((1.0, 1e10),))
+    new, inplace = RateCurve(points=((1.0, 1e9),)), RateCurve(points=((1.0, 1e10),))
+    pr = cal.Prices(op_s=1e-6, view_s=5e-7, launch_s=1e-7, matmul={"fp32": fwd}, attention={"fp32": fwd},
+                    attention_backward={"fp32": bwd}, memory=new, memory_inplace=inplace, foreach_per_tensor=True)
+    name = "_scaled_dot_product_flash_attention_for_cpu"
+    assert pr.op(cal.Op(name, "attention", flops=1e8))[1] == pytest.approx(1e-7 + 1e8 / 4e10)
+    assert pr.op(cal.Op(name + "_backward", "attention", flops=2.5e8))[1] == pytest.approx(1e-7 + 2.5e8 / 1e10)
+    assert pr.op(cal.Op("add", "kernel", bytes=1e6))[1] == pytest.approx(1e-7 + 1e6 / 1e9)
+    assert pr.op(cal.Op("add_", "kernel", bytes=1e6))[1] == pytest.approx(1e-7 + 1e6 / 1e10)
+    host, device = pr.op(cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10))
+    assert host == 1e-6 and device == pytest.approx(10 * (1e-7 + 1e5 / 1e10))
+    assert pr.fixed([cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10)]) == pytest.approx(1e-6 + 10 * 1e-7)
+    one = dataclasses.replace(pr, foreach_per_tensor=False)  # CUDA: one multi-tensor kernel
+    assert one.op(cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10))[1] == pytest.approx(1e-7 + 1e6 / 1e10)
+
+
+def test_prices_of_a_calibrated_profile_match_the_engine(quick):
+    """The same ops priced by Prices.of(profile) and by planner.engine.cost.price: equal device time."""
+    from planner.engine.cost import OpList, price
+    from planner.engine.tape import Sym
+
+    p = quick.profile
+    pr = cal.Prices.of(p)
+    cases = [("foreach", "_foreach_addcdiv_", 0.0, 4e6, 37, "fp32"), ("foreach", "_foreach_sqrt", 0.0, 1e5, 12, "bf16"),
+             ("elementwise", "add_", 0.0, 3e6, 1, "fp32"), ("elementwise", "add", 0.0, 3e6, 1, "bf16"),
+             ("attention", "_scaled_dot_product_flash_attention_for_cpu_backward", 2e8, 1e6, 1, "bf16"),
+             ("attention", "_scaled_dot_product_flash_attention_for_cpu", 8e7, 1e6, 1, "bf16"),
+             ("matmul", "mm", 3e7, 1e5, 1, "bf16")]  # fmt: skip
+    for kind, name, flops, nbytes, tensors, dt in cases:
+        ops = OpList()
+        ops.add(kind, name, flops=Sym(c=flops), bytes=Sym(c=nbytes), dtype=dt, tensors=tensors)
+        engine = price(ops, 1.0, 1.0, p, mode="nograd")
+        ckind = {"foreach": "kernel", "elementwise": "kernel"}.get(kind, kind)
+        host, device = pr.op(cal.Op(name, ckind, flops=flops, bytes=nbytes, dtype=dt, tensors=tensors))
+        assert device == pytest.approx(engine.device_s, rel=1e-9), name
+        assert host == pytest.approx(engine.host_s, rel=1e-9), name
+
+
+def test_counted_foreach_ops_carry_their_tensors_and_writes():
+    xs, ys = [torch.ones(4) for _ in range(3)], [torch.ones(4) for _ in range(3)]
+    ops, _, _ = cal.count_ops(torch, lambda: torch._foreach_mul_(xs, 2.0))
+    assert [(o.name, o.tensors) for o in ops] == [("_foreach_mul_", 3)]
+    assert ops[0].bytes == 2 * 3 * 16  # each tensor read and written (the op returns nothing)
+    ops, _, _ = cal.count_ops(torch, lambda: torch._foreach_add_(xs, ys))
+    assert ops[0].tensors == 3 and ops[0].bytes == 3 * 3 * 16
+    ops, _, _ = cal.count_ops(torch, lambda: xs[0].add_(ys[0]))
+    assert ops[0].name == "add_" and ops[0].tensors == 1 and ops[0].bytes == 3 * 16
+
+
 def test_sweep_shapes_stay_within_bounds():
     for quick_mode in (True, False):
         st = cal.settings("cpu", quick_mode)
@@ -211,6 +315,9 @@ def test_sweep_shapes_stay_within_bounds():
         assert min(k for _, k, _ in shapes) == 64  # tiny models' shapes are in
         sizes = cal.memory_sizes(st)
         assert sizes == sorted(sizes) and sizes[-1] <= 2.6e8
+        # the backward SDPA shapes are forward shapes (their time ratios), several of them
+        assert set(st.sdpa_backward) <= set(st.sdpa_shapes) and len(st.sdpa_backward) >= 2
+        assert min(st.sdpa_backward, key=lambda s: s[2] * s[3]) == min(st.sdpa_shapes, key=lambda s: s[2] * s[3])
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------

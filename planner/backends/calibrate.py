@@ -8,20 +8,39 @@ with its spread ((max - min) / median) in `sources`:
   forward returns its input called through __call__ vs its forward (host.module_s), .item()
   (host.sync_s); on CUDA the device time of a 1-element add behind a backlog (launch_s);
 - dispatch under autograd: the same 1-element add and mul on a tensor that requires grad (host.grad_op_s),
-  and the backward of chains of muls per aten op its backward dispatches (host.backward_op_s);
-- a matmul sweep (F.linear over LLM-like shapes: M tokens, K and N hidden sizes and 4x hidden sizes),
-  an SDPA sweep (is_causal=True; FLOPs 4*B*H*D*S(S+1)/2) and its backward/forward ratio, and a
-  memory sweep (add into a new tensor, clone, an fp32->bf16 cast, a bf16 add; bytes = read + written):
-  points (size, achieved rate), binned into a curve (median rate in log-spaced size bins); on the CPU
+  and the backward of chains of muls per aten op its backward dispatches (host.backward_op_s: the
+  slope between two chain lengths), the rest of a backward() call at the shorter chain its fixed
+  cost (host.backward_call_s);
+- a matmul sweep over LLM-like shapes (M tokens, K and N hidden sizes and 4x hidden sizes), each shape
+  in the three layouts of a Linear layer's matmuls: the forward F.linear(x[M,K], w[N,K]) and the two
+  of its backward as autograd's mm backward calls them, grad[M,N].mm(w[N,K]) (grad input) and
+  grad.t()[N,M].mm(x[M,K]) (grad weight); one curve per dtype from all three layouts' points (their
+  medians by layout in `sources`);
+- an SDPA sweep (is_causal=True; FLOPs 4*B*H*D*S(S+1)/2), and its backward over a subset of the shapes
+  (torch.autograd.grad of a retained graph: the backward kernel alone, with its call and its counted
+  ops' fixed prices taken off; FLOPs 2.5x the forward's, as the time model counts a backward SDPA
+  kernel): the attention and attention_backward curves, and their time ratios in `sources`;
+- a memory sweep into new tensors (an add, a clone, a cast, a broadcast mul, an activation, a
+  transpose copy: the memory curve) interleaved with in-place ops (x.add_(y) fp32 and bf16,
+  x.mul_(scalar): the memory_inplace curve; on the CPU a large new output costs fresh pages, an
+  in-place op does not), bytes = read + written;
+  every curve: points (size, achieved rate), binned (median rate in log-spaced size bins); on the CPU
   every case cycles through copies of its operands spanning COLD_BYTES (beyond L2), as a program's
   operands are rarely in L1/L2 when an op runs (on hot operands small ops ran up to 2.7x faster);
-- AdamW(foreach=True).step() over many tiny tensors vs few: the per-tensor cost beyond what its
-  counted aten ops are priced at (host.optimizer_tensor_s);
+- foreach_per_tensor: True on the CPU (torch's _foreach_* ops fall back to one op per tensor there),
+  False on CUDA; a _foreach_* op over n tensors is then priced as n kernels of bytes / n (`Prices`);
+- transformers' ForCausalLMLoss on tiny logits that require grad, less its counted ops priced under
+  grad mode: the Python of one loss function call (host.loss_s);
+- AdamW(foreach=True).step() + zero_grad(set_to_none=True) (what a training step calls) over many tiny
+  tensors vs few, less the loop that gives them their gradients back and their counted aten ops as the
+  time model prices them (foreach per tensor, the step counters' .item() as host ops): the per-tensor
+  cost (host.optimizer_tensor_s, the slope) and the fixed cost per step (host.optimizer_step_s);
 - a check: small modules' forwards timed, and predicted from the finished profile by counting their
   aten ops (a TorchDispatchMode) and module calls and pricing them as planner.profiles describes;
-- the step fit (CPU, `fit_host_to_steps`): layer_s, model_s, module_s, generate_step_s and
-  backward_op_s fitted to whole steps of built-in tiny llama programs (no-grad forwards, sft steps,
-  a LoRA step, a generate call) timed here and predicted by planner.engine.timing.step_time.
+- the step fit (CPU, `fit_host_to_steps`): layer_s, model_s, module_s, generate_step_s,
+  generate_call_s and backward_op_s fitted to whole steps of built-in tiny llama programs (no-grad
+  forwards, sft steps, a LoRA step, two generate calls of 8 and 2 new tokens, which tell the per-step
+  and the per-call cost apart) timed here and predicted by planner.engine.timing.step_time.
 
 Consistency with the time model. An op is priced host (op_s or view_s, + module_s per module call)
 plus device (launch_s + size / rate). On the CPU both run on one thread, so every rate is taken from
@@ -29,7 +48,11 @@ what remains of an op's measured time once the fixed prices of the ops it dispat
 way) are taken off: the sum then predicts the op. On CUDA device times come from CUDA events around
 ops queued behind a `torch.cuda._sleep` backlog (the device runs them back to back, whatever the
 host's speed), host costs from the issuing loop's wall time while the device keeps up, and the fixed
-part taken off a device time is launch_s.
+part taken off a device time is launch_s. The host costs of calls (backward_call_s, loss_s,
+optimizer_step_s) are what is left of a call once its counted ops are priced the way the engine's
+programs price them (mode: grad_op_s in a forward, backward_op_s in a backward, op_s in step());
+the SDPA backward's rate takes backward_call_s off on the CPU (on CUDA the call is host time,
+outside the device clock). Calibration time: about 45 s full, a few seconds quick (CPU, 1 thread).
 
 Fitting (`read_steps`, `fit_profile`): rows of a whole-step CSV (the format of
 shared/reference/h200_measured_steps.csv), a predict function (planner.engine.timing.step_seconds in
@@ -43,6 +66,7 @@ torch is imported inside the functions that measure, never at module import.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import itertools
 import math
@@ -87,7 +111,7 @@ class Settings:
     mem_bytes: tuple[float, float]  # smallest and largest bytes moved
     mem_points: int  # sizes per op kind
     sdpa_shapes: tuple[tuple[int, int, int, int], ...]  # (batch, heads, seq, head_dim)
-    sdpa_backward: int  # shapes (the first ones) whose backward is timed too
+    sdpa_backward: tuple[tuple[int, int, int, int], ...]  # shapes (of sdpa_shapes) whose backward is timed too
     attn_dtypes: tuple[str, ...]
     opt_tensors: tuple[int, int]  # parameter tensors of the few- and the many-tensor AdamW
     dispatch_calls: int  # calls per sample in the dispatch loops (CPU)
@@ -129,29 +153,34 @@ def settings(device: str, quick: bool) -> Settings:
             return Settings(repeats=3, sample_s=0.002, max_calls=200, mm_tokens=(1, 64, 1024, 4096),
                             mm_hidden=(256, 1024, 4096), mm_max_dim=16384, mm_max_flops=2e11, mm_cases=10,
                             mm_dtypes=("fp32", "bf16", "fp16"), mem_bytes=(4e3, 2.56e8), mem_points=6,
-                            sdpa_shapes=((1, 8, 512, 64), (4, 16, 2048, 128)), sdpa_backward=1,
+                            sdpa_shapes=((1, 8, 512, 64), (4, 16, 2048, 128)), sdpa_backward=((1, 8, 512, 64),),
                             attn_dtypes=("fp32", "bf16", "fp16"), opt_tensors=(16, 128), dispatch_calls=200,
                             check_llama=False)  # fmt: skip
         return Settings(repeats=7, sample_s=0.003, max_calls=200, mm_tokens=(1, 4, 16, 64, 256, 1024, 4096, 8192),
                         mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096, 8192), mm_max_dim=16384, mm_max_flops=2.2e12,
-                        mm_cases=64, mm_dtypes=("fp32", "bf16", "fp16"), mem_bytes=(4e3, 4e9), mem_points=18,
+                        mm_cases=48, mm_dtypes=("fp32", "bf16", "fp16"), mem_bytes=(4e3, 4e9), mem_points=18,
                         sdpa_shapes=((1, 8, 128, 64), (1, 16, 512, 64), (2, 16, 1024, 128), (4, 32, 2048, 128),
                                      (1, 32, 4096, 128), (8, 32, 4096, 128)),
-                        sdpa_backward=3, attn_dtypes=("fp32", "bf16", "fp16"), opt_tensors=(16, 256),
+                        sdpa_backward=((1, 8, 128, 64), (1, 16, 512, 64), (2, 16, 1024, 128), (4, 32, 2048, 128)),
+                        attn_dtypes=("fp32", "bf16", "fp16"), opt_tensors=(16, 256),
                         dispatch_calls=200, check_llama=True)  # fmt: skip
     if quick:
         return Settings(repeats=3, sample_s=0.001, max_calls=20000, mm_tokens=(1, 16, 256), mm_hidden=(64, 256, 1024),
                         mm_max_dim=1024, mm_max_flops=6e7, mm_cases=8, mm_dtypes=("fp32", "bf16"),
                         mem_bytes=(4e3, 4e6), mem_points=4, sdpa_shapes=((1, 4, 64, 32), (1, 4, 256, 64)),
-                        sdpa_backward=1, attn_dtypes=("fp32", "bf16"), opt_tensors=(8, 64), dispatch_calls=1000,
-                        check_llama=False, autograd_chain=(8, 32), step_rounds=3, step_programs="quick",
+                        sdpa_backward=((1, 4, 64, 32), (1, 4, 256, 64)), attn_dtypes=("fp32", "bf16"),
+                        opt_tensors=(8, 64), dispatch_calls=1000, check_llama=False, autograd_chain=(8, 32),
+                        step_rounds=3, step_programs="quick",
                         cold_bytes=COLD_BYTES)  # fmt: skip
     return Settings(repeats=9, sample_s=0.004, max_calls=100000, mm_tokens=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
-                    mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096), mm_max_dim=4096, mm_max_flops=2.5e9, mm_cases=48,
+                    mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096), mm_max_dim=4096, mm_max_flops=2.5e9, mm_cases=24,
                     mm_dtypes=("fp32", "bf16"), mem_bytes=(4e3, 2.56e8), mem_points=12,
-                    sdpa_shapes=((1, 4, 128, 64), (1, 8, 256, 64), (1, 8, 512, 64), (2, 8, 512, 64), (1, 8, 1024, 64),
-                                 (1, 8, 512, 128), (1, 4, 2048, 64), (1, 16, 1024, 64)),
-                    sdpa_backward=3, attn_dtypes=("fp32", "bf16"), opt_tensors=(16, 256), dispatch_calls=5000,
+                    sdpa_shapes=((1, 4, 64, 16), (1, 4, 128, 32), (1, 4, 128, 64), (1, 8, 256, 32), (1, 8, 256, 64),
+                                 (1, 8, 512, 64), (2, 8, 512, 64), (1, 8, 1024, 64), (1, 8, 512, 128), (1, 4, 2048, 64),
+                                 (1, 16, 1024, 64)),
+                    sdpa_backward=((1, 4, 64, 16), (1, 4, 128, 32), (1, 4, 128, 64), (1, 8, 256, 32), (1, 8, 256, 64),
+                                   (1, 8, 512, 64), (1, 8, 1024, 64)),
+                    attn_dtypes=("fp32", "bf16"), opt_tensors=(16, 256), dispatch_calls=5000,
                     check_llama=True, cold_bytes=COLD_BYTES)  # fmt: skip
 
 
@@ -181,6 +210,13 @@ MEMORY_KINDS = (("add fp32", "fp32", 12), ("add bf16", "bf16", 6), ("clone fp32"
                 ("cast fp32->bf16", "fp32", 6), ("mul by a row fp32", "fp32", 8), ("mul by a row bf16", "bf16", 4),
                 ("silu fp32", "fp32", 8), ("silu bf16", "bf16", 4), ("transpose copy fp32", "fp32", 8))  # fmt: skip
 ROW = 256  # the row length of the broadcast and transposed kinds
+# in-place kinds (no output allocated: the optimizer's updates, gradient accumulation), priced by the
+# memory_inplace curve: (name, dtype, bytes moved per element)
+MEMORY_INPLACE_KINDS = (("add_ fp32", "fp32", 12), ("add_ bf16", "bf16", 6), ("mul_ by a scalar fp32", "fp32", 8))
+# the matmul sweep times every shape (M, K, N) in the three layouts of a Linear layer's matmuls: the
+# forward F.linear(x[M,K], w[N,K]) (t + mm), and the two of its backward, as autograd's mm backward
+# calls them: grad input = grad[M,N].mm(w[N,K]), grad weight = grad.t()[N,M].mm(x[M,K])
+MATMUL_LAYOUTS = ("linear", "grad input", "grad weight")
 
 
 def _spread(items: list, n: int) -> list:
@@ -348,13 +384,14 @@ def planned_samples(st: Settings, device: str) -> int:
     """Samples the calibration takes (for the progress bar): (pilot + repeats) per case."""
     per = st.repeats + 1
     dispatch = 7 + (1 if device == "cuda" else 0)
-    mm = len(matmul_shapes(st)) * len(st.mm_dtypes)
-    attn = len(st.sdpa_shapes) * len(st.attn_dtypes) + st.sdpa_backward * len(st.attn_dtypes)
-    mem = len(memory_sizes(st)) * len(MEMORY_KINDS)
-    opt = 2
+    mm = len(matmul_shapes(st)) * len(MATMUL_LAYOUTS) * len(st.mm_dtypes)
+    attn = (len(st.sdpa_shapes) + len(st.sdpa_backward)) * len(st.attn_dtypes)
+    mem = len(memory_sizes(st)) * (len(MEMORY_KINDS) + len(MEMORY_INPLACE_KINDS))
+    opt = 4
+    loss = 2
     check = 1 + (2 if st.check_llama else 0)
     autograd = 6
-    return per * (dispatch + autograd + mm + attn + mem + opt + check)
+    return per * (dispatch + autograd + mm + attn + mem + loss + opt + check)
 
 
 # ---- counting and pricing ops ---------------------------------------------------------------------
@@ -379,6 +416,7 @@ class Op:
     flops: float = 0.0
     bytes: float = 0.0
     dtype: str = "fp32"
+    tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
 
 
 def _tensors(torch: Any, xs: Any) -> Iterable[Any]:
@@ -430,6 +468,14 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
     if name in HOST_ONLY_OPS or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
         return Op(name, "view", dtype=dtype)
     moved = sum(_nbytes(t) for t in _tensors(torch, (args, kwargs))) + sum(_nbytes(t) for t in _tensors(torch, out))
+    if not any(True for _ in _tensors(torch, out)):  # an in-place op returning nothing (_foreach_mul_): it
+        for a, arg in zip(schema.arguments, args):  # writes the arguments it mutates
+            if a.alias_info is not None and a.alias_info.is_write:
+                moved += sum(_nbytes(t) for t in _tensors(torch, arg))
+    tensors = 1
+    if name.startswith("_foreach_") or name.startswith("_fused_"):
+        first = args[0] if args else None
+        tensors = max(1, len(first)) if isinstance(first, (list, tuple)) else 1
     base = name.removesuffix("_backward")
     if base in ATTENTION_OPS:
         flops = _sdpa_flops(func, args, kwargs)
@@ -443,7 +489,7 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
         if name == "addbmm":
             flops *= a.shape[0]
         return Op(name, "matmul", flops, moved, dtype)
-    return Op(name, "kernel", 0.0, moved, dtype)
+    return Op(name, "kernel", 0.0, moved, dtype, tensors)
 
 
 def count_ops(torch: Any, fn: Callable[[], Any]) -> tuple[list[Op], int, Any]:
@@ -475,7 +521,11 @@ def count_ops(torch: Any, fn: Callable[[], Any]) -> tuple[list[Op], int, Any]:
 
 @dataclass(frozen=True)
 class Prices:
-    """What the time model prices ops with (a DeviceProfile's figures, or those measured so far)."""
+    """What the time model prices ops with (a DeviceProfile's figures, or those measured so far), as
+    planner.engine.cost prices them: matmuls on the matmul curve, SDPA kernels on the attention
+    curve and their backward kernels (`*_backward`) on attention_backward, bytes on the memory
+    curve or, for an in-place op (name ending in `_`), memory_inplace; a _foreach_* op over n
+    tensors on a `foreach_per_tensor` device as n kernels of bytes / n each (its host cost once)."""
 
     op_s: float
     view_s: float
@@ -486,15 +536,28 @@ class Prices:
     matmul: dict[str, RateCurve] = field(default_factory=dict)
     attention: dict[str, RateCurve] = field(default_factory=dict)
     memory: RateCurve | None = None
+    attention_backward: dict[str, RateCurve] = field(default_factory=dict)
+    memory_inplace: RateCurve | None = None
+    foreach_per_tensor: bool = False
 
     @classmethod
     def of(cls, p: DeviceProfile) -> Prices:
+        dtypes = ("fp32", "bf16", "fp16")
         return cls(op_s=p.host.op_s, view_s=p.host.view_s, module_s=p.host.module_s, sync_s=p.host.sync_s,
                    launch_s=p.launch_s, asynchronous=p.asynchronous, matmul=dict(p.matmul),
-                   attention={d: p.attention_curve(d) for d in ("fp32", "bf16", "fp16")}, memory=p.memory)  # fmt: skip
+                   attention={d: p.attention_curve(d) for d in dtypes}, memory=p.memory,
+                   attention_backward={d: p.attention_backward_curve(d) for d in dtypes},
+                   memory_inplace=p.memory_curve(True), foreach_per_tensor=p.foreach_per_tensor)  # fmt: skip
 
     def _curve(self, table: dict[str, RateCurve], dtype: str) -> RateCurve | None:
         return table.get(dtype) or table.get("fp32") or next(iter(table.values()), None)
+
+    def _compute_curve(self, op: Op) -> RateCurve | None:
+        if op.kind == "matmul":
+            return self._curve(self.matmul, op.dtype)
+        if op.name.endswith("_backward") and self.attention_backward:
+            return self._curve(self.attention_backward, op.dtype)
+        return self._curve(self.attention or self.matmul, op.dtype)
 
     def op(self, op: Op, sizes: bool = True) -> tuple[float, float]:
         """(host, device) seconds of one op; without `sizes`, only the fixed parts (no size / rate)."""
@@ -502,16 +565,19 @@ class Prices:
             return self.view_s, 0.0
         if op.kind == "sync":
             return self.sync_s, 0.0
+        kernels = op.tensors if self.foreach_per_tensor and op.tensors > 1 else 1
         device = self.launch_s
         if sizes:
-            mem = op.bytes / self.memory.rate(op.bytes) if self.memory is not None and op.bytes > 0 else 0.0
+            memory = self.memory_inplace if op.name.endswith("_") and self.memory_inplace is not None else self.memory
+            b = op.bytes / kernels
+            mem = b / memory.rate(b) if memory is not None and b > 0 else 0.0
             if op.kind in ("matmul", "attention"):
-                curve = self._curve(self.matmul if op.kind == "matmul" else (self.attention or self.matmul), op.dtype)
+                curve = self._compute_curve(op)
                 comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
                 device += max(comp, mem)
             else:
                 device += mem
-        return self.op_s, device
+        return self.op_s, kernels * device
 
     def total(self, ops: Sequence[Op], modules: int = 0, sizes: bool = True) -> tuple[float, float, float]:
         """(host, device, total) of a stretch between two syncs: host + device, or max of them (async)."""
@@ -739,84 +805,167 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
             return prices.fixed(ops)
 
         # -- autograd: a forward op that autograd records, an op the backward runs --
-        grad_op_s, backward_op_s, autograd_src = _autograd(torch, runner, st, dev, view_s, how, rounds)
+        grad_op_s, backward_op_s, backward_call_s, autograd_src = _autograd(torch, runner, st, dev, view_s, how, rounds)
         sources.update(autograd_src)
 
-        # -- matmuls: F.linear(x, w) = t + mm, the layout of a Linear layer --
+        # -- matmuls: every shape in a Linear layer's three layouts (MATMUL_LAYOUTS) --
         shapes = matmul_shapes(st)
         mm_raw: dict[str, list[tuple[float, float, float, float, float]]] = {}  # flops, bytes, time, fixed, spread
+        mm_keys: dict[str, list[tuple[str, int, int, int]]] = {}  # (layout, M, K, N) of each mm_raw entry
+        mm_fixed: dict[str, float] = {}
         for dt in st.mm_dtypes:
             elem = 4 if dt == "fp32" else 2
-            maxa = max(max(m * k for m, k, _ in shapes), int(st.cold_bytes / 2 / elem))
-            maxb = max(max(k * n for _, k, n in shapes), int(st.cold_bytes / 2 / elem))
-            pool_a, pool_b = randn(maxa, dt), randn(maxb, dt)
+            cold = int(st.cold_bytes / 2 / elem)
+            maxa = max(max(m * k for m, k, _ in shapes), cold)
+            maxb = max(max(k * n for _, k, n in shapes), cold)
+            maxc = max(max(m * n for m, _, n in shapes), cold)
+            pool_a, pool_b, pool_c = randn(maxa, dt), randn(maxb, dt), randn(maxc, dt)
+
+            def layout_fn(layout: str, m: int, k: int, n: int, j: int) -> Callable[[], Any]:
+                def x() -> Any:
+                    return pool_a[j * m * k: (j + 1) * m * k].view(m, k)
+
+                def w() -> Any:
+                    return pool_b[j * k * n: (j + 1) * k * n].view(n, k)
+
+                def g() -> Any:
+                    return pool_c[j * m * n: (j + 1) * m * n].view(m, n)
+
+                if layout == "linear":
+                    return lambda x=x(), w=w(): F.linear(x, w)
+                if layout == "grad input":
+                    return lambda g=g(), w=w(): g.mm(w)
+                return lambda g=g(), x=x(): g.t().mm(x)
+
             cases = []
-            for m, k, n in shapes:
-                copies = copies_for((m * k + k * n) * elem, st.cold_bytes, min(maxa // (m * k), maxb // (k * n)))
-                fns = [lambda x=pool_a[j * m * k: (j + 1) * m * k].view(m, k),
-                       w=pool_b[j * k * n: (j + 1) * k * n].view(n, k): F.linear(x, w) for j in range(copies)]
-                cases.append(_Case((m, k, n), _cycle(fns)))
-            fixed = fixed_of(cases[0].fn)
+            for layout in MATMUL_LAYOUTS:
+                for m, k, n in shapes:
+                    # the operands it reads: (x, w), (grad, w), (grad, x)
+                    a_n, b_n = {"linear": (m * k, k * n), "grad input": (m * n, k * n),
+                                "grad weight": (m * n, m * k)}[layout]  # fmt: skip
+                    room = {"linear": min(maxa // (m * k), maxb // (k * n)),
+                            "grad input": min(maxc // (m * n), maxb // (k * n)),
+                            "grad weight": min(maxc // (m * n), maxa // (m * k))}[layout]  # fmt: skip
+                    copies = copies_for((a_n + b_n) * elem, st.cold_bytes, room)
+                    fns = [layout_fn(layout, m, k, n, j) for j in range(copies)]
+                    cases.append(_Case((layout, m, k, n), _cycle(fns)))
+            fixed = {layout: fixed_of(next(c.fn for c in cases if c.key[0] == layout)) for layout in MATMUL_LAYOUTS}
             runner.run(f"matmul {dt}", cases)
             size = pool_a.element_size()
-            mm_raw[dt] = [(2.0 * m * k * n, float((m * k + n * k + m * n) * size), c.median, fixed, c.spread)
-                          for (m, k, n), c in zip(shapes, cases)]  # fmt: skip
-            del pool_a, pool_b, cases
+            mm_raw[dt] = [(2.0 * m * k * n, float((m * k + n * k + m * n) * size), c.median, fixed[lay], c.spread)
+                          for c in cases for lay, m, k, n in [c.key]]  # fmt: skip
+            mm_keys[dt] = [c.key for c in cases]
+            mm_fixed.update({f"{dt} {lay}": fx for lay, fx in fixed.items()})
+            del pool_a, pool_b, pool_c, cases
 
-        # -- attention: SDPA, causal --
+        # -- attention: SDPA, causal; its backward (torch.autograd.grad of a retained graph) --
         attention: dict[str, RateCurve] = {}
-        ratios: dict[str, list[float]] = {}
+        attention_backward: dict[str, RateCurve] = {}
+        ratios: dict[str, list[tuple[Any, float]]] = {}
+        # the fixed part of a backward call: the call itself (backward_call_s, host: not on CUDA's
+        # device clock), its kernel-running ops at backward_op_s, views at view_s (CUDA: launch_s a kernel)
+        bprices = Prices(op_s=backward_op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
+                         asynchronous=cuda)
+        bwd_call = 0.0 if cuda else backward_call_s
         for dt in st.attn_dtypes:
-            cases, bwd, flops = [], [], []
-            for i, (bb, hh, ss, dd) in enumerate(st.sdpa_shapes):
+            elem = 4 if dt == "fp32" else 2
+            cases, flops = [], []
+            for bb, hh, ss, dd in st.sdpa_shapes:
                 numel = bb * hh * ss * dd
-                copies = min(64, copies_for(3 * numel * (4 if dt == "fp32" else 2), st.cold_bytes))
+                copies = min(64, copies_for(3 * numel * elem, st.cold_bytes))
                 qkv = [tuple(randn(numel, dt).view(bb, hh, ss, dd) for _ in range(3)) for _ in range(copies)]
-                q, k, v = qkv[0]
                 cases.append(_Case((bb, hh, ss, dd), _cycle(
                     [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v in qkv])))
                 flops.append(4.0 * bb * hh * dd * ss * (ss + 1) / 2)
-                if i < st.sdpa_backward:
-                    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-                    g = randn(bb * hh * ss * dd, dt).view(bb, hh, ss, dd)
+            bwd, bwd_ops = [], []
+            for bb, hh, ss, dd in st.sdpa_backward:
+                numel = bb * hh * ss * dd
+                # q, k, v, the output's gradient, the saved output, and the three gradients made
+                copies = min(64, copies_for(8 * numel * elem, st.cold_bytes))
+                fns = []
+                with torch.enable_grad():
+                    for _ in range(copies):
+                        ins = tuple(randn(numel, dt).view(bb, hh, ss, dd).requires_grad_(True) for _ in range(3))
+                        g = randn(numel, dt).view(bb, hh, ss, dd)
+                        o = F.scaled_dot_product_attention(*ins, is_causal=True)
 
-                    def fb(qg: Any = qg, kg: Any = kg, vg: Any = vg, g: Any = g) -> Any:
-                        with torch.enable_grad():
-                            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
-                            return torch.autograd.grad(o, (qg, kg, vg), g)
+                        def grads(o: Any = o, ins: Any = ins, g: Any = g) -> Any:
+                            return torch.autograd.grad(o, ins, g, retain_graph=True)
 
-                    bwd.append(_Case(("fb", i), fb))
+                        fns.append(grads)
+                    ops, _, _ = count_ops(torch, fns[0])
+                bwd.append(_Case(("backward", (bb, hh, ss, dd)), _cycle(fns)))
+                bwd_ops.append(ops)
             fixed = fixed_of(cases[0].fn)
             runner.run(f"attention {dt}", cases + bwd)
             pts = [(f, _rate(f, c.median, fixed)) for f, c in zip(flops, cases)]
             attention[dt] = binned_curve(pts)
-            ratios[dt] = [max(fbc.median - c.median, 0.0) / c.median for fbc, c in zip(bwd, cases)]
-            spreads = [c.spread for c in cases + bwd]
+            spreads = [c.spread for c in cases]
             sources[f"attention.{dt}"] = (
                 f"F.scaled_dot_product_attention(q, k, v, is_causal=True) ({dt}) over (B, H, S, D) in "
                 f"{', '.join(str(s) for s in st.sdpa_shapes)}; FLOPs 4*B*H*D*S(S+1)/2; rate = FLOPs / (time - "
                 f"{_fmt_s(fixed)} fixed); {rounds}; spreads median {_median(spreads):.0%}, worst {max(spreads):.0%}")
+            # the backward: FLOPs as the time model counts them (2.5x the forward's), over what is left of
+            # the call once its fixed part is taken off (on the CPU it runs no kernel besides the attention's)
+            bpts, bfixed, bkern = [], [], []
+            for c, ops in zip(bwd, bwd_ops):
+                att = [o for o in ops if o.kind == "attention"]
+                fx = bwd_call + bprices.fixed(ops)
+                f = sum(o.flops for o in att)
+                bfixed.append(fx)
+                bkern.append(", ".join(sorted({o.name for o in ops if o.kind != "view"})) or "none")
+                bpts.append((f, _rate(f, c.median, fx)))
+            fwd_of = dict(zip(st.sdpa_shapes, cases))
+            ratios[dt] = [(c.key[1], c.median / fwd_of[c.key[1]].median) for c in bwd if c.key[1] in fwd_of]
+            if bpts and all(f > 0 for f, _ in bpts):
+                attention_backward[dt] = binned_curve(bpts)
+                bsp = [c.spread for c in bwd]
+                rates = ", ".join(f"{s} {_fmt_rate(r, 'FLOP')} ({_fmt_s(c.median)})"
+                                  for s, (_, r), c in zip(st.sdpa_backward, bpts, bwd))  # fmt: skip
+                sources[f"attention_backward.{dt}"] = (
+                    f"torch.autograd.grad(o, (q, k, v), grad, retain_graph=True) of o = F.scaled_dot_product_attention("
+                    f"q, k, v, is_causal=True) ({dt}, q, k, v requiring grad, under grad mode; its graphs kept and "
+                    f"cycled over as the operands are) over (B, H, S, D) in "
+                    f"{', '.join(str(s) for s in st.sdpa_backward)}; its kernels {'; '.join(sorted(set(bkern)))}; "
+                    f"FLOPs 2.5x the forward's (as the time model counts a backward SDPA kernel); rate = FLOPs / (time - fixed), fixed {_fmt_s(min(bfixed))}"
+                    + (f"..{_fmt_s(max(bfixed))}" if max(bfixed) > min(bfixed) else "") + ": "
+                    + ("its ops' launch_s (device time)" if cuda else
+                       f"the backward call (host.backward_call_s {_fmt_s(backward_call_s)}) and its counted ops "
+                       "(kernels at backward_op_s, views at view_s)")
+                    + f"; {rounds}; spreads median {_median(bsp):.0%}, worst {max(bsp):.0%}; by shape: {rates}")
+            elif bkern:
+                sources[f"attention_backward.{dt}"] = (f"not measured: the backward of SDPA ({dt}) ran no attention "
+                                                       f"kernel the time model counts (its ops: {bkern[0]})")
+            else:
+                sources[f"attention_backward.{dt}"] = "not measured: no backward shapes in these settings"
             del cases, bwd
         sources["attention.backward"] = (
-            "backward / forward time of causal SDPA (torch.autograd.grad of the output, inputs requiring grad), "
-            + "; ".join(f"{dt}: {', '.join(f'{r:.2f}' for r in rs)} for {', '.join(str(s) for s in st.sdpa_shapes[:len(rs)])}"
-                        for dt, rs in ratios.items() if rs))  # fmt: skip
-        notes["attention backward/forward"] = ", ".join(f"{dt} {_median(rs):.2f}" for dt, rs in ratios.items() if rs)
+            "backward / forward time of causal SDPA (the backward: torch.autograd.grad of the retained output, the "
+            "forward: under no_grad), " + "; ".join(
+                f"{dt}: " + ", ".join(f"{r:.2f} at {s}" for s, r in rs) for dt, rs in ratios.items() if rs)
+            + "; the backward kernels are priced by the attention_backward curves")  # fmt: skip
+        notes["attention backward/forward"] = ", ".join(f"{dt} {_median([r for _, r in rs]):.2f}"
+                                                        for dt, rs in ratios.items() if rs)  # fmt: skip
 
         sources["operands"] = (
             f"matmul, attention and memory sweeps: each case cycles through copies of its operands spanning "
             f"{st.cold_bytes / 2**20:.0f} MiB (at most {MAX_COPIES} copies; attention 64), so that they come from beyond "
             "the L1/L2 caches as a program's operands mostly do" if st.cold_bytes > 0 else
             "matmul, attention and memory sweeps: the same operands every call (hot in the caches)")
-        # -- memory-bound ops --
+        # -- memory-bound ops: into new tensors (memory), and in place (memory_inplace) --
         sizes = memory_sizes(st)
+        kinds = MEMORY_KINDS + MEMORY_INPLACE_KINDS
         need = {"fp32": ROW, "bf16": ROW}
-        for _, dt, per in MEMORY_KINDS:
+        for _, dt, per in kinds:
             need[dt] = max(need[dt], int(sizes[-1] / per) + ROW, int(st.cold_bytes / per) + ROW)
         pools = {dt: (randn(n, dt), randn(n, dt)) for dt, n in need.items()}
         rows = {dt: randn(ROW, dt) for dt in need}
 
         def elementwise(kind: str, x: Any, y: Any, row: Any) -> Callable[[], Any]:
+            if kind.startswith("add_"):
+                return lambda: x.add_(y)
+            if kind.startswith("mul_"):
+                return lambda: x.mul_(-1.0)  # the values keep their magnitude (no denormals)
             if kind.startswith("add"):
                 return lambda: torch.add(x, y)
             if kind.startswith("clone"):
@@ -832,7 +981,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
             return lambda: x2.t().contiguous()
 
         cases, moved, fixed = [], [], []
-        for kind, dt, per in MEMORY_KINDS:
+        for kind, dt, per in kinds:
             for size in sizes:
                 n = max(ROW, int(size / per) // ROW * ROW)
                 copies = copies_for(n * per, st.cold_bytes, need[dt] // n)
@@ -841,18 +990,31 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                 cases.append(_Case((kind, n), fn))
                 moved.append(float(n * per))
                 fixed.append(fixed_of(fn))
-        runner.run("memory", cases)
-        pts = [(m, _rate(m, c.median, fx)) for m, c, fx in zip(moved, cases, fixed)]
-        memory = binned_curve(pts)
-        spreads = [c.spread for c in cases]
-        by_kind = {k: _median([r for (m, r), c in zip(pts, cases) if c.key[0] == k and m >= 1e6] or [math.nan])
-                   for k, *_ in MEMORY_KINDS}  # fmt: skip
-        sources["memory"] = (
-            f"{', '.join(k for k, *_ in MEMORY_KINDS)} (into new tensors; rows of {ROW}) on {len(sizes)} sizes each, "
-            f"{min(moved):.3g}..{max(moved):.3g} bytes moved (read + written); rate = bytes / (time - its ops' fixed "
-            f"prices, {_fmt_s(min(fixed))}..{_fmt_s(max(fixed))}); {rounds}; spreads median {_median(spreads):.0%}, "
-            f"worst {max(spreads):.0%}; curve: median rate of all kinds in 3 bins a decade; median rate from 1 MB up "
-            f"by kind: " + ", ".join(f"{k} {_fmt_rate(r, 'B')}" for k, r in by_kind.items() if math.isfinite(r)))
+        runner.run("memory", cases)  # both sets interleaved: the same conditions for both curves
+        inplace_kinds = {k for k, *_ in MEMORY_INPLACE_KINDS}
+        all_pts = [(m, _rate(m, c.median, fx)) for m, c, fx in zip(moved, cases, fixed)]
+        curves: dict[bool, RateCurve] = {}
+        for inplace in (False, True):
+            sel = [(pt, c, fx) for pt, c, fx in zip(all_pts, cases, fixed) if (c.key[0] in inplace_kinds) == inplace]
+            pts = [pt for pt, _, _ in sel]
+            curves[inplace] = binned_curve(pts)
+            spreads = [c.spread for _, c, _ in sel]
+            names = [k for k, *_ in (MEMORY_INPLACE_KINDS if inplace else MEMORY_KINDS)]
+            by_kind = {k: _median([r for (m, r), c, _ in sel if c.key[0] == k and m >= 1e6] or [math.nan])
+                       for k in names}  # fmt: skip
+            fxs = [fx for *_, fx in sel]
+            how_kind = "in place: x.add_(y), x.mul_(-1.0), no output allocated" if inplace else "into new tensors"
+            sources["memory_inplace" if inplace else "memory"] = (
+                f"{', '.join(names)} ({how_kind}; rows of {ROW}) on {len(sizes)} sizes each, {min(m for (m, _), _, _ in sel):.3g}.."
+                f"{max(m for (m, _), _, _ in sel):.3g} bytes moved (read + written); rate = bytes / (time - its ops' "
+                f"fixed prices, {_fmt_s(min(fxs))}..{_fmt_s(max(fxs))}); {rounds}, interleaved with the "
+                f"{'new-output' if inplace else 'in-place'} kinds; spreads median {_median(spreads):.0%}, worst "
+                f"{max(spreads):.0%}; curve: median rate of all kinds in 3 bins a decade; median rate from 1 MB up by "
+                f"kind: " + ", ".join(f"{k} {_fmt_rate(r, 'B')}" for k, r in by_kind.items() if math.isfinite(r)))
+        memory, memory_inplace = curves[False], curves[True]
+        big = max(sizes)
+        sources["memory_inplace"] += (f"; at {big:.3g} bytes: in place {_fmt_rate(memory_inplace.rate(big), 'B')}, "
+                                      f"into new tensors {_fmt_rate(memory.rate(big), 'B')}")
         del pools, cases
 
         # -- the matmul curves, now that the memory curve prices a shape's bytes --
@@ -861,50 +1023,104 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
             matmul[dt], kept = matmul_curve(raw, memory)
             spreads = [r[4] for r in raw]
             best = max(_rate(f, t, fx) for f, _, t, fx, _ in raw)
+            # per layout: the median rate of its shapes from 1e7 FLOPs up, and its time against the
+            # forward layout's, shape by shape
+            rate_of = {key: _rate(f, t, fx) for key, (f, _, t, fx, _) in zip(mm_keys[dt], raw)}
+            big = 1e7 if any(r[0] >= 1e7 for r in raw) else 0.0
+            layout_notes = []
+            for lay in MATMUL_LAYOUTS:
+                rs = [r for (ly, m, k, n), r in rate_of.items() if ly == lay and 2 * m * k * n >= big]
+                vs = [rate_of[("linear", m, k, n)] / r for (ly, m, k, n), r in rate_of.items()
+                      if ly == lay and 2 * m * k * n >= big and ("linear", m, k, n) in rate_of]  # fmt: skip
+                layout_notes.append(f"{lay} {_fmt_rate(_median(rs), 'FLOP')}"
+                                    + (f" (time {_median(vs):.2f}x the forward's)" if lay != "linear" else ""))
             sources[f"matmul.{dt}"] = (
-                f"F.linear(x[M,K], w[N,K]) ({dt}) over {len(shapes)} shapes, M in {min(s[0] for s in shapes)}.."
-                f"{max(s[0] for s in shapes)}, K and N in {min(min(s[1], s[2]) for s in shapes)}.."
-                f"{max(max(s[1], s[2]) for s in shapes)} ({raw[0][0]:.3g}..{raw[-1][0]:.3g} FLOPs); rate = 2MKN / "
-                f"(time - {_fmt_s(raw[0][3])} fixed: {'launch_s, of device time' if cuda else 't + mm priced at view_s + op_s'});"
-                f" {rounds}; median of the shapes' spreads {_median(spreads):.0%}, worst {max(spreads):.0%}; curve: "
-                f"median rate in 3 bins a decade of the {kept} shapes whose bytes / memory rate is under half their "
+                f"{len(shapes)} shapes ({dt}), M in {min(s[0] for s in shapes)}..{max(s[0] for s in shapes)}, K and N "
+                f"in {min(min(s[1], s[2]) for s in shapes)}..{max(max(s[1], s[2]) for s in shapes)} "
+                f"({raw[0][0]:.3g}..{max(r[0] for r in raw):.3g} FLOPs), each in the three layouts of a Linear layer: "
+                f"F.linear(x[M,K], w[N,K]) (forward), grad[M,N].mm(w[N,K]) (grad input), grad.t()[N,M].mm(x[M,K]) "
+                f"(grad weight); rate = 2MKN / (time - fixed: "
+                + ("launch_s, of device time" if cuda else
+                   ", ".join(f"{lay} {_fmt_s(mm_fixed[f'{dt} {lay}'])}" for lay in MATMUL_LAYOUTS)
+                   + ": their t and mm priced at view_s and op_s")
+                + f"); {rounds}; median of the cases' spreads {_median(spreads):.0%}, worst {max(spreads):.0%}; median "
+                f"rate by layout{' from 1e7 FLOPs up' if big else ''}: {', '.join(layout_notes)}; curve: median rate "
+                f"of all layouts in 3 bins a decade, of the {kept} cases whose bytes / memory rate is under half their "
                 f"time (the {len(raw) - kept} others are memory-bound, priced by the memory term; a bin of only such "
-                f"shapes keeps them); best shape {_fmt_rate(best, 'FLOP')}")  # fmt: skip
+                f"cases keeps them); best case {_fmt_rate(best, 'FLOP')}")  # fmt: skip
         if cuda:
             sources["matmul.fp32"] += (f"; torch.backends.cuda.matmul.allow_tf32 = "
                                        f"{torch.backends.cuda.matmul.allow_tf32}")
+        foreach_per_tensor = not cuda
+        sources["foreach_per_tensor"] = (
+            "CUDA: a _foreach_* op runs multi-tensor kernels over its list (False)" if cuda else
+            "True on the CPU: torch's _foreach_* ops have no multi-tensor CPU kernel and fall back to one op per "
+            "tensor of the list (a _foreach_* op over n tensors is priced as n kernels of bytes / n)")
         prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
-                        asynchronous=cuda, matmul=matmul, attention=attention, memory=memory)
+                        asynchronous=cuda, matmul=matmul, attention=attention, memory=memory,
+                        attention_backward=attention_backward, memory_inplace=memory_inplace,
+                        foreach_per_tensor=foreach_per_tensor)  # fmt: skip
 
-        # -- AdamW(foreach=True).step(): per-tensor cost beyond its counted ops --
-        opts, priced = [], []
+        # -- one loss function call: its Python beyond its ops --
+        loss_s, loss_src = _loss_call(torch, runner, dev, gen, prices, grad_op_s, how, rounds, randn)
+        sources["host.loss_s"] = loss_src
+
+        # -- AdamW(foreach=True).step() + zero_grad(set_to_none=True), as a training step calls them: the
+        # per-tensor cost and the fixed cost per step beyond the counted ops --
+        # the ops priced as the engine's optimizer program lists them: the .item() of each step counter
+        # (_local_scalar_dense, on host tensors) as a host op at op_s
+        oprices = dataclasses.replace(prices, sync_s=op_s)
+        opts, regrads, priced = [], [], []
         torch.set_grad_enabled(True)
         for count in st.opt_tensors:
             params = [torch.nn.Parameter(randn(4, "fp32")) for _ in range(count)]
-            for p in params:
-                p.grad = randn(4, "fp32")
+            grads = [randn(4, "fp32") for _ in range(count)]
+
+            def regrad(params: Any = params, grads: Any = grads) -> None:
+                for p, g in zip(params, grads):
+                    p.grad = g
+
+            regrad()
             opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
             for _ in range(2):
                 opt.step()  # states created
-            ops, _, _ = count_ops(torch, opt.step)
-            priced.append(prices.total(ops)[0 if cuda else 2])  # CUDA: the host's share
-            opts.append(_Case(("adamw", count), opt.step, host))
-        runner.run("optimizer", opts)
+
+            def step(opt: Any = opt, regrad: Any = regrad) -> None:
+                regrad()  # zero_grad took them: timed alone too, and taken off
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            regrad()
+            ops, _, _ = count_ops(torch, lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)))
+            priced.append(oprices.total(ops)[0 if cuda else 2])  # CUDA: the host's share
+            opts.append(_Case(("adamw", count), step, host))
+            regrads.append(_Case(("grads", count), regrad, host))
+        runner.run("optimizer", opts + regrads)
         torch.set_grad_enabled(False)
-        (n1, n2), (c1, c2) = st.opt_tensors, opts
-        slope = ((c2.median - priced[1]) - (c1.median - priced[0])) / (n2 - n1)
+        (n1, n2), (c1, c2), (g1, g2) = st.opt_tensors, opts, regrads
+        left1, left2 = c1.median - g1.median - priced[0], c2.median - g2.median - priced[1]
+        slope = (left2 - left1) / (n2 - n1)
         optimizer_tensor_s = max(slope, 0.0)
-        sources["host.optimizer_tensor_s"] = (
-            f"torch.optim.AdamW(foreach=True).step() over {n1} and {n2} 4-element fp32 tensors: "
-            f"{_fmt_s(c1.median)} and {_fmt_s(c2.median)} ({how}, {rounds}, spreads {c1.spread:.0%}, {c2.spread:.0%}), "
-            f"less its counted aten ops priced with this profile ({_fmt_s(priced[0])}, {_fmt_s(priced[1])}), "
-            f"per extra tensor; the rest of a step() at {n1} tensors, {_fmt_s(c1.median - priced[0] - n1 * slope)}, "
-            f"is a fixed cost per step() that no HostCosts field prices")
-        notes["optimizer fixed per step"] = _fmt_s(c1.median - priced[0] - n1 * slope)
-        del opts
+        step_fixed = left1 - n1 * optimizer_tensor_s
+        optimizer_step_s = max(step_fixed, 0.0)
+        adamw = (f"torch.optim.AdamW(foreach=True): step() + zero_grad(set_to_none=True) over {n1} and {n2} 4-element "
+                 f"fp32 tensors: {_fmt_s(c1.median)} and {_fmt_s(c2.median)} ({how}, {rounds}, spreads "
+                 f"{c1.spread:.0%}, {c2.spread:.0%}), less the loop that gives the tensors their gradients back before "
+                 f"each call ({_fmt_s(g1.median)}, {_fmt_s(g2.median)}, timed alone), less its counted aten ops priced "
+                 f"as the time model prices them ({_fmt_s(priced[0])}, {_fmt_s(priced[1])}: _foreach_* ops "
+                 + ("as one kernel over the list" if not foreach_per_tensor else "as one kernel per tensor")
+                 + ", the step counters' .item() as host ops at op_s)")
+        sources["host.optimizer_tensor_s"] = f"{adamw}: per extra tensor, the slope between the two counts"
+        sources["host.optimizer_step_s"] = (
+            f"{adamw}: what is left at {n1} tensors once {n1} x optimizer_tensor_s is taken off "
+            f"({_fmt_s(step_fixed)}{', floored at 0' if step_fixed < 0 else ''}): a fixed cost per step() + "
+            "zero_grad()")
+        notes["optimizer fixed per step"] = _fmt_s(step_fixed)
+        del opts, regrads
 
         host_costs = HostCosts(op_s=op_s, grad_op_s=grad_op_s, backward_op_s=backward_op_s, view_s=view_s,
-                               module_s=module_s, sync_s=sync_s, optimizer_tensor_s=optimizer_tensor_s)
+                               module_s=module_s, sync_s=sync_s, optimizer_tensor_s=optimizer_tensor_s,
+                               backward_call_s=backward_call_s, optimizer_step_s=optimizer_step_s, loss_s=loss_s)
         model = cpu_model()
         if cuda:
             gpu_name = torch.cuda.get_device_name()
@@ -917,7 +1133,9 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                               f"{'quick' if quick else 'full'} calibration")  # fmt: skip
         profile = DeviceProfile(
             id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul, attention=attention,
-            memory=memory, launch_s=launch_s, host=host_costs, measured_on=datetime.date.today().isoformat(),
+            attention_backward=attention_backward, memory=memory, memory_inplace=memory_inplace,
+            foreach_per_tensor=foreach_per_tensor, launch_s=launch_s, host=host_costs,
+            measured_on=datetime.date.today().isoformat(),
             versions=_versions(torch), sources=sources)  # fmt: skip
 
         # -- the check: small modules' forwards, timed and predicted --
@@ -938,15 +1156,16 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
 
 
 def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float, how: str,
-              rounds: str) -> tuple[float, float, dict[str, str]]:  # fmt: skip
-    """(host.grad_op_s, host.backward_op_s, their sources).
+              rounds: str) -> tuple[float, float, float, dict[str, str]]:  # fmt: skip
+    """(host.grad_op_s, host.backward_op_s, host.backward_call_s, their sources).
 
     grad_op_s: a 1-element add and a 1-element mul of a tensor that requires grad by a constant,
     under grad mode (autograd makes a node, the mul saves its inputs): the mean of the two.
     backward_op_s: `y.backward(g)` of a chain y = x * c * c ... of n1 and of n2 muls (the leaf's grad
     reset each call), less the chain's forward, less the backward's views at view_s, divided by the
     aten ops that run a kernel in it (a TorchDispatchMode counts them): the slope between the two
-    lengths, so that the fixed cost of a backward() call (reported) does not count per op."""
+    lengths, so that the fixed cost of a backward() call does not count per op; that fixed cost
+    (what is left at n1 ops once n1 x backward_op_s is taken off, floored at 0) is backward_call_s."""
     clock_how = "host" if runner.clock.cuda else "wall"
     n1, n2 = st.autograd_chain
     sources: dict[str, str] = {}
@@ -990,6 +1209,7 @@ def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float
     slope = (bwd[n2] - bwd[n1]) / (k2 - k1) if k2 > k1 else bwd[n2] / max(k2, 1)
     backward_op_s = max(slope, 0.0)
     fixed = bwd[n1] - k1 * backward_op_s
+    backward_call_s = max(fixed, 0.0)
     sources["host.grad_op_s"] = (
         f"mean of torch.add ({_fmt_s(d['grad add'].median)}, spread {d['grad add'].spread:.0%}) and torch.mul "
         f"({_fmt_s(d['grad mul'].median)}, spread {d['grad mul'].spread:.0%}) of a 1-element tensor that requires grad "
@@ -1001,9 +1221,64 @@ def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float
         f"({_fmt_s(d[('chain', n1)].median)}, {_fmt_s(d[('chain', n2)].median)}) taken off, and the backward's views "
         f"({counted[n1][1]}, {counted[n2][1]}) at view_s; per aten op that runs a kernel in the backward ({k1}, {k2}, "
         f"counted by a TorchDispatchMode): the slope between the two lengths ({how}, {rounds}, spreads "
-        f"{d[('backward', n1)].spread:.0%}, {d[('backward', n2)].spread:.0%}); the fixed cost of a backward() call, "
-        f"{_fmt_s(fixed)}, is not per op and no HostCosts field prices it")
-    return grad_op_s, backward_op_s, sources
+        f"{d[('backward', n1)].spread:.0%}, {d[('backward', n2)].spread:.0%}); the fixed cost of a backward() call "
+        f"is not per op: host.backward_call_s")
+    sources["host.backward_call_s"] = (
+        f"y.backward(g) of the {n1}-mul chain of host.backward_op_s ({_fmt_s(d[('backward', n1)].median)}, the leaf's "
+        f"grad reset included) less the chain's forward ({_fmt_s(d[('chain', n1)].median)}), its views at view_s and "
+        f"its {k1} kernel-running ops at the fitted slope backward_op_s ({_fmt_s(backward_op_s)}): {_fmt_s(fixed)}"
+        f"{', floored at 0' if fixed < 0 else ''} a backward() call (the autograd engine's start: graph walk, "
+        f"ready queue) ({how}, {rounds})")
+    return grad_op_s, backward_op_s, backward_call_s, sources
+
+
+LOSS_SHAPE = (1, 8, 256)  # batch, seq, vocabulary of the loss micro-benchmark's logits
+
+
+def _loss_call(torch: Any, runner: _Runner, dev: Any, gen: Any, prices: Prices, grad_op_s: float, how: str,
+               rounds: str, randn: Callable[[int, Any], Any]) -> tuple[float, str]:  # fmt: skip
+    """(host.loss_s, its source): transformers' ForCausalLMLoss (what a causal LM's forward calls
+    with labels) on tiny fp32 and bf16 logits that require grad, under grad mode, timed; less its
+    counted aten ops priced as the time model prices a forward under autograd (grad_op_s per
+    kernel-running op, view_s per view, + their device time from the curves); the median of the
+    two. 0 when transformers is not importable."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except Exception as e:  # noqa: BLE001 - transformers is optional
+        return 0.0, (f"not measured: transformers' ForCausalLMLoss is not importable here ({one_line(e)}): "
+                     "loss_s left 0")
+    b, s, v = LOSS_SHAPE
+    gprices = dataclasses.replace(prices, op_s=grad_op_s)
+    cases, priced, counted = [], [], []
+    torch.set_grad_enabled(True)
+    try:
+        for dt in ("fp32", "bf16"):
+            logits = randn(b * s * v, dt).view(b, s, v).requires_grad_(True)
+            labels = torch.randint(0, v, (b, s), device=dev, generator=gen)
+
+            def loss(logits: Any = logits, labels: Any = labels) -> Any:
+                return ForCausalLMLoss(logits, labels, vocab_size=v)
+
+            loss()
+            ops, _, _ = count_ops(torch, loss)
+            counted.append(ops)
+            priced.append(gprices.total(ops)[0 if prices.asynchronous else 2])  # CUDA: the host's share
+            cases.append(_Case(("loss", dt), loss, how="host" if prices.asynchronous else "wall"))
+        runner.run("loss", cases)
+    finally:
+        torch.set_grad_enabled(False)
+    left = [c.median - p for c, p in zip(cases, priced)]
+    loss_s = max(_median(left), 0.0)
+    src = (f"transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, vocab_size={v}) on logits [{b}, {s}, {v}] "
+           f"that require grad, under grad mode, fp32 and bf16: "
+           + "; ".join(f"{c.key[1]} {_fmt_s(c.median)} (spread {c.spread:.0%}) less its {len(ops)} counted aten ops "
+                       f"({sum(1 for o in ops if o.kind not in ('view', 'sync'))} running a kernel at grad_op_s, the "
+                       f"views at view_s, + their device time: {_fmt_s(p)}) = {_fmt_s(x)}"
+                       for c, ops, p, x in zip(cases, counted, priced, left))
+           + f" ({how}, {rounds}); the median of the two"
+           + (", floored at 0" if _median(left) < 0 else "")
+           + "; priced once per causal-LM loss (labels given to the forward) and once per technique loss")
+    return loss_s, src
 
 
 def _versions(torch: Any) -> dict[str, str]:
@@ -1474,8 +1749,13 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
 # its inputs) costs less per op than a model's backward, whose nodes unpack saved tensors and run
 # several ops each; priced at the chain's figure, the calibration sft steps come out ~20% short
 # while the no-grad forwards come out ~15% long.
-STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.backward_op_s")
-STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6}
+# generate_call_s (a generate() call's own Python before its first forward) beside generate_step_s:
+# two generate programs with other numbers of new tokens tell them apart.
+STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.generate_call_s",
+            "host.backward_op_s")
+STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6,
+              "host.generate_call_s": 500e-6}
+CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
 # the calibration models: llama, hidden 32 (4 heads of 8, 2 KV heads), MLP 64, vocabulary 256, bf16;
 # their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
 CALIBRATION_MODEL = dict(hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=256)
@@ -1485,8 +1765,8 @@ CALIBRATION_TOKENS = (1, 8)  # batch, seq (generate: the prompt)
 def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     """The built-in calibration programs (planner.backends.step_programs.Case), their models'
     config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
-    layers, a LoRA (r 4) sft step of 2 layers, one generate call of 2 layers (8 new tokens);
-    `quick`: 1 and 4 layers, 4 new tokens."""
+    layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
+    generate_step_s and generate_call_s apart); `quick`: 1 and 4 layers."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
 
@@ -1506,9 +1786,10 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
                           steps=5, warmup=2))
     cases.append(Case(f"calibration sft lora r4 2x{m['hidden']} b{b} s{s}",
                       Plan(model=paths[2], batch=b, seq=s, method="lora", lora_rank=4), steps=5, warmup=2))
-    new = 4 if quick else 8
-    cases.append(Case(f"calibration generate 2x{m['hidden']} b{b} p{s}+{new}",
-                      Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3, warmup=1))
+    for new in CALIBRATION_NEW_TOKENS:
+        cases.append(Case(f"calibration generate 2x{m['hidden']} b{b} p{s}+{new}",
+                          Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3,
+                          warmup=1))  # fmt: skip
     return cases
 
 
