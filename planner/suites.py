@@ -113,13 +113,16 @@ def _alignment_suite() -> list[Plan]:
 
 
 SUITES = {"smoke": _smoke_suite, "dry-run": _dry_run_suite, "alignment": _alignment_suite, "gpu": _gpu_suite}
+# suites of step time rather than memory: their cases live in planner.backends.time_validation
+TIME_SUITES = ("time-cpu",)
 
 
 def suite(name: str) -> list[Plan]:
     if name not in SUITES:
         import difflib
 
-        close = difflib.get_close_matches(name, SUITES, n=3)
+        names = [*SUITES, *TIME_SUITES]
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-        raise ValueError(f"suite: unknown suite '{name}'{hint}; choose from {', '.join(SUITES)}")
+        raise ValueError(f"suite: unknown suite '{name}'{hint}; choose from {', '.join(names)}")
     return SUITES[name]()

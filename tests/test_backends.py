@@ -107,7 +107,7 @@ def test_real_on_cuda_without_a_gpu_is_refused():
 def test_unknown_suite_is_one_line():
     code, out, err = run(["validate", "--suite", "dryrun"])
     assert code == 2 and out == ""
-    assert err.strip() == "planner: error: suite: unknown suite 'dryrun' (did you mean: dry-run?); choose from smoke, dry-run, alignment, gpu"
+    assert err.strip() == "planner: error: suite: unknown suite 'dryrun' (did you mean: dry-run?); choose from smoke, dry-run, alignment, gpu, time-cpu"
 
 
 def test_validate_one_plan_prints_the_comparison(tiny):

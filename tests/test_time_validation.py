@@ -137,3 +137,32 @@ def test_main_writes_the_table_and_the_csv(tmp_path, monkeypatch, suite):
     md, text = out.read_text(), (tmp_path / "reports" / "time-cpu.csv").read_text()
     assert TABLE_HEADER in md and "--suite smoke" in md and "time-cpu.csv" in md
     assert text.splitlines()[0] == ",".join(tv.CSV_COLUMNS)
+
+
+def test_planner_validate_runs_the_time_suite(tmp_path, monkeypatch, suite, capsys):
+    """`planner validate --suite time-cpu` writes the same table through the CLI (the run itself
+    stubbed with the smoke suite's result), and no temporary file is left beside it."""
+    import json
+
+    from planner.cli import main
+
+    monkeypatch.setattr(tv, "run_suite", lambda *a, **k: suite)
+    assert main(["validate", "--suite", "time-cpu", "--out", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["suite"] == "time-cpu" and doc["cases"] == len(suite.rows)
+    assert doc["worst_abs_error"] == pytest.approx(max(abs(r.error) for r in suite.rows))
+    md = (tmp_path / "time-cpu.md").read_text()
+    assert TABLE_HEADER in md and "planner validate --suite time-cpu" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["time-cpu.csv", "time-cpu.md"]
+
+
+def test_time_suite_without_torch_is_bad_input(monkeypatch, capsys):
+    import importlib.util
+
+    from planner.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["validate", "--suite", "time-cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs torch" in err and "pip install torch==2.13.0" in err

@@ -602,7 +602,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     suite = run_suite(args.suite, rounds=args.rounds, quick_calibration=args.quick_calibration,
                       diagnose=not args.no_diagnose, log=log)  # fmt: skip
-    csv_path = out.with_suffix(".csv")
     cmd = "python -m planner.backends.time_validation --out " + str(args.out)
     if args.suite != "full":
         cmd += f" --suite {args.suite}"
@@ -610,16 +609,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd += f" --rounds {args.rounds}"
     if args.quick_calibration:
         cmd += " --quick-calibration"
-    out.write_text(to_markdown(suite, cmd, csv_path.name), encoding="utf-8")
-    csv_path.write_text(to_csv(suite), encoding="utf-8")
-    if args.profile_out:
+    csv_path = write_report(suite, out, cmd, args.profile_out)
+    log(f"wrote {out} and {csv_path}: {summary_line(suite)}")
+    return 0
+
+
+def write_report(suite: Suite, out: Path, cmd: str, profile_out: str | None = None) -> Path:
+    """The markdown table at `out`, the CSV beside it (and the calibrated profile at `profile_out`),
+    each written whole (a temporary file renamed): an interrupted run leaves the old tables."""
+    csv_path = out.with_suffix(".csv")
+    files = [(out, to_markdown(suite, cmd, csv_path.name)), (csv_path, to_csv(suite))]
+    if profile_out:
         import json
 
-        Path(args.profile_out).write_text(json.dumps(suite.profile.model_dump(mode="json"), indent=1) + "\n",
-                                          encoding="utf-8")
-    log(f"wrote {out} and {csv_path}: {len(suite.rows)} cases, median |error| {suite.median_abs_error:.1%}, worst "
-        f"{abs(suite.worst.error):.1%} ({suite.worst.case.label}); {suite.timings['total_s']:.0f} s")
-    return 0
+        files.append((Path(profile_out), json.dumps(suite.profile.model_dump(mode="json"), indent=1) + "\n"))
+    for path, text in files:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return csv_path
+
+
+def summary_line(suite: Suite) -> str:
+    return (f"{len(suite.rows)} cases, step time median |error| {suite.median_abs_error:.1%}, worst "
+            f"{abs(suite.worst.error):.1%} ({suite.worst.case.label}); {suite.timings['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

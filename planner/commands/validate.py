@@ -12,10 +12,12 @@ HELP = "estimate vs a backend's measurement, for one plan or a named suite"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_args(p)
     g = p.add_argument_group("validation")
-    from planner.suites import SUITES
+    from planner.suites import SUITES, TIME_SUITES
 
     g.add_argument("--suite", metavar="NAME",
-                   help=f"run a named suite ({', '.join(SUITES)}) and write reports/validation/NAME.md and .csv")
+                   help=f"run a named suite ({', '.join([*SUITES, *TIME_SUITES])}) and write reports/validation/NAME.md "
+                        f"and .csv; time-cpu: real CPU step times against the engine's, with a profile calibrated in "
+                        f"the same run (a few minutes)")
     g.add_argument("--backend", default="dry-run", metavar="B", help="dry-run (the real program on fake tensors) or real (default: dry-run)")
     g.add_argument("--device", default=None, metavar="D", help="fake (dry-run), cpu or cuda (real); default: fake for dry-run, cuda for real")
     g.add_argument("--out", default="reports/validation", metavar="DIR", help="where --suite writes its tables (default: reports/validation)")
@@ -29,6 +31,10 @@ def run(args: argparse.Namespace, out: Out) -> int:
     from planner.backends import check_backend
     from planner.models import ModelError
 
+    from planner.suites import TIME_SUITES
+
+    if args.suite in TIME_SUITES:
+        return _run_time_suite(args, out)
     try:
         device = check_backend(args.backend, args.device)
         if args.suite:
@@ -67,4 +73,36 @@ def run(args: argparse.Namespace, out: Out) -> int:
     else:
         for line in validate.format_row(row):
             out.print(line)
+    return 0
+
+
+def _run_time_suite(args: argparse.Namespace, out: Out) -> int:
+    """`--suite time-cpu`: planner.backends.time_validation's table (it needs torch and transformers)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(f"suite: time-cpu runs real CPU steps and needs {' and '.join(missing)}: "
+                       f"pip install torch==2.13.0 && pip install -e '.[backends]'")
+    from planner.backends import time_validation as tv
+
+    def log(text: str) -> None:
+        print(f"[time-cpu] {text}", file=sys.stderr, flush=True)
+
+    suite = tv.run_suite("full", log=log)
+    md = Path(args.out) / f"{args.suite}.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    tv.write_report(suite, md, f"planner validate --suite {args.suite}" + (f" --out {args.out}" if args.out != "reports/validation" else ""))
+    if args.json:
+        import json
+
+        out.print(json.dumps({"suite": args.suite, "cases": len(suite.rows), "median_abs_error": suite.median_abs_error,
+                              "worst_abs_error": abs(suite.worst.error), "worst_case": suite.worst.case.label,
+                              "rows": [{"case": r.case.label, "measured_s": r.measured_s, "predicted_s": r.predicted_s,
+                                        "error": r.error} for r in suite.rows]}, indent=2))
+    else:
+        out.print(f"{args.suite}: {tv.summary_line(suite)}")
+        out.print(f"wrote {md} and .csv")
     return 0
