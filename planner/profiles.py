@@ -61,6 +61,10 @@ class RateCurve(BaseModel):
             raise ValueError("sizes must be strictly ascending")
         return pts
 
+    def scaled(self, k: float) -> RateCurve:
+        """The curve with every rate times k."""
+        return RateCurve(points=tuple((size, rate * k) for size, rate in self.points))
+
     def rate(self, size: float) -> float:
         """The rate at `size`: linear in log(size) between points, flat beyond them."""
         pts = self.points
@@ -156,8 +160,9 @@ class DeviceProfile(BaseModel):
     launch_s: float = Field(ge=0, description="the least device time of a kernel")
     host: HostCosts
     device_scale: float = Field(default=1.0, gt=0, description=(
-        "for a profile derived from public figures: the fraction of the measured ceilings its kernels reach "
-        "(the curves already include it)"))
+        "the fraction of its reference rates a program's kernels reach (the curves already include it): for a "
+        "profile derived from public figures, of the measured ceilings; for a calibrated one, of the "
+        "micro-benchmarks' rates (a program's operands come from further away than a sweep's)"))
     measured_on: str = Field(default="", description="date of the measurement")
     versions: dict[str, str] = Field(default_factory=dict)
     sources: dict[str, str] = Field(default_factory=dict, description="where each figure comes from")
@@ -180,6 +185,21 @@ class DeviceProfile(BaseModel):
 
     def attention_curve(self, dtype: str) -> RateCurve:
         return self.attention.get(dtype) or self.matmul_curve(dtype)
+
+    def with_device_scale(self, scale: float) -> DeviceProfile:
+        """The profile with `device_scale` = scale: every rate curve (matmul, attention, memory) times
+        scale / the current device_scale (the curves include the scale)."""
+        if not scale > 0:
+            raise ValueError("device_scale must be > 0")
+        k = scale / self.device_scale
+        return self.model_copy(update={
+            "matmul": {d: c.scaled(k) for d, c in self.matmul.items()},
+            "attention": {d: c.scaled(k) for d, c in self.attention.items()},
+            "attention_backward": {d: c.scaled(k) for d, c in self.attention_backward.items()},
+            "memory": self.memory.scaled(k),
+            "memory_inplace": self.memory_inplace.scaled(k) if self.memory_inplace is not None else None,
+            "device_scale": scale,
+        })
 
     def attention_backward_curve(self, dtype: str) -> RateCurve:
         return self.attention_backward.get(dtype) or self.attention_curve(dtype)

@@ -12,6 +12,8 @@ import os
 import sys
 import types
 
+import tempfile
+
 import pytest
 
 from planner.cli import main
@@ -137,9 +139,12 @@ def test_step_fit_reproduces_its_calibration_programs(quick):
     p = quick.profile
     assert p.host.layer_s > 0 or p.host.model_s > 0
     assert "host.generate_call_s" in cal.STEP_FIT
-    for name in cal.STEP_FIT:
+    for name in cal.step_fit_params("quick"):
         assert name in p.sources and "calibration programs" in p.sources[name], name
         assert cal.get_param(p, name) >= 0
+    # the quick programs hold nothing compute-bound: device_scale is not fitted on them
+    assert "device_scale" in cal.STEP_FIT and "device_scale" not in cal.step_fit_params("quick")
+    assert p.device_scale == 1.0 and "device_scale" not in fit.fit.params
     assert "calibration forward" in p.sources["step fit"] and "generate" in p.sources["step fit"]
     # two generate programs with other numbers of new tokens (generate_call_s apart from generate_step_s)
     gens = [c for c in fit.cases if c.plan.task == "generate"]
@@ -161,7 +166,7 @@ def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     from planner.backends import step_programs
 
     truth = {"host.layer_s": 150e-6, "host.model_s": 700e-6, "host.module_s": 9e-6, "host.generate_step_s": 200e-6,
-             "host.generate_call_s": 1.5e-3, "host.backward_op_s": 6e-6}
+             "host.generate_call_s": 1.5e-3, "host.backward_op_s": 6e-6, "device_scale": 0.8}
     micro = cal.with_params(quick.profile, {"host.module_s": 1e-6, "host.backward_op_s": 2e-6, "host.layer_s": 0.0,
                                             "host.model_s": 0.0, "host.generate_step_s": 0.0,
                                             "host.generate_call_s": 0.0})
@@ -183,6 +188,41 @@ def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     assert held.profile.host.module_s == pytest.approx(20e-6)
     assert "held at this micro-benchmark figure" in held.profile.sources["host.module_s"]
     assert "host.module_s" not in held.fit.params
+
+
+def test_device_scale_scales_every_curve_and_the_device_time(quick):
+    p = quick.profile
+    half = cal.with_params(p, {"device_scale": 0.5})
+    assert half.device_scale == 0.5 and cal.get_param(half, "device_scale") == 0.5
+    for dt, c in p.matmul.items():
+        assert half.matmul[dt].rate(1e7) == pytest.approx(0.5 * c.rate(1e7))
+    for dt, c in p.attention_backward.items():
+        assert half.attention_backward[dt].rate(1e7) == pytest.approx(0.5 * c.rate(1e7))
+    assert half.memory.rate(1e6) == pytest.approx(0.5 * p.memory.rate(1e6))
+    assert half.memory_curve(True).rate(1e6) == pytest.approx(0.5 * p.memory_curve(True).rate(1e6))
+    # relative to the current scale: back to 1 gives the original curves
+    back = cal.with_params(half, {"device_scale": 1.0})
+    assert back.memory.rate(1e6) == pytest.approx(p.memory.rate(1e6))
+    assert half.host == p.host
+    # a step's device time doubles, its host time stays
+    from planner.backends import step_programs
+
+    with tempfile.TemporaryDirectory() as root:
+        case = cal.calibration_cases(root, "full")[-1]
+        a, b = step_programs.predict(case, p), step_programs.predict(case, half)
+    assert b.compute_s == pytest.approx(2 * a.compute_s, rel=0.05)
+
+
+def test_full_calibration_has_compute_bound_programs_for_device_scale(tmp_path, quick):
+    from planner.backends import step_programs
+
+    cases = cal.calibration_cases(tmp_path, "full")
+    medium = [c for c in cases if c.model.hidden_size == cal.CALIBRATION_MEDIUM["hidden"]]
+    assert {c.plan.precision for c in medium} == {"fp32", "bf16"}
+    for c in medium:  # priced by this machine's profile, device time is most of their step
+        t = step_programs.predict(c, quick.profile)
+        assert t.compute_s > 0.5 * t.total_s, c.label
+    assert len({c.model.num_layers for c in cases if c.plan.task == "generate"}) == 2
 
 
 def test_calibration_programs_are_not_the_validation_programs(tmp_path):

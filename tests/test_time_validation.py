@@ -116,14 +116,22 @@ def test_cases_are_interleaved(monkeypatch):
     calls = []
 
     def fake_time_steps(tech, plan, config, steps, warmup, threads=1):
-        calls.append(plan.batch)
-        return [0.001] * steps
+        calls.append((plan.batch, steps))
+        return [0.001 * plan.batch] * steps
 
     monkeypatch.setattr(timing, "time_steps", fake_time_steps)
     cases = [Case(f"c{b}", Plan(model="llama-3.2-1b", batch=b, seq=8), _config={}) for b in (1, 2, 3)]
     time_cases(cases, rounds=3)
-    timed = calls[1:]  # the first: one untimed step of the (single) kind of program
-    assert calls[0] == 1 and len(timed) == 9
+    # the first: one untimed step of the (single) kind of program; then one step of each case,
+    # timed to size its samples (SAMPLE_S of steps, at most MAX_STEPS)
+    assert calls[0] == (1, 1) and calls[1:4] == [(1, 1), (2, 1), (3, 1)]
+    from planner.backends.step_programs import MAX_STEPS, SAMPLE_S, steps_per_sample
+
+    assert [c.steps for c in cases] == [min(MAX_STEPS, math.ceil(SAMPLE_S / (0.001 * b))) for b in (1, 2, 3)]
+    assert all(n == c.steps for (b, n), c in zip(calls[4:7], cases) if b == c.plan.batch)
+    assert steps_per_sample(10.0, 3) == 3 and steps_per_sample(0.0, 4) == 4 and steps_per_sample(1e-9, 3) == MAX_STEPS
+    timed = [b for b, _ in calls[4:]]
+    assert len(timed) == 9
     rounds = [timed[i:i + 3] for i in range(0, 9, 3)]
     assert all(sorted(r) == [1, 2, 3] for r in rounds)
     assert len({tuple(r) for r in rounds}) == 3  # each round in another order

@@ -727,7 +727,7 @@ def run_calibration(device: str = "cpu", quick: bool = False, progress: Progress
             st = settings(device, quick)
             started = time.perf_counter() - cal.elapsed_s
             cal.step_fit = fit_host_to_steps(cal.profile, rounds=st.step_rounds, which=st.step_programs,
-                                             threads=None, progress=progress)  # fmt: skip
+                                             threads=None, progress=progress, params=step_fit_params(st.step_programs))  # fmt: skip
             cal.profile = cal.step_fit.profile
             cal.elapsed_s = time.perf_counter() - started
         return cal
@@ -1382,11 +1382,14 @@ def get_param(profile: DeviceProfile, path: str) -> float:
 
 def with_params(profile: DeviceProfile, values: dict[str, float]) -> DeviceProfile:
     """The profile with these dotted-path float fields replaced (no re-validation: values are >= 0)."""
-    top = {k: v for k, v in values.items() if "." not in k}
+    top = {k: v for k, v in values.items() if "." not in k and k != "device_scale"}
     host = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("host.")}
     if host:
         top["host"] = profile.host.model_copy(update=host)
-    return profile.model_copy(update=top)
+    out = profile.model_copy(update=top)
+    if "device_scale" in values:  # the curves include the scale: rescale them
+        out = out.with_device_scale(max(values["device_scale"], 1e-3))
+    return out
 
 
 @dataclass(frozen=True)
@@ -1751,22 +1754,32 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
 # while the no-grad forwards come out ~15% long.
 # generate_call_s (a generate() call's own Python before its first forward) beside generate_step_s:
 # two generate programs with other numbers of new tokens tell them apart.
+# device_scale as well: a program's kernels find their operands further away than a sweep's (which
+# cycles through 8 MiB of copies: beyond L2, inside this EPYC's 32 MiB L3), and the interpreter's
+# work between them evicts what they left; two medium programs (hidden 192, 512 tokens, fp32 and
+# bf16: compute-bound, their step's tensors beyond the L3) measure that fraction. Priced at the
+# sweeps' rates, the time validation of 2026-12-03 had its compute-bound cases 12.5% short (median).
 STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.generate_call_s",
-            "host.backward_op_s")
+            "host.backward_op_s", "device_scale")
 STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6,
-              "host.generate_call_s": 500e-6}
+              "host.generate_call_s": 500e-6, "device_scale": 1.0}
 CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
 # the calibration models: llama, hidden 32 (4 heads of 8, 2 KV heads), MLP 64, vocabulary 256, bf16;
 # their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
 CALIBRATION_MODEL = dict(hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=256)
 CALIBRATION_TOKENS = (1, 8)  # batch, seq (generate: the prompt)
+# the medium, compute-bound programs (device_scale): llama, 2 layers of hidden 192 (6 heads of 32,
+# 2 KV heads), MLP 512, vocabulary 3000; sft full at batch 4 x 128 tokens, fp32 and bf16
+CALIBRATION_MEDIUM = dict(layers=2, hidden=192, intermediate=512, heads=6, kv_heads=2, vocab=3000, batch=4, seq=128)
 
 
 def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     """The built-in calibration programs (planner.backends.step_programs.Case), their models'
     config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
     layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
-    generate_step_s and generate_call_s apart); `quick`: 1 and 4 layers."""
+    generate_step_s and generate_call_s apart) and one of 4 layers, and the two medium sft steps
+    (CALIBRATION_MEDIUM, fp32 and bf16: device_scale); `quick`: 1 and 4 layers, no deeper generate,
+    no medium programs."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
 
@@ -1790,7 +1803,26 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
         cases.append(Case(f"calibration generate 2x{m['hidden']} b{b} p{s}+{new}",
                           Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3,
                           warmup=1))  # fmt: skip
+    if quick:
+        return cases
+    # a deeper generate (decode's per-layer against its per-forward Python) and the medium programs
+    new = CALIBRATION_NEW_TOKENS[0]
+    cases.append(Case(f"calibration generate 4x{m['hidden']} b{b} p{s}+{new}",
+                      Plan(model=paths[4], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3, warmup=1))
+    md = CALIBRATION_MEDIUM
+    path = write_config(root, f"calibration-llama-{md['layers']}x{md['hidden']}",
+                        llama_config(md["layers"], md["hidden"], md["intermediate"], md["heads"], md["kv_heads"],
+                                     md["vocab"]))  # fmt: skip
+    for precision in ("fp32", "bf16"):
+        cases.append(Case(f"calibration sft full {precision} {md['layers']}x{md['hidden']} b{md['batch']} s{md['seq']}",
+                          Plan(model=path, batch=md["batch"], seq=md["seq"], precision=precision), steps=3, warmup=1))
     return cases
+
+
+def step_fit_params(which: str) -> tuple[str, ...]:
+    """The parameters the step fit fits on `which` programs: the quick set has no compute-bound
+    program to tell device_scale by, so it stays 1 there."""
+    return tuple(p for p in STEP_FIT if which != "quick" or p != "device_scale")
 
 
 @dataclass

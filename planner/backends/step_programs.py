@@ -11,7 +11,8 @@ same workload. Besides the registered techniques, `FORWARD` is a no-grad forward
 Timing (`time_cases`): every case's repeats interleaved, round after round over all cases (each
 round in another order: rotated, every other one reversed), so that a burst of load on a shared
 machine hits every case alike; a sample is the median of one time_steps call's steps (after its
-warm-up steps), a case's figure the median of its samples, its spread (max - min) / median.
+warm-up steps; as many steps as make SAMPLE_S, from one step timed first, at least the case's
+`steps`), a case's figure the median of its samples, its spread (max - min) / median.
 """
 
 from __future__ import annotations
@@ -140,6 +141,24 @@ class Case:
         return (q[2] - q[0]) / self.median
 
 
+# A sample times at least SAMPLE_S of steps (at most MAX_STEPS of them): the median of 3 steps of a
+# 10 ms program moved 20-30% between two runs on this shared 2-core machine (the time validation of
+# 2026-12-02 against 2026-12-03: sft lora bf16 llama-2x64 12.8 vs 17.1 ms, rm bf16 13.7 vs 18.5 ms),
+# a 20-step sample of the same program 10% (min/median/max of 3 x 20 steps: 15.7/16.6/21.4,
+# 15.9/17.4/20.3, 14.2/18.6/21.7 ms).
+SAMPLE_S = 0.15
+MAX_STEPS = 25
+
+
+def steps_per_sample(step_s: float, least: int) -> int:
+    """Steps of one sample: enough for SAMPLE_S at `step_s` a step, at least `least`, at most MAX_STEPS."""
+    import math
+
+    if not step_s > 0:
+        return least
+    return max(least, min(MAX_STEPS, math.ceil(SAMPLE_S / step_s)))
+
+
 def time_cases(cases: Sequence[Case], rounds: int, threads: int | None = 1, progress: Progress | None = None,
                stage: str = "steps") -> list[Case]:  # fmt: skip
     """`rounds` samples of every case, interleaved (module doc); appended to each case's `samples`."""
@@ -155,6 +174,10 @@ def time_cases(cases: Sequence[Case], rounds: int, threads: int | None = 1, prog
                 seen.add(kind)
                 time_steps(c.tech, c.plan, c.config, steps=1, warmup=0, threads=threads)
                 refreeze()
+        for c in cases:  # one step of each, timed after a warm-up: how many steps make a sample
+            once = min(time_steps(c.tech, c.plan, c.config, steps=1, warmup=1, threads=threads))
+            c.steps = steps_per_sample(once, c.steps)
+            refreeze()
         for r in range(rounds):
             k = r % len(cases) if cases else 0
             order = cases[k:] + cases[:k]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.backends.step_programs import Case, llama_config, write_config
+from planner.backends.step_programs import MAX_STEPS, SAMPLE_S, Case, llama_config, write_config
 
 GOAL_MEDIAN, GOAL_WORST = 0.10, 0.25
 # the worst cases (at most OP_TIMED, each off by more than OP_TIMED_ABOVE) get their ops timed in the program
@@ -412,13 +412,16 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     L.append("")
     L.append("## Method")
     L.append("")
+    sf0 = suite.calibration.step_fit
+    fitted_names = [f"`{q.split('.')[-1]}`" for q in (sf0.fit.params if sf0 is not None and sf0.fit else ())]
+    programs = "; ".join(c.label for c in sf0.cases) if sf0 is not None else "none"
     L.append("- The profile is calibrated in the same run (`planner.backends.calibrate.run_calibration`, 1 thread): "
-             "micro-benchmarks, then `layer_s`, `model_s`, `module_s`, `generate_step_s` and `backward_op_s` fitted "
-             "to its built-in calibration programs (1, 2 and 4 layers of hidden 32 at batch 1 x 8 tokens: none of "
-             "the cases below).")
+             f"micro-benchmarks, then {', '.join(fitted_names) or 'nothing'} fitted to its built-in calibration "
+             f"programs ({programs}: none of the cases below).")
     L.append(f"- Each case is timed with `planner.backends.timing.time_steps` (the dry run's program on real CPU "
              f"tensors, no tracker): {suite.rounds} rounds over all cases, each round in another order (rotated, "
-             f"every other one reversed); a sample is the median of one call's steps after one warm-up step; the "
+             f"every other one reversed); a sample is the median of one call's steps after one warm-up step (as "
+             f"many steps as make {SAMPLE_S * 1e3:.0f} ms, at least 3 (generate: 2), at most {MAX_STEPS}); the "
              f"figure is the median of the samples; spread = (max - min) / median of the samples, IQR = "
              f"interquartile range / median.")
     L.append("- Predicted: `planner.engine.timing.step_seconds(plan, model, profile)`; compute = the device "
@@ -437,10 +440,14 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     L.append("|---|---:|---|")
     for name, val in (("op_s", h.op_s), ("grad_op_s", h.op_cost("grad")), ("backward_op_s", h.op_cost("backward")),
                       ("view_s", h.view_s), ("module_s", h.module_s), ("layer_s", h.layer_s), ("model_s", h.model_s),
-                      ("generate_step_s", h.generate_step_s), ("optimizer_tensor_s", h.optimizer_tensor_s),
+                      ("generate_step_s", h.generate_step_s), ("generate_call_s", h.generate_call_s),
+                      ("loss_s", h.loss_s), ("backward_call_s", h.backward_call_s),
+                      ("optimizer_step_s", h.optimizer_step_s), ("optimizer_tensor_s", h.optimizer_tensor_s),
                       ("sync_s", h.sync_s)):  # fmt: skip
         src = "fitted to the calibration programs" if f"host.{name}" in fitted else "micro-benchmark"
         L.append(f"| host.{name} | {_us(val)} | {src} |")
+    L.append(f"| device_scale | {p.device_scale:.3f} (the curves below include it) | "
+             f"{'fitted to the calibration programs' if 'device_scale' in fitted else 'not fitted'} |")
     for dt, curve in p.matmul.items():
         L.append(f"| matmul {dt} | {curve.rate(1e6) / 1e9:.3g} GFLOP/s at 1 MFLOP, {curve.rate(1e9) / 1e9:.3g} at 1 GFLOP, "
                  f"best {max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
