@@ -9,7 +9,8 @@ Which figure comes from where:
   Calculon's H100 efficiency tables);
 - launch_s: 2.5 us, the usual CUDA kernel launch latency on Hopper (a device-side floor per
   kernel; NVIDIA's "CUDA Graphs" blog measures 2-3 us per launch without graphs);
-- host costs: their RATIOS (grad op / op, backward op / op, view / op, module / op, model / layer...)
+- host costs: their RATIOS (grad op / op, backward op / op, view / op, module / op, model / layer,
+  the fixed Python of loss, backward(), optimizer.step() and generate() calls...)
   from a CPU profile measured by `planner calibrate` on this project's machines (`--shape`; the
   dispatcher and Python are the same code on both devices), with three parameters fitted to the 16
   steps (least squares on log(predicted / measured)), and one for the device:
@@ -43,7 +44,8 @@ from planner.specs import Plan  # noqa: E402
 CSV = ROOT.parent / "shared" / "reference" / "h200_measured_steps.csv"
 LAUNCH_S = 2.5e-6
 SHAPE_FIELDS = ("grad_op_s", "backward_op_s", "view_s", "module_s", "layer_s", "model_s", "sync_s",
-                "optimizer_tensor_s")
+                "optimizer_tensor_s", "saved_hook_s", "loss_s", "backward_call_s", "optimizer_step_s",
+                "generate_call_s")
 
 
 def rows() -> list[tuple[Plan, float, str]]:
