@@ -664,3 +664,15 @@ def test_fit_to_noisy_steps_reports_the_residuals(tmp_path):
     for r in fit.rows:
         assert fit.profile.residuals[r.label] == pytest.approx(r.measured / r.predicted - 1)
     assert fit.params["host.op_s"] == pytest.approx(TRUE["host.op_s"], rel=0.15)
+
+
+def test_backward_slope_falls_back_when_noise_makes_it_non_positive():
+    """The per-op backward cost is the slope between two chain lengths; a CI runner measured a
+    longer chain no slower than the shorter one, which gave 0: the fallback is the longer chain's
+    cost per op (its fixed cost shared), never 0 while the backward costs something."""
+    from planner.backends.calibrate import backward_slope
+
+    per_op, fixed, how = backward_slope(30e-6, 70e-6, 10, 30)
+    assert per_op == pytest.approx(2e-6) and fixed == pytest.approx(10e-6) and "slope" in how
+    per_op, fixed, how = backward_slope(80e-6, 70e-6, 10, 30)  # noise: the longer chain measured faster
+    assert per_op == pytest.approx(70e-6 / 30) and fixed == 0.0 and "not positive" in how

@@ -1206,9 +1206,7 @@ def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float
     grad_op_s = (d["grad add"].median + d["grad mul"].median) / 2
     bwd = {n: d[("backward", n)].median - d[("chain", n)].median - counted[n][1] * view_s for n in (n1, n2)}
     (k1, _), (k2, _) = counted[n1], counted[n2]
-    slope = (bwd[n2] - bwd[n1]) / (k2 - k1) if k2 > k1 else bwd[n2] / max(k2, 1)
-    backward_op_s = max(slope, 0.0)
-    fixed = bwd[n1] - k1 * backward_op_s
+    backward_op_s, fixed, slope_how = backward_slope(bwd[n1], bwd[n2], k1, k2)
     backward_call_s = max(fixed, 0.0)
     sources["host.grad_op_s"] = (
         f"mean of torch.add ({_fmt_s(d['grad add'].median)}, spread {d['grad add'].spread:.0%}) and torch.mul "
@@ -1220,7 +1218,7 @@ def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float
         f"{_fmt_s(d[('backward', n1)].median)} and {_fmt_s(d[('backward', n2)].median)} with the chain's forward "
         f"({_fmt_s(d[('chain', n1)].median)}, {_fmt_s(d[('chain', n2)].median)}) taken off, and the backward's views "
         f"({counted[n1][1]}, {counted[n2][1]}) at view_s; per aten op that runs a kernel in the backward ({k1}, {k2}, "
-        f"counted by a TorchDispatchMode): the slope between the two lengths ({how}, {rounds}, spreads "
+        f"counted by a TorchDispatchMode): {slope_how} ({how}, {rounds}, spreads "
         f"{d[('backward', n1)].spread:.0%}, {d[('backward', n2)].spread:.0%}); the fixed cost of a backward() call "
         f"is not per op: host.backward_call_s")
     sources["host.backward_call_s"] = (
@@ -1230,6 +1228,21 @@ def _autograd(torch: Any, runner: _Runner, st: Settings, dev: Any, view_s: float
         f"{', floored at 0' if fixed < 0 else ''} a backward() call (the autograd engine's start: graph walk, "
         f"ready queue) ({how}, {rounds})")
     return grad_op_s, backward_op_s, backward_call_s, sources
+
+
+def backward_slope(bwd1: float, bwd2: float, k1: int, k2: int) -> tuple[float, float, str]:
+    """(per-op cost, fixed cost, how) of a backward() that costs bwd1 at k1 kernel-running ops and
+    bwd2 at k2 > k1: the slope (bwd2 - bwd1) / (k2 - k1) and the intercept bwd1 - k1 x slope. On a
+    noisy machine the slope can come out at or below 0 (the two timings' noise exceeds the
+    k2 - k1 ops' cost; seen on a CI runner): the per-op cost is then bwd2 / k2 (the fixed cost
+    shared among the ops, an upper bound) and the fixed cost 0, and `how` says so."""
+    if k2 > k1:
+        slope = (bwd2 - bwd1) / (k2 - k1)
+        if slope > 0:
+            return slope, bwd1 - k1 * slope, "the slope between the two lengths"
+    per_op = max(bwd2, 0.0) / max(k2, 1)
+    return per_op, 0.0, (f"the slope between the two lengths was not positive (noise), so the longer chain's "
+                         f"backward per op ({_fmt_s(per_op)}, its fixed cost included)")
 
 
 LOSS_SHAPE = (1, 8, 256)  # batch, seq, vocabulary of the loss micro-benchmark's logits
