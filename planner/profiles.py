@@ -151,6 +151,11 @@ class DeviceProfile(BaseModel):
     memory_inplace: RateCurve | None = Field(default=None, description=(
         "achieved bytes/s of in-place ops (add_, mul_, _foreach_*_: no output allocated), against bytes moved "
         "(default: memory's; on the CPU a large new output costs fresh pages, an in-place op does not)"))
+    memory_by_dtype: dict[str, RateCurve] = Field(default_factory=dict, description=(
+        "achieved bytes/s of elementwise ops and copies whose (first) input is of that dtype (default: memory's): "
+        "on a CPU a bf16 kernel converts every element to fp32 and back and moves bytes at about half the rate"))
+    memory_inplace_by_dtype: dict[str, RateCurve] = Field(default_factory=dict, description=(
+        "the same for in-place ops (default: memory_inplace's)"))
     attention_backward: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA backward kernels by dtype, against their FLOPs (2.5x the forward's; "
         "default: the forward's curve)"))
@@ -163,6 +168,13 @@ class DeviceProfile(BaseModel):
         "the fraction of its reference rates a program's kernels reach (the curves already include it): for a "
         "profile derived from public figures, of the measured ceilings; for a calibrated one, of the "
         "micro-benchmarks' rates (a program's operands come from further away than a sweep's)"))
+    dtype_scale: dict[str, float] = Field(default_factory=dict, description=(
+        "per dtype, a factor on top of device_scale for that dtype's matmul and attention curves (the curves "
+        "include it; default 1): on a CPU a program's bf16 kernels and its fp32 ones fall short of their sweeps "
+        "by different fractions"))
+    matmul_fixed_s: dict[str, float] = Field(default_factory=dict, description=(
+        "per dtype, device seconds every matmul kernel of that dtype takes in a program beyond FLOPs / rate "
+        "(default 0): on a CPU a small bf16 matmul costs tens of microseconds whatever its FLOPs"))
     measured_on: str = Field(default="", description="date of the measurement")
     versions: dict[str, str] = Field(default_factory=dict)
     sources: dict[str, str] = Field(default_factory=dict, description="where each figure comes from")
@@ -177,6 +189,17 @@ class DeviceProfile(BaseModel):
             raise ValueError(f"unknown dtype '{bad[0]}' (allowed: {', '.join(DTYPES)})")
         if not v and info.field_name == "matmul":
             raise ValueError("give a curve for at least one dtype")
+        return v
+
+    @field_validator("dtype_scale", "matmul_fixed_s")
+    @classmethod
+    def _per_dtype(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        for k, x in v.items():
+            if k not in DTYPES:
+                raise ValueError(f"unknown dtype '{k}' (allowed: {', '.join(DTYPES)})")
+            positive = info.field_name == "dtype_scale"
+            if not (math.isfinite(x) and (x > 0 if positive else x >= 0)):
+                raise ValueError(f"{k}: must be {'> 0' if positive else '>= 0'} and finite (got {x})")
         return v
 
     def matmul_curve(self, dtype: str) -> RateCurve:
@@ -198,14 +221,38 @@ class DeviceProfile(BaseModel):
             "attention_backward": {d: c.scaled(k) for d, c in self.attention_backward.items()},
             "memory": self.memory.scaled(k),
             "memory_inplace": self.memory_inplace.scaled(k) if self.memory_inplace is not None else None,
+            "memory_by_dtype": {d: c.scaled(k) for d, c in self.memory_by_dtype.items()},
+            "memory_inplace_by_dtype": {d: c.scaled(k) for d, c in self.memory_inplace_by_dtype.items()},
             "device_scale": scale,
+        })
+
+    def with_dtype_scale(self, dtype: str, scale: float) -> DeviceProfile:
+        """The profile with dtype_scale[dtype] = scale: that dtype's matmul, attention and attention
+        backward curves times scale / the current factor (the curves include it)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype '{dtype}' (allowed: {', '.join(DTYPES)})")
+        if not scale > 0:
+            raise ValueError("dtype_scale must be > 0")
+        k = scale / self.dtype_scale.get(dtype, 1.0)
+
+        def rescaled(curves: dict[str, RateCurve]) -> dict[str, RateCurve]:
+            return {d: (c.scaled(k) if d == dtype else c) for d, c in curves.items()}
+
+        return self.model_copy(update={
+            "matmul": rescaled(self.matmul), "attention": rescaled(self.attention),
+            "attention_backward": rescaled(self.attention_backward),
+            "dtype_scale": {**self.dtype_scale, dtype: scale},
         })
 
     def attention_backward_curve(self, dtype: str) -> RateCurve:
         return self.attention_backward.get(dtype) or self.attention_curve(dtype)
 
-    def memory_curve(self, inplace: bool) -> RateCurve:
-        return (self.memory_inplace or self.memory) if inplace else self.memory
+    def memory_curve(self, inplace: bool, dtype: str | None = None) -> RateCurve:
+        """The curve of a memory-bound op, in place or into a new tensor, of `dtype` (its own curve if
+        the profile has one, else the one over all dtypes)."""
+        if inplace:
+            return self.memory_inplace_by_dtype.get(dtype or "") or self.memory_inplace or self.memory
+        return self.memory_by_dtype.get(dtype or "") or self.memory
 
 
 def _catalog_dir():

@@ -199,6 +199,9 @@ def test_device_scale_scales_every_curve_and_the_device_time(quick):
     for dt, c in p.attention_backward.items():
         assert half.attention_backward[dt].rate(1e7) == pytest.approx(0.5 * c.rate(1e7))
     assert half.memory.rate(1e6) == pytest.approx(0.5 * p.memory.rate(1e6))
+    for dt in ("fp32", "bf16"):
+        assert half.memory_curve(False, dt).rate(1e6) == pytest.approx(0.5 * p.memory_curve(False, dt).rate(1e6))
+        assert half.memory_curve(True, dt).rate(1e6) == pytest.approx(0.5 * p.memory_curve(True, dt).rate(1e6))
     assert half.memory_curve(True).rate(1e6) == pytest.approx(0.5 * p.memory_curve(True).rate(1e6))
     # relative to the current scale: back to 1 gives the original curves
     back = cal.with_params(half, {"device_scale": 1.0})
@@ -211,6 +214,108 @@ def test_device_scale_scales_every_curve_and_the_device_time(quick):
         case = cal.calibration_cases(root, "full")[-1]
         a, b = step_programs.predict(case, p), step_programs.predict(case, half)
     assert b.compute_s == pytest.approx(2 * a.compute_s, rel=0.05)
+
+
+def test_memory_curves_by_dtype_come_from_the_sweeps_kinds_of_that_dtype(quick):
+    p = quick.profile
+    assert set(p.memory_by_dtype) == {"fp32", "bf16"} and set(p.memory_inplace_by_dtype) == {"fp32", "bf16"}
+    assert p.memory_curve(False, "bf16") is p.memory_by_dtype["bf16"]
+    assert p.memory_curve(True, "fp32") is p.memory_inplace_by_dtype["fp32"]
+    assert p.memory_curve(False, "fp16") is p.memory and p.memory_curve(True) is p.memory_inplace  # no own curve
+    assert "add bf16" in p.sources["memory_by_dtype"] and "add_ bf16" in p.sources["memory_inplace_by_dtype"]
+
+
+def test_an_elementwise_op_is_priced_on_its_dtypes_memory_curve():
+    from planner.engine.cost import OpList, price
+    from planner.engine.tape import Sym
+
+    slow, fast = RateCurve(points=((1.0, 1e9),)), RateCurve(points=((1.0, 4e9),))
+    p = base_profile().model_copy(update={"memory": fast, "memory_by_dtype": {"bf16": slow},
+                                          "memory_inplace_by_dtype": {"bf16": slow}})
+
+    def device(name, dtype):
+        ops = OpList()
+        ops.add("elementwise", name, bytes=Sym(c=1e6), dtype=dtype)
+        return price(ops, 1.0, 1.0, p, mode="nograd").device_s
+
+    assert device("add", "bf16") == pytest.approx(1e6 / 1e9) and device("add", "fp32") == pytest.approx(1e6 / 4e9)
+    assert device("add_", "bf16") == pytest.approx(1e6 / 1e9)
+    assert device("add_", "fp32") == pytest.approx(1e6 / 4e9)  # no memory_inplace: memory's
+    pr = cal.Prices.of(p)
+    for name, dt in (("add", "bf16"), ("add", "fp32"), ("add_", "bf16")):
+        assert pr.op(cal.Op(name, "kernel", bytes=1e6, dtype=dt))[1] == pytest.approx(device(name, dt)), (name, dt)
+
+
+def test_dtype_scale_scales_that_dtypes_curves_only(quick):
+    p = quick.profile
+    half = cal.with_params(p, {"dtype_scale.bf16": 0.5})
+    assert half.dtype_scale == {"bf16": 0.5} and cal.get_param(half, "dtype_scale.bf16") == 0.5
+    assert cal.get_param(half, "dtype_scale.fp32") == 1.0  # a dtype left out reads as its default
+    for table in ("matmul", "attention", "attention_backward"):
+        before, after = getattr(p, table), getattr(half, table)
+        assert after["bf16"].rate(1e7) == pytest.approx(0.5 * before["bf16"].rate(1e7)), table
+        assert after["fp32"] == before["fp32"], table
+    assert half.memory == p.memory and half.device_scale == p.device_scale
+    back = cal.with_params(half, {"dtype_scale.bf16": 1.0})  # relative to the current factor
+    assert back.matmul["bf16"].rate(1e7) == pytest.approx(p.matmul["bf16"].rate(1e7))
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        p.with_dtype_scale("int3", 1.0)
+
+
+def test_matmul_fixed_cost_adds_to_every_matmul_of_its_dtype(quick):
+    """matmul_fixed_s[dtype]: device seconds each matmul of that dtype takes beyond FLOPs / rate, in
+    the engine and in Prices alike; other dtypes and other kinds of op are priced as before."""
+    from planner.engine.cost import OpList, price
+    from planner.engine.tape import Sym
+
+    p = quick.profile
+    fixed = cal.with_params(p, {"matmul_fixed_s.bf16": 1e-3})
+    assert fixed.matmul_fixed_s == {"bf16": 1e-3} and cal.get_param(fixed, "matmul_fixed_s.bf16") == 1e-3
+    assert cal.get_param(fixed, "matmul_fixed_s.fp32") == 0.0
+    assert {"dtype_scale.bf16", "matmul_fixed_s.fp32"} <= set(cal.float_paths())
+
+    def device(profile, kind, dtype, flops=3e7):
+        ops = OpList()
+        ops.add(kind, "mm" if kind == "matmul" else "add", flops=Sym(c=flops), bytes=Sym(c=1e5), dtype=dtype)
+        return price(ops, 1.0, 1.0, profile, mode="nograd").device_s
+
+    assert device(fixed, "matmul", "bf16") == pytest.approx(device(p, "matmul", "bf16") + 1e-3, rel=1e-9)
+    assert device(fixed, "matmul", "fp32") == device(p, "matmul", "fp32")
+    assert device(fixed, "elementwise", "bf16", flops=0.0) == device(p, "elementwise", "bf16", flops=0.0)
+    for dt in ("bf16", "fp32"):  # Prices, what the calibration takes off its measurements, agrees
+        _, d = cal.Prices.of(fixed).op(cal.Op("mm", "matmul", flops=3e7, bytes=1e5, dtype=dt))
+        assert d == pytest.approx(device(fixed, "matmul", dt), rel=1e-9), dt
+    # a step's device time grows by (its bf16 matmuls) x the fixed cost
+    from planner.backends import step_programs
+
+    with tempfile.TemporaryDirectory() as root:
+        case = cal.calibration_cases(root, "full")[-1]  # the medium bf16 sft step
+        assert case.plan.precision == "bf16"
+        n = bf16_matmuls(case)
+        a, b = step_programs.predict(case, p), step_programs.predict(case, fixed)
+    assert n > 10
+    assert b.compute_s - a.compute_s == pytest.approx(n * 1e-3, rel=1e-6)
+
+
+def bf16_matmuls(case) -> int:
+    """The bf16 matmul kernels (with FLOPs) of the engine's program of a case."""
+    from planner.engine.tape import ZERO
+    from planner.engine.timing import _program
+
+    wl = case.workload()
+    n = 0
+    for ph in wl.phases:
+        prog = _program(ph, wl)
+        for part in prog.phases:
+            ops = prog.ops(part, max(ph.new_tokens - 1, 0) if part == "decode" else 1)
+            n += sum(o.count for o in ops.ops if o.kind == "matmul" and o.dtype == "bf16" and o.flops != ZERO)
+    return n
+
+
+def test_the_quick_set_leaves_the_full_only_parameters_alone():
+    quick_params, full = cal.step_fit_params("quick"), cal.step_fit_params("full")
+    assert set(full) == set(cal.STEP_FIT)
+    assert not set(quick_params) & set(cal.FULL_ONLY) and set(quick_params) | set(cal.FULL_ONLY) >= set(full)
 
 
 def test_full_calibration_has_compute_bound_programs_for_device_scale(tmp_path, quick):
@@ -625,7 +730,11 @@ def test_bad_fit_parameter_names():
     (lambda d: d.pop("launch_s"), "launch_s: required field missing"),
     (lambda d: d["host"].update(op_s=-1e-6), "host.op_s"),
     (lambda d: d["memory"].update(points=[[2.0, 1.0], [1.0, 1.0]]), "ascending"),
-], ids=["missing field", "negative value", "descending curve"])  # fmt: skip
+    (lambda d: d.update(matmul_fixed_s={"bf16": -1e-6}), "matmul_fixed_s: bf16: must be >= 0"),
+    (lambda d: d.update(dtype_scale={"bf16": 0.0}), "dtype_scale: bf16: must be > 0"),
+    (lambda d: d.update(dtype_scale={"bf17": 1.0}), "dtype_scale: unknown dtype 'bf17'"),
+], ids=["missing field", "negative value", "descending curve", "negative matmul fixed cost", "zero dtype scale",
+        "unknown dtype"])  # fmt: skip
 def test_bad_profile_file_is_one_line(tmp_path, change, needle):
     doc = base_profile().model_dump(mode="json")
     change(doc)

@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerInputError, did_you_mean, one_line
-from planner.profiles import DeviceProfile, HostCosts, RateCurve
+from planner.profiles import DTYPES, DeviceProfile, HostCosts, RateCurve
 
 DEVICES = ("cpu", "cuda")
 Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
@@ -523,7 +523,8 @@ def count_ops(torch: Any, fn: Callable[[], Any]) -> tuple[list[Op], int, Any]:
 class Prices:
     """What the time model prices ops with (a DeviceProfile's figures, or those measured so far), as
     planner.engine.cost prices them: matmuls on the matmul curve, SDPA kernels on the attention
-    curve and their backward kernels (`*_backward`) on attention_backward, bytes on the memory
+    curve and their backward kernels (`*_backward`) on attention_backward (a matmul's FLOPs / rate
+    plus its dtype's matmul_fixed_s), bytes on the memory
     curve or, for an in-place op (name ending in `_`), memory_inplace; a _foreach_* op over n
     tensors on a `foreach_per_tensor` device as n kernels of bytes / n each (its host cost once)."""
 
@@ -539,6 +540,9 @@ class Prices:
     attention_backward: dict[str, RateCurve] = field(default_factory=dict)
     memory_inplace: RateCurve | None = None
     foreach_per_tensor: bool = False
+    matmul_fixed: dict[str, float] = field(default_factory=dict)  # per dtype: the profile's matmul_fixed_s
+    memory_by_dtype: dict[str, RateCurve] = field(default_factory=dict)  # the profile's, by the op's dtype
+    memory_inplace_by_dtype: dict[str, RateCurve] = field(default_factory=dict)
 
     @classmethod
     def of(cls, p: DeviceProfile) -> Prices:
@@ -547,7 +551,9 @@ class Prices:
                    launch_s=p.launch_s, asynchronous=p.asynchronous, matmul=dict(p.matmul),
                    attention={d: p.attention_curve(d) for d in dtypes}, memory=p.memory,
                    attention_backward={d: p.attention_backward_curve(d) for d in dtypes},
-                   memory_inplace=p.memory_curve(True), foreach_per_tensor=p.foreach_per_tensor)  # fmt: skip
+                   memory_inplace=p.memory_curve(True), foreach_per_tensor=p.foreach_per_tensor,
+                   matmul_fixed=dict(p.matmul_fixed_s), memory_by_dtype=dict(p.memory_by_dtype),
+                   memory_inplace_by_dtype=dict(p.memory_inplace_by_dtype))  # fmt: skip
 
     def _curve(self, table: dict[str, RateCurve], dtype: str) -> RateCurve | None:
         return table.get(dtype) or table.get("fp32") or next(iter(table.values()), None)
@@ -567,14 +573,20 @@ class Prices:
             return self.sync_s, 0.0
         kernels = op.tensors if self.foreach_per_tensor and op.tensors > 1 else 1
         device = self.launch_s
-        if sizes:
-            memory = self.memory_inplace if op.name.endswith("_") and self.memory_inplace is not None else self.memory
+        fixed = self.matmul_fixed.get(op.dtype, 0.0) if op.kind == "matmul" and op.flops > 0 else 0.0
+        if not sizes:
+            device += fixed
+        else:
+            if op.name.endswith("_"):
+                memory = self.memory_inplace_by_dtype.get(op.dtype) or self.memory_inplace or self.memory
+            else:
+                memory = self.memory_by_dtype.get(op.dtype) or self.memory
             b = op.bytes / kernels
             mem = b / memory.rate(b) if memory is not None and b > 0 else 0.0
             if op.kind in ("matmul", "attention"):
                 curve = self._compute_curve(op)
                 comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
-                device += max(comp, mem)
+                device += max(fixed + comp, mem)
             else:
                 device += mem
         return self.op_s, kernels * device
@@ -678,6 +690,11 @@ def calibrate(device: str = "cpu", quick: bool = False, progress: Progress | Non
 
 def _fmt_s(s: float) -> str:
     return f"{s * 1e6:.3g} us" if s < 1e-3 else f"{s * 1e3:.3g} ms"
+
+
+def _fmt_param(path: str, v: float) -> str:
+    """A fitted parameter's value: a factor (device_scale, dtype_scale.*) as a number, else seconds."""
+    return f"{v:.3g}" if "scale" in path else _fmt_s(v)
 
 
 def _fmt_rate(r: float, unit: str) -> str:
@@ -992,6 +1009,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                 fixed.append(fixed_of(fn))
         runner.run("memory", cases)  # both sets interleaved: the same conditions for both curves
         inplace_kinds = {k for k, *_ in MEMORY_INPLACE_KINDS}
+        kind_dtype = {k: dt for k, dt, _ in kinds}
         all_pts = [(m, _rate(m, c.median, fx)) for m, c, fx in zip(moved, cases, fixed)]
         curves: dict[bool, RateCurve] = {}
         for inplace in (False, True):
@@ -1012,6 +1030,23 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                 f"{max(spreads):.0%}; curve: median rate of all kinds in 3 bins a decade; median rate from 1 MB up by "
                 f"kind: " + ", ".join(f"{k} {_fmt_rate(r, 'B')}" for k, r in by_kind.items() if math.isfinite(r)))
         memory, memory_inplace = curves[False], curves[True]
+        # the same points by the kinds' dtype: on the CPU a bf16 kind moves bytes at about half an fp32
+        # one's rate (it converts every element), so one curve over both over-prices fp32 ops and
+        # under-prices bf16 ones
+        by_dtype: dict[bool, dict[str, RateCurve]] = {False: {}, True: {}}
+        for inplace in (False, True):
+            for dt in sorted({d for _, d, _ in kinds}):
+                pts = [pt for pt, c in zip(all_pts, cases) if (c.key[0] in inplace_kinds) == inplace
+                       and kind_dtype[c.key[0]] == dt]
+                if pts:
+                    by_dtype[inplace][dt] = binned_curve(pts)
+        memory_by_dtype, memory_inplace_by_dtype = by_dtype[False], by_dtype[True]
+        for inplace, field_name in ((False, "memory_by_dtype"), (True, "memory_inplace_by_dtype")):
+            names = [k for k, *_ in (MEMORY_INPLACE_KINDS if inplace else MEMORY_KINDS)]
+            sources[field_name] = (
+                f"the {'memory_inplace' if inplace else 'memory'} sweep's points by the kind's (input) dtype: "
+                + "; ".join(f"{dt}: {', '.join(k for k in names if kind_dtype[k] == dt)}, "
+                            f"{_fmt_rate(c.rate(1e6), 'B')} at 1 MB" for dt, c in by_dtype[inplace].items()))
         big = max(sizes)
         sources["memory_inplace"] += (f"; at {big:.3g} bytes: in place {_fmt_rate(memory_inplace.rate(big), 'B')}, "
                                       f"into new tensors {_fmt_rate(memory.rate(big), 'B')}")
@@ -1020,7 +1055,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
         # -- the matmul curves, now that the memory curve prices a shape's bytes --
         matmul: dict[str, RateCurve] = {}
         for dt, raw in mm_raw.items():
-            matmul[dt], kept = matmul_curve(raw, memory)
+            matmul[dt], kept = matmul_curve(raw, memory_by_dtype.get(dt, memory))
             spreads = [r[4] for r in raw]
             best = max(_rate(f, t, fx) for f, _, t, fx, _ in raw)
             # per layout: the median rate of its shapes from 1e7 FLOPs up, and its time against the
@@ -1059,7 +1094,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
         prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
                         asynchronous=cuda, matmul=matmul, attention=attention, memory=memory,
                         attention_backward=attention_backward, memory_inplace=memory_inplace,
-                        foreach_per_tensor=foreach_per_tensor)  # fmt: skip
+                        foreach_per_tensor=foreach_per_tensor, memory_by_dtype=memory_by_dtype,
+                        memory_inplace_by_dtype=memory_inplace_by_dtype)  # fmt: skip
 
         # -- one loss function call: its Python beyond its ops --
         loss_s, loss_src = _loss_call(torch, runner, dev, gen, prices, grad_op_s, how, rounds, randn)
@@ -1134,6 +1170,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
         profile = DeviceProfile(
             id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul, attention=attention,
             attention_backward=attention_backward, memory=memory, memory_inplace=memory_inplace,
+            memory_by_dtype=memory_by_dtype, memory_inplace_by_dtype=memory_inplace_by_dtype,
             foreach_per_tensor=foreach_per_tensor, launch_s=launch_s, host=host_costs,
             measured_on=datetime.date.today().isoformat(),
             versions=_versions(torch), sources=sources)  # fmt: skip
@@ -1362,7 +1399,12 @@ def float_paths() -> tuple[str, ...]:
     floats = (float, float | None)
     out = [n for n, f in DeviceProfile.model_fields.items() if f.annotation in floats]
     out += [f"host.{n}" for n, f in HostCosts.model_fields.items() if f.annotation in floats]
+    out += [f"{field}.{d}" for field in PER_DTYPE for d in DTYPES]
     return tuple(out)
+
+
+# per-dtype float fields of a profile (a dict by dtype): their value when the dtype is not in the dict
+PER_DTYPE = {"dtype_scale": 1.0, "matmul_fixed_s": 0.0}
 
 
 def parse_fit_params(text: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -1385,6 +1427,9 @@ def parse_fit_params(text: str | Sequence[str] | None) -> tuple[str, ...]:
 def get_param(profile: DeviceProfile, path: str) -> float:
     """The float at a dotted path; an optional host cost left unset (grad_op_s, backward_op_s) is
     what prices in its place (HostCosts.op_cost: op_s)."""
+    field, _, dtype = path.partition(".")
+    if field in PER_DTYPE:
+        return float(getattr(profile, field).get(dtype, PER_DTYPE[field]))
     obj: Any = profile
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -1395,13 +1440,19 @@ def get_param(profile: DeviceProfile, path: str) -> float:
 
 def with_params(profile: DeviceProfile, values: dict[str, float]) -> DeviceProfile:
     """The profile with these dotted-path float fields replaced (no re-validation: values are >= 0)."""
-    top = {k: v for k, v in values.items() if "." not in k and k != "device_scale"}
+    top: dict[str, Any] = {k: v for k, v in values.items() if "." not in k and k != "device_scale"}
     host = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("host.")}
     if host:
         top["host"] = profile.host.model_copy(update=host)
+    fixed = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("matmul_fixed_s.")}
+    if fixed:
+        top["matmul_fixed_s"] = {**profile.matmul_fixed_s, **fixed}
     out = profile.model_copy(update=top)
     if "device_scale" in values:  # the curves include the scale: rescale them
         out = out.with_device_scale(max(values["device_scale"], 1e-3))
+    for k, v in values.items():
+        if k.startswith("dtype_scale."):  # the same: that dtype's curves rescaled
+            out = out.with_dtype_scale(k.split(".", 1)[1], max(v, 1e-3))
     return out
 
 
@@ -1773,9 +1824,20 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
 # bf16: compute-bound, their step's tensors beyond the L3) measure that fraction. Priced at the
 # sweeps' rates, the time validation of 2026-12-03 had its compute-bound cases 12.5% short (median).
 STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.generate_call_s",
-            "host.backward_op_s", "device_scale")
+            "host.backward_op_s", "device_scale", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
+# matmul_fixed_s.fp32 and .bf16 as well, on the tiny programs in both dtypes: with bf16 programs only,
+# a small bf16 matmul's cost in a program (52 us a call against 14 us in fp32, torch.profiler over HF
+# generate of llama-2x64 b4 p64+32, 2026-12-03) went into the per-layer Python and priced every fp32
+# program 30-40% too slow. On the time validation's cases, paired (the same timings, 2026-12-03) they
+# moved little: median 13.4% -> 13.9%, worst 41.2% -> 41.5% (docs/time.md); they stay because they
+# price what the profiler measured, not what a fit absorbs.
+# dtype_scale.bf16 (a bf16-only factor on top of device_scale) is not fitted by default: fitted beside
+# them on the two medium programs (0.82) it priced the attention-bound bf16 sft at s1024 +39.5% (median
+# 12.4%, worst 39.5% in that run); `--from-steps ... --fit dtype_scale.bf16` fits it to other steps.
+# What only the full set's programs tell apart (the quick set leaves them as they are):
+FULL_ONLY = ("device_scale", "dtype_scale.bf16", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
 STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6,
-              "host.generate_call_s": 500e-6, "device_scale": 1.0}
+              "host.generate_call_s": 500e-6, "device_scale": 1.0, "matmul_fixed_s.fp32": 1e-6, "matmul_fixed_s.bf16": 5e-6}
 CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
 # the calibration models: llama, hidden 32 (4 heads of 8, 2 KV heads), MLP 64, vocabulary 256, bf16;
 # their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
@@ -1790,8 +1852,9 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     """The built-in calibration programs (planner.backends.step_programs.Case), their models'
     config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
     layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
-    generate_step_s and generate_call_s apart) and one of 4 layers, and the two medium sft steps
-    (CALIBRATION_MEDIUM, fp32 and bf16: device_scale); `quick`: 1 and 4 layers, no deeper generate,
+    generate_step_s and generate_call_s apart) and one of 4 layers, the 2-layer forward, sft step and
+    generate in fp32, and the two medium sft steps (CALIBRATION_MEDIUM, fp32 and bf16: device_scale
+    and dtype_scale.bf16); `quick`: 1 and 4 layers, no deeper generate,
     no medium programs."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
@@ -1822,6 +1885,14 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     new = CALIBRATION_NEW_TOKENS[0]
     cases.append(Case(f"calibration generate 4x{m['hidden']} b{b} p{s}+{new}",
                       Plan(model=paths[4], task="generate", batch=b, prompt_len=s, new_tokens=new), steps=3, warmup=1))
+    # the same tiny programs in fp32 (the matmul fixed costs of the two dtypes apart)
+    cases.append(Case(f"calibration forward fp32 2x{m['hidden']} b{b} s{s}",
+                      Plan(model=paths[2], batch=b, seq=s, precision="fp32"), FORWARD, steps=5, warmup=2))
+    cases.append(Case(f"calibration sft full fp32 2x{m['hidden']} b{b} s{s}",
+                      Plan(model=paths[2], batch=b, seq=s, precision="fp32"), steps=5, warmup=2))
+    cases.append(Case(f"calibration generate fp32 2x{m['hidden']} b{b} p{s}+{new}",
+                      Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new, precision="fp32"),
+                      steps=3, warmup=1))  # fmt: skip
     md = CALIBRATION_MEDIUM
     path = write_config(root, f"calibration-llama-{md['layers']}x{md['hidden']}",
                         llama_config(md["layers"], md["hidden"], md["intermediate"], md["heads"], md["kv_heads"],
@@ -1834,8 +1905,8 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
 
 def step_fit_params(which: str) -> tuple[str, ...]:
     """The parameters the step fit fits on `which` programs: the quick set has no compute-bound
-    program to tell device_scale by, so it stays 1 there."""
-    return tuple(p for p in STEP_FIT if which != "quick" or p != "device_scale")
+    program to tell device_scale by and no fp32 program, so FULL_ONLY stay as they are there."""
+    return tuple(p for p in STEP_FIT if which != "quick" or p not in FULL_ONLY)
 
 
 @dataclass
@@ -1924,10 +1995,11 @@ def fit_host_to_steps(profile: DeviceProfile, rounds: int = 5, which: str = "ful
     sources = dict(profile.sources)
     for p in free:
         before = get_param(profile, p)
-        was = f"; the micro-benchmark's {_fmt_s(before)} ({profile.sources.get(p, '')})" if before > 0 else ""
-        sources[p] = f"{how}; from {_fmt_s(start[p])}{was}"
+        was = (f"; the micro-benchmark's {_fmt_param(p, before)} ({profile.sources.get(p, '')})"
+               if before > 0 and "scale" not in p else "")
+        sources[p] = f"{how}; from {_fmt_param(p, start[p])}{was}"
     for p, v in held.items():
-        sources[p] = (f"{profile.sources.get(p, 'micro-benchmark')}; held at this micro-benchmark figure ({_fmt_s(v)}): "
+        sources[p] = (f"{profile.sources.get(p, 'micro-benchmark')}; held at this micro-benchmark figure ({_fmt_param(p, v)}): "
                       f"the step fit, {how}, wanted less, and the micro-benchmark is a floor")
     sources["step fit"] = (f"parameters {', '.join(free)} {how}"
                            + (f"; {', '.join(held)} held at the micro-benchmarks' figures (their floor)" if held else "")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.backends.step_programs import MAX_STEPS, SAMPLE_S, Case, llama_config, write_config
+from planner.profiles import DTYPES
 
 GOAL_MEDIAN, GOAL_WORST = 0.10, 0.25
 # the worst cases (at most OP_TIMED, each off by more than OP_TIMED_ABOVE) get their ops timed in the program
@@ -413,7 +414,7 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     L.append("## Method")
     L.append("")
     sf0 = suite.calibration.step_fit
-    fitted_names = [f"`{q.split('.')[-1]}`" for q in (sf0.fit.params if sf0 is not None and sf0.fit else ())]
+    fitted_names = [f"`{q.removeprefix('host.')}`" for q in (sf0.fit.params if sf0 is not None and sf0.fit else ())]
     programs = "; ".join(c.label for c in sf0.cases) if sf0 is not None else "none"
     L.append("- The profile is calibrated in the same run (`planner.backends.calibrate.run_calibration`, 1 thread): "
              f"micro-benchmarks, then {', '.join(fitted_names) or 'nothing'} fitted to its built-in calibration "
@@ -448,6 +449,14 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
         L.append(f"| host.{name} | {_us(val)} | {src} |")
     L.append(f"| device_scale | {p.device_scale:.3f} (the curves below include it) | "
              f"{'fitted to the calibration programs' if 'device_scale' in fitted else 'not fitted'} |")
+    for dt in DTYPES:
+        if f"dtype_scale.{dt}" in fitted or dt in p.dtype_scale:
+            L.append(f"| dtype_scale.{dt} | {p.dtype_scale.get(dt, 1.0):.3f} (its matmul and attention curves below "
+                     f"include it) | {'fitted to the calibration programs' if f'dtype_scale.{dt}' in fitted else 'not fitted'} |")
+    for dt in DTYPES:
+        if f"matmul_fixed_s.{dt}" in fitted or dt in p.matmul_fixed_s:
+            L.append(f"| matmul_fixed_s.{dt} | {_us(p.matmul_fixed_s.get(dt, 0.0))} (a {dt} matmul's device time: this + "
+                     f"FLOPs / rate) | {'fitted to the calibration programs' if f'matmul_fixed_s.{dt}' in fitted else 'not fitted'} |")
     for dt, curve in p.matmul.items():
         L.append(f"| matmul {dt} | {curve.rate(1e6) / 1e9:.3g} GFLOP/s at 1 MFLOP, {curve.rate(1e9) / 1e9:.3g} at 1 GFLOP, "
                  f"best {max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
@@ -455,7 +464,11 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
         L.append(f"| attention {dt} | {curve.rate(1e8) / 1e9:.3g} GFLOP/s at 100 MFLOP, best "
                  f"{max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
     L.append(f"| memory | {p.memory.rate(1e4) / 1e9:.3g} GB/s at 10 kB, {p.memory.rate(1e6) / 1e9:.3g} at 1 MB, "
-             f"{p.memory.rate(1e8) / 1e9:.3g} at 100 MB | micro-benchmark |")
+             f"{p.memory.rate(1e8) / 1e9:.3g} at 100 MB (all dtypes) | micro-benchmark |")
+    for label, table in (("memory", p.memory_by_dtype), ("memory in place", p.memory_inplace_by_dtype)):
+        for dt, curve in table.items():
+            L.append(f"| {label} {dt} | {curve.rate(1e4) / 1e9:.3g} GB/s at 10 kB, {curve.rate(1e6) / 1e9:.3g} at 1 MB, "
+                     f"{curve.rate(1e8) / 1e9:.3g} at 100 MB | micro-benchmark (that dtype's kinds) |")
     sf = suite.calibration.step_fit
     if sf is not None and sf.fit is not None:
         L.append("")

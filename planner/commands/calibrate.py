@@ -209,7 +209,8 @@ def _print_summary(cal: Any, path: Path, out: Out) -> None:
     if cal.notes.get("attention backward/forward"):
         out.print(f"  backward / forward time: {cal.notes['attention backward/forward']}")
     out.print("")
-    _curve_rows("memory-bound ops", {"bytes/s": p.memory}, "byte", out)
+    _curve_rows("memory-bound ops (all dtypes, then by the op's dtype)", {"all": p.memory, **p.memory_by_dtype},
+                "byte", out)
     out.print("")
     h = p.host
     fit = cal.step_fit

@@ -4,7 +4,8 @@ The memory replay (planner.engine.tape) also lists the aten ops the program disp
 with symbolic sizes (c + t*T + q*T*S, T = batch x seq tokens, S = seq). Here each is priced by a
 `DeviceProfile` (planner.profiles):
 
-    device(op) = launch_s + max(FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   matmul, attention
+    device(op) = launch_s + max(FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   attention
+    device(op) = launch_s + max(fixed + FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   matmul
     device(op) = launch_s + bytes / memory_rate(bytes)                              elementwise, foreach
     device(op) = 0                                                                  view, sync
     host(op)   = host.op_s (view: host.view_s), + host.module_s per nn.Module call of the stretch,
@@ -12,7 +13,10 @@ with symbolic sizes (c + t*T + q*T*S, T = batch x seq tokens, S = seq). Here eac
 
 rate: the matmul curve of the op's dtype; SDPA kernels the attention curve, their backward kernels
 (`*_backward`) the attention_backward curve. memory_rate: the memory curve, or memory_inplace for
-an in-place op (aten name ending in `_`: no output allocated). A _foreach_* op over n tensors on a
+an in-place op (aten name ending in `_`: no output allocated), of the op's dtype where the profile
+has one (memory_by_dtype, memory_inplace_by_dtype). fixed: the profile's matmul_fixed_s of
+the op's dtype (0 if none: a CPU's small bf16 matmuls cost tens of microseconds whatever their
+FLOPs). A _foreach_* op over n tensors on a
 profile with foreach_per_tensor (the CPU runs one kernel per tensor) costs n x device(bytes / n).
 
 A step is a sequence of stretches (one decoder layer's forward, its backward, the loss, the optimizer
@@ -129,9 +133,12 @@ def _profile_fns(profile: DeviceProfile) -> dict:
         return hit[1]
     fns: dict = {"memory": _seconds_fn(profile.memory), "memory_inplace": _seconds_fn(profile.memory_curve(True))}
     for dtype in set(profile.matmul) | set(profile.attention) | {"fp32", "bf16", "fp16"}:
+        fns[("memory", dtype)] = _seconds_fn(profile.memory_curve(False, dtype))
+        fns[("memory_inplace", dtype)] = _seconds_fn(profile.memory_curve(True, dtype))
         fns[("matmul", dtype)] = _seconds_fn(profile.matmul_curve(dtype))
         fns[("attention", dtype)] = _seconds_fn(profile.attention_curve(dtype))
         fns[("attention_backward", dtype)] = _seconds_fn(profile.attention_backward_curve(dtype))
+        fns[("fixed", dtype)] = profile.matmul_fixed_s.get(dtype, 0.0)
     if len(_fns) > 64:
         _fns.clear()
     _fns[id(profile)] = (profile, fns)
@@ -164,11 +171,13 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
         if tensors > 1 and per_tensor:  # one kernel per tensor of the list, each on its share
             n *= tensors
             b /= tensors
-        t = fns[memory](b) if b > 0 else 0.0
+        t = (fns.get((memory, dtype)) or fns[memory])(b) if b > 0 else 0.0
         if curve is not None:
             f = fc + ft * T + fq * TS
             if f > 0:
                 tf = fns[(curve, dtype)](f)
+                if curve == "matmul":
+                    tf += fns[("fixed", dtype)]
                 if tf > t:
                     t = tf
         d += n * (launch + t)
