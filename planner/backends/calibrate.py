@@ -1835,7 +1835,7 @@ STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step
 # them on the two medium programs (0.82) it priced the attention-bound bf16 sft at s1024 +39.5% (median
 # 12.4%, worst 39.5% in that run); `--from-steps ... --fit dtype_scale.bf16` fits it to other steps.
 # What only the full set's programs tell apart (the quick set leaves them as they are):
-FULL_ONLY = ("device_scale", "dtype_scale.bf16", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
+FULL_ONLY = ("device_scale", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
 STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6,
               "host.generate_call_s": 500e-6, "device_scale": 1.0, "matmul_fixed_s.fp32": 1e-6, "matmul_fixed_s.bf16": 5e-6}
 CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
@@ -1853,8 +1853,8 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
     layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
     generate_step_s and generate_call_s apart) and one of 4 layers, the 2-layer forward, sft step and
-    generate in fp32, and the two medium sft steps (CALIBRATION_MEDIUM, fp32 and bf16: device_scale
-    and dtype_scale.bf16); `quick`: 1 and 4 layers, no deeper generate,
+    generate in fp32 (matmul_fixed_s of both dtypes), and the two medium sft steps (CALIBRATION_MEDIUM,
+    fp32 and bf16: device_scale); `quick`: 1 and 4 layers, no deeper generate,
     no medium programs."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
