@@ -1,0 +1,701 @@
+"""PyTorch's CUDA caching allocator (torch 2.11-2.13, native backend), simulated in pure Python.
+
+Every rule below is the C++ of c10/cuda/CUDACachingAllocator.cpp (`DeviceCachingAllocator`),
+function by function; ../shared/notes/allocator.md summarises them. Sizes are bytes.
+
+- `round_size`: a request below 512 B becomes 512 B (kMinBlockSize); larger ones round up to a
+  multiple of 512, or, with `roundup_power2_divisions`, to the next of `d` equal steps between two
+  powers of two (`roundup_power2_next_division`).
+- `get_pool`: requests up to 1 MiB (kSmallSize) use the small pool, larger ones the large pool.
+- `get_allocation_size` (segment size on a miss): <= 1 MiB -> 2 MiB (kSmallBuffer); < 10 MiB
+  (kMinLargeAlloc) -> 20 MiB (kLargeBuffer); larger -> rounded up to 2 MiB (kRoundLarge).
+- `get_free_block`: best fit over the pool's free blocks ordered by (stream, size, address), same
+  stream only; with `max_split_size` a request below it never takes a block at or above it, and a
+  request at or above it takes a block only if less than `max_non_split_rounding` larger.
+- `should_split`: small pool (or expandable segments): split if the remainder is >= 512 B; large
+  pool: only if the request is below `max_split_size` and the remainder is > 1 MiB. An unsplit
+  block's slack counts as allocated (`allocated_bytes += block->size`).
+- `free_block`: merge with the free neighbours of the same segment (same mapped state); never
+  across segments.
+- `malloc` on a miss: garbage collection (only with a memory fraction and a threshold), then
+  cudaMalloc; on failure `release_available_cached_blocks` (only with `max_split_size`: oversize
+  cached blocks, largest first) and retry; then `release_cached_blocks` (every wholly free
+  segment; with expandable segments every free page) and retry (`num_alloc_retries`); then OOM.
+- Expandable segments (`expandable_segments:True`): one address range per (stream, pool), mapped in
+  pages of 2 MiB (small pool) or 20 MiB (large pool); `try_allocate_expandable_block` maps the
+  pages a request needs after the last free block; `release_cached_blocks` unmaps wholly free
+  pages.
+
+The simulated card has `capacity_bytes` for the allocator (None: unlimited); cudaMalloc (or a page
+map) fails when reserved would pass it. Addresses are virtual: segments are laid out in order, so
+ties between equal free blocks go to the older segment, as cudaMalloc's rising addresses usually do.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from planner.engine.alloc_conf import AllocatorConfig, ROUNDUP_INTERVALS
+
+KMIN_BLOCK = 512  # kMinBlockSize
+KSMALL_SIZE = 1 << 20  # kSmallSize: largest "small" request
+KSMALL_BUFFER = 2 << 20  # kSmallBuffer: small-pool segment, and its expandable page
+KLARGE_BUFFER = 20 << 20  # kLargeBuffer: segment for 1-10 MiB requests, and the large expandable page
+KMIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+KROUND_LARGE = 2 << 20  # kRoundLarge
+SIZE_MAX = (1 << 64) - 1
+SMALL, LARGE = 0, 1
+
+
+class OutOfMemory(Exception):
+    """What CUDA's 'CUDA out of memory' would be: the request that failed after every retry."""
+
+    def __init__(self, size: int, allocated: int, reserved: int, capacity: int | None) -> None:
+        self.size, self.allocated, self.reserved, self.capacity = size, allocated, reserved, capacity
+        super().__init__(
+            f"out of memory: tried to allocate {size} bytes with {allocated} allocated and {reserved} reserved"
+            f" of {capacity} bytes"
+        )
+
+
+class Block:
+    __slots__ = ("stream", "size", "addr", "pool", "allocated", "prev", "next", "mapped", "segment",
+                 "requested", "gc_base")
+
+    def __init__(self, stream: int, size: int, addr: int, pool: int, segment: "Segment") -> None:
+        self.stream, self.size, self.addr, self.pool, self.segment = stream, size, addr, pool, segment
+        self.allocated = False
+        self.prev: Block | None = None
+        self.next: Block | None = None
+        self.mapped = True
+        self.requested = 0
+        self.gc_base = 0
+
+    @property
+    def is_split(self) -> bool:
+        return self.prev is not None or self.next is not None
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.stream, self.size, self.addr)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One cudaMalloc (or, expandable, one reserved address range with pages mapped on demand)."""
+
+    stream: int
+    pool: int
+    addr: int
+    size: int
+    expandable: bool = False
+    page: int = 0
+
+
+@dataclass
+class Stats:
+    allocated: int = 0
+    reserved: int = 0
+    requested: int = 0
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    num_alloc_retries: int = 0
+    num_ooms: int = 0
+    segments_allocated: int = 0
+    segments_released: int = 0
+
+
+class _Pool:
+    """A BlockPool: free mapped blocks ordered by (stream, size, address); unmapped ones by address."""
+
+    def __init__(self, kind: int) -> None:
+        self.kind = kind
+        self.keys: list[tuple[int, int, int]] = []
+        self.blocks: dict[tuple[int, int, int], Block] = {}
+        self.unmapped: list[tuple[int, int]] = []  # (stream, addr)
+        self.unmapped_blocks: dict[tuple[int, int], Block] = {}
+        self.get_free_calls = 0
+
+    def insert(self, b: Block) -> None:
+        k = b.key()
+        insort(self.keys, k)
+        self.blocks[k] = b
+        b.gc_base = self.get_free_calls
+
+    def erase(self, b: Block) -> None:
+        k = b.key()
+        i = bisect_left(self.keys, k)
+        del self.keys[i]
+        del self.blocks[k]
+
+    def insert_unmapped(self, b: Block) -> None:
+        k = (b.stream, b.addr)
+        insort(self.unmapped, k)
+        self.unmapped_blocks[k] = b
+
+    def erase_unmapped(self, b: Block) -> None:
+        k = (b.stream, b.addr)
+        del self.unmapped[bisect_left(self.unmapped, k)]
+        del self.unmapped_blocks[k]
+
+
+def _floor_pow2(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+class CachingAllocator:
+    """One device's caching allocator. `malloc` returns a handle; `free` takes it back."""
+
+    def __init__(
+        self,
+        config: AllocatorConfig | None = None,
+        capacity_bytes: int | None = None,
+        memory_fraction: float | None = None,
+        total_memory_bytes: int | None = None,
+    ) -> None:
+        self.config = config or AllocatorConfig()
+        if self.config.backend != "native":
+            from planner.errors import PlanError
+
+            raise PlanError(
+                "alloc-conf backend: only the native caching allocator is simulated (cudaMallocAsync hands"
+                " pooling to the CUDA driver, whose policy is not published)"
+            )
+        c = self.config
+        self.max_split = SIZE_MAX if c.max_split_size_bytes is None else c.max_split_size_bytes
+        self.max_non_split_rounding = c.max_non_split_rounding_bytes
+        self.divisions = c.roundup_power2_divisions
+        self.expandable = c.expandable_segments
+        self.capacity = capacity_bytes
+        # set_per_process_memory_fraction: a limit of its own, and what enables garbage collection
+        self.total_memory = total_memory_bytes if total_memory_bytes is not None else capacity_bytes
+        self.allowed: int | None = None
+        if memory_fraction is not None:
+            if self.total_memory is None:
+                raise ValueError("memory_fraction needs the card's total memory")
+            self.allowed = int(memory_fraction * self.total_memory)
+        self.gc_threshold = c.garbage_collection_threshold
+        self.pools = (_Pool(SMALL), _Pool(LARGE))
+        self.live: dict[int, Block] = {}
+        self.stats = Stats()
+        self._next_addr = 1 << 32
+        self._next_handle = 0
+        self._expandable: dict[tuple[int, int], list[Segment]] = {}
+
+    # ---- sizes --------------------------------------------------------------------------
+    def round_size(self, size: int) -> int:
+        if size < KMIN_BLOCK:
+            return KMIN_BLOCK
+        log_size = size.bit_length() - 1
+        index = min(max(log_size - 20, 0), ROUNDUP_INTERVALS - 1)
+        div = self.divisions[index]
+        if div > 1 and size > KMIN_BLOCK * div:
+            return self._roundup_power2_next_division(size, div)
+        return -(-size // KMIN_BLOCK) * KMIN_BLOCK
+
+    @staticmethod
+    def _roundup_power2_next_division(size: int, divisions: int) -> int:
+        if size & (size - 1) == 0:
+            return size
+        floor = _floor_pow2(size)
+        step = floor >> (divisions.bit_length() - 1)
+        if step == 0:
+            return floor << 1
+        low = size & ~(step - 1)
+        return size if low == size else low + step
+
+    @staticmethod
+    def allocation_size(size: int) -> int:
+        if size <= KSMALL_SIZE:
+            return KSMALL_BUFFER
+        if size < KMIN_LARGE_ALLOC:
+            return KLARGE_BUFFER
+        return -(-size // KROUND_LARGE) * KROUND_LARGE
+
+    # ---- stats --------------------------------------------------------------------------
+    def _reserve(self, n: int) -> None:
+        s = self.stats
+        s.reserved += n
+        if s.reserved > s.peak_reserved:
+            s.peak_reserved = s.reserved
+
+    def reset_peak(self) -> None:
+        """torch.cuda.reset_peak_memory_stats(): peaks restart from the current figures."""
+        self.stats.peak_allocated = self.stats.allocated
+        self.stats.peak_reserved = self.stats.reserved
+
+    # ---- malloc / free ------------------------------------------------------------------
+    def malloc(self, nbytes: int, stream: int = 0) -> int:
+        """Allocate; returns a handle. Raises OutOfMemory when every retry failed."""
+        size = self.round_size(nbytes)
+        pool = self.pools[SMALL if size <= KSMALL_SIZE else LARGE]
+        alloc_size = self.allocation_size(size)
+        block = self._get_free_block(pool, stream, size)
+        if block is None:
+            if self.allowed is not None and self.gc_threshold > 0.0:
+                self._garbage_collect()
+            block = self._alloc_block(pool, stream, size, alloc_size)
+            if block is None and self._release_available_cached_blocks(pool, stream, size):
+                block = self._alloc_block(pool, stream, size, alloc_size)
+            if block is None and self._release_cached_blocks():
+                self.stats.num_alloc_retries += 1
+                block = self._alloc_block(pool, stream, size, alloc_size)
+            if block is None:
+                self.stats.num_ooms += 1
+                raise OutOfMemory(size, self.stats.allocated, self.stats.reserved, self.capacity)
+        block = self._alloc_found_block(block, pool, size, nbytes)
+        h = self._next_handle
+        self._next_handle += 1
+        self.live[h] = block
+        return h
+
+    def free(self, handle: int) -> None:
+        block = self.live.pop(handle)
+        s = self.stats
+        s.allocated -= block.size
+        s.requested -= block.requested
+        block.allocated = False
+        pool = self.pools[block.pool]
+        for cand in (block.prev, block.next):
+            self._try_merge(block, cand, pool)
+        pool.insert(block)
+
+    def _should_split(self, block: Block, size: int) -> bool:
+        remaining = block.size - size
+        if block.pool == SMALL or self.expandable:
+            return remaining >= KMIN_BLOCK
+        return size < self.max_split and remaining > KSMALL_SIZE
+
+    def _alloc_found_block(self, block: Block, pool: _Pool, size: int, nbytes: int) -> Block:
+        if self._should_split(block, size):
+            remaining = block
+            block = Block(remaining.stream, size, remaining.addr, remaining.pool, remaining.segment)
+            block.prev = remaining.prev
+            if block.prev is not None:
+                block.prev.next = block
+            block.next = remaining
+            remaining.prev = block
+            remaining.addr += size
+            remaining.size -= size
+            pool.insert(remaining)
+        block.allocated = True
+        block.requested = nbytes
+        s = self.stats
+        s.allocated += block.size
+        s.requested += nbytes
+        if s.allocated > s.peak_allocated:
+            s.peak_allocated = s.allocated
+        return block
+
+    def _try_merge(self, dst: Block, src: Block | None, pool: _Pool) -> int:
+        if src is None or src.allocated or dst.mapped != src.mapped:
+            return 0
+        if src is dst.prev:
+            dst.addr = src.addr
+            dst.prev = src.prev
+            if dst.prev is not None:
+                dst.prev.next = dst
+        else:
+            dst.next = src.next
+            if dst.next is not None:
+                dst.next.prev = dst
+        size = src.size
+        dst.size += size
+        if src.mapped:
+            pool.erase(src)
+        else:
+            pool.erase_unmapped(src)
+        return size
+
+    def _get_free_block(self, pool: _Pool, stream: int, size: int) -> Block | None:
+        if self.allowed is not None and self.gc_threshold > 0.0:
+            pool.get_free_calls += 1
+        keys = pool.keys
+        i = bisect_left(keys, (stream, size, 0))
+        if i == len(keys) or keys[i][0] != stream:
+            return None
+        b = pool.blocks[keys[i]]
+        if b.segment.expandable:
+            if self.expandable:
+                def expandable_size(x: Block) -> int:
+                    return x.size + (x.next.size if x.next is not None and not x.next.mapped else 0)
+
+                j = i + 1
+                while (b.segment.expandable and j < len(keys) and keys[j][0] == stream
+                       and expandable_size(pool.blocks[keys[j]]) < expandable_size(b)):
+                    i, j = j, j + 1
+                    b = pool.blocks[keys[i]]
+            else:  # expandable segments turned off since: skip their blocks
+                while b.segment.expandable:
+                    i += 1
+                    if i == len(keys) or keys[i][0] != stream:
+                        return None
+                    b = pool.blocks[keys[i]]
+        if size < self.max_split and b.size >= self.max_split:
+            return None
+        if size >= self.max_split and b.size >= size + self.max_non_split_rounding:
+            return None
+        pool.erase(b)
+        return b
+
+    # ---- segments -----------------------------------------------------------------------
+    def _fits(self, n: int) -> bool:
+        """Would the driver (or the process's memory fraction) give `n` more bytes?"""
+        if self.allowed is not None and self.stats.reserved + n > self.allowed:
+            return False
+        return self.capacity is None or self.stats.reserved + n <= self.capacity
+
+    def _alloc_block(self, pool: _Pool, stream: int, size: int, alloc_size: int) -> Block | None:
+        if self.allowed is not None and self.stats.reserved + alloc_size > self.allowed:
+            return None
+        if self.expandable:
+            return self._try_allocate_expandable_block(pool, stream, size)
+        if not self._fits(alloc_size):
+            return None
+        seg = Segment(stream, pool.kind, self._next_addr, alloc_size)
+        self._next_addr += alloc_size + KROUND_LARGE  # a gap: blocks of two segments never touch
+        self._reserve(alloc_size)
+        self.stats.segments_allocated += 1
+        return Block(stream, alloc_size, seg.addr, pool.kind, seg)
+
+    def _release_block(self, b: Block, pool: _Pool) -> None:
+        """cudaFree of a wholly free, unsplit, non-expandable block (it is in the pool)."""
+        pool.erase(b)
+        self.stats.reserved -= b.size
+        self.stats.segments_released += 1
+
+    def _release_available_cached_blocks(self, pool: _Pool, stream: int, size: int) -> bool:
+        if self.max_split == SIZE_MAX:
+            return False
+        key_size = max(size, self.max_split)
+        keys = pool.keys
+        i = bisect_left(keys, (stream, key_size, 0))
+        if i == len(keys) or keys[i][0] != stream or pool.blocks[keys[i]].segment.expandable:
+            if i == 0:
+                return False
+            released = 0
+            i -= 1
+            while released < key_size:
+                b = pool.blocks[keys[i]]
+                if b.size < self.max_split or b.stream != stream:
+                    break
+                first = i == 0
+                if not b.segment.expandable:
+                    released += b.size
+                    self._release_block(b, pool)
+                if first:
+                    break
+                i -= 1
+            return released >= key_size
+        self._release_block(pool.blocks[keys[i]], pool)
+        return True
+
+    def _release_cached_blocks(self) -> bool:
+        """release_cached_blocks (also torch.cuda.empty_cache): large pool, then small."""
+        for pool in (self.pools[LARGE], self.pools[SMALL]):
+            to_unmap = []
+            for k in list(pool.keys):
+                b = pool.blocks[k]
+                if b.segment.expandable:
+                    to_unmap.append(b)
+                elif b.prev is None and b.next is None:
+                    self._release_block(b, pool)
+            for b in to_unmap:
+                self._unmap_block(b, pool)
+                if b.prev is None and b.next is None:
+                    self._release_expandable_segment(b, pool)
+        return True
+
+    def empty_cache(self) -> None:
+        self._release_cached_blocks()
+
+    def _garbage_collect(self) -> None:
+        """garbage_collect_cached_blocks: free old unsplit large blocks until reserved is below
+        threshold x allowed (only when a memory fraction is set, as in the C++)."""
+        assert self.allowed is not None
+        threshold = int(self.gc_threshold * self.allowed)
+        if self.stats.reserved <= threshold:
+            return
+        target = self.stats.reserved - threshold
+        pool = self.pools[LARGE]
+        ages = [pool.get_free_calls - b.gc_base for b in pool.blocks.values() if not b.is_split]
+        total_age, count = sum(ages), len(ages)
+        if count == 0:
+            return
+        reclaimed, freed = 0, True
+        while reclaimed < target and freed and count > 0:
+            threshold_age = total_age / count
+            freed = False
+            for k in list(pool.keys):
+                b = pool.blocks[k]
+                age = pool.get_free_calls - b.gc_base
+                if not b.is_split and not b.segment.expandable and age >= threshold_age:
+                    freed = True
+                    reclaimed += b.size
+                    total_age -= age
+                    count -= 1
+                    self._release_block(b, pool)
+
+    # ---- expandable segments ------------------------------------------------------------
+    def _address_space(self) -> int:
+        # prop.totalGlobalMem / 8 * 9; an unlimited card gets 64 TiB of address space
+        total = self.total_memory if self.total_memory is not None else 1 << 46
+        return total // 8 * 9
+
+    def _find_expandable_block(self, pool: _Pool, stream: int, size: int) -> Block:
+        def allocatable(b: Block | None) -> bool:
+            return b is not None and not b.allocated
+
+        def has_space(b: Block | None) -> bool:
+            n = 0
+            while n < size and allocatable(b):
+                n += b.size  # type: ignore[union-attr]
+                b = b.next  # type: ignore[union-attr]
+            return n >= size
+
+        i = bisect_left(pool.unmapped, (stream, 0))
+        while i < len(pool.unmapped) and pool.unmapped[i][0] == stream:
+            c = pool.unmapped_blocks[pool.unmapped[i]]
+            if allocatable(c.prev):
+                c = c.prev  # type: ignore[assignment]
+            if has_space(c):
+                return c
+            i += 1
+        page = KSMALL_BUFFER if pool.kind == SMALL else KLARGE_BUFFER
+        space = self._address_space() // page * page
+        seg = Segment(stream, pool.kind, self._next_addr, space, expandable=True, page=page)
+        self._next_addr += space + page
+        self._expandable.setdefault((stream, pool.kind), []).append(seg)
+        cand = Block(stream, space, seg.addr, pool.kind, seg)
+        cand.mapped = False
+        pool.insert_unmapped(cand)
+        return cand
+
+    def _map_block(self, b: Block, size: int, pool: _Pool) -> bool:
+        page = b.segment.page
+        mapped = -(-size // page) * page
+        if not self._fits(mapped):
+            return False
+        pool.erase_unmapped(b)
+        b.mapped = True
+        if mapped < b.size:
+            rest = Block(b.stream, b.size - mapped, b.addr + mapped, b.pool, b.segment)
+            rest.mapped = False
+            rest.prev, rest.next = b, b.next
+            if b.next is not None:
+                b.next.prev = rest
+            b.next = rest
+            pool.insert_unmapped(rest)
+            b.size = mapped
+        self._try_merge(b, b.prev, pool)
+        self._try_merge(b, b.next, pool)
+        pool.insert(b)
+        self._reserve(mapped)
+        return True
+
+    def _try_allocate_expandable_block(self, pool: _Pool, stream: int, size: int) -> Block | None:
+        c = self._find_expandable_block(pool, stream, size)
+        if not c.mapped and not self._map_block(c, min(c.size, size), pool):
+            return None
+        while c.size < size:
+            nxt = c.next
+            assert nxt is not None and not nxt.mapped
+            if not self._map_block(nxt, min(size - c.size, nxt.size), pool):
+                return None
+            c = nxt  # map_block merged it with the free block before: that block is now `nxt`
+        pool.erase(c)
+        return c
+
+    def _unmap_block(self, b: Block, pool: _Pool) -> None:
+        page = b.segment.page
+        base = b.segment.addr
+        begin = base + -(-(b.addr - base) // page) * page
+        end = base + (b.addr + b.size - base) // page * page
+        if begin >= end:
+            return
+        pool.erase(b)
+        before = begin - b.addr
+        if before > 0:
+            f = Block(b.stream, before, b.addr, b.pool, b.segment)
+            f.prev, f.next = b.prev, b
+            if b.prev is not None:
+                b.prev.next = f
+            b.prev = f
+            pool.insert(f)
+        after = b.addr + b.size - end
+        if after > 0:
+            f = Block(b.stream, after, end, b.pool, b.segment)
+            f.prev, f.next = b, b.next
+            if b.next is not None:
+                b.next.prev = f
+            b.next = f
+            pool.insert(f)
+        b.addr, b.size, b.mapped = begin, end - begin, False
+        self._try_merge(b, b.prev, pool)
+        self._try_merge(b, b.next, pool)
+        pool.insert_unmapped(b)
+        self.stats.reserved -= end - begin
+
+    def _release_expandable_segment(self, b: Block, pool: _Pool) -> None:
+        pool.erase_unmapped(b)
+        segs = self._expandable.get((b.stream, pool.kind), [])
+        if b.segment in segs:
+            segs.remove(b.segment)
+
+
+# ---- traces -------------------------------------------------------------------------------
+# A trace is a list of events in program order:
+#   ("a", id, nbytes, stream)  allocate; ("f", id) free; ("reset",) reset_peak_memory_stats;
+#   ("empty_cache",); ("phase", name) a marker (e.g. "step0.forward").
+
+
+@dataclass
+class ReplayResult:
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    reserved_end_bytes: int
+    allocated_end_bytes: int
+    num_alloc_retries: int
+    num_ooms: int
+    oom: OutOfMemory | None = None
+    oom_event: int | None = None
+    phase_peak_reserved: dict[str, int] = field(default_factory=dict)
+    segments_allocated: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return self.oom is None
+
+
+def replay(
+    trace: list[tuple],
+    config: AllocatorConfig | None = None,
+    capacity_bytes: int | None = None,
+    memory_fraction: float | None = None,
+    total_memory_bytes: int | None = None,
+) -> ReplayResult:
+    """Run a trace through the allocator; stops at the first allocation that fails."""
+    a = CachingAllocator(config, capacity_bytes, memory_fraction, total_memory_bytes)
+    handles: dict[int, int] = {}
+    phase = "setup"
+    phase_peaks: dict[str, int] = {}
+    oom = None
+    at = None
+    s = a.stats
+    malloc, free = a.malloc, a.free
+    for n, ev in enumerate(trace):
+        op = ev[0]
+        if op == "a":
+            if ev[2] == 0:  # CUDACachingAllocator::allocate: zero bytes never reach malloc
+                continue
+            try:
+                handles[ev[1]] = malloc(ev[2], ev[3])
+            except OutOfMemory as e:
+                oom, at = e, n
+                break
+        elif op == "f":
+            h = handles.pop(ev[1], None)
+            if h is not None:
+                free(h)
+        elif op == "phase":
+            phase_peaks[phase] = max(phase_peaks.get(phase, 0), s.peak_reserved)
+            phase = ev[1]
+        elif op == "reset":
+            a.reset_peak()
+        elif op == "empty_cache":
+            a.empty_cache()
+        else:
+            raise ValueError(f"allocation trace: unknown event {ev!r}")
+    phase_peaks[phase] = max(phase_peaks.get(phase, 0), s.peak_reserved)
+    return ReplayResult(
+        peak_allocated_bytes=s.peak_allocated,
+        peak_reserved_bytes=s.peak_reserved,
+        reserved_end_bytes=s.reserved,
+        allocated_end_bytes=s.allocated,
+        num_alloc_retries=s.num_alloc_retries,
+        num_ooms=s.num_ooms,
+        oom=oom,
+        oom_event=at,
+        phase_peak_reserved=phase_peaks,
+        segments_allocated=s.segments_allocated,
+    )
+
+
+# ---- answers --------------------------------------------------------------------------------
+class AllocatorAnswer(BaseModel):
+    """What the simulated caching allocator says about one traced program.
+
+    reserved_bytes: the simulation's max_memory_reserved on an unlimited card (what a large card
+      reports); peak_allocated_bytes: its max_memory_allocated (block sizes: 512-byte rounding and
+      unsplit slack included), both counted from the trace's reset (set-up blocks included).
+    fits: the same trace under `capacity_bytes` for the allocator (the card less its CUDA context):
+      no allocation failed after the allocator's free-and-retry (None without a capacity).
+    min_capacity_bytes: the least allocator memory that runs the trace, by bisection to 2 MiB on
+      [peak allocated, reserved]. The bisection assumes that more memory never makes the trace fail;
+      the allocator does not promise it (an early free-and-retry can leave a tidier cache than no
+      retry), so the answer is always a capacity the trace was replayed under and ran;
+      fragmentation_bytes: how much of it is not allocated at the allocated peak (min capacity -
+      peak allocated).
+    """
+
+    alloc_conf: str = ""
+    reserved_bytes: int
+    peak_allocated_bytes: int
+    capacity_bytes: int | None = None
+    fits: bool | None = None
+    oom_request_bytes: int | None = None
+    num_alloc_retries: int = 0
+    min_capacity_bytes: int
+    fragmentation_bytes: int
+    events: int
+    segments: int
+
+
+def _fits(trace: list[tuple], config: AllocatorConfig, capacity: int) -> bool:
+    return replay(trace, config, capacity_bytes=capacity).fits
+
+
+def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unlimited: ReplayResult | None = None,
+                 step: int = KROUND_LARGE) -> int:
+    """The least allocator capacity (a multiple of `step`) under which the trace runs."""
+    config = config or AllocatorConfig()
+    unlimited = unlimited or replay(trace, config)
+    # below the largest live total nothing fits; at the unlimited run's reserved everything does
+    lo = -(-max(unlimited.peak_allocated_bytes, 1) // step) - 1
+    hi = -(-unlimited.peak_reserved_bytes // step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits(trace, config, mid * step):
+            hi = mid
+        else:
+            lo = mid
+    return hi * step
+
+
+def simulate(trace: list[tuple], config: AllocatorConfig | None = None,
+             capacity_bytes: int | None = None) -> AllocatorAnswer:
+    """Reserved, the verdict under `capacity_bytes` and the smallest capacity, for one trace."""
+    config = config or AllocatorConfig()
+    free = replay(trace, config)
+    need = min_capacity(trace, config, free)
+    fits, oom_size, retries = None, None, free.num_alloc_retries
+    if capacity_bytes is not None:
+        bounded = replay(trace, config, capacity_bytes=capacity_bytes)
+        fits = bounded.fits
+        oom_size = bounded.oom.size if bounded.oom is not None else None
+        retries = bounded.num_alloc_retries
+    return AllocatorAnswer(
+        alloc_conf=config.to_conf(),
+        reserved_bytes=free.peak_reserved_bytes,
+        peak_allocated_bytes=free.peak_allocated_bytes,
+        capacity_bytes=capacity_bytes,
+        fits=fits,
+        oom_request_bytes=oom_size,
+        num_alloc_retries=retries,
+        min_capacity_bytes=need,
+        fragmentation_bytes=need - free.peak_allocated_bytes,
+        events=len(trace),
+        segments=free.segments_allocated,
+    )
