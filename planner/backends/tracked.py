@@ -127,7 +127,7 @@ class _StepOracle:
 
 def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake",
                 narrow: bool = False, record: Any = None, record_ops: Any = False,
-                full_decode: bool | None = None) -> Measurement:
+                full_decode: bool | None = None, trace: dict | None = None) -> Measurement:
     """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'.
 
     Host-side reads of fake tensors (generate()'s "all finished?", transformers' mask checks) are
@@ -139,7 +139,9 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     tracker) records every aten op of every step (planner.backends.dryrun.ops) on top of the
     tracker's modes; `Measurement.ops` summarises the last step. The memory figures are the same with and without it.
     full_decode: run every decode forward of a generation (default: when recording ops, so that
-    the recorded ops are the program's; the memory figures are the same either way)."""
+    the recorded ops are the program's; the memory figures are the same either way).
+    trace: record the allocation trace (`Measurement.allocation_trace`, planner.engine.allocator's
+    events): {"workspaces": {"forward": bytes, "backward": bytes}, "workspaces_before_setup": bool}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.backends.dryrun import _patches
@@ -186,6 +188,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(tracker)
+        if trace is not None:
+            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False))
         if any(use.setup.method == "qlora" for use in workload.models):
             stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
@@ -196,6 +200,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
             tracker.track_model(b.model)
             if b.quant_state_tensors:
                 tracker.track_tensors(b.quant_state_tensors, _MemRefType.OTH, detail="quant_state")
+            tracker.trace_model_setup(b.model, b.quant_state_tensors)
             models[use.role] = b.model
             if use.trainable:
                 trainable = [p for p in b.model.parameters() if p.requires_grad]
@@ -212,6 +217,10 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
 
         tracker.at_peak = at_peak
         hooks = _loss_phase_hooks(models, tracker)
+        if trace is not None:
+            tracker.start_trace_program()
+            tracker.trace_event("phase", "reset")
+            tracker.trace_event("reset")
         tracker.peak_total = 0
         tracker.phase_peaks = {}
         tracker._check_peak(None)
@@ -272,7 +281,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         peak_allocated_bytes=tracker.peak_total, breakdown=cats, details={k: v for k, v in details.items() if v},
         peak_phase=tracker.peak_phase, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
         device_name="fake tensors on the CPU" if device == "fake" else "CPU", versions=_versions(), notes=notes,
-        ops=ops,
+        ops=ops, allocation_trace=tracker.trace,
     )
 
 

@@ -59,7 +59,8 @@ def _storage_bytes(tracker: DryRunTracker, tensors) -> int:
 
 
 def dry_run_impl(
-    plan, config: dict, steps: int = 3, device: str = "fake", round_bytes: int = 512, full_decode: bool = False
+    plan, config: dict, steps: int = 3, device: str = "fake", round_bytes: int = 512, full_decode: bool = False,
+    trace: dict | None = None,
 ) -> DryRunResult:
     if device not in ("fake", "cpu"):
         raise ValueError("device must be 'fake' (full scale on fake tensors) or 'cpu' (real tensors)")
@@ -67,12 +68,13 @@ def dry_run_impl(
     if device == "cpu":
         torch.set_num_threads(1)  # tiny real tensors: thread start-up costs more than it saves
     try:
-        return _dry_run(plan, config, steps, device, round_bytes, full_decode)
+        return _dry_run(plan, config, steps, device, round_bytes, full_decode, trace)
     finally:
         torch.set_num_threads(threads)
 
 
-def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full_decode: bool) -> DryRunResult:
+def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full_decode: bool,
+             trace: dict | None = None) -> DryRunResult:
     t0 = time.perf_counter()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -110,11 +112,16 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         stack.enter_context(_patches.kv_cache_attribution(tracker))
 
         # what exists before the measured program: model, adapters, quantization states, optimizer
+        if trace is not None:
+            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False))
         tracker.track_model(model)
         if built.quant_state_tensors:
             tracker.origin_context = "(quantization states)"
             tracker.track_tensors(built.quant_state_tensors, _MemRefType.OTH, detail="quant_state")
             tracker.origin_context = None
+        if trace is not None:
+            tracker.trace_model_setup(model, built.quant_state_tensors)
+            tracker.start_trace_program()
         opt = None
         if train:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -128,6 +135,8 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
 
             tracker.at_peak = at_peak
         baseline = tracker.total
+        tracker.trace_event("phase", "reset")
+        tracker.trace_event("reset")
         tracker.peak_total = 0
         tracker.phase_peaks = {}
         tracker._check_peak(None)
@@ -166,4 +175,5 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         device=device,
         versions=_versions(),
         notes=notes,
+        allocation_trace=tracker.trace,
     )

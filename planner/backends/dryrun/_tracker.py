@@ -28,6 +28,15 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.distributed._tools.mod_tracker import ModTracker
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+# ops that run cuBLAS on CUDA (F.linear and matmul decompose into them under dispatch)
+_CUBLAS_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.addbmm.default,
+}
+
 CATEGORY_OF = {
     _MemRefType.PARAM: "parameters",
     _MemRefType.BUFFER: "buffers",
@@ -80,12 +89,45 @@ class _AnyModeModTracker(ModTracker):
                 self._post_bw_callbacks_to_enqueue.append(self._get_pop_fn(w_mod, name, True))
 
 
+def setup_order(model) -> tuple[list[torch.Tensor], int, list[torch.Tensor]]:
+    """The real set-up's allocation order and the untied output embedding it frees.
+
+    `AutoModelForCausalLM.from_config` allocates the base model's parameters in registration
+    order, then its buffers (rotary tables), then the lm_head weight; with tied embeddings
+    `post_init` then replaces that weight with the input embedding's, freeing it (seen by logging
+    aten.empty under a dispatch mode while building a tied Llama with transformers 5.25). peft
+    adds the adapters afterwards, module by module. Returns (base tensors and buffers in order,
+    bytes of the freed untied weight or 0, adapter tensors)."""
+    base, adapters = [], []
+    for name, p in model.named_parameters():
+        (adapters if "lora_" in name else base).append(p)
+    buffers = [b for _n, b in model.named_buffers()]
+    untied = 0
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+        w = out_emb.weight
+        untied = w.numel() * w.element_size()
+    return base + buffers, untied, adapters
+
+
 class DryRunTracker(MemTracker):
     def __init__(self, round_bytes: int = 512) -> None:
         super().__init__()
         self._mod_tracker = _AnyModeModTracker()
         self.round_bytes = round_bytes
-        self.phase = "setup"
+        self._phase = "setup"
+        # the allocation trace (planner.engine.allocator's events), when `record_trace()` was called
+        self.trace: list[tuple] | None = None
+        self._trace_ids = 0
+        # storages of the set-up (model, adapters) enter the trace through `trace_setup`, in the
+        # order the real program makes them; everything after `start_trace_program()` as it happens
+        self._trace_setup_done = False
+        self._accumulation: tuple | None = None
+        self.accumulations_in_place = 0
+        # cuBLAS workspaces: (thread, bytes) allocated at the first matmul of each thread
+        self.workspaces: dict[str, int] = {}
+        self._workspaces_made: set[str] = set()
         self.step = -1
         self.total = 0
         self.detail_totals: dict[tuple[str, Any], int] = defaultdict(int)
@@ -120,6 +162,138 @@ class DryRunTracker(MemTracker):
         self._cur_args: tuple = ()
         self.op_count = 0
 
+    # ---- phase and allocation trace -------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        if self.trace is not None and name != self._phase:
+            self.trace.append(("phase", f"{self.step}.{name}"))
+        self._phase = name
+
+    def record_trace(self, workspaces: dict[str, int] | None = None, before_setup: bool = False) -> None:
+        """Record allocate/free events of every counted storage from now on (`self.trace`).
+        `workspaces`: {"forward": bytes, "backward": bytes}: a cuBLAS workspace allocated after the
+        first matmul of the forward thread and of autograd's device thread (CublasHandlePool.cpp's
+        getNewWorkspace goes through the caching allocator when a handle first meets a stream);
+        before_setup: the process ran matmuls before (the workspaces exist before the model)."""
+        self.trace = []
+        self.workspaces = dict(workspaces or {})
+        if before_setup:
+            for thread in ("forward", "backward"):
+                size = self.workspaces.get(thread, 0)
+                if size:
+                    self._workspaces_made.add(thread)
+                    self._trace_ids += 1
+                    self.trace.append(("a", self._trace_ids, size, 0))
+
+    def trace_model_setup(self, model, quant_state_tensors=()) -> None:
+        """A model's set-up allocations, in the order the real build makes them (see
+        `setup_order`): base parameters and buffers, the untied output embedding allocated and freed
+        when the build ties it, quantization states, adapters."""
+        if self.trace is None:
+            return
+        base, untied, adapters = setup_order(model)
+        self.trace_setup(base)
+        if untied:
+            self._trace_ids += 1
+            self.trace.append(("a", self._trace_ids, untied, 0))
+            self.trace.append(("f", self._trace_ids))
+        self.trace_setup(quant_state_tensors)
+        self.trace_setup(adapters)
+
+    def _trace_alloc(self, winfo, nbytes: int) -> None:
+        self._trace_ids += 1
+        winfo.trace_id = self._trace_ids
+        self.trace.append(("a", self._trace_ids, nbytes, 0))
+
+    def start_trace_program(self) -> None:
+        self._trace_setup_done = True
+
+    def trace_event(self, *event) -> None:
+        if self.trace is not None:
+            self.trace.append(tuple(event))
+
+    def trace_setup(self, tensors) -> None:
+        """Setup allocations (model, adapters, states) in the order given: the order the real
+        program allocated them, which `track_model`'s parameters-then-buffers walk need not be."""
+        if self.trace is None:
+            return
+        seen = set()
+        for t in tensors:
+            for st in get_untyped_storages(t):
+                winfo, _ = self._WINFO.get(st, (None, None))
+                if winfo is None or getattr(winfo, "excluded", False) or id(winfo) in seen:
+                    continue
+                seen.add(id(winfo))
+                if getattr(winfo, "trace_id", None) is None:
+                    self._trace_alloc(winfo, winfo.size * winfo.element_size)
+
+    def _maybe_workspace(self, func) -> None:
+        thread = "backward" if self._mod_tracker.is_bw else "forward"
+        if thread in self._workspaces_made or func not in _CUBLAS_OPS or self._in_opt:
+            return
+        self._workspaces_made.add(thread)
+        size = self.workspaces.get(thread, 0)
+        if size:
+            self._trace_ids += 1
+            self.trace.append(("a", self._trace_ids, size, 0))
+
+    def _note_accumulation(self, args, kwargs, res) -> None:
+        """A gradient accumulation of autograd's InputBuffer (torch/csrc/autograd/input_buffer.cpp,
+        `accumulate`): on a GPU without dispatch modes it adds in place into the old buffer when
+        that is the last reference to a dense tensor (`can_accumulate_inplace`), else into the new
+        gradient; under any dispatch mode (this tracker, FakeTensorMode) `isTensorSubclassLike` is
+        true and it adds out of place. When the tensor it would have written into is freed right
+        after the add, the trace is rewritten as the GPU runs it: no new block, the result lives
+        in that tensor's block."""
+        if kwargs and kwargs.get("alpha", 1) != 1 or len(args) < 2:
+            return
+        old, var = args[0], args[1]
+        if not (isinstance(old, torch.Tensor) and isinstance(var, torch.Tensor) and isinstance(res, torch.Tensor)):
+            return
+        if old.shape != var.shape or old.dtype != var.dtype or res.shape != old.shape:
+            return
+        from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+        into = old if is_non_overlapping_and_dense(old) else var if is_non_overlapping_and_dense(var) else None
+        if into is None or self.trace is None or not self.trace or self.trace[-1][0] != "a":
+            return
+        st_into = get_untyped_storages(into)
+        st_res = get_untyped_storages(res)
+        if len(st_into) != 1 or len(st_res) != 1:
+            return
+        w_into, _ = self._WINFO.get(next(iter(st_into)), (None, None))
+        w_res, _ = self._WINFO.get(next(iter(st_res)), (None, None))
+        if w_into is None or w_res is None or getattr(w_into, "trace_id", None) is None:
+            return
+        if self.trace[-1][1] != getattr(w_res, "trace_id", None):
+            return
+        if w_into.size * w_into.element_size != w_res.size * w_res.element_size:
+            return
+        self._accumulation = (len(self.trace) - 1, w_res, w_into.trace_id)
+
+    def _accumulated_in_place(self, winfo) -> bool:
+        """The free of the tensor an accumulation would have written into, right after it (only
+        frees in between): drop the add's block and keep the result in that tensor's block."""
+        acc = self._accumulation
+        if acc is None:
+            return False
+        index, w_res, into_id = acc
+        if getattr(winfo, "trace_id", None) != into_id:
+            if any(e[0] != "f" for e in self.trace[index + 1:]):
+                self._accumulation = None
+            return False
+        self._accumulation = None
+        if index >= len(self.trace) or any(e[0] != "f" for e in self.trace[index + 1:]):
+            return False
+        del self.trace[index]
+        w_res.trace_id = into_id
+        self.accumulations_in_place += 1
+        return True
+
     # ---- accounting -----------------------------------------------------------------------
     def _rounded(self, nbytes: int) -> int:
         r = self.round_bytes
@@ -144,6 +318,18 @@ class DryRunTracker(MemTracker):
         elif u_type == _UpdateType.SIZE:
             winfo.mem_consumed = self._rounded(winfo.size * winfo.element_size)
         super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+        if self.trace is not None and self._trace_setup_done:
+            if u_type == _UpdateType.ADD:
+                self._trace_alloc(winfo, winfo.size * winfo.element_size)
+            elif u_type == _UpdateType.DEL:
+                tid = getattr(winfo, "trace_id", None)
+                if tid is not None and not self._accumulated_in_place(winfo):
+                    self.trace.append(("f", tid))
+            elif u_type == _UpdateType.SIZE:  # resize_: a new block, then the old one freed
+                old = getattr(winfo, "trace_id", None)
+                self._trace_alloc(winfo, winfo.size * winfo.element_size)
+                if old is not None:
+                    self.trace.append(("f", old))
         d = getattr(winfo, "detail", None)
         if u_type == _UpdateType.ADD:
             if not hasattr(winfo, "origin"):
@@ -344,6 +530,11 @@ class DryRunTracker(MemTracker):
             self.alloc_exclude = "host_step_counters"
         try:
             tree_map_only(torch.Tensor, partial(self._track, reftype), res)
+            if self.trace is not None:
+                if self.workspaces:
+                    self._maybe_workspace(func)
+                if func is torch.ops.aten.add.Tensor and self._mod_tracker.is_bw and not torch.is_grad_enabled():
+                    self._note_accumulation(args, kwargs, res)
         finally:
             self._cur_func, self._cur_args = None, ()
             self._pending_alias = False

@@ -42,6 +42,8 @@ class DryRunResult(BaseModel):
     device: str = "fake"
     versions: dict[str, str] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    # planner.engine.allocator's events, when the run was asked to record them (not serialised)
+    allocation_trace: list[tuple] | None = Field(None, exclude=True, repr=False)
 
 
 DETAIL_DOCS: dict[str, str] = {
