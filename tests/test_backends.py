@@ -117,3 +117,28 @@ def test_validate_one_plan_prints_the_comparison(tiny):
     doc = json.loads(out)
     assert doc["measurement"]["backend"] == "real" and doc["measurement"]["device"] == "cpu"
     assert doc["measurement"]["peak_allocated_bytes"] > 0
+
+
+def test_validate_simulates_the_allocator(tiny):
+    """The dry run's allocation trace through the simulated caching allocator: reserved, the verdict
+    on the card and the smallest card memory, in the text and in the JSON."""
+    argv = ["validate", "--model", tiny["tiny-student"], "--batch", "2", "--seq", "32", "--gpu-memory", "1GiB"]
+    code, out, err = run([*argv, "--json"])
+    assert code == 0, err
+    a = json.loads(out)["measurement"]["allocator"]
+    assert a["alloc_conf"] == "" and a["fits"] is True
+    assert a["peak_allocated_bytes"] <= a["min_capacity_bytes"] <= a["reserved_bytes"]
+    assert a["fragmentation_bytes"] == a["min_capacity_bytes"] - a["peak_allocated_bytes"]
+    code, out, err = run([*argv, "--alloc-conf", "expandable_segments:True"])
+    assert code == 0, err
+    assert "simulated" in out and "expandable_segments:True" in out and "smallest card" in out
+
+
+def test_validate_reads_the_allocator_environment(tiny, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    code, out, err = run(["validate", "--model", tiny["tiny-student"], "--batch", "2", "--seq", "32", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["measurement"]["allocator"]["alloc_conf"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:maybe")
+    code, out, err = run(["validate", "--model", tiny["tiny-student"], "--batch", "2", "--seq", "32"])
+    assert code == 2 and "expandable_segments" in err and "\n" not in err.strip()

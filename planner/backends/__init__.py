@@ -59,12 +59,16 @@ def check_backend(name: str, device: str | None) -> str:
     return device
 
 
-def run_backend(name: str, plan, device: str | None = None, steps: int = 3, record_ops: bool = False) -> Measurement:
+def run_backend(name: str, plan, device: str | None = None, steps: int = 3, record_ops: bool = False,
+                allocator=None) -> Measurement:
     """Execute `plan` with the named backend and measure it.
 
     record_ops: also record the aten ops of the last step, with their kinds, FLOPs and bytes
     (`Measurement.ops`, planner.backends.dryrun.ops); dry-run and real on the CPU only. The memory
-    figures are the same with and without it."""
+    figures are the same with and without it.
+    allocator: an AllocatorConfig (or True: the defaults): record the run's allocation trace and
+    simulate the caching allocator over it (`Measurement.allocator`; for the dry run also
+    `reserved_bytes`); dry-run and real on the CPU only."""
     device = check_backend(name, device)
     from planner.models import model_config
     from planner.plugins import technique
@@ -74,6 +78,9 @@ def run_backend(name: str, plan, device: str | None = None, steps: int = 3, reco
         raise BackendError(f"task: technique '{tech.name}' has no executable step; it cannot be validated")
     config = model_config(plan.model)
     if device == "cuda":
+        if allocator not in (None, False):
+            raise BackendError("alloc-conf: the allocator is simulated over a traced run (dry-run, or real on the cpu); "
+                               "on cuda run the program with PYTORCH_CUDA_ALLOC_CONF set instead")
         if record_ops:
             raise BackendError("record_ops: ops are recorded by the dry-run backend or by real on the cpu, "
                                "not on cuda (a dispatch mode would slow the timed steps)")
@@ -82,4 +89,16 @@ def run_backend(name: str, plan, device: str | None = None, steps: int = 3, reco
         return run_cuda(tech, plan, config, steps=steps)
     from planner.backends.tracked import run_tracked
 
-    return run_tracked(tech, plan, config, steps=steps, device=device, record_ops=record_ops)
+    if allocator is None or allocator is False:
+        return run_tracked(tech, plan, config, steps=steps, device=device, record_ops=record_ops)
+    from planner.backends import allocation
+    from planner.engine.alloc_conf import AllocatorConfig
+
+    conf = allocator if isinstance(allocator, AllocatorConfig) else AllocatorConfig()
+    meas = run_tracked(tech, plan, config, steps=steps, device=device, record_ops=record_ops,
+                       trace=allocation.trace_options(plan))
+    ans = allocation.answer(meas.allocation_trace, plan, conf)
+    meas.allocator = ans
+    if meas.reserved_bytes is None:
+        meas.reserved_bytes = ans.reserved_bytes
+    return meas

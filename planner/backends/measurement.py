@@ -6,6 +6,8 @@ import platform
 
 from pydantic import BaseModel, Field
 
+from planner.engine.allocator import AllocatorAnswer
+
 
 # The kinds of aten ops an OpRecorder tells apart; the rules are planner.backends.dryrun.ops.op_kind's
 # ("host": an op on tensors the CUDA program keeps on the host, e.g. AdamW's step counters).
@@ -78,6 +80,10 @@ class Measurement(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     ops: OpSummary | None = None
+    # simulated caching allocator (planner.engine.allocator) over the run's allocation trace
+    allocator: AllocatorAnswer | None = None
+    # the allocation trace itself, when recorded (not serialised: tens of thousands of events)
+    allocation_trace: list[tuple] | None = Field(None, exclude=True, repr=False)
 
 
 def versions() -> dict[str, str]:

@@ -88,22 +88,36 @@ def format_row(row: dict[str, Any]) -> list[str]:
         if row.get("meas_step_spread_pct") is not None:
             lines.append(f"                  measured over {row['meas_step_repeats']} steps (median), "
                          f"spread {row['meas_step_spread_pct']:.0f}% (min to max)")
+    a = meas.allocator
+    if a is not None:
+        conf = a.alloc_conf or "defaults"
+        lines.append(f"  reserved        estimate {row['est_reserved_gib']:9.3f} GiB   simulated {a.reserved_bytes / GiB:8.3f} GiB"
+                     f"   (caching allocator over the run's {a.events} allocations, {conf})")
+        lines.append(f"  smallest card   {a.min_capacity_bytes / GiB:.3f} GiB for the allocator (fragmentation "
+                     f"{a.fragmentation_bytes / GiB:.3f} GiB over the allocated peak {a.peak_allocated_bytes / GiB:.3f} GiB)")
+        if a.fits is not None:
+            verdict = "fits" if a.fits else f"does not fit: a {a.oom_request_bytes / GiB:.3f} GiB request fails after free-and-retry"
+            lines.append(f"  on this card    {a.capacity_bytes / GiB:.3f} GiB for the allocator (less the CUDA context): {verdict}"
+                         + (f" after {a.num_alloc_retries} free-and-retr{'y' if a.num_alloc_retries == 1 else 'ies'}" if a.fits and a.num_alloc_retries else ""))
     lines.append("  (the estimate is shown without the cuBLAS workspace, which the dry run cannot see)"
                  if meas.backend == "dry-run" else "")
     return [ln for ln in lines if ln]
 
 
-def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile: str | None = None) -> dict[str, Any]:
+def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile: str | None = None,
+            allocator: Any = None) -> dict[str, Any]:
     """Estimate and measure one plan; returns one row of the validation table. Time: the estimate's
     op-level step time (with `profile`, or the plan's card's profile on cuda), the measurement's
-    median step (real runs; on the CPU timed apart, without the tracker, one thread)."""
+    median step (real runs; on the CPU timed apart, without the tracker, one thread).
+    allocator: an AllocatorConfig (or True): also simulate the caching allocator over the run's
+    allocation trace (reserved, the verdict on the plan's card, the smallest card memory)."""
     from planner.backends import run_backend
     from planner.engine import estimate
     from planner.models import load_model
 
     spec = load_model(plan.model)
     est = estimate(plan, spec)
-    meas = run_backend(backend, plan, device)
+    meas = run_backend(backend, plan, device, allocator=allocator)
     timing = _time_row(plan, spec, backend, device, profile, meas)
     if meas.oom:
         return {"case": describe(plan), "est_peak_gib": est.peak_allocated_bytes / GiB, "meas_peak_gib": float("nan"),
@@ -137,6 +151,14 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile:
     row["phase_errors_pct"] = phase_errors(est.phases, meas.phases, workspace)
     row["worst_phase_err_pct"] = max((abs(v) for v in row["phase_errors_pct"].values()), default=0.0)
     row.update(timing)
+    if meas.allocator is not None:
+        a = meas.allocator
+        row["est_reserved_gib"] = est.reserved_bytes / GiB
+        row["sim_reserved_gib"] = a.reserved_bytes / GiB
+        row["sim_min_card_gib"] = a.min_capacity_bytes / GiB
+        row["sim_fragmentation_gib"] = a.fragmentation_bytes / GiB
+        row["sim_fits"] = a.fits
+        row["alloc_conf"] = a.alloc_conf
     row["measurement"] = meas
     row["estimate"] = est
     return row
