@@ -31,7 +31,6 @@ def distill_workload(plan, model) -> Workload:
         raise DistillError(f"teacher: {teacher.id} has a vocabulary of {teacher.vocab_size} tokens and "
                            f"{model.id} one of {model.vocab_size}: distillation over logits needs the same vocabulary")
     t_setup = plan.model_copy(update={"method": plan.teacher_method, "precision": "bf16", "grad_ckpt": False})
-    student_logits = DTYPE_BYTES[plan.weight_dtype if not plan.autocast else plan.compute_dtype] * model.vocab_size
     # the teacher's head stays in its load dtype (bf16; a frozen 4-bit teacher gets no kbit preparation)
     teacher_logits = DTYPE_BYTES[t_setup.weight_dtype] * teacher.vocab_size
     return Workload(
@@ -39,8 +38,8 @@ def distill_workload(plan, model) -> Workload:
         models=(ModelUse("student", model, plan, trainable=True, ref=plan.model),
                 ModelUse("teacher", teacher, t_setup, trainable=False, ref=plan.teacher)),
         phases=(
-            # the previous step's student logits are still bound while the teacher runs
-            Phase("teacher", "forward", "teacher", plan.batch, plan.seq, carried=student_logits),
+            # the step starts with nothing of the previous one (its logits went when it ended)
+            Phase("teacher", "forward", "teacher", plan.batch, plan.seq),
             Phase("student", "train_step", "student", plan.batch, plan.seq,
                   loss="kl_hard" if plan.hard_label_weight > 0 else "kl", carried=teacher_logits),
         ),
@@ -56,7 +55,7 @@ def distill_step(ctx) -> None:
     ids = ctx.token_ids(p.batch, p.seq)
     with ctx.phase("teacher"), torch.no_grad():
         t_logits = teacher(input_ids=ids, use_cache=False).logits
-    ctx.keep(t_logits, "t_logits")  # the loop variable is rebound: last step's teacher logits go
+    ctx.keep(t_logits, "t_logits")  # held until the step ends
     with ctx.phase("forward"):
         s_logits = student(input_ids=ids).logits
         ctx.keep(s_logits, "s_logits")

@@ -28,7 +28,7 @@ def sft_step(ctx) -> None:
     ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
     with ctx.phase("forward"):
         out = model(input_ids=ids, labels=ids)
-    # the loop variable `out` is rebound now: the previous step's output (and its logits) goes
+    # `out` (and its logits) is held until the step ends
     ctx.keep(out)
     with ctx.phase("backward"):
         out.loss.backward()

@@ -60,7 +60,9 @@ class StepContext(ABC):
         """The plan's autocast context (a null context when the plan computes in its weights' dtype)."""
 
     def keep(self, obj: Any, slot: str = "out") -> None:
-        """Hold `obj` as a loop variable does: the previous object in the slot is released now."""
+        """Hold `obj` as a step's local variable does: until the step ends (the backends release
+        what a step kept when it returns; the measured programs run each step as a function, see
+        docs/allocator.md). Keeping another object in the slot releases the previous one now."""
         kept = self.__dict__.setdefault("_kept", {})
         kept[slot] = obj
 

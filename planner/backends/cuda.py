@@ -150,6 +150,7 @@ def run_cuda(technique, plan, config: dict, steps: int = 3) -> Measurement:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             technique.step(ctx)
+            ctx.release()  # the step's locals go when it returns
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1000.0)

@@ -5,12 +5,14 @@ step keeps around it:
 - `forward`: moments after the last layer (phase, what, live bytes over the layers' saved tensors);
 - `saved`: what autograd keeps for backward once the loss is computed;
 - `held`: what the program keeps referenced through backward and the optimizer step (a loop variable);
-- `prev_held`: what the previous step still holds while the next forward runs;
+- `prev_held`: what the previous step would still hold while the next forward runs: nothing, since the
+  measured programs release a step's outputs when the step ends (docs/allocator.md: the H200 steps'
+  reserved memory shows it);
 - `backward`: moments at the start of backward (extra temporaries), before the decoder layers.
 
 Programs (shared/notes/heldout-protocol.md; the techniques' `step` functions run exactly these):
 - causal_lm: `out = model(input_ids=ids, labels=ids)`: transformers' ForCausalLMLoss (logits.float(),
-  cross_entropy = log_softmax + nll); `out` holds the logits until the next forward returns.
+  cross_entropy = log_softmax + nll); `out` holds the logits until the step ends.
 - logprobs (DPO's policy): `log_softmax(model(ids).logits.float(), -1).gather(-1, ids)` summed per
   sequence; nothing of batch x seq x vocab size is held after the loss but log_softmax's output.
 - pairwise (reward model): sequence-classification head `score` (hidden -> 1) on every position,
@@ -143,10 +145,10 @@ def causal_lm(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, ful
     held = logits.size
     fp32 = 1 if logits.dtype == "fp32" else 2
     return HeadRun(
-        # the loss runs inside model(...): `out` is rebound only after it
+        # the loss runs inside model(...), under its autocast region
         forward=[("forward", "lm_head", after_logits, {}, True),
                  ("loss", "log_softmax over fp32 logits", loss_peak, _logit_details(V, held, logits.dtype, fp32), True)],
-        saved=tp.saved_total, held=held, prev_held=held,
+        saved=tp.saved_total, held=held,
         # nll backward's gradient and log_softmax backward's output, both fp32, with the saved output
         backward=[("log_softmax backward", Sym(t=2 * V * 4), _logit_details(V, held, logits.dtype, 3))],
         **split_ops(tp, head_end),
@@ -357,7 +359,7 @@ def kl(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full: bool
     return HeadRun(
         forward=moments,
         **split_ops(tp, head_end),
-        saved=tp.saved_total, held=held, prev_held=held,
+        saved=tp.saved_total, held=held,
         # mul backward's gradient (grad x exp(target)) while exp(target) is still saved; then, with
         # exp(target) released, sub backward's negation and log_softmax backward's output: at each
         # moment three batch x seq x vocab fp32 tensors beside the student's log-probabilities

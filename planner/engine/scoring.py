@@ -96,6 +96,6 @@ def build_fused(spec: ModelSpec, plan: Plan, outputs: tuple[str, ...], tiles: Fu
 
 def build_forward(spec: ModelSpec, plan: Plan, autocast: bool = False) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
     """`with torch.no_grad(): logits = model(input_ids=ids).logits`, the logits kept by the program
-    (a teacher's, for a student's loss). The previous step's logits are still bound while it runs."""
-    tl, res, _, _, _, _ = _no_grad_forward(spec, plan, keep_previous_logits=True, autocast=autocast)
+    (a teacher's, for a student's loss), released when the step ends."""
+    tl, res, _, _, _, _ = _no_grad_forward(spec, plan, keep_previous_logits=False, autocast=autocast)
     return tl.compiled(), res, resident_details(res)

@@ -2,9 +2,9 @@
 
 The program replayed (see ../shared/notes/heldout-protocol.md):
     out = model(input_ids=ids, labels=ids); out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-in a loop. What decides its peak:
-- `out` is rebound only after the next forward (and its loss) returned, so the previous step's logits
-  are live through the next forward, and the current logits through backward and `opt.step()`;
+once per step, each step's references released when it ends (the measured programs run a step as a
+function: see docs/allocator.md). What decides its peak:
+- `out` holds the step's logits through backward and `opt.step()`; the next step starts without them;
 - the loss upcasts the logits to fp32 and saves log_softmax's fp32 output; its backward holds two
   more fp32 batch x seq x vocab gradients at once;
 - optimizer states exist from the first `opt.step()` on: the steady step (the second) is the one
@@ -168,7 +168,7 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTile
         head = HEADS[loss](spec, cfg, res, res_dtype, full, tiles=tiles or FusedTiles.for_positions(1 << 30))
     else:
         head = HEADS[loss](spec, cfg, res, res_dtype, full)
-    logits_held = head.held  # e.g. `out.logits`, referenced until the next forward returns
+    logits_held = head.held  # e.g. `out.logits`, referenced until the step ends
     prev_held = head.prev_held
 
     # ---- persistent ---------------------------------------------------------------------------

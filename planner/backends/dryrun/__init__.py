@@ -23,7 +23,7 @@ What makes the replay allocate what CUDA allocates (planner/backends/dryrun/_pat
 5. bitsandbytes 4-bit: packed weights and quantization states made by hand, CUDA's gemm_4bit
    dispatch (fused kernel or dequantize + linear) replayed with its allocations.
 6. generate(): host reads of fake values answered from a narrow real run (ScalarOracle).
-7. Lifetimes: the program's own references (the previous step's `out`) are kept as written.
+7. Lifetimes: the program's own references (`out`) are kept as written, until the step ends.
 
 torch, transformers, peft and bitsandbytes are imported only when `dry_run` is called.
 """
