@@ -131,3 +131,51 @@ def test_gradient_accumulations_run_in_place(monkeypatch):
     assert seen["tracker"].accumulations_in_place == seen["adds"]
     rep = replay(r.allocation_trace)
     assert rep.peak_allocated_bytes <= r.peak_allocated_bytes
+
+
+def test_kernel_workspace_sizes():
+    """The internal allocations traced per op (kernel_workspaces.py), from their formulas."""
+    from planner.backends.dryrun.kernel_workspaces import kernel_workspaces, sdpa_backend_for
+
+    B, H, Hkv, S, D = 2, 32, 8, 300, 64
+    q = torch.empty(B, H, S, D, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(B, Hkv, S, D, dtype=torch.bfloat16, device="meta")
+    args = (q, q, k, k, q, torch.empty(B, H, S, device="meta"), 0.0, True)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    assert kernel_workspaces("cudnn")(op, args) == [B * H * S * D * 4 + B * H * S * 4]
+    s128 = 384  # 300 rounded up to 128
+    assert kernel_workspaces("flash")(op, args) == [B * s128 * H * D * 4, B * H * s128 * 4, B * S * H * D * 2,
+                                                    B * S * H * D * 2]
+    emb = torch.ops.aten.embedding_dense_backward.default
+    grad = torch.empty(4, 2048, 896, dtype=torch.bfloat16, device="meta")
+    ids = torch.empty(4, 2048, dtype=torch.long, device="meta")
+    n = 4 * 2048
+    assert kernel_workspaces()(emb, (grad, ids, 151936, -1, False)) == [(n // 10 + n) * 896 * 4]
+    small = torch.empty(1, 512, dtype=torch.long, device="meta")
+    assert kernel_workspaces()(emb, (grad[:1, :512], small, 151936, -1, False)) == []
+    assert kernel_workspaces()(torch.ops.aten.mm.default, (q, q)) == []
+    assert sdpa_backend_for("9.0") == "cudnn" and sdpa_backend_for("8.0") == "flash" and sdpa_backend_for(None) == "flash"
+
+
+def test_kernel_workspaces_are_freed_at_once():
+    r = dry_run_impl(_plan(), CONFIGS["llama"], steps=1, device="fake", trace={"sdpa_backend": "flash"})
+    t = r.allocation_trace
+    plain = dry_run_impl(_plan(), CONFIGS["llama"], steps=1, device="fake", trace={}).allocation_trace
+    extra = len(t) - len(plain)
+    assert extra > 0 and extra % 2 == 0  # each workspace: an allocation and its free
+    assert replay(t).peak_allocated_bytes >= replay(plain).peak_allocated_bytes
+
+
+def test_a_step_releases_what_it_kept():
+    """Each step's `out` goes when the step ends (as a step written as a function): the next step
+    starts without the previous logits."""
+    cfg = CONFIGS["llama"]
+    plan = _plan()
+    r = dry_run_impl(plan, cfg, steps=2, device="fake", trace={})
+    trace = r.allocation_trace
+    end_0 = trace.index(("phase", "0.between_steps"))
+    start_1 = trace.index(("phase", "1.forward"))
+    logits = plan.batch * plan.seq * cfg["vocab_size"] * 2
+    held = replay(trace[:end_0]).allocated_end_bytes
+    after = replay(trace[:start_1]).allocated_end_bytes
+    assert held - after >= logits

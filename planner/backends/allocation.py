@@ -22,12 +22,16 @@ from planner.engine.runtime import cublas_workspace_bytes
 
 def trace_options(plan: Any, warm_process: bool = False) -> dict:
     """What the tracker records: the workspace of the card's compute capability (sm90's 32 MiB when
-    the plan names no card); warm_process: the workspace exists before the model is built."""
+    the plan names no card), the internal allocations of the SDPA backend torch picks on that card;
+    warm_process: the workspace exists before the model is built."""
+    from planner.backends.dryrun.kernel_workspaces import sdpa_backend_for
+
     cc = "9.0"
     card = _card(plan)
     if card is not None:
         cc = card.compute_capability
-    return {"workspaces": {"forward": cublas_workspace_bytes(cc, 1)}, "workspaces_before_setup": warm_process}
+    return {"workspaces": {"forward": cublas_workspace_bytes(cc, 1)}, "workspaces_before_setup": warm_process,
+            "sdpa_backend": sdpa_backend_for(cc)}
 
 
 def _card(plan: Any):

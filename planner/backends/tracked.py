@@ -150,6 +150,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     from planner.backends.dryrun._run import _storage_bytes
     from planner.backends.dryrun._run import _classifier, _versions
     from planner.backends.dryrun._tracker import DryRunTracker, _MemRefType
+    from planner.backends.dryrun.kernel_workspaces import kernel_workspaces_for
     from planner.models import load_model, model_config
 
     t0 = time.perf_counter()
@@ -189,7 +190,8 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
             stack.enter_context(fake_mode)
         stack.enter_context(tracker)
         if trace is not None:
-            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False))
+            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False),
+                                 kernel_workspaces=kernel_workspaces_for(trace))
         if any(use.setup.method == "qlora" for use in workload.models):
             stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
@@ -245,6 +247,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
                     recorder.step = i
                 t_step = time.perf_counter()
                 technique.step(ctx)
+                ctx.release()  # the step's locals go when it returns
                 times.append(time.perf_counter() - t_step)
                 tracker.phase = "between_steps"
         finally:
@@ -305,3 +308,4 @@ def _loss_phase_hooks(models: dict[str, Any], tracker) -> list[Any]:
         handles.append(head.register_forward_hook(to_loss))
         handles.append(model.register_forward_pre_hook(to_forward))
     return handles
+

@@ -12,6 +12,7 @@ from . import _patches
 from ._build import DTYPES, build_meta, materialize
 from ._programs import make_optimizer, optimizer_state_tensors, record_generation_reads, run_generate, run_sft
 from ._tracker import DryRunTracker, _MemRefType
+from .kernel_workspaces import kernel_workspaces_for
 from .result import DryRunResult
 
 
@@ -113,7 +114,8 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
 
         # what exists before the measured program: model, adapters, quantization states, optimizer
         if trace is not None:
-            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False))
+            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False),
+                                 kernel_workspaces=kernel_workspaces_for(trace))
         tracker.track_model(model)
         if built.quant_state_tensors:
             tracker.origin_context = "(quantization states)"
@@ -177,3 +179,4 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         notes=notes,
         allocation_trace=tracker.trace,
     )
+

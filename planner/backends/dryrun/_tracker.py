@@ -125,6 +125,7 @@ class DryRunTracker(MemTracker):
         self._trace_setup_done = False
         self._accumulation: tuple | None = None
         self.accumulations_in_place = 0
+        self.kernel_workspaces: Callable[[Any, tuple], list[int]] | None = None
         # cuBLAS workspaces: (thread, bytes) allocated at the first matmul of each thread
         self.workspaces: dict[str, int] = {}
         self._workspaces_made: set[str] = set()
@@ -173,14 +174,18 @@ class DryRunTracker(MemTracker):
             self.trace.append(("phase", f"{self.step}.{name}"))
         self._phase = name
 
-    def record_trace(self, workspaces: dict[str, int] | None = None, before_setup: bool = False) -> None:
+    def record_trace(self, workspaces: dict[str, int] | None = None, before_setup: bool = False,
+                     kernel_workspaces: Callable[[Any, tuple], list[int]] | None = None) -> None:
         """Record allocate/free events of every counted storage from now on (`self.trace`).
         `workspaces`: {"forward": bytes, "backward": bytes}: a cuBLAS workspace allocated after the
         first matmul of the forward thread and of autograd's device thread (CublasHandlePool.cpp's
         getNewWorkspace goes through the caching allocator when a handle first meets a stream);
-        before_setup: the process ran matmuls before (the workspaces exist before the model)."""
+        before_setup: the process ran matmuls before (the workspaces exist before the model);
+        kernel_workspaces: fn(func, args) -> sizes a CUDA kernel allocates and frees inside the op
+        (planner.backends.dryrun.kernel_workspaces), traced right after the op's outputs."""
         self.trace = []
         self.workspaces = dict(workspaces or {})
+        self.kernel_workspaces = kernel_workspaces
         if before_setup:
             for thread in ("forward", "backward"):
                 size = self.workspaces.get(thread, 0)
@@ -533,6 +538,14 @@ class DryRunTracker(MemTracker):
             if self.trace is not None:
                 if self.workspaces:
                     self._maybe_workspace(func)
+                if self.kernel_workspaces is not None and self._trace_setup_done:
+                    sizes = self.kernel_workspaces(func, args)
+                    ids = []
+                    for size in sizes:
+                        self._trace_ids += 1
+                        ids.append(self._trace_ids)
+                        self.trace.append(("a", self._trace_ids, size, 0))
+                    self.trace.extend(("f", i) for i in reversed(ids))
                 if func is torch.ops.aten.add.Tensor and self._mod_tracker.is_bw and not torch.is_grad_enabled():
                     self._note_accumulation(args, kwargs, res)
         finally:
