@@ -408,3 +408,16 @@ def test_min_capacity_is_a_capacity_that_runs():
     need = min_capacity(trace)
     assert replay(trace, capacity_bytes=need).fits
     assert not replay(trace, capacity_bytes=need - 2 * MiB).fits
+
+
+def test_suggestions_name_the_settings_that_fit():
+    from planner.engine.allocator import simulate
+
+    ans = simulate(_fragmenting_trace(), capacity_bytes=60 * MiB)
+    assert ans.fits is False
+    confs = [s.alloc_conf for s in ans.suggestions]
+    assert "expandable_segments:True" in confs
+    for s in ans.suggestions:  # each one verified: the trace replayed under it fits the card
+        assert replay(_fragmenting_trace(), parse_alloc_conf(s.alloc_conf), capacity_bytes=60 * MiB).fits
+        assert s.min_capacity_bytes <= 60 * MiB
+    assert simulate(_fragmenting_trace(), capacity_bytes=80 * MiB).suggestions == []

@@ -99,6 +99,9 @@ def format_row(row: dict[str, Any]) -> list[str]:
             verdict = "fits" if a.fits else f"does not fit: a {a.oom_request_bytes / GiB:.3f} GiB request fails after free-and-retry"
             lines.append(f"  on this card    {a.capacity_bytes / GiB:.3f} GiB for the allocator (less the CUDA context): {verdict}"
                          + (f" after {a.num_alloc_retries} free-and-retr{'y' if a.num_alloc_retries == 1 else 'ies'}" if a.fits and a.num_alloc_retries else ""))
+            for i, sug in enumerate(a.suggestions):
+                lines.append(f"  {'fits with' if i == 0 else '':<15} --alloc-conf {sug.alloc_conf}: smallest card "
+                             f"{sug.min_capacity_bytes / GiB:.3f} GiB, reserved {sug.reserved_bytes / GiB:.3f} GiB")
     lines.append("  (the estimate is shown without the cuBLAS workspace, which the dry run cannot see)"
                  if meas.backend == "dry-run" else "")
     return [ln for ln in lines if ln]

@@ -36,7 +36,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from planner.engine.alloc_conf import AllocatorConfig, ROUNDUP_INTERVALS
 
@@ -624,6 +624,15 @@ def replay(
 
 
 # ---- answers --------------------------------------------------------------------------------
+class AllocatorSuggestion(BaseModel):
+    """Settings under which a step that did not fit the card fits, with its figures under them."""
+
+    alloc_conf: str
+    reserved_bytes: int
+    min_capacity_bytes: int
+    fragmentation_bytes: int
+
+
 class AllocatorAnswer(BaseModel):
     """What the simulated caching allocator says about one traced program.
 
@@ -651,6 +660,9 @@ class AllocatorAnswer(BaseModel):
     fragmentation_bytes: int
     events: int
     segments: int
+    # where the step does not fit: allocator settings under which the same trace fits this card
+    suggestions: list[AllocatorSuggestion] = Field(default_factory=list)
+
 
 
 def _fits(trace: list[tuple], config: AllocatorConfig, capacity: int) -> bool:
@@ -674,9 +686,35 @@ def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unli
     return hi * step
 
 
+# settings tried when a step does not fit: expandable segments (no per-request segments to strand
+# free memory in), and a split limit that keeps large cached blocks whole for large requests
+SUGGESTED_CONFS = ("expandable_segments:True", "max_split_size_mb:512", "max_split_size_mb:128")
+
+
+def suggest(trace: list[tuple], config: AllocatorConfig, capacity_bytes: int) -> list[AllocatorSuggestion]:
+    """Settings (on top of `config`) under which the trace fits `capacity_bytes`, fewest bytes first."""
+    from planner.engine.alloc_conf import parse_alloc_conf
+
+    base = config.to_conf()
+    out = []
+    for extra in SUGGESTED_CONFS:
+        key = extra.split(":")[0]
+        if key in base:
+            continue
+        conf = parse_alloc_conf(",".join(x for x in (base, extra) if x))
+        if not replay(trace, conf, capacity_bytes=capacity_bytes).fits:
+            continue
+        free = replay(trace, conf)
+        need = min_capacity(trace, conf, free)
+        out.append(AllocatorSuggestion(alloc_conf=conf.to_conf(), reserved_bytes=free.peak_reserved_bytes,
+                                       min_capacity_bytes=need, fragmentation_bytes=need - free.peak_allocated_bytes))
+    return sorted(out, key=lambda s: s.min_capacity_bytes)
+
+
 def simulate(trace: list[tuple], config: AllocatorConfig | None = None,
              capacity_bytes: int | None = None) -> AllocatorAnswer:
-    """Reserved, the verdict under `capacity_bytes` and the smallest capacity, for one trace."""
+    """Reserved, the verdict under `capacity_bytes` and the smallest capacity, for one trace; where it
+    does not fit, the allocator settings that would make it fit."""
     config = config or AllocatorConfig()
     free = replay(trace, config)
     need = min_capacity(trace, config, free)
@@ -698,4 +736,5 @@ def simulate(trace: list[tuple], config: AllocatorConfig | None = None,
         fragmentation_bytes=need - free.peak_allocated_bytes,
         events=len(trace),
         segments=free.segments_allocated,
+        suggestions=suggest(trace, config, capacity_bytes) if fits is False else [],
     )
