@@ -179,3 +179,34 @@ def test_a_step_releases_what_it_kept():
     held = replay(trace[:end_0]).allocated_end_bytes
     after = replay(trace[:start_1]).allocated_end_bytes
     assert held - after >= logits
+
+
+def test_empty_cache_between_phases_enters_the_trace(tmp_path):
+    """A step that calls `ctx.empty_cache()` (as RL trainers do between generation and training):
+    the traced backends record it, and the simulated allocator returns the wholly free segments."""
+    import dataclasses
+
+    from planner.backends.tracked import run_tracked
+    from planner.plugins import technique
+
+    sft = technique("sft")
+
+    def step_then_empty(ctx):
+        sft.step(ctx)
+        ctx.release()
+        ctx.empty_cache()
+
+    import json
+
+    tech = dataclasses.replace(sft, step=step_then_empty)
+    cfg = dict(CONFIGS["llama"], architectures=["LlamaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    plan = Plan(model=str(tmp_path), batch=2, seq=128)
+    m = run_tracked(tech, plan, cfg, steps=2, device="fake", trace={})
+    trace = m.allocation_trace
+    assert trace.count(("empty_cache",)) == 2
+    at = trace.index(("empty_cache",))
+    before = replay(trace[:at])
+    after = replay(trace[: at + 1])
+    assert after.reserved_end_bytes < before.reserved_end_bytes
+    assert after.allocated_end_bytes == before.allocated_end_bytes

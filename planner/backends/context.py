@@ -2,7 +2,7 @@
 
 A step asks the context for its models (built as the plan says: dtype, LoRA/QLoRA, checkpointing),
 their optimizers, token ids, and marks the phases of the program. Everything a user's training loop
-keeps between steps (the loop variable holding the last output) is kept with `keep`.
+keeps through the step (the variable holding its output) is kept with `keep`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class StepContext(ABC):
         docs/allocator.md). Keeping another object in the slot releases the previous one now."""
         kept = self.__dict__.setdefault("_kept", {})
         kept[slot] = obj
+
+    def empty_cache(self) -> None:
+        """`torch.cuda.empty_cache()` (RL trainers call it between generation and training): the
+        caching allocator returns every wholly free cached segment to the driver. On a GPU backend
+        the real call; the traced CPU backends record it in the allocation trace."""
 
     def release(self) -> None:
         self.__dict__.get("_kept", {}).clear()

@@ -107,6 +107,11 @@ class CudaContext(StepContext):
             self._opts[role] = make_optimizer(self.workload.model(role).setup, params)
         return self._opts[role]
 
+    def empty_cache(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
     def token_ids(self, batch: int, seq: int):
         import torch
 

@@ -85,6 +85,9 @@ class TrackedContext(StepContext):
         self.current_phase = name
         self.tracker.phase = name
 
+    def empty_cache(self) -> None:
+        self.tracker.trace_event("empty_cache")
+
     def _autocast(self):
         import torch
 
