@@ -95,8 +95,10 @@ def run_backend(name: str, plan, device: str | None = None, steps: int = 3, reco
     from planner.engine.alloc_conf import AllocatorConfig
 
     conf = allocator if isinstance(allocator, AllocatorConfig) else AllocatorConfig()
+    # the allocator sees the program's own sequence: every decode step runs (its cache grows a
+    # position at a time), not the exact-peak shortcut
     meas = run_tracked(tech, plan, config, steps=steps, device=device, record_ops=record_ops,
-                       trace=allocation.trace_options(plan))
+                       trace=allocation.trace_options(plan), full_decode=True)
     ans = allocation.answer(meas.allocation_trace, plan, conf)
     meas.allocator = ans
     if meas.reserved_bytes is None:
