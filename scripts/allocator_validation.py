@@ -31,11 +31,7 @@ sys.path.insert(0, str(ROOT))
 from planner.engine.alloc_conf import parse_alloc_conf  # noqa: E402
 from planner.engine.allocator import replay  # noqa: E402
 
-MiB = 1 << 20
 GiB = 1 << 30
-# cuBLAS workspace on sm90 with CUBLAS_WORKSPACE_CONFIG unset (planner/engine/runtime.py): 32 MiB;
-# one per step, as row 1 of the CSV shows (cublas_workspaces_in_peak_bytes = 33554432)
-WORKSPACE = 32 * MiB
 
 
 def main() -> int:
@@ -49,6 +45,7 @@ def main() -> int:
     ap.add_argument("--save-traces", default=None, metavar="DIR", help="write each row's trace as DIR/row<N>.json")
     args = ap.parse_args()
 
+    from planner.backends import allocation
     from planner.backends.calibrate import read_steps
     from planner.backends.dryrun._run import dry_run_impl
     from planner.models import model_config
@@ -67,8 +64,10 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         cold = int(m.get("cublas_workspaces_in_peak_bytes") or 0) > 0
-        trace_opts = {"workspaces": {"forward": WORKSPACE}, "workspaces_before_setup": not cold,
-                      "sdpa_backend": None if args.sdpa_backend == "none" else args.sdpa_backend}
+        # what `planner validate` traces on the H200 (one sm90 cuBLAS workspace, cuDNN attention)
+        plan = sr.plan.model_copy(update={"gpu": "h200"})
+        trace_opts = allocation.trace_options(plan, warm_process=not cold)
+        trace_opts["sdpa_backend"] = None if args.sdpa_backend == "none" else args.sdpa_backend
         dr = dry_run_impl(sr.plan, model_config(sr.plan.model), steps=3, device="fake", trace=trace_opts)
         trace = dr.allocation_trace
         if args.save_traces:
@@ -80,7 +79,7 @@ def main() -> int:
         rep = replay(trace)
         sim_s = time.perf_counter() - t_sim
         rep_exp = replay(trace, expandable)
-        before = 0 if cold else WORKSPACE
+        before = 0 if cold else sum(trace_opts["workspaces"].values())
         row = {
             "row": sr.row,
             "label": sr.label.split(": ", 1)[1],

@@ -144,7 +144,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     full_decode: run every decode forward of a generation (default: when recording ops, so that
     the recorded ops are the program's; the memory figures are the same either way).
     trace: record the allocation trace (`Measurement.allocation_trace`, planner.engine.allocator's
-    events): {"workspaces": {"forward": bytes, "backward": bytes}, "workspaces_before_setup": bool}."""
+    events), with planner.backends.allocation.trace_options' options."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.backends.dryrun import _patches
@@ -153,7 +153,6 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     from planner.backends.dryrun._run import _storage_bytes
     from planner.backends.dryrun._run import _classifier, _versions
     from planner.backends.dryrun._tracker import DryRunTracker, _MemRefType
-    from planner.backends.dryrun.kernel_workspaces import kernel_workspaces_for
     from planner.models import load_model, model_config
 
     t0 = time.perf_counter()
@@ -192,9 +191,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(tracker)
-        if trace is not None:
-            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False),
-                                 kernel_workspaces=kernel_workspaces_for(trace))
+        tracker.begin_trace(trace)
         if any(use.setup.method == "qlora" for use in workload.models):
             stack.enter_context(_patches.bnb_cuda_gemm(tracker=tracker))
         stack.enter_context(_patches.kv_cache_attribution(tracker))
@@ -222,10 +219,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
 
         tracker.at_peak = at_peak
         hooks = _loss_phase_hooks(models, tracker)
-        if trace is not None:
-            tracker.start_trace_program()
-            tracker.trace_event("phase", "reset")
-            tracker.trace_event("reset")
+        tracker.trace_reset()
         tracker.peak_total = 0
         tracker.phase_peaks = {}
         tracker._check_peak(None)
@@ -311,4 +305,3 @@ def _loss_phase_hooks(models: dict[str, Any], tracker) -> list[Any]:
         handles.append(head.register_forward_hook(to_loss))
         handles.append(model.register_forward_pre_hook(to_forward))
     return handles
-

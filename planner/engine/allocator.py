@@ -342,9 +342,8 @@ class CachingAllocator:
 
     # ---- segments -----------------------------------------------------------------------
     def _fits(self, n: int) -> bool:
-        """Would the driver (or the process's memory fraction) give `n` more bytes?"""
-        if self.allowed is not None and self.stats.reserved + n > self.allowed:
-            return False
+        """Would the driver give `n` more bytes? (The memory fraction is checked once, in
+        `_alloc_block`, against the segment size, as alloc_block does.)"""
         return self.capacity is None or self.stats.reserved + n <= self.capacity
 
     def _alloc_block(self, pool: _Pool, stream: int, size: int, alloc_size: int) -> Block | None:

@@ -12,7 +12,6 @@ from . import _patches
 from ._build import DTYPES, build_meta, materialize
 from ._programs import make_optimizer, optimizer_state_tensors, record_generation_reads, run_generate, run_sft
 from ._tracker import DryRunTracker, _MemRefType
-from .kernel_workspaces import kernel_workspaces_for
 from .result import DryRunResult
 
 
@@ -113,9 +112,7 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         stack.enter_context(_patches.kv_cache_attribution(tracker))
 
         # what exists before the measured program: model, adapters, quantization states, optimizer
-        if trace is not None:
-            tracker.record_trace(trace.get("workspaces"), before_setup=trace.get("workspaces_before_setup", False),
-                                 kernel_workspaces=kernel_workspaces_for(trace))
+        tracker.begin_trace(trace)
         tracker.track_model(model)
         if built.quant_state_tensors:
             tracker.origin_context = "(quantization states)"
@@ -123,7 +120,7 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
             tracker.origin_context = None
         if trace is not None:
             tracker.trace_model_setup(model, built.quant_state_tensors)
-            tracker.start_trace_program()
+            tracker.start_trace_program()  # what building the optimizer allocates is traced as made
         opt = None
         if train:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -137,8 +134,7 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
 
             tracker.at_peak = at_peak
         baseline = tracker.total
-        tracker.trace_event("phase", "reset")
-        tracker.trace_event("reset")
+        tracker.trace_reset()
         tracker.peak_total = 0
         tracker.phase_peaks = {}
         tracker._check_peak(None)
@@ -179,4 +175,3 @@ def _dry_run(plan, config: dict, steps: int, device: str, round_bytes: int, full
         notes=notes,
         allocation_trace=tracker.trace,
     )
-

@@ -191,8 +191,7 @@ class DryRunTracker(MemTracker):
                 size = self.workspaces.get(thread, 0)
                 if size:
                     self._workspaces_made.add(thread)
-                    self._trace_ids += 1
-                    self.trace.append(("a", self._trace_ids, size, 0))
+                    self._trace_new(size)
 
     def trace_model_setup(self, model, quant_state_tensors=()) -> None:
         """A model's set-up allocations, in the order the real build makes them (see
@@ -203,19 +202,39 @@ class DryRunTracker(MemTracker):
         base, untied, adapters = setup_order(model)
         self.trace_setup(base)
         if untied:
-            self._trace_ids += 1
-            self.trace.append(("a", self._trace_ids, untied, 0))
-            self.trace.append(("f", self._trace_ids))
+            self.trace.append(("f", self._trace_new(untied)))
         self.trace_setup(quant_state_tensors)
         self.trace_setup(adapters)
 
-    def _trace_alloc(self, winfo, nbytes: int) -> None:
+    def begin_trace(self, options: dict | None) -> None:
+        """`record_trace` from a backend's trace options ({"workspaces", "workspaces_before_setup",
+        "sdpa_backend"}: planner.backends.allocation.trace_options); None: no trace."""
+        if options is None:
+            return
+        from planner.backends.dryrun.kernel_workspaces import kernel_workspaces_for
+
+        self.record_trace(options.get("workspaces"), before_setup=options.get("workspaces_before_setup", False),
+                          kernel_workspaces=kernel_workspaces_for(options))
+
+    def _trace_new(self, nbytes: int) -> int:
+        """An allocation event with a fresh id (returned)."""
         self._trace_ids += 1
-        winfo.trace_id = self._trace_ids
         self.trace.append(("a", self._trace_ids, nbytes, 0))
+        return self._trace_ids
+
+    def _trace_alloc(self, winfo, nbytes: int) -> None:
+        winfo.trace_id = self._trace_new(nbytes)
 
     def start_trace_program(self) -> None:
+        """From now on every counted storage enters the trace as it is made."""
         self._trace_setup_done = True
+
+    def trace_reset(self) -> None:
+        """`torch.cuda.reset_peak_memory_stats()` after the set-up: the measured program starts."""
+        if self.trace is None:
+            return
+        self.start_trace_program()
+        self.trace += [("phase", "reset"), ("reset",)]
 
     def trace_event(self, *event) -> None:
         if self.trace is not None:
@@ -243,8 +262,7 @@ class DryRunTracker(MemTracker):
         self._workspaces_made.add(thread)
         size = self.workspaces.get(thread, 0)
         if size:
-            self._trace_ids += 1
-            self.trace.append(("a", self._trace_ids, size, 0))
+            self._trace_new(size)
 
     def _note_accumulation(self, args, kwargs, res) -> None:
         """A gradient accumulation of autograd's InputBuffer (torch/csrc/autograd/input_buffer.cpp,
@@ -539,12 +557,7 @@ class DryRunTracker(MemTracker):
                 if self.workspaces:
                     self._maybe_workspace(func)
                 if self.kernel_workspaces is not None and self._trace_setup_done:
-                    sizes = self.kernel_workspaces(func, args)
-                    ids = []
-                    for size in sizes:
-                        self._trace_ids += 1
-                        ids.append(self._trace_ids)
-                        self.trace.append(("a", self._trace_ids, size, 0))
+                    ids = [self._trace_new(size) for size in self.kernel_workspaces(func, args)]
                     self.trace.extend(("f", i) for i in reversed(ids))
                 if func is torch.ops.aten.add.Tensor and self._mod_tracker.is_bw and not torch.is_grad_enabled():
                     self._note_accumulation(args, kwargs, res)
