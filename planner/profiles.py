@@ -2,9 +2,11 @@
 
 The time model (planner.engine.cost) prices every op of the replayed program with a profile:
 - device time of an op = launch_s + max(FLOPs / rate(FLOPs), bytes / memory rate(bytes)) for
-  matmuls and attention (rates by dtype: `matmul`, `attention` for SDPA forward, `attention_backward`
-  for its backward), launch_s + bytes / memory rate(bytes) for the others (`memory_inplace` for
-  in-place ones); a `_foreach_*` op is one kernel over its list, or one per tensor where
+  matmuls and attention (rates by dtype: `matmul`, by dtype and operand layout where measured
+  `matmul_layouts`, `attention` for SDPA forward, `attention_backward` for its backward),
+  launch_s + bytes / memory rate(bytes) for the others (`memory_inplace` for in-place ones), or
+  launch_s + fixed + bytes / its own rate(bytes) for a kernel measured on its own (`kernels`: on a
+  CPU log_softmax, silu or mean cost more per byte than a copy); a `_foreach_*` op is one kernel over its list, or one per tensor where
   `foreach_per_tensor` (the CPU's fallback);
 - host time of an op = host.op_s (an op that runs a kernel: framework dispatch + launch) or
   host.view_s (a metadata-only op: view, transpose, detach...), plus host.module_s per nn.Module call,
@@ -37,6 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from planner.errors import PlannerInputError, did_you_mean
 
 DTYPES = ("fp32", "bf16", "fp16")
+# the three matmuls of a Linear layer, by their operands' layout: the forward F.linear(x[M,K], w[N,K])
+# (mm(x, w.t()): the second operand transposed), autograd's grad input grad[M,N].mm(w[N,K]) (both
+# contiguous) and grad weight grad.t()[N,M].mm(x[M,K]) (the first transposed)
+MATMUL_LAYOUTS = ("linear", "grad_input", "grad_weight")
 
 
 class ProfileError(PlannerInputError):
@@ -89,17 +95,36 @@ def _prepared(pts: tuple[tuple[float, float], ...]) -> tuple[list[float], list[f
     return [p[0] for p in pts], [math.log(p[0]) for p in pts]
 
 
+class KernelCost(BaseModel):
+    """One aten kernel's own cost (an elementwise, reduction or copy op, by name and dtype), measured by
+    replaying its calls from real programs: device seconds = fixed_s + bytes / rate(bytes), bytes read
+    + written as the engine counts them; without a `rate` (only small calls were measured) the size
+    term is the memory curve's. On a CPU such kernels are no copies: log_softmax computes an exp and a
+    log per element, silu an exp, and their throughput has a shape of its own against size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fixed_s: float = Field(ge=0, description="device seconds of one call beyond its bytes (beyond host.op_s)")
+    rate: RateCurve | None = Field(default=None, description=(
+        "achieved bytes/s against bytes (read + written) beyond the fixed part; default: the memory curve"))
+    calls: int = Field(default=0, ge=0, description="distinct calls (shapes) it was measured on")
+    bytes_range: tuple[float, float] = Field(default=(0.0, 0.0), description="the smallest and largest of them")
+
+
 class HostCosts(BaseModel):
     """Seconds the host spends issuing work (Python, the framework's dispatcher, the launch)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def op_cost(self, mode: str) -> float:
-        """Host seconds of one kernel-running op in a stretch of `mode` (nograd, grad, backward)."""
+        """Host seconds of one kernel-running op in a stretch of `mode` (nograd, inference, grad,
+        backward)."""
         if mode == "grad" and self.grad_op_s is not None:
             return self.grad_op_s
         if mode == "backward" and self.backward_op_s is not None:
             return self.backward_op_s
+        if mode == "inference" and self.inference_op_s is not None:
+            return self.inference_op_s
         return self.op_s
 
     op_s: float = Field(ge=0, description="an aten op that runs a kernel, outside autograd (no_grad): dispatch + launch")
@@ -107,13 +132,19 @@ class HostCosts(BaseModel):
         "an op in a forward that autograd records (a graph node made); default: op_s"))
     backward_op_s: float | None = Field(default=None, ge=0, description=(
         "an op the autograd engine runs in backward (per op, the engine's node overhead included); default: op_s"))
+    inference_op_s: float | None = Field(default=None, ge=0, description=(
+        "an op of a model's forward under no_grad (generate's prefill and decode, a frozen model's scoring "
+        "forward); default: op_s"))
     view_s: float = Field(ge=0, description="a metadata-only aten op (view, transpose, detach, ...)")
     module_s: float = Field(ge=0, description="one nn.Module call (__call__, hooks, the forward's Python)")
     sync_s: float = Field(default=0.0, ge=0, description="one host-device synchronisation (.item(), a stopping check)")
     optimizer_tensor_s: float = Field(default=0.0, ge=0, description="Python work per parameter tensor in optimizer.step()")
     saved_hook_s: float = Field(default=0.0, ge=0, description=(
-        "one call of a saved-tensor hook (gradient checkpointing packs and unpacks every saved tensor "
-        "through Python hooks)"))
+        "one call of a saved-tensor hook (gradient checkpointing packs every saved tensor in the forward and "
+        "in the recompute, and unpacks it in the backward, through Python hooks)"))
+    checkpoint_s: float = Field(default=0.0, ge=0, description=(
+        "one torch.utils.checkpoint call (non-reentrant) beyond its ops and hooks: the forward's set-up and the "
+        "recompute's (RNG and autocast state, context managers, the frame), per checkpointed layer"))
     layer_s: float = Field(default=0.0, ge=0, description=(
         "a decoder layer's own Python beyond its ops and leaf modules (transformers' attention interface, "
         "kwargs, decorators), per layer forward"))
@@ -145,6 +176,10 @@ class DeviceProfile(BaseModel):
     host_cpu: str = Field(description="the host CPU the host costs were measured with")
     asynchronous: bool = Field(description="the host runs ahead of the device until a synchronisation (CUDA)")
     matmul: dict[str, RateCurve] = Field(description="achieved FLOP/s of a matmul by dtype, against its FLOPs")
+    matmul_layouts: dict[str, dict[str, RateCurve]] = Field(default_factory=dict, description=(
+        "achieved FLOP/s of a matmul by dtype and by the layout of its operands (linear: mm(x, w.t()), a Linear "
+        "layer's forward; grad_input: mm(grad, w); grad_weight: mm(grad.t(), x)), against its FLOPs (default: the "
+        "dtype's `matmul` curve): a CPU's bf16 kernels run 10x apart from one layout to another"))
     attention: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA kernels by dtype, against their FLOPs (default: the matmul's)"))
     memory: RateCurve = Field(description="achieved bytes/s of elementwise ops and copies, against bytes moved")
@@ -156,6 +191,9 @@ class DeviceProfile(BaseModel):
         "on a CPU a bf16 kernel converts every element to fp32 and back and moves bytes at about half the rate"))
     memory_inplace_by_dtype: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "the same for in-place ops (default: memory_inplace's)"))
+    kernels: dict[str, KernelCost] = Field(default_factory=dict, description=(
+        "per aten kernel ('name.dtype', e.g. '_log_softmax.fp32'): its own cost where it was measured (default: "
+        "bytes / the memory curve)"))
     attention_backward: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA backward kernels by dtype, against their FLOPs (2.5x the forward's; "
         "default: the forward's curve)"))
@@ -172,6 +210,11 @@ class DeviceProfile(BaseModel):
         "per dtype, a factor on top of device_scale for that dtype's matmul and attention curves (the curves "
         "include it; default 1): on a CPU a program's bf16 kernels and its fp32 ones fall short of their sweeps "
         "by different fractions"))
+    fixed_scale: float = Field(default=1.0, gt=0, description=(
+        "the factor a program's per-op fixed costs run at over the hot loops that measured them: every op's "
+        "host cost (op, grad, backward, inference, view), a module call, each kernel's fixed_s and "
+        "matmul_fixed_s (a loop repeats one op with its code and data in the caches; a program runs thousands of "
+        "different ones); 1 for a profile built from public figures, fitted by a CPU calibration's step fit"))
     matmul_fixed_s: dict[str, float] = Field(default_factory=dict, description=(
         "per dtype, device seconds every matmul kernel of that dtype takes in a program beyond FLOPs / rate "
         "(default 0): on a CPU a small bf16 matmul costs tens of microseconds whatever its FLOPs"))
@@ -191,6 +234,26 @@ class DeviceProfile(BaseModel):
             raise ValueError("give a curve for at least one dtype")
         return v
 
+    @field_validator("kernels")
+    @classmethod
+    def _kernels(cls, v: dict[str, KernelCost]) -> dict[str, KernelCost]:
+        for key in v:
+            name, _, dt = key.rpartition(".")
+            if not name or dt not in DTYPES:
+                raise ValueError(f"'{key}': keys are 'aten name.dtype' with dtype one of {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("matmul_layouts")
+    @classmethod
+    def _layouts(cls, v: dict[str, dict[str, RateCurve]]) -> dict[str, dict[str, RateCurve]]:
+        for dt, curves in v.items():
+            if dt not in DTYPES:
+                raise ValueError(f"unknown dtype '{dt}' (allowed: {', '.join(DTYPES)})")
+            bad = [k for k in curves if k not in MATMUL_LAYOUTS]
+            if bad:
+                raise ValueError(f"{dt}: unknown layout '{bad[0]}' (allowed: {', '.join(MATMUL_LAYOUTS)})")
+        return v
+
     @field_validator("dtype_scale", "matmul_fixed_s")
     @classmethod
     def _per_dtype(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
@@ -202,33 +265,42 @@ class DeviceProfile(BaseModel):
                 raise ValueError(f"{k}: must be {'> 0' if positive else '>= 0'} and finite (got {x})")
         return v
 
-    def matmul_curve(self, dtype: str) -> RateCurve:
-        """The curve for `dtype`, or fp32's (a card without a half-precision figure computes in fp32)."""
+    def matmul_curve(self, dtype: str, layout: str = "") -> RateCurve:
+        """The curve for `dtype` and the operands' `layout` (MATMUL_LAYOUTS) where the profile has
+        one, else the dtype's, or fp32's (a card without a half-precision figure computes in fp32)."""
+        if layout:
+            curve = self.matmul_layouts.get(dtype, {}).get(layout)
+            if curve is not None:
+                return curve
         return self.matmul.get(dtype) or self.matmul.get("fp32") or next(iter(self.matmul.values()))
 
     def attention_curve(self, dtype: str) -> RateCurve:
         return self.attention.get(dtype) or self.matmul_curve(dtype)
 
     def with_device_scale(self, scale: float) -> DeviceProfile:
-        """The profile with `device_scale` = scale: every rate curve (matmul, attention, memory) times
+        """The profile with `device_scale` = scale: every rate curve (matmul and its layouts, attention, memory,
+        the kernels' own) times
         scale / the current device_scale (the curves include the scale)."""
         if not scale > 0:
             raise ValueError("device_scale must be > 0")
         k = scale / self.device_scale
         return self.model_copy(update={
             "matmul": {d: c.scaled(k) for d, c in self.matmul.items()},
+            "matmul_layouts": {d: {lay: c.scaled(k) for lay, c in cs.items()} for d, cs in self.matmul_layouts.items()},
             "attention": {d: c.scaled(k) for d, c in self.attention.items()},
             "attention_backward": {d: c.scaled(k) for d, c in self.attention_backward.items()},
             "memory": self.memory.scaled(k),
             "memory_inplace": self.memory_inplace.scaled(k) if self.memory_inplace is not None else None,
             "memory_by_dtype": {d: c.scaled(k) for d, c in self.memory_by_dtype.items()},
             "memory_inplace_by_dtype": {d: c.scaled(k) for d, c in self.memory_inplace_by_dtype.items()},
+            "kernels": {n: (kc.model_copy(update={"rate": kc.rate.scaled(k)}) if kc.rate is not None else kc)
+                        for n, kc in self.kernels.items()},
             "device_scale": scale,
         })
 
     def with_dtype_scale(self, dtype: str, scale: float) -> DeviceProfile:
-        """The profile with dtype_scale[dtype] = scale: that dtype's matmul, attention and attention
-        backward curves times scale / the current factor (the curves include it)."""
+        """The profile with dtype_scale[dtype] = scale: that dtype's matmul (every layout), attention
+        and attention backward curves times scale / the current factor (the curves include it)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{dtype}' (allowed: {', '.join(DTYPES)})")
         if not scale > 0:
@@ -240,6 +312,8 @@ class DeviceProfile(BaseModel):
 
         return self.model_copy(update={
             "matmul": rescaled(self.matmul), "attention": rescaled(self.attention),
+            "matmul_layouts": {d: ({lay: c.scaled(k) for lay, c in cs.items()} if d == dtype else cs)
+                               for d, cs in self.matmul_layouts.items()},
             "attention_backward": rescaled(self.attention_backward),
             "dtype_scale": {**self.dtype_scale, dtype: scale},
         })

@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerInputError, did_you_mean, one_line
-from planner.profiles import DTYPES, DeviceProfile, HostCosts, RateCurve
+from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, RateCurve
 
 DEVICES = ("cpu", "cuda")
 Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
@@ -216,7 +216,7 @@ MEMORY_INPLACE_KINDS = (("add_ fp32", "fp32", 12), ("add_ bf16", "bf16", 6), ("m
 # the matmul sweep times every shape (M, K, N) in the three layouts of a Linear layer's matmuls: the
 # forward F.linear(x[M,K], w[N,K]) (t + mm), and the two of its backward, as autograd's mm backward
 # calls them: grad input = grad[M,N].mm(w[N,K]), grad weight = grad.t()[N,M].mm(x[M,K])
-MATMUL_LAYOUTS = ("linear", "grad input", "grad weight")
+# (planner.profiles.MATMUL_LAYOUTS: linear, grad_input, grad_weight)
 
 
 def _spread(items: list, n: int) -> list:
@@ -391,7 +391,9 @@ def planned_samples(st: Settings, device: str) -> int:
     loss = 2
     check = 1 + (2 if st.check_llama else 0)
     autograd = 6
-    return per * (dispatch + autograd + mm + attn + mem + loss + opt + check)
+    ckpt = 4
+    kernels = 0 if device == "cuda" else KERNEL_ESTIMATE[1 if st.step_programs == "quick" else 0]
+    return per * (dispatch + autograd + mm + attn + mem + loss + opt + check + ckpt + kernels)
 
 
 # ---- counting and pricing ops ---------------------------------------------------------------------
@@ -406,6 +408,15 @@ HOST_ONLY_OPS = {"_unsafe_view", "_reshape_alias", "lift_fresh", "alias", "detac
                  "_record_function_enter_new", "_record_function_exit", "set_", "resize_", "sym_size",
                  "sym_stride", "sym_numel", "is_same_size", "_has_compatible_shallow_copy_type"}  # fmt: skip
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero"}
+# kernels that touch a small part of an input: bytes as the engine's recipes count them (planner.engine
+# heads.causal_lm, program.prologue_ops) rather than every input's size. nll_loss_forward reads one
+# log-prob per row (and the target); nll_loss_backward writes the whole gradient (reading a row's
+# target); embedding reads the rows it gathers (and the ids) and writes them.
+GATHER_BYTES: dict[str, Callable[[tuple, Any], int]] = {
+    "nll_loss_forward": lambda args, out: args[1].numel() * (args[0].element_size() + args[1].element_size()),
+    "nll_loss_backward": lambda args, out: _nbytes(out),
+    "embedding": lambda args, out: 2 * _nbytes(out) + _nbytes(args[1]),
+}
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -417,6 +428,29 @@ class Op:
     bytes: float = 0.0
     dtype: str = "fp32"
     tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
+    layout: str = ""  # a 2-D mm's operand layout (planner.profiles.MATMUL_LAYOUTS; matmul_layout)
+
+
+def matmul_layout(a: Any, b: Any) -> str:
+    """The layout of mm(a, b) as a Linear layer's matmuls have them: b transposed (a column-major
+    view: mm(x, w.t())) is `linear`, a transposed is `grad_weight` (mm(grad.t(), x)), both
+    row-major `grad_input` (mm(grad, w)); "" for anything else (batched, vectors, other strides)."""
+    if a.dim() != 2 or b.dim() != 2:
+        return ""
+
+    def transposed(t: Any) -> bool:
+        return t.stride(0) == 1 and t.shape[0] > 1 and t.stride(1) >= t.shape[0]
+
+    def rows(t: Any) -> bool:
+        return t.stride(1) == 1 or t.shape[1] == 1
+
+    if transposed(a) and rows(b):
+        return "grad_weight"
+    if rows(a) and transposed(b):
+        return "linear"
+    if rows(a) and rows(b):
+        return "grad_input"
+    return ""
 
 
 def _tensors(torch: Any, xs: Any) -> Iterable[Any]:
@@ -468,6 +502,8 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
     if name in HOST_ONLY_OPS or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
         return Op(name, "view", dtype=dtype)
     moved = sum(_nbytes(t) for t in _tensors(torch, (args, kwargs))) + sum(_nbytes(t) for t in _tensors(torch, out))
+    if name in GATHER_BYTES:  # what the kernel touches, as the engine counts it (not its whole inputs)
+        moved = GATHER_BYTES[name](args, out)
     if not any(True for _ in _tensors(torch, out)):  # an in-place op returning nothing (_foreach_mul_): it
         for a, arg in zip(schema.arguments, args):  # writes the arguments it mutates
             if a.alias_info is not None and a.alias_info.is_write:
@@ -488,7 +524,8 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
         flops = 2.0 * (outs[0].numel() if outs else 1) * k
         if name == "addbmm":
             flops *= a.shape[0]
-        return Op(name, "matmul", flops, moved, dtype)
+        layout = matmul_layout(a, mats[-1]) if name in ("mm", "addmm") and len(mats) >= 2 else ""
+        return Op(name, "matmul", flops, moved, dtype, layout=layout)
     return Op(name, "kernel", 0.0, moved, dtype, tensors)
 
 
@@ -522,7 +559,7 @@ def count_ops(torch: Any, fn: Callable[[], Any]) -> tuple[list[Op], int, Any]:
 @dataclass(frozen=True)
 class Prices:
     """What the time model prices ops with (a DeviceProfile's figures, or those measured so far), as
-    planner.engine.cost prices them: matmuls on the matmul curve, SDPA kernels on the attention
+    planner.engine.cost prices them: matmuls on the matmul curve (of their layout where measured), SDPA kernels on the attention
     curve and their backward kernels (`*_backward`) on attention_backward (a matmul's FLOPs / rate
     plus its dtype's matmul_fixed_s), bytes on the memory
     curve or, for an in-place op (name ending in `_`), memory_inplace; a _foreach_* op over n
@@ -537,6 +574,9 @@ class Prices:
     matmul: dict[str, RateCurve] = field(default_factory=dict)
     attention: dict[str, RateCurve] = field(default_factory=dict)
     memory: RateCurve | None = None
+    matmul_layouts: dict[str, dict[str, RateCurve]] = field(default_factory=dict)  # dtype -> layout -> curve
+    kernels: dict[str, KernelCost] = field(default_factory=dict)  # the profile's: 'name.dtype' -> own cost
+    fixed_scale: float = 1.0  # the profile's: on every per-op fixed cost (host, kernel fixed, matmul fixed)
     attention_backward: dict[str, RateCurve] = field(default_factory=dict)
     memory_inplace: RateCurve | None = None
     foreach_per_tensor: bool = False
@@ -549,6 +589,8 @@ class Prices:
         dtypes = ("fp32", "bf16", "fp16")
         return cls(op_s=p.host.op_s, view_s=p.host.view_s, module_s=p.host.module_s, sync_s=p.host.sync_s,
                    launch_s=p.launch_s, asynchronous=p.asynchronous, matmul=dict(p.matmul),
+                   matmul_layouts={d: dict(cs) for d, cs in p.matmul_layouts.items()}, kernels=dict(p.kernels),
+                   fixed_scale=p.fixed_scale,
                    attention={d: p.attention_curve(d) for d in dtypes}, memory=p.memory,
                    attention_backward={d: p.attention_backward_curve(d) for d in dtypes},
                    memory_inplace=p.memory_curve(True), foreach_per_tensor=p.foreach_per_tensor,
@@ -560,20 +602,22 @@ class Prices:
 
     def _compute_curve(self, op: Op) -> RateCurve | None:
         if op.kind == "matmul":
-            return self._curve(self.matmul, op.dtype)
+            by_layout = self.matmul_layouts.get(op.dtype, {}).get(op.layout) if op.layout else None
+            return by_layout or self._curve(self.matmul, op.dtype)
         if op.name.endswith("_backward") and self.attention_backward:
             return self._curve(self.attention_backward, op.dtype)
         return self._curve(self.attention or self.matmul, op.dtype)
 
     def op(self, op: Op, sizes: bool = True) -> tuple[float, float]:
         """(host, device) seconds of one op; without `sizes`, only the fixed parts (no size / rate)."""
+        fs = self.fixed_scale
         if op.kind == "view":
-            return self.view_s, 0.0
+            return self.view_s * fs, 0.0
         if op.kind == "sync":
             return self.sync_s, 0.0
         kernels = op.tensors if self.foreach_per_tensor and op.tensors > 1 else 1
         device = self.launch_s
-        fixed = self.matmul_fixed.get(op.dtype, 0.0) if op.kind == "matmul" and op.flops > 0 else 0.0
+        fixed = self.matmul_fixed.get(op.dtype, 0.0) * fs if op.kind == "matmul" and op.flops > 0 else 0.0
         if not sizes:
             device += fixed
         else:
@@ -583,17 +627,20 @@ class Prices:
                 memory = self.memory_by_dtype.get(op.dtype) or self.memory
             b = op.bytes / kernels
             mem = b / memory.rate(b) if memory is not None and b > 0 else 0.0
+            own = self.kernels.get(f"{op.name}.{op.dtype}") if op.kind == "kernel" else None
+            if own is not None:
+                mem = own.fixed_s * fs + (own.rate.seconds(b) if own.rate is not None else mem)
             if op.kind in ("matmul", "attention"):
                 curve = self._compute_curve(op)
                 comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
                 device += max(fixed + comp, mem)
             else:
                 device += mem
-        return self.op_s, kernels * device
+        return self.op_s * fs, kernels * device
 
     def total(self, ops: Sequence[Op], modules: int = 0, sizes: bool = True) -> tuple[float, float, float]:
         """(host, device, total) of a stretch between two syncs: host + device, or max of them (async)."""
-        host = modules * self.module_s
+        host = modules * self.module_s * self.fixed_scale
         device = 0.0
         for o in ops:
             h, d = self.op(o, sizes)
@@ -850,7 +897,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
 
                 if layout == "linear":
                     return lambda x=x(), w=w(): F.linear(x, w)
-                if layout == "grad input":
+                if layout == "grad_input":
                     return lambda g=g(), w=w(): g.mm(w)
                 return lambda g=g(), x=x(): g.t().mm(x)
 
@@ -858,11 +905,11 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
             for layout in MATMUL_LAYOUTS:
                 for m, k, n in shapes:
                     # the operands it reads: (x, w), (grad, w), (grad, x)
-                    a_n, b_n = {"linear": (m * k, k * n), "grad input": (m * n, k * n),
-                                "grad weight": (m * n, m * k)}[layout]  # fmt: skip
+                    a_n, b_n = {"linear": (m * k, k * n), "grad_input": (m * n, k * n),
+                                "grad_weight": (m * n, m * k)}[layout]  # fmt: skip
                     room = {"linear": min(maxa // (m * k), maxb // (k * n)),
-                            "grad input": min(maxc // (m * n), maxb // (k * n)),
-                            "grad weight": min(maxc // (m * n), maxa // (m * k))}[layout]  # fmt: skip
+                            "grad_input": min(maxc // (m * n), maxb // (k * n)),
+                            "grad_weight": min(maxc // (m * n), maxa // (m * k))}[layout]  # fmt: skip
                     copies = copies_for((a_n + b_n) * elem, st.cold_bytes, room)
                     fns = [layout_fn(layout, m, k, n, j) for j in range(copies)]
                     cases.append(_Case((layout, m, k, n), _cycle(fns)))
@@ -1054,8 +1101,12 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
 
         # -- the matmul curves, now that the memory curve prices a shape's bytes --
         matmul: dict[str, RateCurve] = {}
+        matmul_layouts: dict[str, dict[str, RateCurve]] = {}
         for dt, raw in mm_raw.items():
             matmul[dt], kept = matmul_curve(raw, memory_by_dtype.get(dt, memory))
+            # the same per layout: the engine tags a Linear's three matmuls (planner.engine.ops.matmul_ops)
+            matmul_layouts[dt] = {lay: matmul_curve([r for r, key in zip(raw, mm_keys[dt]) if key[0] == lay],
+                                                    memory_by_dtype.get(dt, memory))[0] for lay in MATMUL_LAYOUTS}
             spreads = [r[4] for r in raw]
             best = max(_rate(f, t, fx) for f, _, t, fx, _ in raw)
             # per layout: the median rate of its shapes from 1e7 FLOPs up, and its time against the
@@ -1079,8 +1130,9 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                    ", ".join(f"{lay} {_fmt_s(mm_fixed[f'{dt} {lay}'])}" for lay in MATMUL_LAYOUTS)
                    + ": their t and mm priced at view_s and op_s")
                 + f"); {rounds}; median of the cases' spreads {_median(spreads):.0%}, worst {max(spreads):.0%}; median "
-                f"rate by layout{' from 1e7 FLOPs up' if big else ''}: {', '.join(layout_notes)}; curve: median rate "
-                f"of all layouts in 3 bins a decade, of the {kept} cases whose bytes / memory rate is under half their "
+                f"rate by layout{' from 1e7 FLOPs up' if big else ''}: {', '.join(layout_notes)}; curves (matmul_layouts.{dt}: "
+                f"one per layout; matmul.{dt}: all layouts, for a matmul of no Linear layout): median rate "
+                f"in 3 bins a decade, of the {kept} cases whose bytes / memory rate is under half their "
                 f"time (the {len(raw) - kept} others are memory-bound, priced by the memory term; a bin of only such "
                 f"cases keeps them); best case {_fmt_rate(best, 'FLOP')}")  # fmt: skip
         if cuda:
@@ -1091,8 +1143,18 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
             "CUDA: a _foreach_* op runs multi-tensor kernels over its list (False)" if cuda else
             "True on the CPU: torch's _foreach_* ops have no multi-tensor CPU kernel and fall back to one op per "
             "tensor of the list (a _foreach_* op over n tensors is priced as n kernels of bytes / n)")
+        # -- kernels on their own: every elementwise, reduction and copy kernel of the calibration programs --
+        kernels: dict[str, KernelCost] = {}
+        if not cuda and not step_fit_available():
+            kernels, sources["kernels"] = _kernel_costs(
+                torch, runner, st, op_s, lambda dt: memory_by_dtype.get(dt, memory), quick, how, rounds)
+        else:
+            sources["kernels"] = ("not measured: " + ("the recording programs run on the CPU" if cuda else
+                                  step_fit_available()) + " (elementwise kernels priced by the memory curves)")
+
         prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
-                        asynchronous=cuda, matmul=matmul, attention=attention, memory=memory,
+                        asynchronous=cuda, matmul=matmul, matmul_layouts=matmul_layouts, attention=attention, kernels=kernels,
+                        memory=memory,
                         attention_backward=attention_backward, memory_inplace=memory_inplace,
                         foreach_per_tensor=foreach_per_tensor, memory_by_dtype=memory_by_dtype,
                         memory_inplace_by_dtype=memory_inplace_by_dtype)  # fmt: skip
@@ -1100,6 +1162,10 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
         # -- one loss function call: its Python beyond its ops --
         loss_s, loss_src = _loss_call(torch, runner, dev, gen, prices, grad_op_s, how, rounds, randn)
         sources["host.loss_s"] = loss_src
+
+        # -- gradient checkpointing: a checkpoint() call and its saved-tensor hooks, beyond the recompute --
+        checkpoint_s, saved_hook_s, ckpt_src = _checkpoint_calls(torch, runner, st, dev, prices, grad_op_s, how, rounds)
+        sources.update(ckpt_src)
 
         # -- AdamW(foreach=True).step() + zero_grad(set_to_none=True), as a training step calls them: the
         # per-tensor cost and the fixed cost per step beyond the counted ops --
@@ -1156,7 +1222,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
 
         host_costs = HostCosts(op_s=op_s, grad_op_s=grad_op_s, backward_op_s=backward_op_s, view_s=view_s,
                                module_s=module_s, sync_s=sync_s, optimizer_tensor_s=optimizer_tensor_s,
-                               backward_call_s=backward_call_s, optimizer_step_s=optimizer_step_s, loss_s=loss_s)
+                               backward_call_s=backward_call_s, optimizer_step_s=optimizer_step_s, loss_s=loss_s,
+                               checkpoint_s=checkpoint_s, saved_hook_s=saved_hook_s)
         model = cpu_model()
         if cuda:
             gpu_name = torch.cuda.get_device_name()
@@ -1168,7 +1235,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                               f"{os.cpu_count()} CPUs, torch threads {threads}, load average {load:.2f} at the start; "
                               f"{'quick' if quick else 'full'} calibration")  # fmt: skip
         profile = DeviceProfile(
-            id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul, attention=attention,
+            id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul,
+            matmul_layouts=matmul_layouts, kernels=kernels, attention=attention,
             attention_backward=attention_backward, memory=memory, memory_inplace=memory_inplace,
             memory_by_dtype=memory_by_dtype, memory_inplace_by_dtype=memory_inplace_by_dtype,
             foreach_per_tensor=foreach_per_tensor, launch_s=launch_s, host=host_costs,
@@ -1329,6 +1397,204 @@ def _loss_call(torch: Any, runner: _Runner, dev: Any, gen: Any, prices: Prices, 
            + (", floored at 0" if _median(left) < 0 else "")
            + "; priced once per causal-LM loss (labels given to the forward) and once per technique loss")
     return loss_s, src
+
+
+# kernel costs: per (aten name, dtype), at most this many of its distinct calls are replayed, spread
+# over their bytes; the recording programs add to the calibration programs a larger sft step per
+# dtype (its elementwise tensors and logits reach the sizes of the time validation's programs)
+KERNEL_CALLS = 6
+KERNEL_ESTIMATE = (450, 150)  # replayed calls (full, quick) for the progress bar
+KERNEL_LARGE = dict(layers=1, hidden=256, intermediate=688, heads=8, kv_heads=4, vocab=8000, batch=4, seq=256)
+
+
+def kernel_programs(root: str | Path, which: str) -> list[Any]:
+    """The programs whose kernels `_kernel_costs` replays: the calibration programs and, beyond the
+    quick set, one larger sft step per dtype (KERNEL_LARGE; recorded, not timed as a whole)."""
+    from planner.backends.step_programs import Case, llama_config, write_config
+    from planner.specs import Plan
+
+    cases = calibration_cases(root, which)
+    if which != "quick":
+        k = KERNEL_LARGE
+        path = write_config(root, f"kernels-llama-{k['layers']}x{k['hidden']}",
+                            llama_config(k["layers"], k["hidden"], k["intermediate"], k["heads"], k["kv_heads"], k["vocab"]))
+        for precision in ("fp32", "bf16"):
+            cases.append(Case(f"kernels sft full {precision} {k['layers']}x{k['hidden']} b{k['batch']} s{k['seq']}",
+                              Plan(model=path, batch=k["batch"], seq=k["seq"], precision=precision), steps=1, warmup=1))
+    return cases
+
+
+def record_kernel_calls(torch: Any, cases: Sequence[Any]) -> dict[tuple[str, str], list[tuple[float, Callable[[], Any]]]]:
+    """Per (aten name, dtype): the distinct calls (by their tensors' shapes) of out-of-place kernels
+    that are neither matmuls, attention nor _foreach_* ops, from one steady step of each program
+    (after a warm-up step), each as (bytes read + written, a function that replays the call on the
+    recorded arguments). In-place ops are left out: replaying one would change its operands."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from planner.backends.timing import run_step, timed_program
+
+    calls: dict[tuple[str, str], dict[tuple, tuple[float, Callable[[], Any]]]] = {}
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            op = classify(torch, func, args, kwargs, out)
+            if (op.kind == "kernel" and op.tensors == 1 and not op.name.endswith("_") and op.bytes > 0
+                    and not op.name.startswith(("_foreach_", "_fused_", "rand", "bernoulli", "normal"))):  # fmt: skip
+                shapes = tuple(tuple(t.shape) for t in _tensors(torch, (args, kwargs)))
+                group = calls.setdefault((op.name, op.dtype), {})
+                if shapes not in group:
+                    group[shapes] = (op.bytes, lambda func=func, args=args, kwargs=kwargs: func(*args, **kwargs))
+            return out
+
+    for case in cases:
+        with torch.enable_grad(), timed_program(case.tech, case.plan, case.config) as ctx:
+            run_step(case.tech, ctx, 0)
+            with _Record():
+                run_step(case.tech, ctx, 1)
+    return {key: sorted(group.values(), key=lambda c: c[0]) for key, group in calls.items()}
+
+
+KERNEL_BIG = 65536  # calls of at least this many bytes give a kernel its own rate; smaller ones its fixed part
+
+
+def fit_kernel(samples: Sequence[tuple[float, float]], op_s: float) -> tuple[float, RateCurve | None]:
+    """(fixed_s, rate) of a kernel from (bytes, seconds a call) samples, each call host.op_s + fixed +
+    bytes / rate(bytes): fixed is what the calls under KERNEL_BIG bytes take beyond op_s (their
+    median; 0 without such calls), the rate a curve through the larger calls' bytes / (time - op_s -
+    fixed) (None without such calls: the memory curve prices their size)."""
+    small = [t - op_s for b, t in samples if b < KERNEL_BIG]
+    fixed = max(statistics.median(small), 0.0) if small else 0.0
+    big = sorted((b, b / max(t - op_s - fixed, 0.05 * t)) for b, t in samples if b >= KERNEL_BIG)
+    if not big:
+        return fixed, None
+    pts: list[tuple[float, float]] = []
+    for b, r in big:  # sizes strictly ascending (two calls of one size: their mean rate)
+        if pts and b <= pts[-1][0] * (1 + 1e-9):
+            pts[-1] = (pts[-1][0], (pts[-1][1] + r) / 2)
+        else:
+            pts.append((b, r))
+    return fixed, RateCurve(points=tuple(pts))
+
+
+def _kernel_costs(torch: Any, runner: _Runner, st: Settings, op_s: float, memory_of: Callable[[str], RateCurve],
+                  quick: bool, how: str, rounds: str) -> tuple[dict[str, KernelCost], str]:  # fmt: skip
+    """The profile's `kernels` and their source: every out-of-place elementwise, reduction or copy
+    kernel of the calibration programs (record_kernel_calls), up to KERNEL_CALLS distinct calls per
+    (name, dtype) spread over their bytes, each replayed on its recorded arguments (a Python call of
+    the aten overload: host.op_s + the kernel) in interleaved rounds, then fit_kernel; `memory_of`
+    (the memory curve of a dtype) only for the source's comparison."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="planner-kernels-") as root:
+        recorded = record_kernel_calls(torch, kernel_programs(root, "quick" if quick else "full"))
+    cases, keys = [], []
+    for key, group in sorted(recorded.items()):
+        for b, fn in _spread(group, KERNEL_CALLS):
+            cases.append(_Case((key, b), fn, "wall"))
+            keys.append(key)
+    runner.run("kernels", cases)
+    kernels: dict[str, KernelCost] = {}
+    slow = []  # (its rate over the memory curve's at its largest call, key)
+    for key in sorted(recorded):
+        samples = [(c.key[1], c.median) for c in cases if c.key[0] == key]
+        fixed, rate = fit_kernel(samples, op_s)
+        kernels[f"{key[0]}.{key[1]}"] = KernelCost(fixed_s=fixed, rate=rate, calls=len(samples),
+                                                    bytes_range=(samples[0][0], samples[-1][0]))
+        if rate is not None:
+            b = samples[-1][0]
+            slow.append((rate.rate(b) / memory_of(key[1]).rate(b), f"{key[0]}.{key[1]}"))
+    slow.sort()
+    src = (f"{len(kernels)} kernels (aten name.dtype) of the calibration programs and a larger sft step per dtype "
+           f"(recorded by a TorchDispatchMode: out-of-place ops that are neither matmuls, attention nor _foreach_*), "
+           f"up to {KERNEL_CALLS} distinct calls each spread over their bytes, {len(cases)} calls replayed on their "
+           f"recorded arguments ({how}, {rounds}); per kernel (planner.backends.calibrate.fit_kernel) t = host.op_s + "
+           f"fixed (the median of its calls under {KERNEL_BIG} bytes) + bytes / its rate (a curve through the larger "
+           f"calls; {len(slow)} kernels have one, the others are sized by the memory curve)"
+           + (f"; at its largest call, rate over the memory curve's from {slow[0][0]:.2g} ({slow[0][1]}) to "
+              f"{slow[-1][0]:.2g} ({slow[-1][1]})" if slow else "")) if kernels else "no kernels recorded"
+    return kernels, src
+
+
+def _checkpoint_calls(torch: Any, runner: _Runner, st: Settings, dev: Any, prices: Prices, grad_op_s: float,
+                      how: str, rounds: str) -> tuple[float, float, dict[str, str]]:  # fmt: skip
+    """(host.checkpoint_s, host.saved_hook_s, their sources): torch.utils.checkpoint (non-reentrant, as
+    transformers' gradient checkpointing calls it) around a chain y = sin(...sin(x)) of n1 and of n2
+    sins (each saves its input), forward + backward, against the same chain without it. The
+    difference, less the ops the checkpointed run adds (the recompute, counted by a
+    TorchDispatchMode and priced as the time model prices them: kernels at grad_op_s + their device
+    time, views at view_s), is per checkpoint() call checkpoint_s (its forward's and its recompute's
+    set-up: RNG state, autocast state, context managers, the frame) plus per saved tensor three
+    Python hook calls (pack in the forward, pack in the recompute, unpack in the backward) at
+    saved_hook_s each: the slope between the two lengths / 3, and what is left at n1."""
+    from torch.utils.checkpoint import checkpoint
+
+    n1, n2 = st.autograd_chain
+    clock_how = "host" if runner.clock.cuda else "wall"
+    gprices = dataclasses.replace(prices, op_s=grad_op_s)
+    with torch.enable_grad():
+        x = torch.full((4,), 0.5, device=dev, requires_grad=True)
+
+        def chain(n: int) -> Callable[[Any], Any]:
+            def f(y: Any) -> Any:
+                for _ in range(n):
+                    y = torch.sin(y)
+                return y
+
+            return f
+
+        def plain(n: int) -> Callable[[], None]:
+            f = chain(n)
+
+            def run() -> None:
+                f(x).sum().backward()
+                x.grad = None
+
+            return run
+
+        def checkpointed(n: int) -> Callable[[], None]:
+            f = chain(n)
+
+            def run() -> None:
+                checkpoint(f, x, use_reentrant=False).sum().backward()
+                x.grad = None
+
+            return run
+
+        cases = [_Case((kind, n), fn(n), clock_how) for n in (n1, n2)
+                 for kind, fn in (("plain", plain), ("checkpoint", checkpointed))]
+        extra = {}
+        for n in (n1, n2):
+            a, _, _ = count_ops(torch, plain(n))
+            b, _, _ = count_ops(torch, checkpointed(n))
+            kernels = sum(1 for o in b if o.kind not in ("view", "sync")) - sum(1 for o in a if o.kind not in ("view", "sync"))
+            views = sum(1 for o in b if o.kind == "view") - sum(1 for o in a if o.kind == "view")
+            # the recompute's kernels are sins like the forward's: priced as one of them each
+            sin = next(o for o in a if o.name == "sin")
+            extra[n] = (kernels, views, max(kernels, 0) * sum(gprices.op(sin)[:2]) + max(views, 0) * prices.view_s)
+        d = {c.key: c for c in runner.run("checkpoint", cases)}
+    left = {n: d[("checkpoint", n)].median - d[("plain", n)].median - extra[n][2] for n in (n1, n2)}
+    slope = (left[n2] - left[n1]) / (n2 - n1)
+    saved_hook_s = max(slope / 3, 0.0)
+    fixed = left[n1] - 3 * n1 * saved_hook_s
+    checkpoint_s = max(fixed, 0.0)
+    timed = "; ".join(f"{n} sins: {_fmt_s(d[('plain', n)].median)} without, {_fmt_s(d[('checkpoint', n)].median)} with "
+                      f"(spreads {d[('plain', n)].spread:.0%}, {d[('checkpoint', n)].spread:.0%}), the recompute's "
+                      f"{extra[n][0]} kernels and {extra[n][1]} views priced {_fmt_s(extra[n][2])}: {_fmt_s(left[n])} left"
+                      for n in (n1, n2))
+    what = (f"torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) of f = a chain of sins (each saves its "
+            f"input) on a 4-element tensor that requires grad, forward + backward, against f alone ({how}, {rounds}): "
+            f"{timed}")
+    sources = {
+        "host.saved_hook_s": (f"{what}; per saved tensor, the slope between the two lengths / 3 (pack in the forward, "
+                              f"pack in the recompute, unpack in the backward: Python hooks)"
+                              + (", floored at 0" if slope < 0 else "")),
+        "host.checkpoint_s": (f"{what}; what is left at {n1} sins once {3 * n1} hook calls are taken off "
+                              f"({_fmt_s(fixed)}{', floored at 0' if fixed < 0 else ''}): one checkpoint() call's forward "
+                              "and recompute set-up (RNG and autocast state, context managers, the frame)"),
+    }
+    return checkpoint_s, saved_hook_s, sources
 
 
 def _versions(torch: Any) -> dict[str, str]:
@@ -1818,32 +2084,36 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
 # while the no-grad forwards come out ~15% long.
 # generate_call_s (a generate() call's own Python before its first forward) beside generate_step_s:
 # two generate programs with other numbers of new tokens tell them apart.
-# device_scale as well: a program's kernels find their operands further away than a sweep's (which
-# cycles through 8 MiB of copies: beyond L2, inside this EPYC's 32 MiB L3), and the interpreter's
-# work between them evicts what they left; two medium programs (hidden 192, 512 tokens, fp32 and
-# bf16: compute-bound, their step's tensors beyond the L3) measure that fraction. Priced at the
-# sweeps' rates, the time validation of 2026-12-03 had its compute-bound cases 12.5% short (median).
-STEP_FIT = ("host.layer_s", "host.model_s", "host.module_s", "host.generate_step_s", "host.generate_call_s",
-            "host.backward_op_s", "device_scale", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
-# matmul_fixed_s.fp32 and .bf16 as well, on the tiny programs in both dtypes: with bf16 programs only,
-# a small bf16 matmul's cost in a program (52 us a call against 14 us in fp32, torch.profiler over HF
-# generate of llama-2x64 b4 p64+32, 2026-12-03) went into the per-layer Python and priced every fp32
-# program 30-40% too slow. On the time validation's cases, paired (the same timings, 2026-12-03) they
-# moved little: median 13.4% -> 13.9%, worst 41.2% -> 41.5% (docs/time.md); they stay because they
-# price what the profiler measured, not what a fit absorbs.
-# dtype_scale.bf16 (a bf16-only factor on top of device_scale) is not fitted by default: fitted beside
-# them on the two medium programs (0.82) it priced the attention-bound bf16 sft at s1024 +39.5% (median
-# 12.4%, worst 39.5% in that run); `--from-steps ... --fit dtype_scale.bf16` fits it to other steps.
+# dtype_scale.fp32 and .bf16 as well: a program's matmul and attention kernels find their operands
+# further away than a sweep's (which cycles through 8 MiB of copies: beyond L2, inside this EPYC's 32
+# MiB L3), and the interpreter's work between them evicts what they left; two medium programs (hidden
+# 192, 512 tokens, fp32 and bf16: compute-bound, their step's tensors beyond the L3) measure that
+# fraction, one per dtype: fast fp32 kernels lose more to it than this CPU's slow bf16 ones (with
+# one device_scale over both, 2026-12-07: the fp32 medium program 10% short and the bf16 one 11%
+# long, device_scale 1.16; the time validation's fp32 cases 12-42% short). Priced at the sweeps'
+# rates, the time validation of 2026-12-03 had its compute-bound cases 12.5% short (median).
+STEP_FIT = ("fixed_scale", "host.backward_op_s", "host.layer_s", "host.model_s", "host.generate_step_s",
+            "host.generate_call_s", "dtype_scale.fp32", "dtype_scale.bf16")
+# fixed_scale (one factor on every per-op fixed cost the hot loops measured: op dispatch, module call,
+# kernel fixed, matmul fixed) replaced fitting module_s and matmul_fixed_s.fp32/.bf16 one by one
+# (backward_op_s stays fitted: the autograd engine's per-node work in a model is not the chain's): a program's small ops cost 1.5-3x their hot loops' figures (a TorchDispatchMode timing
+# each op inside generate fp32 llama-2x64 b4 p64+32, 2026-12-07: mul 1.9x, add 1.6x, mean 2.7x), and
+# with each of those fitted on its own the fit put that into module_s (25 us a module call, against
+# 1-8 us measured) and model_s (0.95 ms a forward), which priced the generate programs 28-64% high.
+# device_scale (every curve, memory included) is not fitted by default: beside dtype scales it is
+# degenerate with them (a fit of 2026-12-03 drove it to 2.28 and the compute scales to 0.30 / 0.23);
+# `--from-steps ... --fit device_scale` fits it to other steps.
 # What only the full set's programs tell apart (the quick set leaves them as they are):
-FULL_ONLY = ("device_scale", "matmul_fixed_s.fp32", "matmul_fixed_s.bf16")
+FULL_ONLY = ("dtype_scale.fp32", "dtype_scale.bf16")
 STEP_START = {"host.layer_s": 30e-6, "host.model_s": 300e-6, "host.module_s": 3e-6, "host.generate_step_s": 100e-6,
-              "host.generate_call_s": 500e-6, "device_scale": 1.0, "matmul_fixed_s.fp32": 1e-6, "matmul_fixed_s.bf16": 5e-6}
+              "host.generate_call_s": 500e-6, "device_scale": 1.0, "fixed_scale": 1.5, "matmul_fixed_s.fp32": 1e-6,
+              "matmul_fixed_s.bf16": 5e-6, "dtype_scale.fp32": 1.0, "dtype_scale.bf16": 1.0}
 CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
 # the calibration models: llama, hidden 32 (4 heads of 8, 2 KV heads), MLP 64, vocabulary 256, bf16;
 # their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
 CALIBRATION_MODEL = dict(hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=256)
 CALIBRATION_TOKENS = (1, 8)  # batch, seq (generate: the prompt)
-# the medium, compute-bound programs (device_scale): llama, 2 layers of hidden 192 (6 heads of 32,
+# the medium, compute-bound programs (dtype_scale.fp32, .bf16): llama, 2 layers of hidden 192 (6 heads of 32,
 # 2 KV heads), MLP 512, vocabulary 3000; sft full at batch 4 x 128 tokens, fp32 and bf16
 CALIBRATION_MEDIUM = dict(layers=2, hidden=192, intermediate=512, heads=6, kv_heads=2, vocab=3000, batch=4, seq=128)
 
@@ -1854,7 +2124,7 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
     generate_step_s and generate_call_s apart) and one of 4 layers, the 2-layer forward, sft step and
     generate in fp32 (matmul_fixed_s of both dtypes), and the two medium sft steps (CALIBRATION_MEDIUM,
-    fp32 and bf16: device_scale); `quick`: 1 and 4 layers, no deeper generate,
+    fp32 and bf16: the dtype scales); `quick`: 1 and 4 layers, no deeper generate,
     no medium programs."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
@@ -1905,7 +2175,7 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
 
 def step_fit_params(which: str) -> tuple[str, ...]:
     """The parameters the step fit fits on `which` programs: the quick set has no compute-bound
-    program to tell device_scale by and no fp32 program, so FULL_ONLY stay as they are there."""
+    program to tell the dtype scales by, so FULL_ONLY stay as they are there."""
     return tuple(p for p in STEP_FIT if which != "quick" or p not in FULL_ONLY)
 
 
@@ -1974,15 +2244,25 @@ def fit_host_to_steps(profile: DeviceProfile, rounds: int = 5, which: str = "ful
 
     from planner.backends.step_programs import time_cases
 
-    import torch
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="planner-calibration-") as root:
         cases = calibration_cases(root, which)
         time_cases(cases, rounds, threads=threads, progress=progress, stage="calibration programs")
         for c in cases:
             _ = c.model  # the specs are read now, while their config.json files exist
-        fit, free, held, start = fit_cases(profile, cases, params, max_evals=max_evals, progress=progress)
+        return fit_timed_cases(profile, cases, rounds, threads, params, max_evals, progress, started)
+
+
+def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, threads: int | None,
+                    params: Sequence[str] = STEP_FIT, max_evals: int = 600, progress: Progress | None = None,
+                    started: float | None = None, note: str = "") -> StepFit:  # fmt: skip
+    """The step fit of `fit_host_to_steps` on calibration programs already timed (their `samples`
+    set; the time validation times them interleaved with its cases, so that a drift of this
+    machine's speed between the two hits both alike); `note` is added to the sources."""
+    import torch
+
+    started = time.perf_counter() if started is None else started
+    fit, free, held, start = fit_cases(profile, cases, params, max_evals=max_evals, progress=progress)
     threads = threads or torch.get_num_threads()
     spreads = [c.spread for c in cases]
     names = "; ".join(f"{c.label}: {_fmt_s(c.median)} (spread {c.spread:.0%})" for c in cases)
@@ -1991,7 +2271,7 @@ def fit_host_to_steps(profile: DeviceProfile, rounds: int = 5, which: str = "ful
            f"after its warm-up; median of {rounds} interleaved rounds, spreads median {_median(spreads):.0%}, worst "
            f"{max(spreads):.0%}) and predicted by planner.engine.timing.step_time with this profile; "
            f"fit_profile: least squares on log(predicted / measured), {fit.evaluations} evaluations, "
-           f"median |error| {fit.median_abs_error:.1%}, worst {fit.worst_abs_error:.1%}")
+           f"median |error| {fit.median_abs_error:.1%}, worst {fit.worst_abs_error:.1%}{note}")
     sources = dict(profile.sources)
     for p in free:
         before = get_param(profile, p)

@@ -192,11 +192,12 @@ def _curve_rows(name: str, curves: dict[str, Any], unit: str, out: Out) -> None:
     sizes = sorted({s for c in curves.values() for s in _decades(c)})
     if len(sizes) > 9:
         sizes = [sizes[round(i * (len(sizes) - 1) / 8)] for i in range(9)]
+    w = max(10, *(len(d) + 2 for d in dts))
     out.print(f"{name} (achieved G{unit}/s against the op's {unit}s)")
-    out.print("  " + f"{unit + 's':>12}" + "".join(f"{d:>10}" for d in dts))
+    out.print("  " + f"{unit + 's':>12}" + "".join(f"{d:>{w}}" for d in dts))
     for s in sizes:
-        out.print("  " + f"{_size(s):>12}" + "".join(f"{curves[d].rate(s) / 1e9:>10.3g}" for d in dts))
-    out.print("  " + f"{'best point':>12}" + "".join(f"{max(r for _, r in curves[d].points) / 1e9:>10.3g}" for d in dts))
+        out.print("  " + f"{_size(s):>12}" + "".join(f"{curves[d].rate(s) / 1e9:>{w}.3g}" for d in dts))
+    out.print("  " + f"{'best point':>12}" + "".join(f"{max(r for _, r in curves[d].points) / 1e9:>{w}.3g}" for d in dts))
 
 
 def _print_summary(cal: Any, path: Path, out: Out) -> None:
@@ -204,6 +205,11 @@ def _print_summary(cal: Any, path: Path, out: Out) -> None:
     out.print(f"wrote {path}: profile {p.id} ({p.name}), measured in {cal.elapsed_s:.0f} s")
     out.print("")
     _curve_rows("matmul", p.matmul, "FLOP", out)
+    layouts = {f"{d} {lay}": c for d, cs in p.matmul_layouts.items() for lay, c in cs.items()}
+    if layouts:
+        out.print("")
+        _curve_rows("matmul by operand layout (linear: a Linear's forward; grad_input, grad_weight: its backward)",
+                    layouts, "FLOP", out)
     out.print("")
     _curve_rows("attention (causal SDPA)", p.attention, "FLOP", out)
     if cal.notes.get("attention backward/forward"):
@@ -249,6 +255,8 @@ def _summary_json(cal: Any, path: Path) -> dict[str, Any]:
     return {
         "profile": str(path), "id": p.id, "device": p.device, "elapsed_s": cal.elapsed_s,
         "matmul": {d: [list(pt) for pt in c.points] for d, c in p.matmul.items()},
+        "matmul_layouts": {d: {lay: [list(pt) for pt in c.points] for lay, c in cs.items()}
+                           for d, cs in p.matmul_layouts.items()},
         "attention": {d: [list(pt) for pt in c.points] for d, c in p.attention.items()},
         "memory": [list(pt) for pt in p.memory.points],
         "host": p.host.model_dump(), "launch_s": p.launch_s, "notes": cal.notes,

@@ -7,11 +7,16 @@ with symbolic sizes (c + t*T + q*T*S, T = batch x seq tokens, S = seq). Here eac
     device(op) = launch_s + max(FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   attention
     device(op) = launch_s + max(fixed + FLOPs / rate(FLOPs), bytes / memory_rate(bytes))   matmul
     device(op) = launch_s + bytes / memory_rate(bytes)                              elementwise, foreach
+    device(op) = launch_s + fixed + bytes / its rate(bytes)                          a kernel the profile
+                                                                                     measured (kernels)
     device(op) = 0                                                                  view, sync
     host(op)   = host.op_s (view: host.view_s), + host.module_s per nn.Module call of the stretch,
-                 + the HostCosts item of each call the stretch lists (layer_s, loss_s, ...)
+                 all times fixed_scale (a program runs them colder than the loops that measured them;
+                 so does a kernel's fixed part), + the HostCosts item of each call the stretch lists
+                 (layer_s, loss_s, ...)
 
-rate: the matmul curve of the op's dtype; SDPA kernels the attention curve, their backward kernels
+rate: the matmul curve of the op's dtype (and of its operands' layout, Op.layout, where the profile
+measured one: a Linear's forward, grad input and grad weight matmuls); SDPA kernels the attention curve, their backward kernels
 (`*_backward`) the attention_backward curve. memory_rate: the memory curve, or memory_inplace for
 an in-place op (aten name ending in `_`: no output allocated), of the op's dtype where the profile
 has one (memory_by_dtype, memory_inplace_by_dtype). fixed: the profile's matmul_fixed_s of
@@ -42,7 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.engine.tape import KINDS, Op, OpList
-from planner.profiles import DeviceProfile
+from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile
 
 __all__ = ["KINDS", "Op", "OpList", "StretchCost", "Timing", "compose", "price"]
 
@@ -67,7 +72,7 @@ class _Compiled:
     syncs: int
     modules: int
     calls: tuple[tuple[str, float], ...]
-    # (count, curve (None: memory-bound), memory curve, tensors, dtype, fc, ft, fq, bc, bt, bq)
+    # (count, curve (None: memory-bound), memory curve, tensors, dtype, kernel name, fc, ft, fq, bc, bt, bq)
     groups: tuple[tuple, ...]
 
 
@@ -91,9 +96,12 @@ def _compile(ops: OpList) -> _Compiled:
         else:
             kernels += n
             curve = ("attention_backward" if op.name.endswith("_backward") else k) if k in PRICED else None
+            if curve == "matmul" and op.layout:
+                curve = ("matmul", op.layout)
             memory = "memory_inplace" if op.name.endswith("_") else "memory"
-            key = (curve, memory, op.tensors if k == "foreach" else 1, op.dtype, op.flops.c, op.flops.t, op.flops.q,
-                   op.bytes.c, op.bytes.t, op.bytes.q)
+            # an elementwise kernel keeps its name: a profile may have measured its own cost (kernels)
+            key = (curve, memory, op.tensors if k == "foreach" else 1, op.dtype, op.name if k == "elementwise" else "",
+                   op.flops.c, op.flops.t, op.flops.q, op.bytes.c, op.bytes.t, op.bytes.q)
             merged[key] = merged.get(key, 0) + n
     c = _Compiled(kernels, host_ops, views, syncs, ops.modules, tuple(ops.calls.items()),
                   tuple((n, *key) for key, n in merged.items()))
@@ -136,9 +144,15 @@ def _profile_fns(profile: DeviceProfile) -> dict:
         fns[("memory", dtype)] = _seconds_fn(profile.memory_curve(False, dtype))
         fns[("memory_inplace", dtype)] = _seconds_fn(profile.memory_curve(True, dtype))
         fns[("matmul", dtype)] = _seconds_fn(profile.matmul_curve(dtype))
+        for layout in MATMUL_LAYOUTS:
+            fns[(("matmul", layout), dtype)] = _seconds_fn(profile.matmul_curve(dtype, layout))
         fns[("attention", dtype)] = _seconds_fn(profile.attention_curve(dtype))
         fns[("attention_backward", dtype)] = _seconds_fn(profile.attention_backward_curve(dtype))
-        fns[("fixed", dtype)] = profile.matmul_fixed_s.get(dtype, 0.0)
+        fns[("fixed", dtype)] = profile.matmul_fixed_s.get(dtype, 0.0) * profile.fixed_scale
+    for key, kc in profile.kernels.items():
+        name, _, dtype = key.rpartition(".")
+        fns[("kernel", name, dtype)] = (kc.fixed_s * profile.fixed_scale,
+                                        _seconds_fn(kc.rate) if kc.rate is not None else None)
     if len(_fns) > 64:
         _fns.clear()
     _fns[id(profile)] = (profile, fns)
@@ -155,8 +169,9 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
     at sizes seen before prices nothing again."""
     c = _compile(ops)
     host = profile.host
-    h = (c.kernels * host.op_cost(mode) + c.host_ops * host.op_s + c.views * host.view_s + c.syncs * host.sync_s
-         + c.modules * host.module_s + sum(n * getattr(host, name) for name, n in c.calls))
+    fs = profile.fixed_scale
+    h = ((c.kernels * host.op_cost(mode) + c.host_ops * host.op_s + c.views * host.view_s + c.modules * host.module_s)
+         * fs + c.syncs * host.sync_s + sum(n * getattr(host, name) for name, n in c.calls))
     key = (id(ops), tokens, seq, id(profile))
     hit = _device.get(key)
     if hit is not None and hit[0] is ops and hit[1] is profile:
@@ -166,17 +181,24 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
     per_tensor = profile.foreach_per_tensor
     T, TS = float(tokens), float(tokens) * float(seq)
     d = 0.0
-    for n, curve, memory, tensors, dtype, fc, ft, fq, bc, bt, bq in c.groups:
+    for n, curve, memory, tensors, dtype, name, fc, ft, fq, bc, bt, bq in c.groups:
         b = bc + bt * T + bq * TS
         if tensors > 1 and per_tensor:  # one kernel per tensor of the list, each on its share
             n *= tensors
             b /= tensors
-        t = (fns.get((memory, dtype)) or fns[memory])(b) if b > 0 else 0.0
+        own = fns.get(("kernel", name, dtype if dtype in DTYPES else "fp32")) if name else None
+        if own is not None:  # fixed + bytes / its own rate (profiles.KernelCost); an integer or bool
+            # kernel is measured under fp32's name and curve (the recorder's dtype of an op without a
+            # floating-point tensor)
+            size = own[1] or fns.get((memory, dtype if dtype in DTYPES else "fp32")) or fns[memory]
+            t = own[0] + (size(b) if b > 0 else 0.0)
+        else:
+            t = (fns.get((memory, dtype)) or fns[memory])(b) if b > 0 else 0.0
         if curve is not None:
             f = fc + ft * T + fq * TS
             if f > 0:
                 tf = fns[(curve, dtype)](f)
-                if curve == "matmul":
+                if curve == "matmul" or isinstance(curve, tuple):  # (matmul, layout)
                     tf += fns[("fixed", dtype)]
                 if tf > t:
                     t = tf

@@ -40,7 +40,9 @@ class Stretch:
     # in a phase run once per generated token: how many fewer times this stretch runs than the
     # phase (generate prepares no inputs after its last token)
     fewer: int = 0
-    mode: str = "grad"  # nograd, grad (a forward autograd records), backward: the host cost of an op
+    # the host cost of an op (HostCosts.op_cost): nograd (outside autograd), inference (a model's forward
+    # under no_grad), grad (a forward autograd records), backward (run by the autograd engine)
+    mode: str = "grad"
 
 
 @dataclass
@@ -147,15 +149,22 @@ def checkpointed(layer) -> tuple[OpList, OpList, OpList]:
     The recompute replays the forward until the last tensor its backward needs is saved and stops
     there (early stop: the last saving op's kernel and everything after it are not run). Every
     saved tensor that requires grad is detached twice, when the recompute packs it and when the
-    backward unpacks it; the backward's own saved-output detaches go with the hooks."""
+    backward unpacks it; the backward's own saved-output detaches go with the hooks. Host: one
+    checkpoint() call (HostCosts.checkpoint_s) and three hook calls per saved tensor (saved_hook_s:
+    pack in the forward, pack in the recompute, unpack in the backward). The hooks run for every
+    saved tensor; `slots` counts those that require grad (33 of a llama layer's 38, 43 of 57 with
+    LoRA, counted with saved_tensors_hooks on transformers 5.25): the hook count is that much low."""
     fwd = _without(layer.fwd.ops, SAVED_DETACH)
+    fwd.modules = layer.fwd.modules
+    fwd.call("checkpoint_s")  # the checkpoint() call's own Python (its forward's and recompute's set-up)
+    fwd.call("saved_hook_s", layer.slots)  # torch.utils.checkpoint's pack hook, per saved tensor
     stop = layer.last_saving if layer.last_saving >= 0 else len(layer.fwd.ops)
     recompute = _without(layer.fwd.ops[:stop], SAVED_DETACH)
     recompute.add(V, "detach", count=2 * layer.slots)
-    recompute.call("saved_hook_s", 2 * layer.slots)  # torch.utils.checkpoint's pack and unpack hooks
+    recompute.call("saved_hook_s", 2 * layer.slots)  # the recompute's pack hook and the backward's unpack
     recompute.modules = layer.fwd.modules
     bwd = _without(layer.bwd.ops, SAVED_DETACH)
-    return OpList(fwd.ops, layer.fwd.modules), recompute, bwd
+    return fwd, recompute, bwd
 
 
 def _with_layer_call(ops: OpList) -> OpList:
@@ -341,13 +350,14 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     first_update.add(V, "lift_fresh", count=2)  # DynamicLayer's lazy initialisation (prefill only)
     decode_layer = OpList([_decode_attention(op, kv) for op in layer.fwd.ops], layer.fwd.modules, dict(layer.fwd.calls))
     for phase in ("prefill", "decode"):
-        prog.add(phase, "prologue", pro_f, mode="nograd")
+        # the model's forward: mode "inference" (HostCosts.inference_op_s); generate's own ops "nograd"
+        prog.add(phase, "prologue", pro_f, mode="inference")
         layer_ops = _with_layer_call(_merge(layer.fwd, prefill_cache) if phase == "prefill"
                                      else _merge(decode_layer, decode_cache))
         prog.add(phase, "decoder layer", _merge(layer_ops, first_update) if phase == "prefill" else layer_ops,
-                 spec.num_layers, mode="nograd")
-        prog.add(phase, "final norm", norm, mode="nograd")
-        prog.add(phase, "last-position logits", tp.fwd, per_sequence=True, mode="nograd")
+                 spec.num_layers, mode="inference")
+        prog.add(phase, "final norm", norm, mode="inference")
+        prog.add(phase, "last-position logits", tp.fwd, per_sequence=True, mode="inference")
         prog.add(phase, "next token", step, sync=True, per_sequence=True, mode="nograd")
         prog.add(phase, "inputs of the next forward", nxt, per_sequence=True, fewer=1 if phase == "decode" else 0,
                  mode="nograd")
@@ -417,11 +427,11 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         tp.op(E, "gather", bytes=Sym(t=16), dtype="fp32")
         tp.op(V, "squeeze")
     prog = Program()
-    prog.add(kind, "prologue", pro_f, mode="nograd")
+    prog.add(kind, "prologue", pro_f, mode="inference")
     layer_fwd = _with_layer_call(layer.fwd)
     layer_fwd = OpList(layer_fwd.ops, layer_fwd.modules + wrappers, dict(layer_fwd.calls))
-    prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="nograd")
-    prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
+    prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="inference")
+    prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="inference")
     prog.add(kind, "the technique's ops on the scores", loss_program(loss_ops)[0], mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()

@@ -65,9 +65,12 @@ class Op:
     dtype: str = "fp32"
     count: int = 1
     tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
+    # a matmul's operand layout (planner.profiles.MATMUL_LAYOUTS: linear, grad_input, grad_weight;
+    # "" where it is none of a Linear layer's three): what the profile's layout curves price
+    layout: str = ""
 
     def times(self, n: int) -> "Op":
-        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n, self.tensors)
+        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n, self.tensors, self.layout)
 
 
 @dataclass
@@ -84,9 +87,9 @@ class OpList:
         self.calls[name] = self.calls.get(name, 0) + n
 
     def add(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-            count: int = 1, tensors: int = 1) -> None:
+            count: int = 1, tensors: int = 1, layout: str = "") -> None:
         if count:
-            self.ops.append(Op(kind, name, flops, bytes, dtype, count, tensors))
+            self.ops.append(Op(kind, name, flops, bytes, dtype, count, tensors, layout))
 
     def extend(self, other: "OpList", times: int = 1) -> None:
         if times <= 0:
@@ -195,15 +198,15 @@ class Tape:
 
     # ---- ops (for time) ---------------------------------------------------------------------
     def op(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-           count: int = 1) -> None:
+           count: int = 1, layout: str = "") -> None:
         """A forward aten op."""
-        self.fwd.add(kind, name, flops, bytes, dtype, count)
+        self.fwd.add(kind, name, flops, bytes, dtype, count, layout=layout)
 
     def bop(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-            count: int = 1) -> None:
+            count: int = 1, layout: str = "") -> None:
         """An aten op of the backward (recorded only where autograd records the graph)."""
         if self.grad:
-            self.bwd.add(kind, name, flops, bytes, dtype, count)
+            self.bwd.add(kind, name, flops, bytes, dtype, count, layout=layout)
 
     def module(self, n: int = 1) -> None:
         """nn.Module calls (host cost per call)."""

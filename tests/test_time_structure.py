@@ -1,0 +1,166 @@
+"""What the time model prices beyond FLOPs and bytes: a matmul's operand layout, a kernel's own cost,
+gradient checkpointing's calls and hooks; each as the engine lists it against the real program."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from planner.engine.cost import price
+from planner.engine.tape import Op, OpList, Sym
+from planner.profiles import MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, ProfileError, RateCurve, parse_profile
+
+FLAT = RateCurve(points=((1.0, 1e9),))
+
+
+def profile(**kw) -> DeviceProfile:
+    base = dict(id="t", name="t", device="cpu", host_cpu="t", asynchronous=False, matmul={"fp32": FLAT},
+                memory=FLAT, launch_s=0.0, host=HostCosts(op_s=0.0, view_s=0.0, module_s=0.0))
+    return DeviceProfile(**{**base, **kw})
+
+
+def device_s(ops: list[Op], p: DeviceProfile) -> float:
+    return price(OpList(ops), 1, 1, p).device_s
+
+
+def test_a_matmul_is_priced_on_its_layouts_curve_where_the_profile_has_one():
+    slow = RateCurve(points=((1.0, 1e8),))
+    p = profile(matmul_layouts={"fp32": {"grad_input": slow}})
+    f = Sym(c=1e6)
+    assert device_s([Op("matmul", "mm", f, dtype="fp32", layout="grad_input")], p) == pytest.approx(1e-2)
+    # another layout, or none, keeps the dtype's curve
+    assert device_s([Op("matmul", "mm", f, dtype="fp32", layout="linear")], p) == pytest.approx(1e-3)
+    assert device_s([Op("matmul", "mm", f, dtype="fp32")], p) == pytest.approx(1e-3)
+
+
+def test_layout_curves_scale_with_device_scale_and_dtype_scale():
+    p = profile(matmul_layouts={"fp32": {"linear": FLAT}})
+    assert p.with_device_scale(0.5).matmul_curve("fp32", "linear").rate(10) == pytest.approx(5e8)
+    assert p.with_dtype_scale("fp32", 0.25).matmul_curve("fp32", "linear").rate(10) == pytest.approx(2.5e8)
+    assert p.with_dtype_scale("bf16", 0.25).matmul_curve("fp32", "linear").rate(10) == pytest.approx(1e9)
+
+
+def test_a_measured_kernel_costs_fixed_plus_its_bytes_at_its_own_rate():
+    slow = RateCurve(points=((1e3, 1e8), (1e7, 4e8)))
+    p = profile(kernels={"_log_softmax.fp32": KernelCost(fixed_s=2e-6, rate=slow)})
+    b = Sym(c=1e6)  # 1 ms at the memory curve
+    assert device_s([Op("elementwise", "_log_softmax", bytes=b, dtype="fp32")], p) == pytest.approx(
+        2e-6 + slow.seconds(1e6))
+    # another kernel, or the same in another dtype, stays on the memory curve
+    assert device_s([Op("elementwise", "add", bytes=b, dtype="fp32")], p) == pytest.approx(1e-3)
+    assert device_s([Op("elementwise", "_log_softmax", bytes=b, dtype="bf16")], p) == pytest.approx(1e-3)
+    # without a rate of its own (small calls only) its size is the memory curve's; an integer kernel is
+    # measured under fp32's name (the recorder's dtype without a floating-point tensor)
+    q = profile(kernels={"clone.fp32": KernelCost(fixed_s=1e-5)})
+    assert device_s([Op("elementwise", "clone", bytes=b, dtype="int64")], q) == pytest.approx(1e-5 + 1e-3)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"matmul_layouts": {"fp32": {"grad_x": [[1, 1]]}}}, "unknown layout 'grad_x'"),
+    ({"matmul_layouts": {"int8": {"linear": [[1, 1]]}}}, "unknown dtype 'int8'"),
+    ({"kernels": {"mean": {"fixed_s": 0}}}, "keys are 'aten name.dtype'"),
+    ({"kernels": {"mean.fp32": {"fixed_s": -1}}}, "kernels.mean.fp32.fixed_s"),
+    ({"kernels": {"mean.fp32": {"fixed_s": 0, "rate": {"points": [[1, -1]]}}}}, "kernels.mean.fp32.rate"),
+    ({"host": {"op_s": 0, "view_s": 0, "module_s": 0, "checkpoint_s": -1}}, "host.checkpoint_s"),
+])
+def test_bad_profile_fields_are_one_line_errors(bad, needle):
+    data = json.loads(profile().model_dump_json())
+    for k, v in bad.items():
+        if k == "matmul_layouts":
+            v = {d: {lay: {"points": pts} for lay, pts in cs.items()} for d, cs in v.items()}
+        data[k] = v
+    with pytest.raises(ProfileError) as e:
+        parse_profile(data, "p.json")
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("profile: p.json: ")
+
+
+def test_fit_kernel_takes_the_fixed_part_from_small_calls_and_the_rate_from_large_ones():
+    from planner.backends.calibrate import KERNEL_BIG, fit_kernel
+
+    op_s, fixed = 3e-6, 5e-6
+    rate = RateCurve(points=((1e5, 2e9), (1e7, 8e9)))
+    sizes = (64, 512, 4096, 1e5, 1e6, 1e7)
+    samples = [(b, op_s + fixed + (rate.seconds(b) if b >= KERNEL_BIG else 0.0)) for b in sizes]
+    f, r = fit_kernel(samples, op_s)
+    assert f == pytest.approx(fixed)
+    for b in (1e5, 1e6, 1e7):
+        assert r.seconds(b) == pytest.approx(rate.seconds(b), rel=1e-9)
+    # small calls only: a fixed part and no rate (the memory curve sizes them); large only: fixed 0
+    f, r = fit_kernel([(64, op_s + 4e-6), (128, op_s + 6e-6)], op_s)
+    assert f == pytest.approx(5e-6) and r is None
+    f, r = fit_kernel([(1e6, op_s + 1e-3)], op_s)
+    assert f == 0 and r.rate(1e6) == pytest.approx(1e9)
+
+
+def test_checkpointing_prices_one_call_and_three_hooks_per_saved_tensor(tmp_path):
+    from planner.engine.program import train_step_program
+    from planner.models import load_model
+    from planner.specs import Plan
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    plan = Plan(model=str(tmp_path / "config.json"), batch=2, seq=16, grad_ckpt=True)
+    spec = load_model(plan.model)
+    prog = train_step_program(spec, plan)
+    calls: collections.Counter = collections.Counter()
+    for ph in prog.phases.values():
+        for s in ph:
+            for name, n in s.ops.calls.items():
+                calls[name] += n * s.repeat
+    assert calls["checkpoint_s"] == 3
+    assert calls["saved_hook_s"] > 0 and calls["saved_hook_s"] % 9 == 0  # 3 hooks x 3 layers x slots
+    off = train_step_program(spec, plan.model_copy(update={"grad_ckpt": False}))
+    assert not any(s.ops.calls.get("checkpoint_s") for ph in off.phases.values() for s in ph)
+
+
+# ---- against the real program (torch) ------------------------------------------------------------
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
+        "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+
+LAYOUT_CASES = {
+    "sft full bf16": dict(seq=16),
+    "sft lora": dict(seq=16, method="lora"),
+    "sft lora checkpointing": dict(seq=16, method="lora", grad_ckpt=True),
+    "sft fp32": dict(seq=16, precision="fp32"),
+    "dpo": dict(task="dpo", seq=16),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_engine_matmul_layouts_equal_the_programs(name, tmp_path):
+    """Per operand layout, the matmuls of one steady step: the engine's tags against the layouts of
+    the mm calls the real CPU program makes (their operands' strides, planner.backends.calibrate.
+    matmul_layout)."""
+    pytest.importorskip("torch", reason="torch is not installed (the backends extra)")
+    pytest.importorskip("transformers", reason="transformers is not installed (the backends extra)")
+    import torch
+
+    from planner.backends.calibrate import count_ops
+    from planner.backends.timing import run_step, timed_program
+    from planner.engine.timing import _program
+    from planner.models import load_model
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    plan = Plan(model=str(tmp_path / "config.json"), batch=2, **LAYOUT_CASES[name])
+    tech = technique(plan.task)
+    with timed_program(tech, plan, TINY) as ctx:
+        run_step(tech, ctx, 0)
+        ops, _, _ = count_ops(torch, lambda: run_step(tech, ctx, 1))
+    real = collections.Counter(o.layout for o in ops if o.kind == "matmul")
+    w = tech.workload(plan, load_model(plan.model))
+    eng: collections.Counter = collections.Counter()
+    for ph in w.phases:
+        prog = _program(ph, w)
+        for stretches in prog.phases.values():
+            for s in stretches:
+                for op in s.ops.ops:
+                    if op.kind == "matmul":
+                        eng[op.layout] += op.count * s.repeat
+    assert eng == real and set(real) >= set(MATMUL_LAYOUTS)
