@@ -2,12 +2,14 @@
 --out reports/validation/time-cpu.md` (and the CSV beside it).
 
 In one run, on this machine, torch at 1 thread (torch.set_num_threads(1) for everything timed):
-1. calibrate a CPU profile (planner.backends.calibrate.run_calibration: micro-benchmarks, then the
-   host costs fitted to its built-in calibration programs, which are not among the cases here:
-   those are 1-4 layers of hidden 32 at batch 1 x 8 tokens);
-2. time every case with planner.backends.timing.time_steps, the cases' repeats interleaved (round
-   after round over all cases, each round in another order), a sample being the median of one
-   call's steps after its warm-up step, a case's figure the median of its samples;
+1. calibrate a CPU profile's micro-benchmarks (planner.backends.calibrate.run_calibration, steps=False);
+2. time every case and the calibration's built-in programs (which are not among the cases: 1-4
+   layers of hidden 32 at batch 1 x 8 tokens, and two medium sft steps) with
+   planner.backends.timing.time_steps, all of their repeats interleaved (round after round over all
+   of them, each round in another order), a sample being the median of one call's steps after its
+   warm-up step, a figure the median of its samples; then fit the profile's step-fit parameters to
+   the calibration programs (planner.backends.calibrate.fit_timed_cases): timed in the same rounds,
+   a drift of the machine's speed hits them and the cases alike;
 3. predict each with planner.engine.timing.step_seconds(plan, model, profile), and its split into
    device compute and host time (step_time);
 4. diagnose: the engine's op counts per kind against what an OpRecorder records from the same
@@ -250,7 +252,8 @@ def run_suite(which: str = "full", rounds: int = 5, quick_calibration: bool = Fa
     """Calibrate, time, predict and diagnose (module doc); `log(text)` is told of each stage."""
     import torch
 
-    from planner.backends.calibrate import run_calibration
+    from planner.backends.calibrate import (calibration_cases, fit_timed_cases, run_calibration, settings,
+                                            step_fit_params)
     from planner.backends.step_programs import op_list_check, phase_times, predicted_parts, time_cases
     from planner.engine.timing import step_seconds, step_time
 
@@ -265,16 +268,26 @@ def run_suite(which: str = "full", rounds: int = 5, quick_calibration: bool = Fa
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        say(f"calibrating ({'quick' if quick_calibration else 'full'}, {threads} thread(s))")
-        cal = run_calibration("cpu", quick=quick_calibration, threads=threads, progress=progress)
-        profile = cal.profile
+        say(f"calibrating ({'quick' if quick_calibration else 'full'}, {threads} thread(s)): micro-benchmarks")
+        cal = run_calibration("cpu", quick=quick_calibration, threads=threads, progress=progress, steps=False)
         timings["calibration_s"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(prefix="planner-time-validation-") as root:
             cases = validation_cases(root, which)
-            say(f"timing {len(cases)} cases, {rounds} interleaved rounds")
+            st = settings("cpu", quick_calibration)
+            programs = calibration_cases(Path(root) / "calibration", st.step_programs)
+            say(f"timing {len(cases)} cases and {len(programs)} calibration programs, {rounds} interleaved rounds")
             t1 = time.perf_counter()
-            time_cases(cases, rounds, threads=threads, progress=progress, stage="cases")
+            # the calibration programs in the same rounds as the cases: a drift of the machine's speed
+            # between calibrating and timing (20-35% between runs here) would otherwise bias every case
+            time_cases(programs + cases, rounds, threads=threads, progress=progress, stage="cases")
             timings["timing_s"] = time.perf_counter() - t1
+            t3 = time.perf_counter()
+            for c in programs:
+                _ = c.model
+            cal.step_fit = fit_timed_cases(cal.profile, programs, rounds, threads, step_fit_params(st.step_programs),
+                                           note="; timed interleaved with the time validation's cases")
+            cal.profile = profile = cal.step_fit.profile
+            timings["calibration_s"] += time.perf_counter() - t3
             rows = []
             for c in cases:
                 st = step_time(c.workload(), profile)
@@ -418,9 +431,11 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     programs = "; ".join(c.label for c in sf0.cases) if sf0 is not None else "none"
     L.append("- The profile is calibrated in the same run (`planner.backends.calibrate.run_calibration`, 1 thread): "
              f"micro-benchmarks, then {', '.join(fitted_names) or 'nothing'} fitted to its built-in calibration "
-             f"programs ({programs}: none of the cases below).")
+             f"programs ({programs}: none of the cases below), which are timed in the same rounds as the cases "
+             "(`planner.backends.calibrate.fit_timed_cases`): a drift of this shared machine's speed between "
+             "calibrating and timing hits both alike.")
     L.append(f"- Each case is timed with `planner.backends.timing.time_steps` (the dry run's program on real CPU "
-             f"tensors, no tracker): {suite.rounds} rounds over all cases, each round in another order (rotated, "
+             f"tensors, no tracker): {suite.rounds} rounds over all cases and calibration programs, each round in another order (rotated, "
              f"every other one reversed); a sample is the median of one call's steps after one warm-up step (as "
              f"many steps as make {SAMPLE_S * 1e3:.0f} ms, at least 3 (generate: 2), at most {MAX_STEPS}); the "
              f"figure is the median of the samples; spread = (max - min) / median of the samples, IQR = "
@@ -444,9 +459,12 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
                       ("generate_step_s", h.generate_step_s), ("generate_call_s", h.generate_call_s),
                       ("loss_s", h.loss_s), ("backward_call_s", h.backward_call_s),
                       ("optimizer_step_s", h.optimizer_step_s), ("optimizer_tensor_s", h.optimizer_tensor_s),
+                      ("checkpoint_s", h.checkpoint_s), ("saved_hook_s", h.saved_hook_s),
                       ("sync_s", h.sync_s)):  # fmt: skip
         src = "fitted to the calibration programs" if f"host.{name}" in fitted else "micro-benchmark"
         L.append(f"| host.{name} | {_us(val)} | {src} |")
+    L.append(f"| fixed_scale | {p.fixed_scale:.3f} (on every per-op host cost, module call and kernel fixed cost above "
+             f"and below) | {'fitted to the calibration programs' if 'fixed_scale' in fitted else 'not fitted'} |")
     L.append(f"| device_scale | {p.device_scale:.3f} (the curves below include it) | "
              f"{'fitted to the calibration programs' if 'device_scale' in fitted else 'not fitted'} |")
     for dt in DTYPES:
@@ -460,6 +478,19 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     for dt, curve in p.matmul.items():
         L.append(f"| matmul {dt} | {curve.rate(1e6) / 1e9:.3g} GFLOP/s at 1 MFLOP, {curve.rate(1e9) / 1e9:.3g} at 1 GFLOP, "
                  f"best {max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
+    for dt, curves in p.matmul_layouts.items():
+        L.append(f"| matmul {dt} by layout | " + ", ".join(
+            f"{lay} {c.rate(1e6) / 1e9:.3g} at 1 MFLOP, {c.rate(1e8) / 1e9:.3g} at 100 MFLOP" for lay, c in curves.items())
+            + " (GFLOP/s) | micro-benchmark |")
+    if p.kernels:
+        def slowness(k: str, v: Any) -> float:  # its time per byte over a copy's, at its largest call
+            b = v.bytes_range[1]
+            return p.memory_curve(False, k.rpartition(".")[2]).rate(b) / v.rate.rate(b) if v.rate else 0.0
+
+        top = sorted(p.kernels.items(), key=lambda kv: -slowness(*kv))[:6]
+        L.append(f"| kernels | {len(p.kernels)} measured on their own; the slowest per byte against a copy at their "
+                 "largest call: " + ", ".join(f"{k} x{slowness(k, v):.2g}" for k, v in top)
+                 + " | replayed from the calibration programs |")
     for dt, curve in p.attention.items():
         L.append(f"| attention {dt} | {curve.rate(1e8) / 1e9:.3g} GFLOP/s at 100 MFLOP, best "
                  f"{max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
