@@ -11,7 +11,8 @@ The time model (planner.engine.cost) prices every op of the replayed program wit
 - host time of an op = host.op_s (an op that runs a kernel: framework dispatch + launch) or
   host.view_s (a metadata-only op: view, transpose, detach...), plus host.module_s per nn.Module call,
   plus the fixed Python of calls that dispatch no op (HostCosts: layer_s, model_s, loss_s,
-  backward_call_s, optimizer_step_s, generate_call_s, generate_step_s, saved_hook_s);
+  backward_call_s, optimizer_step_s, generate_call_s, generate_step_s, saved_hook_s, checkpoint_s,
+  attention_plan_s);
 - `asynchronous` devices (CUDA) let the host run ahead of the device until a synchronisation, so a
   stretch between two syncs costs max(host, device); synchronous ones (the CPU) cost host + device.
 
@@ -117,14 +118,11 @@ class HostCosts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def op_cost(self, mode: str) -> float:
-        """Host seconds of one kernel-running op in a stretch of `mode` (nograd, inference, grad,
-        backward)."""
+        """Host seconds of one kernel-running op in a stretch of `mode` (nograd, grad, backward)."""
         if mode == "grad" and self.grad_op_s is not None:
             return self.grad_op_s
         if mode == "backward" and self.backward_op_s is not None:
             return self.backward_op_s
-        if mode == "inference" and self.inference_op_s is not None:
-            return self.inference_op_s
         return self.op_s
 
     op_s: float = Field(ge=0, description="an aten op that runs a kernel, outside autograd (no_grad): dispatch + launch")
@@ -132,9 +130,6 @@ class HostCosts(BaseModel):
         "an op in a forward that autograd records (a graph node made); default: op_s"))
     backward_op_s: float | None = Field(default=None, ge=0, description=(
         "an op the autograd engine runs in backward (per op, the engine's node overhead included); default: op_s"))
-    inference_op_s: float | None = Field(default=None, ge=0, description=(
-        "an op of a model's forward under no_grad (generate's prefill and decode, a frozen model's scoring "
-        "forward); default: op_s"))
     view_s: float = Field(ge=0, description="a metadata-only aten op (view, transpose, detach, ...)")
     module_s: float = Field(ge=0, description="one nn.Module call (__call__, hooks, the forward's Python)")
     sync_s: float = Field(default=0.0, ge=0, description="one host-device synchronisation (.item(), a stopping check)")
@@ -142,6 +137,10 @@ class HostCosts(BaseModel):
     saved_hook_s: float = Field(default=0.0, ge=0, description=(
         "one call of a saved-tensor hook (gradient checkpointing packs every saved tensor in the forward and "
         "in the recompute, and unpacks it in the backward, through Python hooks)"))
+    attention_plan_s: float = Field(default=0.0, ge=0, description=(
+        "building the attention kernel's plan for a shape it has not seen (cuDNN's SDPA builds and caches an "
+        "execution graph per shape): once per generate() decode step, whose key length is new every step; 0 "
+        "where the backend builds none (the CPU, flash and memory-efficient attention)"))
     checkpoint_s: float = Field(default=0.0, ge=0, description=(
         "one torch.utils.checkpoint call (non-reentrant) beyond its ops and hooks: the forward's set-up and the "
         "recompute's (RNG and autocast state, context managers, the frame), per checkpointed layer"))
@@ -212,7 +211,7 @@ class DeviceProfile(BaseModel):
         "by different fractions"))
     fixed_scale: float = Field(default=1.0, gt=0, description=(
         "the factor a program's per-op fixed costs run at over the hot loops that measured them: every op's "
-        "host cost (op, grad, backward, inference, view), a module call, each kernel's fixed_s and "
+        "host cost (op, grad, backward, view), a module call, each kernel's fixed_s and "
         "matmul_fixed_s (a loop repeats one op with its code and data in the caches; a program runs thousands of "
         "different ones); 1 for a profile built from public figures, fitted by a CPU calibration's step fit"))
     matmul_fixed_s: dict[str, float] = Field(default_factory=dict, description=(

@@ -164,3 +164,26 @@ def test_engine_matmul_layouts_equal_the_programs(name, tmp_path):
                     if op.kind == "matmul":
                         eng[op.layout] += op.count * s.repeat
     assert eng == real and set(real) >= set(MATMUL_LAYOUTS)
+
+
+def test_a_decode_step_builds_one_attention_plan_and_training_none(tmp_path):
+    """attention_plan_s: once per decode step (its key length is new), whatever the layers; nothing
+    in a training step, whose shapes repeat."""
+    from planner.engine.timing import step_time
+    from planner.models import load_model
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = str(tmp_path / "config.json")
+    base = profile(matmul={"bf16": FLAT, "fp32": FLAT})
+    built = base.model_copy(update={"host": base.host.model_copy(update={"attention_plan_s": 0.5})})
+    for new_tokens in (2, 9):
+        plan = Plan(model=model, task="generate", batch=2, prompt_len=8, new_tokens=new_tokens)
+        wl = technique("generate").workload(plan, load_model(model))
+        gap = step_time(wl, built).total_s - step_time(wl, base).total_s
+        assert gap == pytest.approx(0.5 * (new_tokens - 1))
+    train = technique("sft").workload(Plan(model=model, batch=2, seq=16), load_model(model))
+    assert step_time(train, built).total_s == step_time(train, base).total_s

@@ -40,9 +40,7 @@ class Stretch:
     # in a phase run once per generated token: how many fewer times this stretch runs than the
     # phase (generate prepares no inputs after its last token)
     fewer: int = 0
-    # the host cost of an op (HostCosts.op_cost): nograd (outside autograd), inference (a model's forward
-    # under no_grad), grad (a forward autograd records), backward (run by the autograd engine)
-    mode: str = "grad"
+    mode: str = "grad"  # nograd, grad (a forward autograd records), backward: the host cost of an op
 
 
 @dataclass
@@ -349,15 +347,18 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     first_update = OpList()
     first_update.add(V, "lift_fresh", count=2)  # DynamicLayer's lazy initialisation (prefill only)
     decode_layer = OpList([_decode_attention(op, kv) for op in layer.fwd.ops], layer.fwd.modules, dict(layer.fwd.calls))
+    # a decode step's SDPA sees a key length it has not seen before: a backend that builds a plan per
+    # shape (cuDNN's SDPA builds and caches an execution graph) builds one per step, at the first
+    # layer (the others find it cached); the prefill's shape is the warm-up call's
+    decode_pro = _merge(pro_f, _host_call("attention_plan_s"))
     for phase in ("prefill", "decode"):
-        # the model's forward: mode "inference" (HostCosts.inference_op_s); generate's own ops "nograd"
-        prog.add(phase, "prologue", pro_f, mode="inference")
+        prog.add(phase, "prologue", pro_f if phase == "prefill" else decode_pro, mode="nograd")
         layer_ops = _with_layer_call(_merge(layer.fwd, prefill_cache) if phase == "prefill"
                                      else _merge(decode_layer, decode_cache))
         prog.add(phase, "decoder layer", _merge(layer_ops, first_update) if phase == "prefill" else layer_ops,
-                 spec.num_layers, mode="inference")
-        prog.add(phase, "final norm", norm, mode="inference")
-        prog.add(phase, "last-position logits", tp.fwd, per_sequence=True, mode="inference")
+                 spec.num_layers, mode="nograd")
+        prog.add(phase, "final norm", norm, mode="nograd")
+        prog.add(phase, "last-position logits", tp.fwd, per_sequence=True, mode="nograd")
         prog.add(phase, "next token", step, sync=True, per_sequence=True, mode="nograd")
         prog.add(phase, "inputs of the next forward", nxt, per_sequence=True, fewer=1 if phase == "decode" else 0,
                  mode="nograd")
@@ -427,11 +428,11 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         tp.op(E, "gather", bytes=Sym(t=16), dtype="fp32")
         tp.op(V, "squeeze")
     prog = Program()
-    prog.add(kind, "prologue", pro_f, mode="inference")
+    prog.add(kind, "prologue", pro_f, mode="nograd")
     layer_fwd = _with_layer_call(layer.fwd)
     layer_fwd = OpList(layer_fwd.ops, layer_fwd.modules + wrappers, dict(layer_fwd.calls))
-    prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="inference")
-    prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="inference")
+    prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="nograd")
+    prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
     prog.add(kind, "the technique's ops on the scores", loss_program(loss_ops)[0], mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()
