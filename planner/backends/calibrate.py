@@ -1731,6 +1731,7 @@ class StepRow:
     gpu: Any
     target: str  # step_s or generate_s
     measured: float
+    weight: float = 1.0  # of its residual in the fit (fit_cases: the precision of the program's timing)
 
 
 def _label(row: int, v: dict[str, str], plan: Any) -> str:
@@ -2019,7 +2020,7 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
         if progress is not None:
             progress(min(total_evals[0], budget), budget)
         prof = with_params(base, values_of(x))
-        return [math.log(p / r.measured) if p > 0 and math.isfinite(p) else 1e3
+        return [math.sqrt(r.weight) * math.log(p / r.measured) if p > 0 and math.isfinite(p) else 1e3
                 for r, p in zip(rows, predictions(prof))]  # fmt: skip
 
     def objective(x: list[float]) -> float:
@@ -2213,7 +2214,14 @@ def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str
     from planner.engine.timing import step_time
 
     workloads = {id(c.plan): c.workload() for c in cases}
-    rows = [StepRow(i, c.label, c.plan, c.model, None, "step_s", c.median) for i, c in enumerate(cases, start=1)]
+    # each program weighted by the precision of its figure: 1 / spread^2 (spread: (max - min) / median of
+    # its samples, at least 10%), normalised to a mean of 1; on this shared machine a tiny program's
+    # samples spread 13-76% in one run, and the noisiest ones pulled the host costs where the steadier
+    # programs did not fit
+    raw = [1.0 / max(_spread_of(c.samples) if len(c.samples) > 1 else 0.1, 0.1) ** 2 for c in cases]
+    mean = sum(raw) / len(raw) if raw else 1.0
+    rows = [StepRow(i, c.label, c.plan, c.model, None, "step_s", c.median, w / mean)
+            for i, (c, w) in enumerate(zip(cases, raw), start=1)]
 
     def predict_row(plan: Any, model: Any, prof: DeviceProfile, gpu: Any) -> float:
         return step_time(workloads[id(plan)], prof).total_s
