@@ -1,0 +1,467 @@
+"""The engine's allocation trace of a workload: the events the caching allocator sees (allocate and
+free, with sizes symbolic in batch B and sequence S), in program order, for the set-up, the reset
+and `steps` steps; what the dry run's tracker records for the same program
+(planner/backends/dryrun/_tracker.py, docs/allocator.md "The trace"), from the engine's own replay.
+
+The programs are the ones the backends run (shared/notes/heldout-protocol.md, the techniques'
+`step` functions): the models are built (parameters in registration order, buffers, an untied
+`lm_head` allocated then freed at the tie, quantization states, adapters), the optimizer made,
+`reset_peak_memory_stats()`, then per step `out = model(input_ids=ids, labels=ids)`,
+`out.loss.backward()`, `opt.step()`, `opt.zero_grad(set_to_none=True)`, the step's references
+released when it ends. Each module's forward is its recipe (layers.py, ops.py, heads.py) on a tape
+with a recorder (planner.engine.autograd), which also runs the backward as torch's engine does.
+
+A trace is built once per plan shape (the plan without its batch and lengths) and cached; `at(B, S)`
+evaluates its sizes (each distinct size once). Model families other than Llama's (llama, mistral,
+qwen2) are not traced yet: `TraceUnsupported` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.architecture import ModelSpec
+from planner.engine.autograd import DTYPE_BYTES, Backward, Node, Recorder, Size, Sz, SizeFn, formula, sz_of
+from planner.engine.layers import LAYERS, LayerCfg, rms_norm
+from planner.engine.ops import Weight, cast, linear, unary
+from planner.engine.resident import NESTED_BLOCK, QUANT_BLOCK, lora_targets, resident
+from planner.engine.runtime import cublas_workspace_bytes, embedding_backward_workspace, sdpa_backend_for
+from planner.engine.tape import Sym, Tape, Tensor, fixed, tok
+from planner.engine.training import layer_cfg
+
+TRACED_FAMILIES = ("llama", "mistral", "qwen2")
+STEPS = 2  # the set-up, then two steps: the second runs with the optimizer states the first made
+
+
+class TraceUnsupported(ValueError):
+    """The engine cannot trace this plan yet (the reason names what)."""
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What the trace adds that no tensor of the program holds: the cuBLAS workspace of the forward
+    thread (planner.engine.runtime: 32 MiB on sm90, 8.125 MiB elsewhere), allocated after the first
+    matmul, or before the set-up when the process ran matmuls earlier (`warm`), and which SDPA backward
+    kernel runs (its workspace: cuDNN on sm90/sm100, flash elsewhere)."""
+
+    workspace_bytes: int = cublas_workspace_bytes("9.0", 1)
+    sdpa_backend: str = "cudnn"
+    warm: bool = False
+
+    @classmethod
+    def for_card(cls, compute_capability: str | None = "9.0", warm: bool = False) -> "TraceOptions":
+        return cls(cublas_workspace_bytes(compute_capability, 1), sdpa_backend_for(compute_capability), warm)
+
+
+@dataclass
+class SymbolicTrace:
+    """Events with symbolic sizes: ("a", id, size, stream), ("f", id), ("phase", name), ("reset",),
+    ("empty_cache",)."""
+
+    events: list[tuple]
+    _sizes: list[Size] = field(default_factory=list)
+    _coded: list[tuple] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        index: dict[Size, int] = {}
+        coded = []
+        for e in self.events:
+            if e[0] == "a":
+                i = index.get(e[2])
+                if i is None:
+                    i = index[e[2]] = len(self._sizes)
+                    self._sizes.append(e[2])
+                coded.append(("a", e[1], i, e[3]))
+            else:
+                coded.append(e)
+        self._coded = coded
+
+    def at(self, batch: int, seq: int) -> list[tuple]:
+        """The trace at B = batch, S = seq (planner.engine.allocator's event format)."""
+        sizes = [s.at(batch, seq) for s in self._sizes]
+        return [("a", e[1], sizes[e[2]], e[3]) if e[0] == "a" else e for e in self._coded]
+
+
+# ---- the set-up ------------------------------------------------------------------------------
+@dataclass
+class ModelTrace:
+    """One model of the workload as the trace knows it: its layer recipe's configuration, its
+    trainable parameters in registration order (key, size, dtype) and the checkpointing it runs."""
+
+    spec: ModelSpec
+    setup: Any
+    cfg: LayerCfg
+    trainable: list[tuple[str, Sz, str]]
+    emb_dtype: str
+    full: bool
+    input_rg: bool
+    ckpt: bool
+    tied: bool
+
+
+def _check(spec: ModelSpec, setup: Any) -> None:
+    if spec.model_type not in TRACED_FAMILIES:
+        raise TraceUnsupported(f"the engine's allocation trace covers {', '.join(TRACED_FAMILIES)} models, "
+                               f"not {spec.model_type} yet")
+    if spec.head != "causal_lm":
+        raise TraceUnsupported("the engine's allocation trace covers causal-LM heads, not classification heads yet")
+    if setup.method == "qlora":
+        raise TraceUnsupported("the engine's allocation trace does not cover QLoRA yet")
+    if setup.attn != "sdpa":
+        raise TraceUnsupported("the engine's allocation trace covers SDPA attention, not eager yet")
+    if setup.optimizer not in ("adamw", "adamw-fused", "sgd", "adamw-8bit", "paged-adamw-8bit"):
+        raise TraceUnsupported(f"the engine's allocation trace does not cover the {setup.optimizer} optimizer yet")
+    if getattr(setup, "grad_accum", 1) != 1:
+        raise TraceUnsupported("the engine's allocation trace does not cover gradient accumulation yet")
+
+
+def model_trace(spec: ModelSpec, setup: Any, trainable: bool) -> ModelTrace:
+    _check(spec, setup)
+    res = resident(spec, setup)
+    full = setup.method == "full" and trainable
+    cfg = layer_cfg(spec, setup, res, training=trainable)
+    emb_dtype = res.non_linear_dtype
+    params: list[tuple[str, Sz, str]] = []
+    if trainable:
+        params = _trainable_params(spec, setup, res)
+    ckpt = bool(setup.grad_ckpt) and trainable
+    input_rg = full or (ckpt and setup.method != "full")
+    return ModelTrace(spec, setup, cfg, params, emb_dtype, full, input_rg, ckpt, spec.tie_word_embeddings)
+
+
+def _trainable_params(spec: ModelSpec, setup: Any, res: Any) -> list[tuple[str, Sz, str]]:
+    """Trainable parameters in registration order, keyed as the recipes key them."""
+    out: list[tuple[str, Sz, str]] = []
+    if setup.method == "full":
+        dt = res.trainable_dtype
+        nb = DTYPE_BYTES[dt]
+        h = spec.hidden_size
+        out.append(("embed_tokens.weight", Sz(c=spec.embedding_params * nb), dt))
+        for i in range(spec.num_layers):
+            for lin in spec.layer_linears:
+                out.append((f"layers.{i}.{lin.name}.weight", Sz(c=lin.in_features * lin.out_features * nb), dt))
+                if lin.bias:
+                    out.append((f"layers.{i}.{lin.name}.bias", Sz(c=lin.out_features * nb), dt))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                out.append((f"layers.{i}.{norm}.weight", Sz(c=h * nb), dt))
+        out.append(("norm.weight", Sz(c=spec.final_norm_params * nb), dt))
+        if not spec.tie_word_embeddings:
+            out.append(("lm_head.weight", Sz(c=spec.lm_head_params * nb), dt))
+        return out
+    r = setup.lora_rank
+    for i in range(spec.num_layers):
+        for lin in lora_targets(spec, setup):
+            out.append((f"layers.{i}.{lin.name}.lora_A.weight", Sz(c=r * lin.in_features * 4), "fp32"))
+            out.append((f"layers.{i}.{lin.name}.lora_B.weight", Sz(c=lin.out_features * r * 4), "fp32"))
+    return out
+
+
+def _setup(rec: Recorder, mt: ModelTrace) -> None:
+    """`from_config` (parameters in registration order, then buffers, then the untied output
+    embedding, freed when `post_init` ties it), quantization states, adapters: allocated, never freed."""
+    spec, setup = mt.spec, mt.setup
+    res = resident(spec, setup)
+    dt = res.non_linear_dtype
+    nb = DTYPE_BYTES[dt]
+    lin_nb = DTYPE_BYTES[res.linear_dtype] if res.linear_dtype in DTYPE_BYTES else None
+    h = spec.hidden_size
+    rec.alloc(Sz(c=spec.embedding_params * nb))
+    for _ in range(spec.num_layers):
+        for lin in spec.layer_linears:
+            n = lin.in_features * lin.out_features
+            rec.alloc(Sz(c=n * lin_nb) if lin_nb else Sz(c=-(-n // 2)))
+            if lin.bias:
+                rec.alloc(Sz(c=lin.out_features * nb))
+        for _norm in range(spec.layer_norm_params // h):
+            rec.alloc(Sz(c=h * nb))
+    rec.alloc(Sz(c=spec.final_norm_params * nb))
+    if not spec.tie_word_embeddings:
+        rec.alloc(Sz(c=spec.lm_head_params * nb))
+    for _buf in range(2):  # the rotary embedding's inv_freq and original_inv_freq
+        rec.alloc(Sz(c=spec.buffer_bytes_fp32 // 2))
+    if spec.tie_word_embeddings:
+        rec.unref(rec.alloc(Sz(c=spec.embedding_params * nb)))
+    if setup.method in ("lora", "qlora"):
+        r = setup.lora_rank
+        for _ in range(spec.num_layers):
+            for lin in lora_targets(spec, setup):
+                rec.alloc(Sz(c=r * lin.in_features * 4))
+                rec.alloc(Sz(c=lin.out_features * r * 4))
+
+
+# ---- the forward -----------------------------------------------------------------------------
+def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor]]:
+    """LlamaModel.forward before its layers, as transformers 5.25 writes it: position_ids =
+    arange(S) + past_seen_tokens; create_causal_mask's check for packed sequences over the position
+    ids expanded to the batch (find_packed_sequence_indices: diff with a prepended first value,
+    != 1, cumsum, the last column == 0, all) whose temporaries go at once; the rotary embedding's
+    cos and sin over the (1, S) positions (position_ids[..., None].float() * inv_freq, cat, cos and
+    sin times attention_scaling, cast to the hidden dtype). Returns the position ids and (cos, sin)."""
+    dt = mt.emb_dtype
+    d = mt.spec.head_dim
+    arange = tp.raw(Sz(s=8), "arange")
+    pos = tp.raw(Sz(s=8), "position_ids")
+    tp.drop(arange)
+    first = tp.raw(Sz(b=8), "first_dummy_value")
+    prepended = tp.raw(Sz(b=8, t=8), "diff.prepend")
+    diff = tp.raw(Sz(t=8), "position_diff")
+    tp.drop(prepended)
+    ne = tp.raw(Sz(t=1), "position_diff != 1", "bool")
+    packed = tp.raw(Sz(t=8), "packed_sequence_mask")
+    tp.drop(ne)
+    eq = tp.raw(Sz(b=1), "last == 0", "bool")
+    every = tp.raw(Sz(c=1), "all", "bool")
+    tp.drop(eq)
+    tp.drop(first, diff, packed, every)
+    posf = tp.raw(Sz(s=4), "position_ids.float()", "fp32")
+    freqs = tp.raw(Sz(s=d // 2 * 4), "freqs", "fp32")
+    tp.drop(posf)
+    emb = tp.raw(Sz(s=d * 4), "emb", "fp32")
+    trig = []
+    for name in ("cos", "sin"):
+        f = tp.raw(Sz(s=d * 4), name, "fp32")
+        scaled = tp.raw(Sz(s=d * 4), f"{name} * attention_scaling", "fp32")
+        tp.drop(f)
+        trig.append(scaled)
+    if dt != "fp32":
+        out = [tp.raw(Sz(s=d * DTYPE_BYTES[dt]), f"{n}.to(dtype)", dt) for n in ("cos", "sin")]
+        tp.drop(*trig)
+    else:
+        out = trig
+    tp.drop(freqs, emb)
+    # cos and sin as the layer recipes read them: per-token elements (their sizes are the recorder's)
+    for t in out:
+        t.elems, t.dtype = tok(d), dt
+    return pos, out
+
+
+def _embedding(tp: Tape, mt: ModelTrace, ids: Tensor, key: str) -> Tensor:
+    spec = mt.spec
+    w = tp.param(fixed(spec.embedding_params), mt.emb_dtype, mt.full, "embed_tokens.weight", key=key)
+    node = tp.fn("embedding", (w,), (ids,), vocab=spec.vocab_size, hidden=spec.hidden_size)
+    emb = tp.out(node, tp.new(tok(spec.hidden_size), mt.emb_dtype, mt.full, "inputs_embeds"))
+    if mt.input_rg and not mt.full:
+        # enable_input_require_grads: the embedding output becomes a leaf that requires grad
+        emb.rg, emb.key = True, f"inputs_embeds@{emb.st.id if emb.st else 0}"
+    return emb
+
+
+def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor]) -> Tensor:
+    """The decoder layers, each checkpointed (non-reentrant) when the plan says so."""
+    rec = tp.rec
+    cos, sin = trig
+    layer = LAYERS[mt.cfg.family]
+    for i in range(mt.spec.num_layers):
+        tp.scope = f"layers.{i}"
+        x.refs += 1  # the layer's own binding of its input (the recipes drop it once)
+        if not mt.ckpt:
+            out = layer(tp, x, cos, sin, mt.cfg)
+        else:
+            out = _checkpointed(tp, mt, i, x, pos, cos, sin)
+        tp.drop(x)  # the model's loop rebinds hidden_states
+        x = out
+    tp.scope = ""
+    return x
+
+
+def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """torch.utils.checkpoint(use_reentrant=False) around one decoder layer: the input saver keeps the
+    layer's tensor arguments (its input, and through the keyword arguments the position ids, cos and
+    sin); the layer's forward runs saving nothing; its recompute re-runs the recipe."""
+    from planner.engine.autograd import Frame
+
+    rec = tp.rec
+    layer = LAYERS[mt.cfg.family]
+
+    def recompute(r: Recorder) -> None:
+        rt = Tape(grad=True, keep_saved=True, rec=r, scope=f"layers.{i}")
+        args = []
+        for t in (cos, sin):
+            c = Tensor(t.elems, t.dtype, t.rg, t.name, external=True, st=t.st)
+            r.ref(t.st)
+            r.recompute_tensors.append(c)
+            args.append(c)
+        # the recompute's bindings of the layer input (the recipes drop one of the two)
+        xi = Tensor(x.elems, x.dtype, x.rg, x.name, refs=2, st=x.st)
+        r.ref(x.st)
+        r.recompute_tensors.append(xi)
+        layer(rt, xi, args[0], args[1], mt.cfg)
+
+    frame = Frame(recompute)
+    for t in (x, pos, cos, sin):
+        rec.ref(t.st)
+        frame.inputs.append(t.st)
+    tp.keep_saved = False
+    rec.frame = frame
+    try:
+        out = layer(tp, x, cos, sin, mt.cfg)
+    finally:
+        rec.frame = None
+        tp.keep_saved = True
+    if not frame.holders:  # nothing saved (no input requires grad): the frame goes now
+        for st in frame.inputs:
+            rec.unref(st)
+        frame.inputs = []
+    return out
+
+
+def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True,
+                      on_logits=None) -> tuple[Tensor | None, Tensor]:
+    """`model(input_ids=ids, labels=ids)` of a Llama-family causal LM: (loss, logits). `on_logits`
+    runs when the head's output exists (the tracker's loss phase starts there)."""
+    spec = mt.spec
+    emb_key = "embed_tokens.weight"
+    x = _embedding(tp, mt, ids, emb_key)
+    embeds = x
+    x.refs += 1  # `inputs_embeds` and `hidden_states` both name it
+    pos, trig = _prologue(tp, mt)
+    x = _layers(tp, mt, x, pos, trig)
+    hn = rms_norm(tp, x, mt.cfg, "norm")
+    tp.drop(x)
+    # LlamaModel.forward returns: its locals go (the checkpoints keep theirs)
+    tp.drop(pos, embeds, *trig)
+    # LlamaForCausalLM: self.lm_head(hidden_states[:, slice(0, None), :]) (an alias view)
+    tp.op("view", "alias")
+    hv = tp.view(hn, name="hidden_states[:, 0:]")
+    head = Weight(spec.hidden_size, spec.vocab_size, mt.emb_dtype, mt.full)
+    logits = linear(tp, hv, head, mt.cfg.autocast, "lm_head",
+                    weight_key=emb_key if spec.tie_word_embeddings else "lm_head.weight")
+    tp.drop(hv)
+    if on_logits is not None:
+        on_logits()
+    loss = _causal_lm_loss(tp, logits, spec.vocab_size) if labels else None
+    tp.drop(hn)
+    return loss, logits
+
+
+def _causal_lm_loss(tp: Tape, logits: Tensor, vocab: int) -> Tensor:
+    """transformers' ForCausalLMLoss: logits.float(); labels padded by one (constant_pad_nd) and
+    shifted (clone); cross_entropy = log_softmax + nll_loss (mean): the loss and its total weight."""
+    lf = cast(tp, logits, "fp32", "logits.float")
+    padded = tp.raw(Sz(t=8, b=8), "labels padded")
+    shifted = tp.raw(Sz(t=8), "shift_labels")
+    lv = tp.view(lf, name="logits.view(-1, V)")
+    lsm = unary(tp, lv, "log_softmax", saves_output=True)
+    node = tp.fn("nll_loss", (lsm,), (lsm, shifted))
+    loss = tp.out(node, tp.new(fixed(1), "fp32", True, "loss"))
+    weight = tp.raw(Sz(c=4), "total_weight", "fp32")
+    if node is not None:
+        tp.rec.save(node, weight.st)
+    tp.drop(lv, lf, padded, shifted, lsm, weight)
+    return loss
+
+
+@formula("embedding")
+def _embedding_backward(bw: Backward, n: Node, grads: list) -> list:
+    """EmbeddingBackward0: embedding_dense_backward's weight gradient, then (a long index list) the
+    kernel's per-segment workspace (planner.engine.runtime)."""
+    g = grads[0]
+    if g is None:
+        return [None]
+    out = bw.new(n.inputs[0][0], g.dtype)
+    bw.workspace(SizeFn(_embedding_ws, (n.meta["vocab"], n.meta["hidden"])))
+    return [out]
+
+
+def _embedding_ws(batch: int, seq: int, vocab: int, hidden: int) -> int:
+    return embedding_backward_workspace(batch * seq, vocab, hidden)
+
+
+@formula("nll_loss")
+def _nll_backward(bw: Backward, n: Node, grads: list) -> list:
+    """NllLossBackward0: nll_loss_backward's gradient like the log-probabilities."""
+    g = grads[0]
+    return [bw.new(n.inputs[0][0], g.dtype) if g is not None else None]
+
+
+# ---- optimizers -------------------------------------------------------------------------------
+def _optimizer_step(rec: Recorder, mt: ModelTrace, first: bool) -> None:
+    """`opt.step()` then `opt.zero_grad(set_to_none=True)`.
+    - adamw (torch, foreach): the first step makes exp_avg and exp_avg_sq per parameter (zeros_like,
+      in parameter order; `step` stays on the host); every step's `_foreach_sqrt(exp_avg_sqs)` makes one
+      temporary per parameter, dropped when the step returns; the rest works in place.
+    - adamw-fused: per parameter a device `step` (an fp32 scalar), exp_avg and exp_avg_sq, made at the
+      first step; one kernel per group, nothing else allocated.
+    - sgd (foreach, no momentum): `_foreach_add_` in place, nothing allocated."""
+    name = mt.setup.optimizer
+    params = [p for p in mt.trainable if p[0] in rec.grads]
+    if name == "adamw":
+        if first:
+            for _key, size, _dt in params:
+                rec.alloc(size)
+                rec.alloc(size)
+        temps = [rec.alloc(size) for _key, size, _dt in params]
+        for st in temps:
+            rec.unref(st)
+    elif name == "adamw-fused" and first:
+        for _key, size, _dt in params:
+            rec.alloc(Sz(c=4))
+            rec.alloc(size)
+            rec.alloc(size)
+    elif name in ("adamw-8bit", "paged-adamw-8bit") and first:
+        _bnb8bit_states(rec, params, paged=name.startswith("paged"))
+    for key, _size, _dt in params:
+        g = rec.grads.pop(key)
+        rec.unref(g.st)
+
+
+def _bnb8bit_states(rec: Recorder, params: list[tuple[str, Sz, str]], paged: bool) -> None:
+    """bitsandbytes 0.50's Optimizer2State.init_state at the first step, parameter by parameter
+    (planner.engine.optimizers): below 4096 elements fp32 state1 and state2; else uint8 state1 and
+    state2 with fp32 absmax1 and absmax2 per 256-block, the two 256-entry fp32 quantization maps made
+    once before the first such parameter's. Paged states (>= 1e5 elements) are in unified memory,
+    outside the caching allocator."""
+    from planner.engine.optimizers import BNB_BLOCK, MIN_8BIT_SIZE, PAGED_MIN_NUMEL
+
+    qmaps = False
+    for _key, size, dt in params:
+        n = size.c // DTYPE_BYTES[dt]
+        device = not (paged and n >= PAGED_MIN_NUMEL)
+        if n < MIN_8BIT_SIZE:
+            if device:
+                rec.alloc(Sz(c=n * 4))
+                rec.alloc(Sz(c=n * 4))
+            continue
+        if not qmaps:
+            qmaps = True
+            rec.alloc(Sz(c=256 * 4))
+            rec.alloc(Sz(c=256 * 4))
+        if device:
+            rec.alloc(Sz(c=n))
+            rec.alloc(Sz(c=n))
+        blocks = -(-n // BNB_BLOCK)
+        rec.alloc(Sz(c=blocks * 4))
+        rec.alloc(Sz(c=blocks * 4))
+
+
+# ---- programs ------------------------------------------------------------------------------------
+def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`)."""
+    mt = model_trace(spec, plan, trainable=True)
+    rec = Recorder()
+    rec.sdpa_backend = options.sdpa_backend
+    if options.warm:
+        rec.alloc(Sz(c=options.workspace_bytes))
+    else:
+        rec.workspace = Sz(c=options.workspace_bytes)
+    _setup(rec, mt)
+    rec.event("phase", "reset")
+    rec.phase = "reset"
+    rec.event("reset")
+    for step in range(steps):
+        tp = Tape(grad=True, rec=rec)
+        ids = tp.raw(Sz(t=8), "input_ids")
+        rec.set_phase(f"{step}.forward")
+        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"))
+        rec.exit_autocast()  # the forward phase's autocast region ends
+        rec.set_phase(f"{step}.backward")
+        rec.backward(loss.edge, loss.elems)
+        rec.set_phase(f"{step}.optimizer")
+        _optimizer_step(rec, mt, first=step == 0)
+        # the step's locals go when it returns: the ids, and `out` with its loss and logits
+        tp.drop(ids, loss, logits)
+        rec.release_graph()
+        rec.set_phase(f"{step}.between_steps")
+    return rec.events
