@@ -181,6 +181,8 @@ class Recorder:
         # the non-parameter leaves their AccumulateGrad nodes hold
         self.graph: list[Node] = []
         self.graph_leaves: list[Storage] = []
+        # parameters' storages by name, where a program replaces one (Linear4bit's bias cast)
+        self.storages: dict[str, Storage] = {}
 
     # ---- storages and events ------------------------------------------------------------
     def alloc(self, size: Size, stream: int = 0) -> Storage:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.engine.autograd import Backward, Node, formula
+from planner.engine.autograd import Backward, Node, Sz, formula
+from planner.engine.resident import QUANT_BLOCK
 from planner.engine.tape import DTYPE_BYTES, ZERO, Sym, Tape, Tensor, fixed, tok
 
 E, V, M = "elementwise", "view", "matmul"
@@ -36,6 +37,7 @@ class Weight:
     dtype: str  # storage dtype of a dense weight; "nf4"/"fp4" for bitsandbytes Linear4bit
     trainable: bool
     bias: bool = False
+    nested: bool = False  # Linear4bit with double quantization (its absmax quantized in turn)
 
     @property
     def quantized(self) -> bool:
@@ -210,8 +212,8 @@ def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str, weig
         # argument evaluation order): the bias, the weight, then the input. A trainable leaf's cast is
         # cached for the whole forward and saved for backward, a frozen one is made per call.
         if bias is not None and tp.rec is not None:
-            bias = autocast_cast(tp, bias, compute, f"{name}.bias_cast")
-        wt = autocast_cast(tp, weight, compute, f"{name}.weight_cast")
+            bias = autocast_cast(tp, bias, compute, f"{name}.bias_cast", w.trainable)
+        wt = autocast_cast(tp, weight, compute, f"{name}.weight_cast", w.trainable)
         if w.trainable:
             tp.autocast_cached = tp.autocast_cached + wt.size
     xin = cast(tp, x, compute, f"{name}.input_cast") if autocast else alias(x)
@@ -234,18 +236,20 @@ def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str, weig
     return out
 
 
-def autocast_cast(tp: Tape, p: Tensor, dtype: str, name: str) -> Tensor:
+def autocast_cast(tp: Tape, p: Tensor, dtype: str, name: str, trainable: bool) -> Tensor:
     """Autocast's cast of a parameter to its compute dtype (`cached_cast`): a leaf that requires grad
-    is cast once per autocast region and the cast kept in autocast's cache until the region ends
-    (the recorder holds it: planner.engine.autograd.Recorder.exit_autocast); a frozen one per call."""
+    (`trainable`, whether grad mode is on or not) is cast once per autocast region and the cast kept
+    in autocast's cache until the region ends (the recorder holds it: planner.engine.autograd.
+    Recorder.exit_autocast); a frozen one per call."""
     rec = tp.rec
-    if rec is not None and p.rg and p.key is not None:
+    cached = rec is not None and trainable and p.key is not None
+    if cached:
         hit = rec.autocast_cache.get(p.key)
         if hit is not None:
             return alias(hit)
     node = tp.fn("to_copy", (p,))
     out = tp.out(node, tp.new(p.elems, dtype, p.rg, name))
-    if rec is not None and p.rg and p.key is not None:
+    if cached:
         rec.ref(out.st)
         rec.autocast_cache[p.key] = out
     return out
@@ -279,14 +283,39 @@ def linear4bit(tp: Tape, x: Tensor, w: Weight, name: str, compute: str = "bf16")
     elements) and saves no activation for backward (it dequantizes again there).
     """
     xin = cast(tp, x, compute, f"{name}.input_cast")
-    deq = tp.new(fixed(w.in_features * w.out_features), compute, False, f"{name}.dequant")
-    out = tp.new(tok(w.out_features), compute, x.rg, name)
+    n = w.in_features * w.out_features
+    blocks = -(-n // QUANT_BLOCK)
+    if w.bias and tp.rec is not None:
+        _bias_to_compute(tp, w, name, compute)
+    # gemm_4bit's CUDA fallback (planner.backends.dryrun._patches.cuda_gemm_4bit): with double
+    # quantization the dequantized absmax (empty_like) and `absmax + offset`, then the [N, K] weight
+    absmax = [tp.raw(Sz(c=blocks * 4), f"{name}.absmax_dq", "fp32") for _ in range(2 if w.nested else 0)]
+    deq = tp.new(fixed(n), compute, False, f"{name}.dequant")
+    # MatMul4Bit (a custom Function): saves no activation (its backward dequantizes again)
+    node = tp.fn("matmul4bit", (xin,), nested=w.nested, blocks=blocks, n=n, dtype=compute)
+    out = tp.out(node, tp.new(tok(w.out_features), compute, x.rg, name))
+    if tp.rec is not None:
+        tp.rec.matmul()
     tp.module()
     linear4bit_ops(tp, xin, w, compute, out)
-    tp.drop(deq, xin)
+    tp.drop(deq, *absmax)
     res = cast(tp, out, x.dtype, f"{name}.output_cast")
-    tp.drop(out)
+    # `x` (rebound to its cast) goes when the forward returns
+    tp.drop(out, xin)
     return res
+
+
+def _bias_to_compute(tp: Tape, w: Weight, name: str, compute: str) -> None:
+    """Linear4bit.forward's `bias.data = bias.data.to(x.dtype)`: at the first forward the frozen bias
+    (fp32 after kbit preparation) is replaced by its cast for good (the parameter's old storage goes;
+    planner.engine.autograd.Recorder.storages)."""
+    rec = tp.rec
+    key = f"{tp.scope}.{name}.bias" if tp.scope else f"{name}.bias"
+    st = rec.storages.get(key)
+    cast_size = Sz(c=w.out_features * DTYPE_BYTES[compute])
+    if st is not None and st.size != cast_size:
+        rec.storages[key] = rec.alloc(cast_size)
+        rec.unref(st)
 
 
 def linear4bit_ops(tp: Tape, x: Tensor, w: Weight, compute: str, out: Tensor) -> None:
@@ -323,6 +352,11 @@ def lora_linear(tp: Tape, x: Tensor, w: Weight, lora: Lora | None, autocast: str
     base = linear(tp, x, w, autocast, name)
     if lora is None:
         return base
+    if w.quantized and tp.rec is not None:
+        # peft's bnb LoRA clones the base output ("defensively", CloneBackward0 passes the gradient)
+        cl = tp.out(tp.fn("pass", (base,)), tp.new(base.elems, base.dtype, base.rg, f"{name}.clone"))
+        tp.drop(base)
+        base = cl
     a = Weight(w.in_features, lora.rank, lora.dtype, True)
     b = Weight(lora.rank, w.out_features, lora.dtype, True)
     if w.quantized:
@@ -422,3 +456,20 @@ def _slice_backward(bw: Backward, n: Node, grads: list) -> list:
     """SliceBackward0: slice_backward writes the gradient into zeros of the input's shape."""
     g = grads[0]
     return [bw.new(n.inputs[0][0], g.dtype) if g is not None else None]
+
+
+@formula("matmul4bit")
+def _matmul4bit_backward(bw: Backward, n: Node, grads: list) -> list:
+    """MatMul4Bit.backward: grad_A = grad @ dequantize_4bit(W): with double quantization the absmax
+    dequantized first (dequantize_blockwise, fp32, freed when dequantize_4bit returns), the [N, K]
+    weight in the compute dtype, the product; the weight goes after it."""
+    g = grads[0]
+    if g is None or n.inputs[0][2] is None:
+        return [None]
+    m = n.meta
+    absmax = bw.rec.alloc(Sz(c=m["blocks"] * 4)) if m["nested"] else None
+    w = bw.rec.alloc(Sz(c=m["n"] * DTYPE_BYTES[m["dtype"]]))
+    bw.rec.unref(absmax)
+    out = bw.new(n.inputs[0][0], g.dtype)
+    bw.rec.unref(w)
+    return [out]

@@ -99,6 +99,8 @@ class ModelTrace:
     input_rg: bool
     ckpt: bool
     tied: bool
+    # QLoRA's kbit preparation enables checkpointing with empty kwargs: torch's default, reentrant
+    reentrant: bool = False
 
 
 def _check(spec: ModelSpec, setup: Any) -> None:
@@ -107,8 +109,6 @@ def _check(spec: ModelSpec, setup: Any) -> None:
                                f"not {spec.model_type} yet")
     if spec.head != "causal_lm":
         raise TraceUnsupported("the engine's allocation trace covers causal-LM heads, not classification heads yet")
-    if setup.method == "qlora":
-        raise TraceUnsupported("the engine's allocation trace does not cover QLoRA yet")
     if setup.attn != "sdpa":
         raise TraceUnsupported("the engine's allocation trace covers SDPA attention, not eager yet")
     if setup.optimizer not in ("adamw", "adamw-fused", "sgd", "adamw-8bit", "paged-adamw-8bit"):
@@ -128,7 +128,10 @@ def model_trace(spec: ModelSpec, setup: Any, trainable: bool) -> ModelTrace:
         params = _trainable_params(spec, setup, res)
     ckpt = bool(setup.grad_ckpt) and trainable
     input_rg = full or (ckpt and setup.method != "full")
-    return ModelTrace(spec, setup, cfg, params, emb_dtype, full, input_rg, ckpt, spec.tie_word_embeddings)
+    # peft's prepare_model_for_kbit_training calls gradient_checkpointing_enable with {} (not None), so
+    # transformers passes no use_reentrant and torch.utils.checkpoint takes its default: reentrant
+    reentrant = ckpt and setup.method == "qlora" and setup.kbit_prep
+    return ModelTrace(spec, setup, cfg, params, emb_dtype, full, input_rg, ckpt, spec.tie_word_embeddings, reentrant)
 
 
 def _trainable_params(spec: ModelSpec, setup: Any, res: Any) -> list[tuple[str, Sz, str]]:
@@ -168,12 +171,13 @@ def _setup(rec: Recorder, mt: ModelTrace) -> None:
     lin_nb = DTYPE_BYTES[res.linear_dtype] if res.linear_dtype in DTYPE_BYTES else None
     h = spec.hidden_size
     rec.alloc(Sz(c=spec.embedding_params * nb))
-    for _ in range(spec.num_layers):
+    for i in range(spec.num_layers):
         for lin in spec.layer_linears:
             n = lin.in_features * lin.out_features
             rec.alloc(Sz(c=n * lin_nb) if lin_nb else Sz(c=-(-n // 2)))
             if lin.bias:
-                rec.alloc(Sz(c=lin.out_features * nb))
+                # kept: a 4-bit linear replaces its bias by a cast at the first forward (ops.linear4bit)
+                rec.storages[f"layers.{i}.{lin.name}.bias"] = rec.alloc(Sz(c=lin.out_features * nb))
         for _norm in range(spec.layer_norm_params // h):
             rec.alloc(Sz(c=h * nb))
     rec.alloc(Sz(c=spec.final_norm_params * nb))
@@ -183,12 +187,30 @@ def _setup(rec: Recorder, mt: ModelTrace) -> None:
         rec.alloc(Sz(c=spec.buffer_bytes_fp32 // 2))
     if spec.tie_word_embeddings:
         rec.unref(rec.alloc(Sz(c=spec.embedding_params * nb)))
+    if setup.method == "qlora":
+        _quant_states(rec, spec, setup)
     if setup.method in ("lora", "qlora"):
         r = setup.lora_rank
         for _ in range(spec.num_layers):
             for lin in lora_targets(spec, setup):
                 rec.alloc(Sz(c=r * lin.in_features * 4))
                 rec.alloc(Sz(c=lin.out_features * r * 4))
+
+
+def _quant_states(rec: Recorder, spec: ModelSpec, setup: Any) -> None:
+    """Each Linear4bit's QuantState, module by module (planner.backends.dryrun._build._make_4bit_weight,
+    planner.engine.resident.quant_state_bytes): absmax (fp32 per 64-block, or uint8 with double
+    quantization), the 16-entry fp32 code; with double quantization the fp32 offset, the nested
+    absmax (fp32 per 256 blocks) and its 256-entry fp32 code."""
+    for _ in range(spec.num_layers):
+        for lin in spec.layer_linears:
+            blocks = -(-lin.in_features * lin.out_features // QUANT_BLOCK)
+            rec.alloc(Sz(c=blocks if setup.double_quant else blocks * 4))
+            rec.alloc(Sz(c=16 * 4))
+            if setup.double_quant:
+                rec.alloc(Sz(c=4))
+                rec.alloc(Sz(c=-(-blocks // NESTED_BLOCK) * 4))
+                rec.alloc(Sz(c=256 * 4))
 
 
 # ---- the forward -----------------------------------------------------------------------------
@@ -258,6 +280,8 @@ def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor]
         x.refs += 1  # the layer's own binding of its input (the recipes drop it once)
         if not mt.ckpt:
             out = layer(tp, x, cos, sin, mt.cfg)
+        elif mt.reentrant:
+            out = _checkpointed_reentrant(tp, mt, i, x, pos, cos, sin)
         else:
             out = _checkpointed(tp, mt, i, x, pos, cos, sin)
         tp.drop(x)  # the model's loop rebinds hidden_states
@@ -305,6 +329,60 @@ def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos:
             rec.unref(st)
         frame.inputs = []
     return out
+
+
+def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor,
+                            sin: Tensor) -> Tensor:
+    """torch.utils.checkpoint(use_reentrant=True) around one decoder layer: CheckpointFunction's node
+    saves the layer input (the partial around the layer holds the keyword arguments, position ids and
+    cos/sin, as long as the node lives: until the graph goes); the layer runs under no_grad; its
+    backward re-runs the whole layer with grad (autocast's cache cleared when that forward ends) and
+    runs a nested backward from the recomputed output into a detached copy of the input."""
+    from planner.engine.autograd import ACCUMULATE_SEQ, Node, Storage
+
+    rec = tp.rec
+    layer = LAYERS[mt.cfg.family]
+    scope = tp.scope
+
+    def recompute(bw: Backward, g: Any, x_st: Any) -> Any:
+        prev_graph, prev_leaves, prev_cache = rec.graph, rec.graph_leaves, rec.autocast_cache
+        rec.graph, rec.graph_leaves, rec.autocast_cache = [], [], {}
+        owner = Storage(-1, Sz())  # holds the detached input's .grad
+        acc = Node(ACCUMULATE_SEQ, "accumulate_grad", [(x.elems, x.dtype, None)], key=f"{scope}.input",
+                   meta={"leaf": owner})
+        xd = Tensor(x.elems, x.dtype, True, "detached input", refs=2, st=x_st, edge=(acc, 0))
+        rec.ref(x_st)
+        out = layer(Tape(grad=True, rec=rec, scope=scope), xd, cos, sin, mt.cfg)
+        rec.exit_autocast()
+        rec.autocast_cache = prev_cache
+        # torch.autograd.backward(outputs, args): the nested graph task holds the gradient until it ends
+        root = bw.share(g)
+        Backward(rec).run({out.edge[0]: {out.edge[1]: bw.share(g)}})
+        bw.drop(root)
+        gx, owner.grad = owner.grad, None
+        # the recompute's locals go, and its graph with them
+        Tape(rec=rec).drop(out, xd, xd)
+        rec.release_graph()
+        rec.graph, rec.graph_leaves = prev_graph, prev_leaves
+        return gx
+
+    node = tp.fn("checkpoint", (x,), (x,), recompute=recompute)
+    if node is not None:
+        for t in (pos, cos, sin):
+            rec.ref(t.st)
+            rec.graph_leaves.append(t.st)
+    out = layer(Tape(grad=False, rec=rec, scope=scope), x, cos, sin, mt.cfg)
+    out.rg = node is not None
+    return tp.out(node, out)
+
+
+@formula("checkpoint")
+def _checkpoint_backward(bw: Backward, n: Node, grads: list) -> list:
+    """CheckpointFunction.backward (reentrant checkpointing): the recompute and its nested backward."""
+    g = grads[0]
+    if g is None:
+        return [None]
+    return [n.meta["recompute"](bw, g, n.saved[0])]
 
 
 def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True,
