@@ -58,13 +58,16 @@ class TraceOptions:
 @dataclass
 class SymbolicTrace:
     """Events with symbolic sizes: ("a", id, size, stream), ("f", id), ("phase", name), ("reset",),
-    ("empty_cache",)."""
+    ("empty_cache",). `limits`: fn(B, S) -> the reason the trace does not hold at those numbers, or None."""
 
     events: list[tuple]
+    limits: list[Any] = field(default_factory=list)
     _sizes: list[Size] = field(default_factory=list)
     _coded: list[tuple] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from planner.engine.allocator import CodedTrace
+
         index: dict[Size, int] = {}
         coded = []
         for e in self.events:
@@ -77,11 +80,28 @@ class SymbolicTrace:
             else:
                 coded.append(e)
         self._coded = coded
+        # the same events as parallel lists with size indices: evaluating them fills only the sizes
+        self._template = CodedTrace.from_events([("a", e[1], e[2], 0) if e[0] == "a" else e for e in coded])
+
+    def _sizes_at(self, batch: int, seq: int) -> list[int]:
+        for limit in self.limits:
+            reason = limit(batch, seq)
+            if reason:
+                raise TraceUnsupported(reason)
+        return [s.at(batch, seq) for s in self._sizes]
 
     def at(self, batch: int, seq: int) -> list[tuple]:
         """The trace at B = batch, S = seq (planner.engine.allocator's event format)."""
-        sizes = [s.at(batch, seq) for s in self._sizes]
+        sizes = self._sizes_at(batch, seq)
         return [("a", e[1], sizes[e[2]], e[3]) if e[0] == "a" else e for e in self._coded]
+
+    def coded(self, batch: int, seq: int) -> Any:
+        """The trace at B = batch, S = seq as planner.engine.allocator.CodedTrace (the fast replay's
+        input): the events' lists are shared, only the sizes are computed."""
+        sizes = self._sizes_at(batch, seq)
+        t = self._template
+        # the template coded each distinct size index as a "size": map index -> bytes
+        return t.with_sizes([sizes[i] for i in t.sizes])
 
 
 # ---- the set-up ------------------------------------------------------------------------------
@@ -515,6 +535,31 @@ def _bnb8bit_states(rec: Recorder, params: list[tuple[str, Sz, str]], paged: boo
 
 
 # ---- programs ------------------------------------------------------------------------------------
+# bitsandbytes' gemm_4bit picks its fused kernel or the dequantize path by a per-architecture
+# heuristic up to this many rows (backends/cuda/ops.py `_gemm_4bit_custom_max_m`); the trace follows
+# the dequantize path, which it always takes above
+BNB_CUSTOM_MAX_M = 1536
+
+
+def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> SymbolicTrace:
+    """The symbolic trace of a technique's workload, or TraceUnsupported naming what is not covered."""
+    if workload.technique == "sft":
+        use = workload.models[0]
+        limits = []
+        if use.setup.method == "qlora":
+            limits.append(_bnb_kernel_choice)
+        return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps), limits=limits)
+    raise TraceUnsupported(f"the engine's allocation trace covers the sft technique, not {workload.technique} yet")
+
+
+def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
+    if batch * seq <= BNB_CUSTOM_MAX_M:
+        return (f"a 4-bit linear over {batch * seq} tokens: bitsandbytes picks its fused kernel or the dequantize "
+                f"path by a per-architecture heuristic up to {BNB_CUSTOM_MAX_M} tokens per micro-batch; the "
+                "engine's trace covers the dequantize path it takes above that")
+    return None
+
+
 def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
     """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`)."""
     mt = model_trace(spec, plan, trainable=True)
