@@ -1,0 +1,156 @@
+"""`fit`'s figures from the simulated caching allocator (planner.engine.simulation): reserved, the
+verdict, and the searches (suggestions, limits) judged by it.
+
+The searches try many candidate plans; each is estimated by the engine (microseconds) with its
+reserved scaled by the plan's own simulated-to-estimated ratio, and only the finalists are simulated:
+those that change the batch or a length (the same trace shape, so the cached trace serves them) are
+replayed under the card (a verdict needs one or two replays: on an unlimited card, then under the card
+when the first asks for more), and where a finalist does not fit, the largest value that does is
+searched by bisection with the simulation. Finalists of another shape (checkpointing, LoRA, another
+optimizer) would each need a trace built: they keep the scaled figure and say so (`simulated`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from planner.engine.alloc_conf import AllocatorConfig
+from planner.result import MemoryEstimate
+from planner.specs import MAX_COUNT, Plan
+
+if TYPE_CHECKING:
+    from planner.engine.allocator import AllocatorAnswer
+    from planner.gpus import GPUSpec
+
+
+def simulated(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig) -> "tuple[AllocatorAnswer | None, str]":
+    """The allocator's answer for the plan on its card, or None and why the engine cannot trace it."""
+    from planner.engine.simulation import TraceUnsupported, simulate_plan
+
+    try:
+        return simulate_plan(plan, model, gpu, config), ""
+    except TraceUnsupported as e:
+        return None, str(e)
+
+
+def with_simulated(est: MemoryEstimate, answer: "AllocatorAnswer", gpu: "GPUSpec") -> MemoryEstimate:
+    """The estimate with reserved (and device) from the simulation."""
+    reserved = answer.reserved_bytes
+    items = dict(est.device_items)
+    items["allocator_overhead"] = reserved - est.peak_allocated_bytes
+    items["cuda_context"] = gpu.cuda_context_bytes
+    return est.model_copy(update={"reserved_bytes": reserved, "device_bytes": reserved + gpu.cuda_context_bytes,
+                                  "device_items": items})
+
+
+def verdict(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig) -> "tuple[int, bool] | None":
+    """(reserved, fits) of the plan's trace on the card, by one or two replays; None where it is not traced."""
+    from planner.engine.allocator import replay
+    from planner.engine.simulation import TraceUnsupported, allocator_capacity, plan_trace
+
+    try:
+        trace = plan_trace(plan, model, gpu, coded=True)
+    except (TraceUnsupported, ValueError):
+        return None
+    capacity = allocator_capacity(gpu)
+    free = replay(trace, config)
+    if free.max_reserved_bytes <= capacity:
+        return free.peak_reserved_bytes, True
+    return free.peak_reserved_bytes, replay(trace, config, capacity_bytes=capacity).fits
+
+
+def same_shape(a: Plan, b: Plan) -> bool:
+    """Plans whose traces differ only in their numbers (batch and lengths)."""
+    numbers = {"batch", "seq", "prompt_len", "new_tokens"}
+    da, db = a.model_dump(), b.model_dump()
+    return all(da[k] == db[k] for k in da if k not in numbers)
+
+
+NUMBERS = ("batch", "seq", "prompt_len", "new_tokens")
+
+
+def _largest(lo_fits: int, hi_fails: int, fits_at: Any) -> int:
+    """The largest v in (lo_fits, hi_fails) that fits, by bisection (lo_fits when none does)."""
+    while hi_fails - lo_fits > 1:
+        mid = (lo_fits + hi_fails) // 2
+        if fits_at(mid):
+            lo_fits = mid
+        else:
+            hi_fails = mid
+    return lo_fits
+
+
+def allocator_suggestions(plan: Plan, est: MemoryEstimate, answer: "AllocatorAnswer", gpu: "GPUSpec") -> list[Any]:
+    """The allocator settings under which the step fits the card, as suggestions (device: the smallest
+    card the step runs in with them, the least allocator memory plus the CUDA context: with the
+    allocator's free-and-retry a setting can fit a card its reserved on a large card would not)."""
+    from planner.suggest import Suggestion
+
+    return [Suggestion(change=f"--alloc-conf {s.alloc_conf}", peak_allocated_bytes=est.peak_allocated_bytes,
+                       device_bytes=s.min_capacity_bytes + gpu.cuda_context_bytes, fits=True, plan=plan, rank=0,
+                       simulated=True) for s in answer.suggestions]
+
+
+def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig, suggestions: list[Any]) -> list[Any]:
+    """Suggestions found with the scaled estimate, their finalists of the plan's trace shape simulated:
+    a shorter length (or smaller batch) that the simulation says does not fit is lowered to the largest
+    that does."""
+    from planner.suggest import Suggestion
+
+    out = []
+    for s in suggestions:
+        if not same_shape(plan, s.plan):
+            out.append(s)
+            continue
+        v = verdict(s.plan, model, gpu, config)
+        if v is None:
+            out.append(s)
+            continue
+        reserved, ok = v
+        new = s.plan
+        if not ok:
+            field = next((f for f in NUMBERS if getattr(s.plan, f) != getattr(plan, f)), None)
+            if field is not None:
+                def fits_at(value: int, f: str = field) -> bool:
+                    r = verdict(s.plan.model_copy(update={f: value}), model, gpu, config)
+                    return r is not None and r[1]
+
+                best = _largest(0, getattr(s.plan, field), fits_at)
+                if best > 0:
+                    new = s.plan.model_copy(update={field: best})
+                    reserved, ok = verdict(new, model, gpu, config) or (reserved, ok)
+                    change = s.change.replace(f" {getattr(s.plan, field)}", f" {best}", 1)
+                    s = s.model_copy(update={"change": change})
+        out.append(Suggestion(change=s.change, peak_allocated_bytes=s.peak_allocated_bytes,
+                              device_bytes=reserved + gpu.cuda_context_bytes, fits=ok, plan=new, layout=s.layout,
+                              rank=s.rank, simulated=True))
+    return sorted(out, key=lambda x: (not x.fits, x.rank))
+
+
+def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig, reach: Any) -> Any:
+    """Limits found with the scaled estimate, each checked with the simulation (and lowered to the
+    largest value the simulation fits where it does not)."""
+    if reach is None:
+        return reach
+
+    def checked(field: str, value: int) -> int:
+        if field in reach.at_least or value < getattr(plan, field):
+            return value
+
+        def fits_at(v: int) -> bool:
+            r = verdict(plan.model_copy(update={field: v}), model, gpu, config)
+            return r is None or r[1]  # untraced values keep the scaled estimate's word
+
+        if not fits_at(value):
+            return _largest(getattr(plan, field), value, fits_at)
+        # the scaled estimate can also stop short: grow while the simulation still fits
+        step = 1
+        while value + step <= MAX_COUNT and fits_at(value + step):
+            value, step = value + step, step * 2
+        return _largest(value, value + step, fits_at)
+
+    update: dict[str, Any] = {}
+    if reach.max_batch is not None:
+        update["max_batch"] = checked("batch", reach.max_batch)
+    update["max_lengths"] = {f: checked(f, v) for f, v in reach.max_lengths.items()}
+    return reach.model_copy(update=update)
