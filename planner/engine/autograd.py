@@ -48,7 +48,7 @@ class Sz:
     q: int = 0
 
     def at(self, batch: int, seq: int) -> int:
-        return self.c + self.b * batch + self.s * seq + (self.t + self.q * seq) * batch * seq
+        return int(self.c + self.b * batch + self.s * seq + (self.t + self.q * seq) * batch * seq)
 
     def __add__(self, o: "Sz") -> "Sz":
         return Sz(self.c + o.c, self.b + o.b, self.s + o.s, self.t + o.t, self.q + o.q)
@@ -76,8 +76,11 @@ ZERO_SZ = Sz()
 
 
 def sz_of(elems: Any, dtype: str) -> Sz:
-    """A tape tensor's bytes (elements c + t*T + q*T*S, planner.engine.tape.Sym) as an Sz."""
+    """A tape tensor's bytes (elements c + t*T + q*T*S, planner.engine.tape.Sym; or an Sz of elements,
+    for a tensor of a size per sequence) as an Sz."""
     nb = DTYPE_BYTES[dtype]
+    if isinstance(elems, Sz):
+        return elems * nb
     c, t, q = elems.c * nb, elems.t * nb, elems.q * nb
     if c != int(c) or t != int(t) or q != int(q):
         raise ValueError(f"allocation trace: a fractional byte count ({c}, {t}, {q}) for {dtype}")

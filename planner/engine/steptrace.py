@@ -25,7 +25,7 @@ from typing import Any
 from planner.architecture import ModelSpec
 from planner.engine.autograd import DTYPE_BYTES, Backward, Node, Recorder, Size, Sz, SizeFn, formula, sz_of
 from planner.engine.layers import LAYERS, LayerCfg, rms_norm
-from planner.engine.ops import Weight, cast, linear, unary
+from planner.engine.ops import Weight, binary, cast, linear, unary
 from planner.engine.resident import NESTED_BLOCK, QUANT_BLOCK, lora_targets, resident
 from planner.engine.runtime import cublas_workspace_bytes, embedding_backward_workspace, sdpa_backend_for
 from planner.engine.tape import Sym, Tape, Tensor, fixed, tok
@@ -543,13 +543,13 @@ BNB_CUSTOM_MAX_M = 1536
 
 def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> SymbolicTrace:
     """The symbolic trace of a technique's workload, or TraceUnsupported naming what is not covered."""
+    limits = [_bnb_kernel_choice] if any(m.setup.method == "qlora" for m in workload.models) else []
     if workload.technique == "sft":
         use = workload.models[0]
-        limits = []
-        if use.setup.method == "qlora":
-            limits.append(_bnb_kernel_choice)
         return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps), limits=limits)
-    raise TraceUnsupported(f"the engine's allocation trace covers the sft technique, not {workload.technique} yet")
+    if workload.technique == "dpo":
+        return SymbolicTrace(dpo_trace(workload, options, steps), limits=limits)
+    raise TraceUnsupported(f"the engine's allocation trace covers the sft and dpo techniques, not {workload.technique} yet")
 
 
 def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
@@ -560,19 +560,29 @@ def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
     return None
 
 
-def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
-    """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`)."""
-    mt = model_trace(spec, plan, trainable=True)
+def _recorder(options: TraceOptions) -> Recorder:
     rec = Recorder()
     rec.sdpa_backend = options.sdpa_backend
     if options.warm:
         rec.alloc(Sz(c=options.workspace_bytes))
     else:
         rec.workspace = Sz(c=options.workspace_bytes)
-    _setup(rec, mt)
+    return rec
+
+
+def _reset(rec: Recorder) -> None:
+    """`reset_peak_memory_stats()` once the models and optimizers exist."""
     rec.event("phase", "reset")
     rec.phase = "reset"
     rec.event("reset")
+
+
+def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`)."""
+    mt = model_trace(spec, plan, trainable=True)
+    rec = _recorder(options)
+    _setup(rec, mt)
+    _reset(rec)
     for step in range(steps):
         tp = Tape(grad=True, rec=rec)
         ids = tp.raw(Sz(t=8), "input_ids")
@@ -585,6 +595,153 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
         _optimizer_step(rec, mt, first=step == 0)
         # the step's locals go when it returns: the ids, and `out` with its loss and logits
         tp.drop(ids, loss, logits)
+        rec.release_graph()
+        rec.set_phase(f"{step}.between_steps")
+    return rec.events
+
+
+# ---- dpo ------------------------------------------------------------------------------------------
+def _loss_phase(rec: Recorder, step: int):
+    """The tracker's loss phase: from the output head's forward on, inside a forward phase."""
+    def mark() -> None:
+        if rec.phase == f"{step}.forward":
+            rec.set_phase(f"{step}.loss")
+    return mark
+
+
+def _sequence_logprobs(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None) -> Tensor:
+    """plugins/logprobs.py `sequence_logprobs(model, ids, "full")`: `out = model(input_ids=ids,
+    use_cache=False)`; log_softmax(out.logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
+    (one fp32 value per sequence); `out` and its logits go when it returns."""
+    _, logits = causal_lm_forward(tp, mt, ids, labels=False, on_logits=on_logits)
+    lf = cast(tp, logits, "fp32", "logits.float")
+    lsm = unary(tp, lf, "log_softmax", saves_output=True)
+    tp.drop(lf)
+    node = tp.fn("gather", (lsm,), (ids,))  # GatherBackward0 saves the index
+    gathered = tp.out(node, tp.new(tok(1), "fp32", lsm.rg, "gather"))
+    tp.drop(lsm)
+    squeezed = tp.view(gathered, name="squeeze")
+    node = tp.fn("sum_rows", (squeezed,))
+    lp = tp.out(node, _per_sequence(tp, Sz(b=1), "fp32", squeezed.rg, "log-probs summed"))
+    tp.drop(squeezed, gathered, logits)
+    return lp
+
+
+def _per_sequence(tp: Tape, elems: Sz, dtype: str, rg: bool, name: str) -> Tensor:
+    """A tensor of `elems` elements, a size with a batch term (per sequence) the tape's own elements
+    cannot express: only the recorder allocates it."""
+    t = Tensor(elems, dtype, rg and tp.grad, name, external=True)
+    if tp.rec is not None:
+        t.st = tp.rec.alloc(elems * DTYPE_BYTES[dtype])
+    return t
+
+
+@formula("gather")
+def _gather_backward(bw: Backward, n: Node, grads: list) -> list:
+    """GatherBackward0: `grad.new_zeros(self.sizes())`, then scatter_add into a new tensor; the zeros go."""
+    g = grads[0]
+    if g is None:
+        return [None]
+    zeros = bw.new(n.inputs[0][0], g.dtype)
+    out = bw.new(n.inputs[0][0], g.dtype)
+    bw.drop(zeros)
+    return [out]
+
+
+@formula("sum_rows")
+def _sum_rows_backward(bw: Backward, n: Node, grads: list) -> list:
+    """SumBackward1 over the last dimension: the gradient unsqueezed and expanded (a view)."""
+    g = grads[0]
+    return [bw.share(g, n.inputs[0][0]) if g is not None else None]
+
+
+@formula("log_sigmoid")
+def _log_sigmoid_backward(bw: Backward, n: Node, grads: list) -> list:
+    """LogSigmoidBackward0: log_sigmoid_backward(grad, self, buffer), like the input."""
+    g = grads[0]
+    return [bw.new(n.inputs[0][0], g.dtype) if g is not None else None]
+
+
+def _dpo_loss(tp: Tape, pol: Tensor, ref: Tensor, pairs_elems: Sz) -> tuple[Tensor, list[Tensor]]:
+    """plugins/alignment.py: margin = (pol[:B] - pol[B:]) - (ref[:B] - ref[B:]);
+    loss = -F.logsigmoid(beta * margin).mean(). Returns the loss and what the step keeps bound
+    (`margin`)."""
+    halves = []
+    for t in (pol, ref):
+        a = tp.view(t, "slice", elems=pairs_elems, name="chosen")
+        b = tp.view(t, "slice", elems=pairs_elems, name="rejected")
+        d = binary(tp, a, b, "chosen - rejected", saves=False, aten="sub")
+        tp.drop(a, b)
+        halves.append(d)
+    margin = binary(tp, halves[0], halves[1], "margin", saves=False, aten="sub")
+    tp.drop(*halves)
+    scaled = unary(tp, margin, "beta * margin")
+    # log_sigmoid_forward returns the output and a buffer; its node saves the input and the buffer
+    node = tp.fn("log_sigmoid", (scaled,), (scaled,))
+    out = tp.out(node, _per_sequence(tp, pairs_elems, "fp32", scaled.rg, "logsigmoid"))
+    buffer = _per_sequence(tp, pairs_elems, "fp32", False, "log_sigmoid buffer")
+    if node is not None:
+        tp.rec.save(node, buffer.st)
+    tp.drop(buffer, scaled)
+    mean = unary(tp, out, "mean", elems=fixed(1))
+    tp.drop(out)
+    loss = unary(tp, mean, "neg")
+    tp.drop(mean)
+    return loss, [margin]
+
+
+def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The dpo technique's program (plugins/alignment.py `_dpo_step`, full log-softmax, chosen and
+    rejected in one forward): ids of 2 x batch sequences; the policy's log-probs under the forward
+    phase's autocast; the reference's (a frozen copy, the policy with its adapters disabled, or
+    precomputed zeros) under no_grad, after the policy's (TRL's order) or before; the loss; backward;
+    the optimizer."""
+    plan = workload.models[0].setup
+    if plan.logprobs != "full" or plan.pair_forward != "concatenated":
+        raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full and --pair-forward "
+                               "concatenated, not TRL's kernels or two forwards yet")
+    policy = model_trace(workload.model("policy").spec, workload.model("policy").setup, trainable=True)
+    reference = None
+    if plan.ref_logprobs == "model":
+        if plan.method == "full":
+            use = workload.model("reference")
+            reference = model_trace(use.spec, use.setup, trainable=False)
+            # TRL scores the reference inside compute_loss, under the plan's autocast
+            reference.cfg = dataclasses.replace(reference.cfg, autocast=policy.cfg.autocast)
+        else:
+            # peft's disable_adapter(): the policy's base layers alone, no graph
+            reference = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, loras={}), ckpt=False,
+                                            input_rg=False)
+    rec = _recorder(options)
+    _setup(rec, policy)
+    if reference is not None and plan.method == "full":
+        _setup(rec, reference)
+    _reset(rec)
+    pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
+    for step in range(steps):
+        tp = Tape(grad=True, rec=rec)
+        ids = tp.raw(Sz(t=8), "input_ids")
+
+        def reference_logprobs() -> Tensor:
+            rec.set_phase(f"{step}.reference")
+            nt = Tape(grad=False, rec=rec)
+            if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
+                return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
+            return _sequence_logprobs(nt, reference, ids)
+
+        ref = reference_logprobs() if plan.reference_pass == "before" else None
+        rec.set_phase(f"{step}.forward")
+        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
+        if ref is None:
+            ref = reference_logprobs()
+        loss, kept = _dpo_loss(tp, pol, ref, pairs)
+        kept += [pol, ref]  # the step's locals until it returns
+        rec.exit_autocast()
+        rec.set_phase(f"{step}.backward")
+        rec.backward(loss.edge, loss.elems)
+        rec.set_phase(f"{step}.optimizer")
+        _optimizer_step(rec, policy, first=step == 0)
+        tp.drop(ids, loss, *kept)
         rec.release_graph()
         rec.set_phase(f"{step}.between_steps")
     return rec.events
