@@ -21,28 +21,14 @@ pytest.importorskip("peft", reason="peft is not installed (the backends extra)")
 
 from planner.specs import Plan  # noqa: E402
 
+from test_allocator_trace import canonical as _canonical  # noqa: E402
 from test_dryrun import LLAMA, QWEN2  # noqa: E402
 
 
 def canonical(trace: list[tuple]) -> list[tuple]:
+    """test_allocator_trace's canonical form, zero-byte allocations (and their frees) left out."""
     zero = {e[1] for e in trace if e[0] == "a" and e[2] == 0}
-    ids: dict[int, int] = {}
-    out: list[tuple] = []
-    run: list[tuple] = []
-    for e in trace:
-        if e[0] in ("a", "f") and e[1] in zero:
-            continue
-        if e[0] == "f":
-            run.append(("f", ids.get(e[1], -1)))
-            continue
-        out += sorted(run)
-        run = []
-        if e[0] == "a":
-            ids[e[1]] = len(ids)
-            out.append(("a", ids[e[1]], e[2], e[3]))
-        else:
-            out.append(tuple(e))
-    return out + sorted(run)
+    return _canonical([tuple(e) for e in trace if not (e[0] in ("a", "f") and e[1] in zero)])
 
 
 def dry_run_trace(plan: Plan, steps: int = 2) -> list[tuple]:
