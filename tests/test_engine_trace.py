@@ -60,7 +60,8 @@ def first_difference(a: list[tuple], b: list[tuple]) -> str:
 
 
 # (config, plan fields): every method, pure and mixed precision, checkpointing on (non-reentrant, and
-# reentrant where QLoRA's kbit preparation leaves torch's default) and off, the optimizers, a technique
+# reentrant where QLoRA's kbit preparation leaves torch's default) and off, the optimizers, a technique,
+# generation
 CASES = {
     "llama full bf16": ("llama", {}),
     "qwen2 full mixed-bf16 ckpt": ("qwen2", {"precision": "mixed-bf16", "grad_ckpt": True}),
@@ -70,6 +71,8 @@ CASES = {
     # 2048 tokens: past bitsandbytes' kernel heuristic (the dequantize path)
     "llama qlora ckpt": ("llama", {"method": "qlora", "lora_rank": 4, "grad_ckpt": True, "batch": 2, "seq": 1024}),
     "qwen2 dpo": ("qwen2", {"task": "dpo", "batch": 1}),
+    # every decode step runs the model (the cache grows a position at a time)
+    "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
 }
 
 

@@ -75,15 +75,20 @@ Size = Sz | SizeFn
 ZERO_SZ = Sz()
 
 
-def sz_of(elems: Any, dtype: str) -> Sz:
+def sz_of(elems: Any, dtype: str, per_sequence: bool = False) -> Sz:
     """A tape tensor's bytes (elements c + t*T + q*T*S, planner.engine.tape.Sym; or an Sz of elements,
-    for a tensor of a size per sequence) as an Sz."""
+    for a tensor of a size per sequence) as an Sz. `per_sequence`: the recipe runs over one token per
+    sequence (a decode step, the last position's head), so its per-token elements count per sequence."""
     nb = DTYPE_BYTES[dtype]
     if isinstance(elems, Sz):
         return elems * nb
     c, t, q = elems.c * nb, elems.t * nb, elems.q * nb
     if c != int(c) or t != int(t) or q != int(q):
         raise ValueError(f"allocation trace: a fractional byte count ({c}, {t}, {q}) for {dtype}")
+    if per_sequence:
+        if q:
+            raise ValueError("allocation trace: a per-position term in a one-token forward")
+        return Sz(c=int(c), b=int(t))
     return Sz(c=int(c), t=int(t), q=int(q))
 
 
@@ -180,6 +185,8 @@ class Recorder:
         self.workspace: Size | None = None
         self.in_backward = False
         self.sdpa_backend = "cudnn"
+        # the recipes now run over one token per sequence (their per-token sizes count per sequence)
+        self.per_sequence = False
         # the graph's nodes since the last release (saved tensors of nodes backward never ran), and
         # the non-parameter leaves their AccumulateGrad nodes hold
         self.graph: list[Node] = []

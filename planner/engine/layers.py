@@ -261,6 +261,11 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
         qr = rotary(tp, q, cos, sin, nq, "q")
         kr = rotary(tp, k, cos, sin, nkv, "k")
         tp.drop(q, k)
+        if tp.kv is not None:
+            # key_states, value_states = cache.update(...): the cache's grown tensors from now on
+            ck, cv = tp.kv.update(tp, kr, v)
+            tp.drop(kr, v)
+            kr, v = ck, cv
         out = attention_core(tp, qr, kr, v, cfg, "attn")
     # attn_output.transpose(1, 2).contiguous().reshape(*input_shape, -1): views of the kernel's output
     # (SDPA's own reshape, the transpose, the reshape)

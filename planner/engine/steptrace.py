@@ -279,6 +279,30 @@ def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor]]:
     return pos, out
 
 
+def _rotary_of(tp: Tape, mt: ModelTrace) -> list[Tensor]:
+    """The rotary embedding over given position ids (generate's: one row per sequence): as `_prologue`'s,
+    per token."""
+    dt = mt.emb_dtype
+    d = mt.spec.head_dim
+    posf = tp.new(tok(1), "fp32", False, "position_ids.float()")
+    freqs = tp.new(tok(d // 2), "fp32", False, "freqs")
+    tp.drop(posf)
+    emb = tp.new(tok(d), "fp32", False, "emb")
+    trig = []
+    for name in ("cos", "sin"):
+        f = tp.new(tok(d), "fp32", False, name)
+        scaled = tp.new(tok(d), "fp32", False, f"{name} * attention_scaling")
+        tp.drop(f)
+        trig.append(scaled)
+    if dt != "fp32":
+        out = [tp.new(tok(d), dt, False, f"{n}.to(dtype)") for n in ("cos", "sin")]
+        tp.drop(*trig)
+    else:
+        out = trig
+    tp.drop(freqs, emb)
+    return out
+
+
 def _embedding(tp: Tape, mt: ModelTrace, ids: Tensor, key: str) -> Tensor:
     spec = mt.spec
     w = tp.param(fixed(spec.embedding_params), mt.emb_dtype, mt.full, "embed_tokens.weight", key=key)
@@ -406,26 +430,41 @@ def _checkpoint_backward(bw: Backward, n: Node, grads: list) -> list:
 
 
 def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True,
-                      on_logits=None) -> tuple[Tensor | None, Tensor]:
+                      on_logits=None, positions: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """`model(input_ids=ids, labels=ids)` of a Llama-family causal LM: (loss, logits). `on_logits`
-    runs when the head's output exists (the tracker's loss phase starts there)."""
+    runs when the head's output exists (the tracker's loss phase starts there). `positions`: generate's
+    forward, with its position ids and KV cache (tp.kv): no packed-sequence check, and logits of the last
+    position only (logits_to_keep=1)."""
     spec = mt.spec
     emb_key = "embed_tokens.weight"
     x = _embedding(tp, mt, ids, emb_key)
     embeds = x
     x.refs += 1  # `inputs_embeds` and `hidden_states` both name it
-    pos, trig = _prologue(tp, mt)
+    if positions is None:
+        pos, trig = _prologue(tp, mt)
+    else:
+        pos, trig = None, _rotary_of(tp, mt)
     x = _layers(tp, mt, x, pos, trig)
     hn = rms_norm(tp, x, mt.cfg, "norm")
     tp.drop(x)
     # LlamaModel.forward returns: its locals go (the checkpoints keep theirs)
-    tp.drop(pos, embeds, *trig)
-    # LlamaForCausalLM: self.lm_head(hidden_states[:, slice(0, None), :]) (an alias view)
-    tp.op("view", "alias")
-    hv = tp.view(hn, name="hidden_states[:, 0:]")
+    if pos is not None:
+        tp.drop(pos)
+    tp.drop(embeds, *trig)
     head = Weight(spec.hidden_size, spec.vocab_size, mt.emb_dtype, mt.full)
-    logits = linear(tp, hv, head, mt.cfg.autocast, "lm_head",
-                    weight_key=emb_key if spec.tie_word_embeddings else "lm_head.weight")
+    key = emb_key if spec.tie_word_embeddings else "lm_head.weight"
+    if positions is None:
+        # LlamaForCausalLM: self.lm_head(hidden_states[:, slice(0, None), :]) (an alias view)
+        tp.op("view", "alias")
+        hv = tp.view(hn, name="hidden_states[:, 0:]")
+        logits = linear(tp, hv, head, mt.cfg.autocast, "lm_head", weight_key=key)
+    else:
+        # hidden_states[:, -1:, :]: one position per sequence
+        hv = tp.view(hn, name="hidden_states[:, -1:]")
+        per = tp.rec.per_sequence
+        tp.rec.per_sequence = True
+        logits = linear(tp, hv, head, mt.cfg.autocast, "lm_head", weight_key=key)
+        tp.rec.per_sequence = per
     tp.drop(hv)
     if on_logits is not None:
         on_logits()
@@ -549,7 +588,10 @@ def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
         return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps), limits=limits)
     if workload.technique == "dpo":
         return SymbolicTrace(dpo_trace(workload, options, steps), limits=limits)
-    raise TraceUnsupported(f"the engine's allocation trace covers the sft and dpo techniques, not {workload.technique} yet")
+    if workload.technique == "generate":
+        return SymbolicTrace(generate_trace(workload, options, steps), limits=limits)
+    raise TraceUnsupported(f"the engine's allocation trace covers the sft, dpo and generate techniques, not "
+                           f"{workload.technique} yet")
 
 
 def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
@@ -745,3 +787,179 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
         rec.release_graph()
         rec.set_phase(f"{step}.between_steps")
     return rec.events
+
+
+# ---- generate -------------------------------------------------------------------------------------
+class KVCache:
+    """transformers' DynamicCache as its layers grow it: `torch.cat([keys, key_states], dim=-2)` makes
+    the grown keys (then values) of a layer and the old ones go."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.layers: dict[str, list] = {}
+
+    def update(self, tp: Tape, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rec = self.rec
+        held = self.layers.setdefault(tp.scope, [None, None, Sz(), Sz()])
+        out = []
+        for i, new in enumerate((k, v)):
+            size = held[2 + i] + sz_of(new.elems, new.dtype, rec.per_sequence)
+            st = rec.alloc(size)
+            if held[i] is not None:
+                rec.unref(held[i])
+            held[i], held[2 + i] = st, size
+            rec.ref(st)  # the attention's binding of the cache's tensor
+            out.append(Tensor(new.elems, new.dtype, False, "cache", external=True, st=st))
+        return out[0], out[1]
+
+    def release(self) -> None:
+        for held in self.layers.values():
+            for st in held[:2]:
+                self.rec.unref(st)
+        self.layers = {}
+
+
+def generate_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The generate technique's program (plugins/generation.py): ids of batch x prompt tokens, then
+    `model.generate(ids, attention_mask=ones, max_new_tokens=n, min_new_tokens=n, do_sample=False)` as
+    transformers 5.25 runs it with its DynamicCache; every decode step runs the model (the sizes: B the
+    batch, S the prompt length)."""
+    use = workload.models[0]
+    ph = workload.phases[0]
+    if use.setup.method == "qlora":
+        raise TraceUnsupported(f"4-bit generation: each decode step multiplies one token per sequence, where "
+                               f"bitsandbytes picks its kernel by a per-architecture heuristic (up to "
+                               f"{BNB_CUSTOM_MAX_M} tokens); the engine's trace covers its dequantize path only")
+    mt = model_trace(use.spec, use.setup, trainable=False)
+    # generate runs outside any autocast region
+    mt.cfg = dataclasses.replace(mt.cfg, autocast=None)
+    rec = _recorder(options)
+    _setup(rec, mt)
+    _reset(rec)
+    for step in range(steps):
+        tp = Tape(grad=False, rec=rec)
+        ids = tp.raw(Sz(t=8), "input_ids")
+        out = _generate(tp, mt, ids, ph.new_tokens, step)
+        tp.drop(ids, out)  # the step's locals go when it returns (generate's output among them)
+        rec.set_phase(f"{step}.between_steps")
+    return rec.events
+
+
+def _generate(tp: Tape, mt: ModelTrace, ids: Tensor, new_tokens: int, step: int) -> Tensor:
+    """GenerationMixin.generate's greedy loop; returns the output ids. Sizes of its bookkeeping, per the
+    tensor it makes (B sequences, S prompt tokens, V vocabulary, int64 ids): the attention mask and the
+    position ids (B x S, from the mask's cumsum), the special-token checks, `unfinished_sequences` (B),
+    and per step: the grown position ids and ids (B x (S + k)), the last position's logits in fp32,
+    two min-length logits processors (each an arange and isin over V, a clone of the scores,
+    torch.where), argmax and the padding arithmetic (B), the stopping criteria (B flags), and the
+    next step's inputs (two clones of B)."""
+    rec = tp.rec
+    V = mt.spec.vocab_size
+
+    def temp(*sizes: Sz) -> None:
+        ts = [tp.raw(z, "temporary") for z in sizes]
+        tp.drop(*ts)
+
+    mask = tp.raw(Sz(t=8), "attention_mask")  # ones_like(ids)
+    specials = [tp.raw(Sz(c=8), "special token") for _ in range(2)]  # eos and pad as tensors
+    # special-token checks (isin / any, lt / any, eq / any)
+    for first in (Sz(c=1), Sz(c=1), Sz(b=1)):
+        a = tp.raw(first, "check")
+        b = tp.raw(Sz(c=1), "any")
+        tp.drop(a, b)
+    # position_ids = attention_mask.long().cumsum(-1) - 1; masked_fill_(attention_mask == 0, 1)
+    cs = tp.raw(Sz(t=8), "cumsum")
+    sub = tp.raw(Sz(t=8), "cumsum - 1")
+    tp.drop(cs)
+    eq = tp.raw(Sz(t=1), "mask == 0")
+    positions = tp.raw(Sz(t=8), "position_ids")
+    tp.drop(eq, sub)
+    for _ in range(2):  # the mask's checks: all ones, none below zero
+        a = tp.raw(Sz(t=1), "check")
+        b = tp.raw(Sz(c=1), "all/any")
+        tp.drop(a, b)
+    unfinished = tp.raw(Sz(b=8), "unfinished_sequences")
+    model_ids = tp.raw(Sz(t=8), "model input ids")
+    rec.set_phase(f"{step}.prefill")
+    tp.kv = KVCache(rec)
+    _, logits = causal_lm_forward(tp, mt, model_ids, labels=False, positions=positions)
+    tp.drop(model_ids)
+    grown_positions = None
+    grown_ids = None
+    logits32 = scores = next_tokens = None
+    clones: list[Tensor] = []
+    for k in range(new_tokens):
+        if k > 0:
+            # prepare_inputs_for_generation: the last position's ids and position ids
+            new_clones = [tp.raw(Sz(b=8), "clone") for _ in range(2)]
+            tp.drop(*clones)
+            clones = new_clones
+            if k == 1:
+                rec.set_phase("0.decode")
+            rec.per_sequence = True
+            _, logits = causal_lm_forward(tp, mt, clones[0], labels=False, positions=clones[1])
+            rec.per_sequence = False
+        # _update_model_kwargs_for_generation: the position ids grow by one
+        a = tp.raw(Sz(c=8), "arange")
+        b = tp.raw(Sz(b=8), "+")
+        tp.drop(a)
+        c = tp.raw(Sz(b=8), "+")
+        tp.drop(b)
+        grown = tp.raw(Sz(t=8, b=8 * (k + 1)), "position_ids grown")
+        tp.drop(c)
+        if grown_positions is not None:
+            tp.drop(grown_positions)
+        grown_positions = grown
+        # next_token_logits = logits[:, -1].to(copy=True, dtype=float32)
+        n32 = tp.raw(Sz(b=V * 4), "next_token_logits")
+        if logits32 is not None:
+            tp.drop(logits32)
+        logits32 = n32
+        # MinLengthLogitsProcessor, then MinNewTokensLengthLogitsProcessor
+        ar, isin = tp.raw(Sz(c=V * 8), "arange(V)"), tp.raw(Sz(c=V), "isin")
+        cl, st = tp.raw(Sz(b=V * 4), "scores.clone()"), tp.raw(Sz(c=4), "scalar_tensor")
+        first = tp.raw(Sz(b=V * 4), "torch.where")
+        tp.drop(st, cl, ar, isin)
+        cl = tp.raw(Sz(b=V * 4), "scores.clone()")
+        ar, isin, st = tp.raw(Sz(c=V * 8), "arange(V)"), tp.raw(Sz(c=V), "isin"), tp.raw(Sz(c=4), "scalar_tensor")
+        second = tp.raw(Sz(b=V * 4), "torch.where")
+        tp.drop(st, cl, ar, isin, first)
+        if scores is not None:
+            tp.drop(scores)
+        scores = second
+        # next_tokens = argmax; next_tokens * unfinished + pad * (1 - unfinished)
+        am = tp.raw(Sz(b=8), "argmax")
+        if next_tokens is not None:
+            tp.drop(next_tokens)
+        m1, r = tp.raw(Sz(b=8), "mul"), tp.raw(Sz(b=8), "rsub")
+        m2 = tp.raw(Sz(b=8), "mul")
+        tp.drop(r)
+        next_tokens = tp.raw(Sz(b=8), "next_tokens")
+        tp.drop(m1, m2, am)
+        # input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        cat = tp.raw(Sz(t=8, b=8 * (k + 1)), "input_ids")
+        if grown_ids is not None:
+            tp.drop(grown_ids)
+        grown_ids = cat
+        # unfinished_sequences & ~stopping_criteria(...): max length and EOS criteria, B flags each
+        f1, f2 = tp.raw(Sz(b=1), "full"), tp.raw(Sz(b=1), "full")
+        o1 = tp.raw(Sz(b=1), "or")
+        tp.drop(f2, f1)
+        i1 = tp.raw(Sz(b=1), "isin")
+        a1 = tp.raw(Sz(b=1), "any")
+        tp.drop(i1)
+        o2 = tp.raw(Sz(b=1), "or")
+        tp.drop(a1, o1)
+        n1 = tp.raw(Sz(b=1), "not")
+        tp.drop(o2)
+        still = tp.raw(Sz(b=8), "unfinished_sequences")
+        tp.drop(n1, unfinished)
+        unfinished = still
+        temp(Sz(c=8), Sz(c=1))  # unfinished_sequences.max() == 0 (read on the host)
+        tp.drop(logits)  # del outputs
+    # generate returns: its locals and the cache go; the output ids are the caller's
+    tp.drop(grown_positions, unfinished, *clones, logits32, scores, next_tokens, specials[0], positions, specials[1],
+            mask)
+    tp.kv.release()
+    tp.kv = None
+    return grown_ids

@@ -205,6 +205,7 @@ class Tape:
     # event, every last reference dropped a free, and every op autograd records a node
     rec: "Recorder | None" = None
     scope: str = ""  # the module path of the recipe now running (names parameters for the recorder)
+    kv: Any = None  # a generation's KV cache (planner.engine.steptrace.KVCache): attention updates it
 
     # ---- ops (for time) ---------------------------------------------------------------------
     def op(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
@@ -256,7 +257,7 @@ class Tape:
         if self.rec is not None:
             from planner.engine.autograd import sz_of
 
-            t.st = self.rec.alloc(sz_of(elems, dtype))
+            t.st = self.rec.alloc(sz_of(elems, dtype, self.rec.per_sequence))
             if self.rec.recompute_tensors is not None:
                 self.rec.recompute_tensors.append(t)
         return t
