@@ -48,8 +48,10 @@ def verdict(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig) -> 
     from planner.engine.allocator import replay
     from planner.engine.simulation import TraceUnsupported, allocator_capacity, plan_trace
 
+    from planner.engine.simulation import FIT_MAX_EVENTS
+
     try:
-        trace = plan_trace(plan, model, gpu, coded=True)
+        trace = plan_trace(plan, model, gpu, coded=True, max_events=FIT_MAX_EVENTS)
     except (TraceUnsupported, ValueError):
         return None
     capacity = allocator_capacity(gpu)
@@ -60,13 +62,14 @@ def verdict(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig) -> 
 
 
 def same_shape(a: Plan, b: Plan) -> bool:
-    """Plans whose traces differ only in their numbers (batch and lengths)."""
-    numbers = {"batch", "seq", "prompt_len", "new_tokens"}
+    """Plans whose traces differ only in their numbers (batch and the lengths a trace's sizes take;
+    not the new tokens: a generation's trace has a decode step per token). One sequence per
+    micro-batch has a trace of its own (planner.engine.steptrace.workload_trace)."""
     da, db = a.model_dump(), b.model_dump()
-    return all(da[k] == db[k] for k in da if k not in numbers)
+    return all(da[k] == db[k] for k in da if k not in NUMBERS) and (a.batch == 1) == (b.batch == 1)
 
 
-NUMBERS = ("batch", "seq", "prompt_len", "new_tokens")
+NUMBERS = ("batch", "seq", "prompt_len")
 
 
 def _largest(lo_fits: int, hi_fails: int, fits_at: Any) -> int:
@@ -134,7 +137,7 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
         return reach
 
     def checked(field: str, value: int) -> int:
-        if field in reach.at_least or value < getattr(plan, field):
+        if field in reach.at_least or field not in NUMBERS or value < getattr(plan, field):
             return value
 
         def fits_at(v: int) -> bool:

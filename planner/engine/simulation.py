@@ -26,6 +26,13 @@ __all__ = ["TraceUnsupported", "allocator_capacity", "plan_trace", "simulate_pla
 
 _cache: dict[tuple, tuple[Any, SymbolicTrace]] = {}
 
+# What fit simulates: a generation's trace has every decode step of every layer (about 90 events per
+# layer and step, two generate calls), which a long generation makes millions of events long: built and
+# replayed in pure Python that is seconds to minutes, so fit keeps the rounding model past this many
+# (planner validate simulates any length from the dry run's trace)
+FIT_MAX_EVENTS = 200_000
+EVENTS_PER_DECODE_LAYER = 90
+
 
 def trace_options(gpu: "GPUSpec | None") -> TraceOptions:
     """The trace's workspace and SDPA kernel for the plan's card (sm90's without one), as the
@@ -38,14 +45,28 @@ def allocator_capacity(gpu: "GPUSpec") -> int:
     return gpu.memory_bytes - gpu.cuda_context_bytes
 
 
-def plan_trace(plan: Any, model: Any, gpu: "GPUSpec | None" = None, coded: bool = False) -> Any:
+def plan_trace(plan: Any, model: Any, gpu: "GPUSpec | None" = None, coded: bool = False,
+               max_events: int | None = None) -> Any:
     """The plan's allocation trace (planner.engine.allocator's events; `coded`: as its CodedTrace),
-    from the cached symbolic one. Raises TraceUnsupported where the engine cannot trace the plan yet."""
+    from the cached symbolic one. Raises TraceUnsupported where the engine cannot trace the plan yet,
+    or (with `max_events`) where a generation's trace would be longer than that."""
     from planner.plugins import technique
 
     workload = technique(plan.task).workload(plan, model)
+    if max_events is not None:
+        for ph in workload.phases:
+            if ph.kind != "generate":
+                continue
+            spec = workload.model(ph.role).spec
+            events = 2 * ph.new_tokens * spec.num_layers * EVENTS_PER_DECODE_LAYER
+            if events > max_events:
+                raise TraceUnsupported(f"a generation of {ph.new_tokens} new tokens over {spec.num_layers} layers: "
+                                       f"about {events:,} allocation events (every decode step of every layer), "
+                                       f"more than fit simulates ({max_events:,}); planner validate simulates it "
+                                       "from the dry run")
     options = trace_options(gpu)
-    key = (workload_key(workload), options)
+    # one sequence per micro-batch has a trace of its own (steptrace.workload_trace)
+    key = (workload_key(workload), options, workload.phases[0].batch == 1)
     hit = _cache.get(key)
     if hit is None or hit[0] is not workload.models[0].spec:
         built = workload_trace(workload, options)
@@ -63,7 +84,8 @@ def workload_key(workload: Any) -> tuple:
 
     models = tuple((m.role, id(m.spec), m.spec.id, m.spec.num_params, m.trainable, m.setup.grad_accum)
                    + tuple(getattr(m.setup, f) for f in _SHAPE_FIELDS) for m in workload.models)
-    phases = tuple((ph.name, ph.kind, ph.role, ph.loss, ph.passes, ph.adapters, ph.autocast) for ph in workload.phases)
+    phases = tuple((ph.name, ph.kind, ph.role, ph.loss, ph.passes, ph.adapters, ph.autocast, ph.new_tokens)
+                   for ph in workload.phases)
     return (workload.technique, models, phases)
 
 
@@ -76,5 +98,5 @@ def workload_numbers(workload: Any) -> tuple[int, int]:
 def simulate_plan(plan: Any, model: Any, gpu: "GPUSpec", config: AllocatorConfig | None = None) -> AllocatorAnswer:
     """The simulated allocator's answer for the plan on its card: reserved, the verdict, the smallest
     card and, where it does not fit, the settings that make it fit."""
-    trace = plan_trace(plan, model, gpu, coded=True)
+    trace = plan_trace(plan, model, gpu, coded=True, max_events=FIT_MAX_EVENTS)
     return simulate(trace, config or AllocatorConfig(), capacity_bytes=allocator_capacity(gpu))

@@ -430,7 +430,8 @@ def _checkpoint_backward(bw: Backward, n: Node, grads: list) -> list:
 
 
 def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True,
-                      on_logits=None, positions: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+                      on_logits=None, positions: Tensor | None = None,
+                      single_sequence: bool = False) -> tuple[Tensor | None, Tensor]:
     """`model(input_ids=ids, labels=ids)` of a Llama-family causal LM: (loss, logits). `on_logits`
     runs when the head's output exists (the tracker's loss phase starts there). `positions`: generate's
     forward, with its position ids and KV cache (tp.kv): no packed-sequence check, and logits of the last
@@ -468,17 +469,19 @@ def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True
     tp.drop(hv)
     if on_logits is not None:
         on_logits()
-    loss = _causal_lm_loss(tp, logits, spec.vocab_size) if labels else None
+    loss = _causal_lm_loss(tp, logits, spec.vocab_size, single_sequence) if labels else None
     tp.drop(hn)
     return loss, logits
 
 
-def _causal_lm_loss(tp: Tape, logits: Tensor, vocab: int) -> Tensor:
+def _causal_lm_loss(tp: Tape, logits: Tensor, vocab: int, single_sequence: bool = False) -> Tensor:
     """transformers' ForCausalLMLoss: logits.float(); labels padded by one (constant_pad_nd) and
-    shifted (clone); cross_entropy = log_softmax + nll_loss (mean): the loss and its total weight."""
+    shifted (`labels[..., 1:].contiguous()`: a copy, except for one sequence, whose shifted view is
+    contiguous already: then nll_loss keeps the padded labels); cross_entropy = log_softmax + nll_loss
+    (mean): the loss and its total weight."""
     lf = cast(tp, logits, "fp32", "logits.float")
     padded = tp.raw(Sz(t=8, b=8), "labels padded")
-    shifted = tp.raw(Sz(t=8), "shift_labels")
+    shifted = tp.view(padded, name="shift_labels") if single_sequence else tp.raw(Sz(t=8), "shift_labels")
     lv = tp.view(lf, name="logits.view(-1, V)")
     lsm = unary(tp, lv, "log_softmax", saves_output=True)
     node = tp.fn("nll_loss", (lsm,), (lsm, shifted))
@@ -581,15 +584,18 @@ BNB_CUSTOM_MAX_M = 1536
 
 
 def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> SymbolicTrace:
-    """The symbolic trace of a technique's workload, or TraceUnsupported naming what is not covered."""
+    """The symbolic trace of a technique's workload, or TraceUnsupported naming what is not covered.
+    A workload of one sequence per micro-batch has a trace of its own (`single_sequence`): some views
+    of a one-row tensor are contiguous where those of several rows are copied."""
     limits = [_bnb_kernel_choice] if any(m.setup.method == "qlora" for m in workload.models) else []
     if workload.technique == "sft":
         use = workload.models[0]
-        return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps), limits=limits)
+        single = workload.phases[0].batch == 1
+        return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps, single), limits=limits)
     if workload.technique == "dpo":
         return SymbolicTrace(dpo_trace(workload, options, steps), limits=limits)
     if workload.technique == "generate":
-        return SymbolicTrace(generate_trace(workload, options, steps), limits=limits)
+        return SymbolicTrace(generate_trace(workload, options, steps, workload.phases[0].batch == 1), limits=limits)
     raise TraceUnsupported(f"the engine's allocation trace covers the sft, dpo and generate techniques, not "
                            f"{workload.technique} yet")
 
@@ -619,8 +625,10 @@ def _reset(rec: Recorder) -> None:
     rec.event("reset")
 
 
-def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
-    """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`)."""
+def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS,
+              single_sequence: bool = False) -> list[tuple]:
+    """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`);
+    `single_sequence`: micro-batches of one sequence."""
     mt = model_trace(spec, plan, trainable=True)
     rec = _recorder(options)
     _setup(rec, mt)
@@ -629,7 +637,8 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
         tp = Tape(grad=True, rec=rec)
         ids = tp.raw(Sz(t=8), "input_ids")
         rec.set_phase(f"{step}.forward")
-        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"))
+        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"),
+                                         single_sequence=single_sequence)
         rec.exit_autocast()  # the forward phase's autocast region ends
         rec.set_phase(f"{step}.backward")
         rec.backward(loss.edge, loss.elems)
@@ -819,7 +828,8 @@ class KVCache:
         self.layers = {}
 
 
-def generate_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+def generate_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS,
+                   single_sequence: bool = False) -> list[tuple]:
     """The generate technique's program (plugins/generation.py): ids of batch x prompt tokens, then
     `model.generate(ids, attention_mask=ones, max_new_tokens=n, min_new_tokens=n, do_sample=False)` as
     transformers 5.25 runs it with its DynamicCache; every decode step runs the model (the sizes: B the
@@ -839,13 +849,13 @@ def generate_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
     for step in range(steps):
         tp = Tape(grad=False, rec=rec)
         ids = tp.raw(Sz(t=8), "input_ids")
-        out = _generate(tp, mt, ids, ph.new_tokens, step)
+        out = _generate(tp, mt, ids, ph.new_tokens, step, single_sequence)
         tp.drop(ids, out)  # the step's locals go when it returns (generate's output among them)
         rec.set_phase(f"{step}.between_steps")
     return rec.events
 
 
-def _generate(tp: Tape, mt: ModelTrace, ids: Tensor, new_tokens: int, step: int) -> Tensor:
+def _generate(tp: Tape, mt: ModelTrace, ids: Tensor, new_tokens: int, step: int, single_sequence: bool) -> Tensor:
     """GenerationMixin.generate's greedy loop; returns the output ids. Sizes of its bookkeeping, per the
     tensor it makes (B sequences, S prompt tokens, V vocabulary, int64 ids): the attention mask and the
     position ids (B x S, from the mask's cumsum), the special-token checks, `unfinished_sequences` (B),
@@ -862,8 +872,8 @@ def _generate(tp: Tape, mt: ModelTrace, ids: Tensor, new_tokens: int, step: int)
 
     mask = tp.raw(Sz(t=8), "attention_mask")  # ones_like(ids)
     specials = [tp.raw(Sz(c=8), "special token") for _ in range(2)]  # eos and pad as tensors
-    # special-token checks (isin / any, lt / any, eq / any)
-    for first in (Sz(c=1), Sz(c=1), Sz(b=1)):
+    # special-token checks (isin / any, lt / any; with several sequences the right-padding one, eq / any)
+    for first in (Sz(c=1), Sz(c=1)) + (() if single_sequence else (Sz(b=1),)):
         a = tp.raw(first, "check")
         b = tp.raw(Sz(c=1), "any")
         tp.drop(a, b)
