@@ -5,8 +5,9 @@ The searches try many candidate plans; each is estimated by the engine (microsec
 reserved scaled by the plan's own simulated-to-estimated ratio, and only the finalists are simulated:
 those that change the batch or a length (the same trace shape, so the cached trace serves them) are
 replayed under the card (a verdict needs one or two replays: on an unlimited card, then under the card
-when the first asks for more), and where a finalist does not fit, the largest value that does is
-searched by bisection with the simulation. Finalists of another shape (checkpointing, LoRA, another
+when the first asks for more), and where a finalist does not fit (or a limit could go further), the
+largest value that does is searched from the estimate rescaled by each replay's figure, a handful of
+replays rather than a bisection's (`_simulated_largest`). Finalists of another shape (checkpointing, LoRA, another
 optimizer) would each need a trace built: they keep the scaled figure and say so (`simulated`).
 """
 
@@ -43,18 +44,22 @@ def with_simulated(est: MemoryEstimate, answer: "AllocatorAnswer", gpu: "GPUSpec
                                   "device_items": items})
 
 
-def verdict(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig) -> "tuple[int, bool] | None":
-    """(reserved, fits) of the plan's trace on the card, by one or two replays; None where it is not traced."""
+def verdict(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig,
+            fits_only: bool = False) -> "tuple[int, bool] | None":
+    """(reserved, fits) of the plan's trace on the card, by one or two replays (reserved on an unlimited
+    card, then under the card when that asks for more); None where it is not traced. `fits_only`: one
+    replay under the card (reserved is then the most that run held)."""
     from planner.engine.allocator import replay
-    from planner.engine.simulation import TraceUnsupported, allocator_capacity, plan_trace
-
-    from planner.engine.simulation import FIT_MAX_EVENTS
+    from planner.engine.simulation import FIT_MAX_EVENTS, TraceUnsupported, allocator_capacity, plan_trace
 
     try:
         trace = plan_trace(plan, model, gpu, coded=True, max_events=FIT_MAX_EVENTS)
     except (TraceUnsupported, ValueError):
         return None
     capacity = allocator_capacity(gpu)
+    if fits_only:
+        run = replay(trace, config, capacity_bytes=capacity)
+        return run.max_reserved_bytes, run.fits
     free = replay(trace, config)
     if free.max_reserved_bytes <= capacity:
         return free.peak_reserved_bytes, True
@@ -114,11 +119,16 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
         if not ok:
             field = next((f for f in NUMBERS if getattr(s.plan, f) != getattr(plan, f)), None)
             if field is not None:
-                def fits_at(value: int, f: str = field) -> bool:
-                    r = verdict(s.plan.model_copy(update={f: value}), model, gpu, config)
-                    return r is not None and r[1]
+                failed = getattr(s.plan, field)
 
-                best = _largest(0, getattr(s.plan, field), fits_at)
+                def probe(value: int, f: str = field) -> "tuple[bool, int | None]":
+                    r = verdict(s.plan.model_copy(update={f: value}), model, gpu, config, fits_only=True)
+                    return (False, None) if r is None else (r[1], r[0] if r[1] else None)
+
+                def rescaled(at: int, held: "int | None", lo: int, hi: "int | None", f: str = field) -> int:
+                    return _rescaled_candidate(s.plan, model, gpu, config, f, at, held, lo, hi)
+
+                best = _simulated_largest(0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
                 if best > 0:
                     new = s.plan.model_copy(update={field: best})
                     reserved, ok = verdict(new, model, gpu, config) or (reserved, ok)
@@ -131,8 +141,8 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
 
 
 def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig, reach: Any) -> Any:
-    """Limits found with the scaled estimate, each checked with the simulation (and lowered to the
-    largest value the simulation fits where it does not)."""
+    """Limits found with the scaled estimate, each checked with the simulation: the largest value the
+    simulation fits, searched from the scaled estimate's candidate (`_simulated_largest`)."""
     if reach is None:
         return reach
 
@@ -140,20 +150,89 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
         if field in reach.at_least or field not in NUMBERS or value < getattr(plan, field):
             return value
 
-        def fits_at(v: int) -> bool:
-            r = verdict(plan.model_copy(update={field: v}), model, gpu, config)
-            return r is None or r[1]  # untraced values keep the scaled estimate's word
+        def probe(v: int) -> "tuple[bool, int | None]":
+            r = verdict(plan.model_copy(update={field: v}), model, gpu, config, fits_only=True)
+            # untraced values keep the scaled estimate's word
+            return (True, None) if r is None else (r[1], r[0] if r[1] else None)
 
-        if not fits_at(value):
-            return _largest(getattr(plan, field), value, fits_at)
-        # the scaled estimate can also stop short: grow while the simulation still fits
-        step = 1
-        while value + step <= MAX_COUNT and fits_at(value + step):
-            value, step = value + step, step * 2
-        return _largest(value, value + step, fits_at)
+        def rescaled(at: int, reserved: "int | None", lo: int, hi: "int | None") -> int:
+            return _rescaled_candidate(plan, model, gpu, config, field, at, reserved, lo, hi)
+
+        return _simulated_largest(getattr(plan, field), value, probe, rescaled)
 
     update: dict[str, Any] = {}
     if reach.max_batch is not None:
         update["max_batch"] = checked("batch", reach.max_batch)
     update["max_lengths"] = {f: checked(f, v) for f, v in reach.max_lengths.items()}
     return reach.model_copy(update=update)
+
+
+def _simulated_largest(fits: int, candidate: int, probe: Any, rescaled: Any, tries: int = 6,
+                       fails: "int | None" = None) -> int:
+    """The largest value the simulation fits, above `fits` (which does). A replay costs tens of ms, so
+    the search starts at the scaled estimate's candidate and moves by the estimate rescaled with the
+    simulation (`probe(v)` -> (fits, reserved where it fits); `rescaled(v, reserved, lo, hi)`: from the
+    last fitting value, or from an unlimited replay at a failing one while none fitted): up from a fit
+    (the next value where the rescaled candidate stays), down from a failure by at most 1, 2, 4... (the
+    rescaled candidate is often just past the limit). After `tries` a gallop up (while nothing
+    failed) and a bisection between the last fitting and first failing values finish it. `fails`: a
+    value known to fail, if any."""
+    lo, hi = fits, fails
+    lo_reserved = None  # the simulation's reserved at lo, once probed
+    fails = 0
+    guess = candidate
+    for _ in range(tries):
+        if guess <= lo or (hi is not None and guess >= hi):
+            break
+        ok, reserved = probe(guess)
+        if ok:
+            lo, lo_reserved = guess, reserved
+        else:
+            hi, fails = guess, fails + 1
+        if hi is not None and hi - lo <= 1:
+            return lo
+        if ok:
+            nxt = rescaled(lo, lo_reserved, lo, hi)
+            guess = nxt if nxt > lo else lo + 1
+        else:
+            nxt = rescaled(lo, lo_reserved, lo, hi) if lo_reserved is not None else rescaled(hi, None, lo, hi)
+            guess = max(min(nxt, hi - (1 << (fails - 1))), lo + 1)
+    if hi is None:
+        step = 1
+        while lo + step <= MAX_COUNT and probe(lo + step)[0]:
+            lo, step = lo + step, step * 2
+        hi = lo + step
+    return _largest(lo, hi, lambda v: probe(v)[0])
+
+
+def _rescaled_candidate(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig, field: str, at: int,
+                        reserved: "int | None", lo: int, hi: "int | None") -> int:
+    """The largest value in (lo, hi) whose estimated reserved, scaled by the simulated-to-estimated
+    ratio at `at`, fits the allocator's share of the card (microsecond estimates; `reserved`: the
+    simulation's at `at` where known, else one replay on an unlimited card); the midpoint (or `at`)
+    where `at` is not traced."""
+    from planner.engine import estimate
+    from planner.engine.allocator import replay
+    from planner.engine.simulation import FIT_MAX_EVENTS, TraceUnsupported, allocator_capacity, plan_trace
+
+    def est_reserved(v: int) -> int:
+        return estimate(plan.model_copy(update={field: v}), model, gpu).reserved_bytes
+
+    if reserved is None:
+        try:
+            trace = plan_trace(plan.model_copy(update={field: at}), model, gpu, coded=True, max_events=FIT_MAX_EVENTS)
+        except (TraceUnsupported, ValueError):
+            return at if hi is None else (lo + hi) // 2
+        reserved = replay(trace, config).peak_reserved_bytes
+    ratio = reserved / max(est_reserved(at), 1)
+    capacity = allocator_capacity(gpu)
+
+    def fits(v: int) -> bool:
+        return est_reserved(v) * ratio <= capacity
+
+    if hi is None:  # nothing failed yet: double past the estimate's last fitting value
+        hi = at + 1
+        while hi <= MAX_COUNT and fits(hi):
+            lo, hi = hi, hi + (hi - lo) * 2
+        hi = min(hi, MAX_COUNT + 1)
+    return _largest(lo, hi, fits)

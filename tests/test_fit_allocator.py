@@ -7,6 +7,8 @@ import io
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from planner.cli import main
 from planner.engine import estimate
@@ -109,3 +111,41 @@ def test_limits_hold_under_the_simulation():
     for field, value in (("batch", lim["max_batch"]), ("seq", lim["max_lengths"]["seq"])):
         assert verdict(base.model_copy(update={field: value}), model, gpu, AllocatorConfig())[1] is True
         assert verdict(base.model_copy(update={field: value + 1}), model, gpu, AllocatorConfig())[1] is False
+
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(1, 10**6), candidate=st.integers(1, 2 * 10**6), seed=st.integers(0, 1000))
+def test_the_limit_search_finds_the_limit_whatever_its_candidates(limit, candidate, seed):
+    """`_simulated_largest` moves by rescaled estimates; however wrong they are (here random), the
+    answer is the last fitting value before the first failing one."""
+    import random
+
+    from planner.simulated import _simulated_largest
+
+    rng = random.Random(seed)
+    probed = []
+
+    def probe(v):
+        probed.append(v)
+        return (v <= limit, v * 10 if v <= limit else None)
+
+    def rescaled(at, reserved, lo, hi):
+        return rng.randint(0, 2 * 10**6)
+
+    assert _simulated_largest(1, candidate, probe, rescaled) == limit
+    assert all(v > 1 for v in probed)  # never the plan's own value, which fits
+
+
+def test_the_limit_search_probes_few_values_from_a_near_candidate():
+    """From a candidate one past the limit, with the rescaled estimate one past again (the usual miss),
+    the search settles in a handful of replays, not a bisection over the whole range."""
+    from planner.simulated import _simulated_largest
+
+    limit, probed = 7809, []
+
+    def probe(v):
+        probed.append(v)
+        return (v <= limit, v)
+
+    assert _simulated_largest(2048, limit + 2, probe, lambda at, r, lo, hi: min(limit + 2, hi - 1 if hi else limit + 2)) == limit
+    assert len(probed) <= 4, probed

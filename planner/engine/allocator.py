@@ -33,8 +33,11 @@ ties between equal free blocks go to the older segment, as cudaMalloc's rising a
 
 from __future__ import annotations
 
+import functools
+import gc
+import math
 from bisect import bisect_left, insort
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 
 from pydantic import BaseModel, Field
 
@@ -636,6 +639,26 @@ class CodedTrace:
 ALLOC, FREE, PHASE, RESET, EMPTY_CACHE = 0, 1, 2, 3, 4
 
 
+def _gc_paused(fn):
+    """A replay makes and drops tens of thousands of linked blocks (prev/next cycles), and a bisection
+    copies them: the cyclic collector's passes over them cost about as much as the replay itself
+    (measured: the smallest card of an 8B training trace, 300 ms -> 200 ms without them). The
+    collector is paused for the call; the cycles left are its next pass's."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def replay(
     trace: "list[tuple] | CodedTrace",
     config: AllocatorConfig | None = None,
@@ -688,7 +711,14 @@ def replay_general(trace: list[tuple], config: AllocatorConfig | None = None, ca
             a.empty_cache()
         else:
             raise ValueError(f"allocation trace: unknown event {ev!r}")
-    phase_peaks[phase] = max(phase_peaks.get(phase, 0), s.peak_reserved)
+    return _result(s, phase, phase_peaks, oom, at)
+
+
+def _result(s: "Stats | _FastState", phase: str, phase_peaks: dict[str, int], oom: "OutOfMemory | None",
+            at: int | None) -> ReplayResult:
+    """A replay's answer from its counters; the phase still open gets its peak."""
+    peaks = dict(phase_peaks)
+    peaks[phase] = max(peaks.get(phase, 0), s.peak_reserved)
     return ReplayResult(
         peak_allocated_bytes=s.peak_allocated,
         peak_reserved_bytes=s.peak_reserved,
@@ -698,7 +728,7 @@ def replay_general(trace: list[tuple], config: AllocatorConfig | None = None, ca
         num_ooms=s.num_ooms,
         oom=oom,
         oom_event=at,
-        phase_peak_reserved=phase_peaks,
+        phase_peak_reserved=peaks,
         segments_allocated=s.segments_allocated,
         max_reserved_bytes=s.max_reserved,
     )
@@ -737,10 +767,63 @@ class _FB:
 _ADDR_BITS = 48
 
 
+@dataclass
+class _FastState(Stats):
+    """The fast replay's allocator: `Stats`' counters, free blocks per pool (sorted keys and key ->
+    block), live blocks by handle. `clone` copies it (a bisection's probes resume from the run they
+    share)."""
+
+    keys: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    blocks: tuple[dict[int, _FB], dict[int, _FB]] = field(default_factory=lambda: ({}, {}))
+    live: list[_FB | None] = field(default_factory=list)
+    next_addr: int = 1 << 32
+    phase: str = "setup"
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, handles: int) -> "_FastState":
+        return cls(live=[None] * max(handles, 1))
+
+    def clone(self) -> "_FastState":
+        copies: dict[int, _FB] = {}
+
+        def cp(b: _FB | None) -> _FB | None:
+            if b is None:
+                return None
+            n = copies.get(id(b))
+            if n is None:
+                n = _FB(b.size, b.addr, b.small)
+                n.used, n.req, n.prev, n.next = b.used, b.req, b.prev, b.next
+                copies[id(b)] = n
+            return n
+
+        blocks = ({k: cp(b) for k, b in self.blocks[0].items()}, {k: cp(b) for k, b in self.blocks[1].items()})
+        live = [cp(b) if b is not None else None for b in self.live]
+        for n in list(copies.values()):
+            n.prev, n.next = cp(n.prev), cp(n.next)
+        return dataclass_replace(self, keys=(list(self.keys[0]), list(self.keys[1])), blocks=blocks, live=live,
+                                   phase_peaks=dict(self.phase_peaks))
+
+
 def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) -> ReplayResult:
     """`CachingAllocator` for one stream, no expandable segments and no memory fraction, inlined: the
     same rounding, pools, best fit, split and merge rules, `max_split_size` and free-and-retry
     (tested equal to the general replay)."""
+    state, _, oom, at, _ = _run_fast(ct, config, capacity, _FastState.empty(ct.handles))
+    return _result(state, state.phase, state.phase_peaks, oom, at)
+
+
+Band = tuple[int, float]  # capacities lo..hi (hi may be infinite) whose runs share a state
+Split = tuple[int, float, int]  # a band and the reserved total that splits it
+
+
+def _run_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None, state: _FastState, start: int = 0,
+              band: Band | None = None) -> "tuple[_FastState, int, OutOfMemory | None, int | None, Split | None]":
+    """Run events from `start` on `state` (changed in place): (state, the index reached, the failure,
+    its event, at a stop the band and the total that splits it). `band`: `state` is where the run of every capacity in it stands
+    (`capacity` is one of them); a cudaMalloc whose reserved total some of them allow and some not
+    stops the run before that event (the split is returned, None when the run went to its end); one
+    that only the retries make ambiguous narrows the band to `capacity`'s side."""
     probe = CachingAllocator(config)
     max_split = probe.max_split
     max_nsr = probe.max_non_split_rounding
@@ -749,20 +832,29 @@ def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) 
     small_of = [r <= KSMALL_SIZE for r in rounded]
     seg_of = [CachingAllocator.allocation_size(r) for r in rounded]
     shift = _ADDR_BITS
-    keys = ([], [])  # large, small: sorted keys of free blocks
-    blocks: tuple[dict[int, _FB], dict[int, _FB]] = ({}, {})
-    live: list[_FB | None] = [None] * max(ct.handles, 1)
-    allocated = reserved = peak_alloc = peak_res = max_res = 0
-    retries = segments = ooms = 0
-    next_addr = 1 << 32
-    phase = "setup"
-    phase_peaks: dict[str, int] = {}
+    keys, blocks, live = state.keys, state.blocks, state.live
+    allocated, reserved, peak_alloc, peak_res, max_res = (state.allocated, state.reserved, state.peak_allocated,
+                                                          state.peak_reserved, state.max_reserved)
+    retries, segments, ooms, next_addr = state.num_alloc_retries, state.segments_allocated, state.num_ooms, state.next_addr
+    phase, phase_peaks = state.phase, state.phase_peaks
     oom = None
     at = None
     names = ct.names
     sizes = ct.sizes
     limited = capacity is not None
     split_limited = max_split != SIZE_MAX
+    banded = band is not None
+    band_lo, band_hi = band if band is not None else (0, 0)
+    stopped: Split | None = None
+
+    def narrow(need: int) -> None:
+        """After a retry freed memory: the capacities on `capacity`'s side of `need` stay in the band."""
+        nonlocal band_lo, band_hi
+        if banded and band_lo < need <= band_hi:
+            if capacity is not None and capacity >= need:
+                band_lo = need
+            else:
+                band_hi = need - 1
 
     def release_cached() -> None:
         nonlocal reserved
@@ -809,7 +901,8 @@ def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) 
         return True
 
     ops, args, szi = ct.ops, ct.args, ct.szi
-    for n in range(len(ops)):
+    reached = len(ops)
+    for n in range(start, len(ops)):
         op = ops[n]
         if op == 0:  # ALLOC
             si = szi[n]
@@ -832,12 +925,18 @@ def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) 
                     block = b
             if block is None:
                 seg = seg_of[si]
+                if banded and band_lo < reserved + seg <= band_hi:
+                    reached = n  # nothing changed yet: the event runs from here on
+                    stopped = (band_lo, band_hi, reserved + seg)
+                    break
                 ok = not limited or reserved + seg <= capacity
                 if not ok and split_limited and release_available(pk, size):
+                    narrow(reserved + seg)
                     ok = reserved + seg <= capacity
                 if not ok:
                     release_cached()
                     retries += 1
+                    narrow(reserved + seg)
                     ok = reserved + seg <= capacity
                 if not ok:
                     ooms += 1
@@ -914,20 +1013,11 @@ def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) 
             peak_alloc, peak_res = allocated, reserved
         else:  # EMPTY_CACHE
             release_cached()
-    phase_peaks[phase] = max(phase_peaks.get(phase, 0), peak_res)
-    return ReplayResult(
-        peak_allocated_bytes=peak_alloc,
-        peak_reserved_bytes=peak_res,
-        reserved_end_bytes=reserved,
-        allocated_end_bytes=allocated,
-        num_alloc_retries=retries,
-        num_ooms=ooms,
-        oom=oom,
-        oom_event=at,
-        phase_peak_reserved=phase_peaks,
-        segments_allocated=segments,
-        max_reserved_bytes=max_res,
-    )
+    state.allocated, state.reserved, state.peak_allocated, state.peak_reserved = allocated, reserved, peak_alloc, peak_res
+    state.max_reserved, state.num_alloc_retries, state.segments_allocated = max_res, retries, segments
+    state.num_ooms, state.next_addr = ooms, next_addr
+    state.phase = phase
+    return state, reached, oom, at, stopped
 
 
 # ---- answers --------------------------------------------------------------------------------
@@ -972,6 +1062,7 @@ class AllocatorAnswer(BaseModel):
 
 
 
+@_gc_paused
 def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unlimited: ReplayResult | None = None,
                  step: int = KROUND_LARGE) -> int:
     """The least allocator capacity (a multiple of `step`) under which the trace runs: bisection on
@@ -982,15 +1073,46 @@ def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unli
     # below the largest live total nothing fits; at the unlimited run's reserved everything does
     lo = -(-max(unlimited.peak_allocated_bytes, 1) // step) - 1
     hi = -(-max(unlimited.peak_reserved_bytes, unlimited.max_reserved_bytes) // step)
+    probe = _probes(trace, config, (lo + 1) * step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        run = replay(trace, config, capacity_bytes=mid * step)
+        run = probe(mid * step, keep=((lo + mid) // 2 * step, (mid + hi) // 2 * step))  # the next probe's two choices
         if run.fits:
             # a run that held at most P never met a limit between P and mid: under P it runs the same
             hi = min(mid, -(-run.max_reserved_bytes // step))
         else:
             lo = mid
     return hi * step
+
+
+def _probes(trace: "list[tuple] | CodedTrace", config: AllocatorConfig, least: int):
+    """fn(capacity, keep=()) -> the trace's replay under that capacity (>= `least`). The runs of many
+    capacities are one run until a cudaMalloc that some of them allow and some not. On the fast path a
+    probe stops at such a split when it parts from a capacity in `keep` (the bisection's next probes)
+    and keeps the state there, with the band of capacities it holds for; a later probe resumes from
+    the latest kept state its capacity shares, so a bisection runs little more than the trace once."""
+    coded = trace if isinstance(trace, CodedTrace) else None
+    if coded is None or config.expandable_segments or config.backend != "native":
+        return lambda capacity, keep=(): replay(trace, config, capacity_bytes=capacity)
+    # (band, event index, state): every capacity in the band reaches the state before that event
+    shared: list[tuple[Band, int, _FastState]] = [((least, math.inf), 0, _FastState.empty(coded.handles))]
+
+    def run(capacity: int, keep: "tuple[int, ...]" = ()) -> ReplayResult:
+        band, start, base = max((s for s in shared if s[0][0] <= capacity <= s[0][1]), key=lambda s: s[1])
+        state = base.clone()
+        wanted = [k for k in keep if band[0] <= k <= band[1]]
+        while True:
+            # only a split between this capacity and a wanted one is worth a kept state: stop at those
+            near = (min(*wanted, capacity), max(*wanted, capacity)) if wanted else None
+            state, start, oom, at, stopped = _run_fast(coded, config, capacity, state, start, near)
+            if stopped is None:
+                return _result(state, state.phase, state.phase_peaks, oom, at)
+            lo, hi, need = stopped
+            if any(lo <= k <= hi and (k >= need) != (capacity >= need) for k in wanted):
+                shared.append(((lo, hi), start, state.clone()))
+            wanted = [k for k in wanted if lo <= k <= hi and (k >= need) == (capacity >= need)]
+
+    return run
 
 
 # settings tried when a step does not fit: expandable segments (no per-request segments to strand
@@ -1018,6 +1140,7 @@ def suggest(trace: list[tuple], config: AllocatorConfig, capacity_bytes: int) ->
     return sorted(out, key=lambda s: s.min_capacity_bytes)
 
 
+@_gc_paused
 def simulate(trace: "list[tuple] | CodedTrace", config: AllocatorConfig | None = None,
              capacity_bytes: int | None = None) -> AllocatorAnswer:
     """Reserved, the verdict under `capacity_bytes` and the smallest capacity, for one trace; where it
