@@ -91,7 +91,8 @@ def format_row(row: dict[str, Any]) -> list[str]:
     a = meas.allocator
     if a is not None:
         conf = a.alloc_conf or "defaults"
-        lines.append(f"  reserved        estimate {row['est_reserved_gib']:9.3f} GiB   simulated {a.reserved_bytes / GiB:8.3f} GiB"
+        fit_src = "fit" if row.get("est_reserved_source") == "simulated" else "estimate"
+        lines.append(f"  reserved        {fit_src:<8} {row['est_reserved_gib']:9.3f} GiB   simulated {a.reserved_bytes / GiB:8.3f} GiB"
                      f"   (caching allocator over the run's {a.events} allocations, {conf})")
         lines.append(f"  smallest card   {a.min_capacity_bytes / GiB:.3f} GiB for the allocator (fragmentation "
                      f"{a.fragmentation_bytes / GiB:.3f} GiB over the allocated peak {a.peak_allocated_bytes / GiB:.3f} GiB)")
@@ -158,7 +159,7 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile:
         a = meas.allocator
         # what fit answers: the caching allocator simulated over the engine's own trace of the step where
         # the engine traces the plan (planner.engine.simulation), else the estimate's rounding model
-        reserved, source = engine_reserved(plan, spec), "simulated"
+        reserved, source = engine_reserved(plan, spec, allocator), "simulated"
         if reserved is None:
             reserved, source = est.reserved_bytes, "model"
         row["est_reserved_gib"] = reserved / GiB
@@ -174,15 +175,18 @@ def compare(plan: Plan, backend: str = "dry-run", device: str = "fake", profile:
     return row
 
 
-def engine_reserved(plan: Plan, spec: Any) -> int | None:
-    """Reserved from the engine's own allocation trace (fit's figure), None where it does not trace the plan."""
+def engine_reserved(plan: Plan, spec: Any, config: Any = None) -> int | None:
+    """Reserved from the engine's own allocation trace under the same allocator settings (`config`: an
+    AllocatorConfig, or True/None for the defaults): fit's figure; None where it does not trace the plan."""
+    from planner.engine.alloc_conf import AllocatorConfig
     from planner.engine.allocator import replay
     from planner.engine.simulation import TraceUnsupported, plan_trace
     from planner.gpus import resolve_gpu
 
     gpu = resolve_gpu(plan.gpu, plan.gpu_memory) if (plan.gpu or plan.gpu_memory) else None
+    conf = config if isinstance(config, AllocatorConfig) else AllocatorConfig()
     try:
-        return replay(plan_trace(plan, spec, gpu, coded=True)).peak_reserved_bytes
+        return replay(plan_trace(plan, spec, gpu, coded=True), conf).peak_reserved_bytes
     except TraceUnsupported:
         return None
 
