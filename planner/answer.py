@@ -61,7 +61,7 @@ class MemoryDoc(_Doc):
     """The busiest rank's memory of one step (one GPU: that GPU's)."""
 
     peak_allocated_bytes: int = Field(description="torch.cuda.max_memory_allocated of a steady-state step")
-    reserved_bytes: int = Field(description="plus the caching allocator's rounding and fragmentation")
+    reserved_bytes: int = Field(description="max_memory_reserved: the caching allocator simulated over the step's allocation trace (allocator.simulated), else peak allocated plus the estimate's rounding model")
     device_bytes: int = Field(description="plus CUDA context and workspaces: what must fit the card")
     peak_phase: str
     stage: int = Field(description="the pipeline stage of the busiest rank (0 without pipeline parallelism)")
