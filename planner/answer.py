@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2  # 1: the two documents before the layout issue (see CHANGELOG.md)
+SCHEMA_VERSION = 3  # 1: the two documents before the layout issue; 2: one for one GPU and many (CHANGELOG.md)
 
 
 class _Doc(BaseModel):
@@ -61,7 +61,7 @@ class MemoryDoc(_Doc):
     """The busiest rank's memory of one step (one GPU: that GPU's)."""
 
     peak_allocated_bytes: int = Field(description="torch.cuda.max_memory_allocated of a steady-state step")
-    reserved_bytes: int = Field(description="plus the caching allocator's rounding and fragmentation")
+    reserved_bytes: int = Field(description="max_memory_reserved: the caching allocator simulated over the step's allocation trace (allocator.simulated), else peak allocated plus the estimate's rounding model")
     device_bytes: int = Field(description="plus CUDA context and workspaces: what must fit the card")
     peak_phase: str
     stage: int = Field(description="the pipeline stage of the busiest rank (0 without pipeline parallelism)")
@@ -109,8 +109,47 @@ class TimeDoc(_Doc):
 class SuggestionDoc(_Doc):
     change: str
     peak_allocated_bytes: int
-    device_bytes: int
+    device_bytes: int = Field(description="what must fit the card: reserved plus the CUDA context (for an "
+                                          "--alloc-conf setting: the smallest card the step runs in with it)")
     fits: bool
+    simulated: bool = Field(default=False, description="device_bytes and fits from the simulated caching allocator "
+                                                       "(false: from the estimate's reserved, scaled by the plan's "
+                                                       "simulated-to-estimated ratio)")
+
+
+class AllocatorSettingDoc(_Doc):
+    """Caching-allocator settings under which the step fits the card (the same trace replayed)."""
+
+    alloc_conf: str = Field(description="PYTORCH_CUDA_ALLOC_CONF syntax")
+    reserved_bytes: int
+    min_capacity_bytes: int
+    fragmentation_bytes: int
+
+
+class AllocatorDoc(_Doc):
+    """PyTorch's caching allocator simulated over the step's allocation trace, from the engine's own
+    replay (docs/allocator.md): what decides `memory.reserved_bytes` and `fits` when `simulated`."""
+
+    simulated: bool = Field(description="false: the engine cannot trace this plan yet (see not_simulated); "
+                                        "reserved is the estimate's rounding model and fits is device_bytes <= memory")
+    not_simulated: str | None = Field(description="why the step was not simulated, when it was not")
+    alloc_conf: str = Field(description="the settings simulated, PYTORCH_CUDA_ALLOC_CONF syntax ('' = defaults)")
+    capacity_bytes: int | None = Field(description="what the allocator may take on this card: its memory less the "
+                                                   "CUDA context")
+    events: int | None = Field(description="allocations, frees and markers in the simulated trace")
+    reserved_bytes: int | None = Field(description="the simulation's max_memory_reserved on an unlimited card")
+    peak_allocated_bytes: int | None = Field(description="the simulation's max_memory_allocated (block sizes: "
+                                                         "512-byte rounding and unsplit slack included)")
+    fits: bool | None = Field(description="the trace runs under capacity_bytes (after the allocator's free-and-retry)")
+    oom_request_bytes: int | None = Field(description="where it does not fit: the request that fails")
+    num_alloc_retries: int | None = Field(description="free-and-retries on this card (releases of cached segments)")
+    min_capacity_bytes: int | None = Field(description="the least allocator memory the trace runs under (bisection "
+                                                       "to 2 MiB)")
+    min_card_bytes: int | None = Field(description="min_capacity_bytes plus the CUDA context: the smallest card")
+    fragmentation_bytes: int | None = Field(description="min_capacity_bytes less the simulated allocated peak")
+    segments: int | None = Field(description="cudaMalloc segments on an unlimited card")
+    settings_that_fit: list[AllocatorSettingDoc] = Field(
+        description="where it does not fit: settings under which the same trace fits this card")
 
 
 class LimitsDoc(_Doc):
@@ -153,7 +192,8 @@ class StageDoc(_Doc):
 class FitDocument(_Doc):
     """`planner fit --json`."""
 
-    schema_version: int = Field(default=SCHEMA_VERSION, description="2 since one document serves one GPU and many")
+    schema_version: int = Field(default=SCHEMA_VERSION, description="3 since the simulated allocator (`allocator`); "
+                                                                    "2: one document for one GPU and many")
     fits: bool = Field(description="the busiest rank fits its card (and offloaded states the node's CPU memory)")
     headroom_bytes: int = Field(description="gpu.memory_bytes - memory.device_bytes (negative: short by that much)")
     gpu: GPUDoc = Field(description="the card, with the memory CUDA reports")
@@ -165,6 +205,7 @@ class FitDocument(_Doc):
     memory: MemoryDoc = Field(description="the busiest rank's memory of one step")
     time: TimeDoc = Field(description="one step's time, split, with tokens/s and FLOP utilisation")
     resident: dict[str, list[str]] = Field(description="models (roles) resident in each phase")
+    allocator: AllocatorDoc = Field(description="the caching allocator simulated over the step's allocation trace")
     suggestions: list[SuggestionDoc] = Field(description="when the plan does not fit: changes, each re-estimated")
     limits: LimitsDoc | None = Field(description="when it fits: the largest batch and lengths that still fit")
     warnings: list[str] = Field(description="what the user should know that does not stop the estimate")

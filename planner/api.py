@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from planner.answer import (CollectiveDoc, CPUMemoryDoc, FitDocument, GPUDoc, LayoutDoc, LimitsDoc, MemoryDoc, ModelDoc,
-                            PhaseTimeDoc, StageDoc, SuggestionDoc, TimeDoc)
+from planner.answer import (AllocatorDoc, AllocatorSettingDoc, CollectiveDoc, CPUMemoryDoc, FitDocument, GPUDoc, LayoutDoc,
+                            LimitsDoc, MemoryDoc, ModelDoc, PhaseTimeDoc, StageDoc, SuggestionDoc, TimeDoc)
 from planner.gpus import GPUSpec, resolve_gpu
 from planner.result import MemoryEstimate
 from planner.specs import Plan
@@ -55,6 +55,10 @@ class FitResult(BaseModel):
     profile_name: str = Field(default="", description="the device profile that priced the time")
     resident: dict[str, list[str]] = Field(default_factory=dict, description="models resident in each phase (roles)")
     tokens_per_step: int = 0
+    allocator: Any = Field(default=None, description="planner.engine.allocator.AllocatorAnswer: the caching allocator "
+                                                     "simulated over the step's trace (None: not simulated)")
+    allocator_note: str = Field(default="", description="why the step was not simulated, when it was not")
+    alloc_conf: str = Field(default="", description="the caching-allocator settings simulated")
 
     workload: Any = Field(default=None, exclude=True, description="the technique's workload (for the document)")
 
@@ -109,17 +113,41 @@ class FitResult(BaseModel):
                              device_bytes=m.device_bytes, peak_phase=m.peak_phase, stage=0, breakdown=dict(m.breakdown),
                              details=dict(m.details), device_items=dict(m.device_items),
                              outside_allocator=dict(m.outside_allocator), phases=dict(m.phases)),
-            time=time, resident=dict(self.resident), suggestions=[SuggestionDoc(**s.to_json()) for s in self.suggestions],
+            time=time, resident=dict(self.resident), allocator=allocator_doc(self.allocator, self.allocator_note,
+                                                                             self.alloc_conf, self.gpu),
+            suggestions=[SuggestionDoc(**s.to_json()) for s in self.suggestions],
             limits=LimitsDoc(**self.limits.model_dump()) if self.limits is not None else None,
             warnings=list(self.warnings),
         )
 
 
+# what the engine's allocation trace does not cover on many GPUs yet
+DISTRIBUTED_NOT_SIMULATED = ("the distributed estimate is not simulated: the engine's allocation trace covers one GPU's "
+                             "step, not yet a rank's (sharded states, collectives' buffers and their streams); "
+                             "reserved is the estimate's rounding model")
 FLOPS_CONVENTION = ("attention counts the (query, key) pairs the kernel computes: s(s+1)/2 per sequence with "
                     "SDPA's causal kernels, s^2 with eager attention, the whole context for a decode step")
 TIME_MODEL = ("op by op: every aten op of the replayed program priced by a device profile (rate curves by op size, "
               "launch and host costs), host and device overlapped until each synchronisation (planner.engine.cost)")
 ROOFLINE_MODEL = "roofline: FLOPs and elementwise bytes at the card's achievable ceilings (planner.engine.compute)"
+
+
+def allocator_doc(answer: Any, note: str, conf: str, gpu: GPUSpec | None) -> AllocatorDoc:
+    """The `allocator` block: the simulation's figures, or why there are none."""
+    if answer is None:
+        return AllocatorDoc(simulated=False, not_simulated=note or "not simulated", alloc_conf=conf,
+                            capacity_bytes=None, events=None, reserved_bytes=None, peak_allocated_bytes=None,
+                            fits=None, oom_request_bytes=None, num_alloc_retries=None, min_capacity_bytes=None,
+                            min_card_bytes=None, fragmentation_bytes=None, segments=None, settings_that_fit=[])
+    a = answer
+    return AllocatorDoc(
+        simulated=True, not_simulated=None, alloc_conf=a.alloc_conf, capacity_bytes=a.capacity_bytes, events=a.events,
+        reserved_bytes=a.reserved_bytes, peak_allocated_bytes=a.peak_allocated_bytes, fits=a.fits,
+        oom_request_bytes=a.oom_request_bytes, num_alloc_retries=a.num_alloc_retries,
+        min_capacity_bytes=a.min_capacity_bytes,
+        min_card_bytes=a.min_capacity_bytes + (gpu.cuda_context_bytes if gpu is not None else 0),
+        fragmentation_bytes=a.fragmentation_bytes, segments=a.segments,
+        settings_that_fit=[AllocatorSettingDoc(**s.model_dump()) for s in a.suggestions])
 
 
 def _gpu_doc(gpu: GPUSpec) -> GPUDoc:
@@ -198,28 +226,54 @@ def _technique_fields(plan: Plan) -> tuple[str, ...]:
 
 
 def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None = None,
-        profile: str | None = None) -> "FitResult | DistributedFitResult":
+        profile: str | None = None, alloc_conf: Any = None) -> "FitResult | DistributedFitResult":
     """Load the model and card the plan names, estimate, and judge. Raises ModelError/GPUError (ValueError).
     With `layout` (planner.engine.distributed.Layout's fields), the plan on many GPUs; either way
-    `.to_json()` is one document (planner.answer.FitDocument)."""
+    `.to_json()` is one document (planner.answer.FitDocument). `alloc_conf`: the caching allocator's
+    settings (planner.engine.alloc_conf.AllocatorConfig; default: torch's defaults). Where the engine
+    traces the plan, reserved and the verdict come from the simulated allocator (planner.simulated)."""
+    from planner.engine.alloc_conf import AllocatorConfig
+
+    conf = alloc_conf if alloc_conf is not None else AllocatorConfig()
     if layout:
-        return fit_distributed(plan, layout, with_suggestions)
+        return fit_distributed(plan, layout, with_suggestions, alloc_conf=conf)
     from planner.models import load_model
 
     gpu = resolve_gpu(plan.gpu, plan.gpu_memory)
     model = load_model(plan.model)
     from planner.engine import estimate  # after the inputs are known good: bad input is reported first
+    from planner.simulated import simulated, with_simulated
 
     est = estimate(plan, model, gpu)
-    fits = est.device_bytes <= gpu.memory_bytes
+    answer, note = simulated(plan, model, gpu, conf)
+    # the ratio of the simulated reserved to the estimate's, which the searches' candidates are scaled by
+    ratio = 1.0
+    if answer is not None:
+        ratio = answer.reserved_bytes / max(est.reserved_bytes, 1)
+        est = with_simulated(est, answer, gpu)
+        fits = bool(answer.fits)
+    else:
+        fits = est.device_bytes <= gpu.memory_bytes
     suggestions: list[Suggestion] = []
     reach: Limits | None = None
     if with_suggestions:
-        evaluate = single_gpu_evaluator(model, gpu.memory_bytes, lambda p, m: estimate(p, m, gpu))
+        from planner.simulated import allocator_suggestions, judged_limits, judged_suggestions
+
+        def scaled(p: Plan, m: Any) -> MemoryEstimate:
+            e = estimate(p, m, gpu)
+            reserved = int(e.reserved_bytes * ratio)
+            return e.model_copy(update={"reserved_bytes": reserved, "device_bytes": reserved + gpu.cuda_context_bytes})
+
+        evaluate = single_gpu_evaluator(model, gpu.memory_bytes, scaled)
         if fits:
             reach = limits(plan, model, evaluate)
+            if answer is not None:
+                reach = judged_limits(plan, model, gpu, conf, reach)
         else:
             suggestions = suggest(plan, model, evaluate=evaluate, bf16_supported=bf16_supported(gpu))
+            if answer is not None:
+                suggestions = allocator_suggestions(plan, est, answer, gpu) + judged_suggestions(
+                    plan, model, gpu, conf, suggestions)
     from planner.engine.timing import tokens_per_step
     from planner.plugins import technique
 
@@ -241,6 +295,9 @@ def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None
         resident={ph.name: [m.role for m in workload.models] for ph in workload.phases},
         tokens_per_step=tokens_per_step(workload),
         workload=workload,
+        allocator=answer,
+        allocator_note=note,
+        alloc_conf=conf.to_conf(),
     )
 
 
@@ -283,6 +340,7 @@ class DistributedFitResult(BaseModel):
     limits: Limits | None = None
     layout_fields: dict[str, Any] = Field(default_factory=dict)
     model: Any = Field(default=None, exclude=True)
+    alloc_conf: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's --json document: planner.answer.FitDocument, the same for one GPU and many."""
@@ -318,6 +376,7 @@ class DistributedFitResult(BaseModel):
             model=ModelDoc(**_model_info(self.model).model_dump()) if self.model is not None else ModelDoc(id=self.plan.model, name=self.plan.model),
             technique=e.technique, plan=self.plan.model_dump(mode="json"), layout=_layout_doc(e.layout), engine=e.engine,
             memory=mem, time=time, resident={k: list(v) for k, v in e.resident.items()} or {"train": ["model"]},
+            allocator=allocator_doc(None, DISTRIBUTED_NOT_SIMULATED, self.alloc_conf, None),
             suggestions=[SuggestionDoc(**s.to_json()) for s in self.suggestions],
             limits=LimitsDoc(**self.limits.model_dump()) if self.limits is not None else None,
             warnings=list(self.warnings),
@@ -340,7 +399,8 @@ def _layout_for(plan: Plan, fields: dict[str, Any]) -> tuple[Plan, Any]:
     return plan, layout_for_plan(plan.batch, plan.grad_accum, **fields)
 
 
-def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions: bool = True) -> DistributedFitResult:
+def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions: bool = True,
+                    alloc_conf: Any = None) -> DistributedFitResult:
     """`plan` laid out over many GPUs (`layout_fields`: planner.engine.distributed.Layout's fields)."""
     from planner.models import load_model
     from planner.engine.distributed import estimate_distributed
@@ -358,6 +418,7 @@ def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions:
             return None
         return Verdict(e.memory.peak_allocated_bytes, e.memory.device_bytes, e.fits)
 
+    conf = alloc_conf.to_conf() if alloc_conf is not None else ""
     suggestions: list[Suggestion] = []
     reach: Limits | None = None
     if with_suggestions:
@@ -370,4 +431,5 @@ def fit_distributed(plan: Plan, layout_fields: dict[str, Any], with_suggestions:
             suggestions = suggest(plan, model, evaluate=evaluate, layout=fields, bf16_supported=bf16_supported(gpu),
                                   layout_changes=layout_changes(layout, fields, model))
     return DistributedFitResult(plan=plan, gpu=gpu, estimate=est, warnings=plan_warnings(plan, model, gpu),
-                                suggestions=suggestions, limits=reach, layout_fields=dict(layout_fields), model=model)
+                                suggestions=suggestions, limits=reach, layout_fields=dict(layout_fields), model=model,
+                                alloc_conf=conf)

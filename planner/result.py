@@ -21,7 +21,8 @@ class MemoryEstimate(BaseModel):
     """Per-GPU memory of one step.
 
     peak_allocated_bytes: most bytes live in the allocator (torch.cuda.max_memory_allocated).
-    reserved_bytes: plus the caching allocator's rounding/fragmentation (max_memory_reserved).
+    reserved_bytes: plus the caching allocator's rounding/fragmentation (max_memory_reserved; fit puts
+      the simulated allocator's figure here where the engine traces the plan).
     device_bytes: plus CUDA context and library workspaces: what must fit the card.
     breakdown: live bytes per category at the moment of the peak; sums to peak_allocated_bytes.
     details: finer items at the peak (logits, quantization states, adapter weights...).

@@ -77,6 +77,7 @@ class Suggestion(BaseModel):
     plan: Plan = Field(exclude=True, description="the changed plan (not serialized)")
     layout: dict[str, Any] = Field(default_factory=dict, exclude=True, description="the changed layout fields")
     rank: int = Field(default=0, exclude=True, description="how intrusive the change is (lower: smaller)")
+    simulated: bool = Field(default=False, description="device_bytes and fits from the simulated caching allocator")
 
     @property
     def combined(self) -> bool:
@@ -89,6 +90,7 @@ class Suggestion(BaseModel):
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "device_bytes": self.device_bytes,
             "fits": self.fits,
+            "simulated": self.simulated,
         }
 
 

@@ -327,6 +327,58 @@ def test_random_programs_keep_the_books(seed, conf):
     assert a.stats.allocated == 0 and a.stats.reserved == 0
 
 
+def _random_trace(rng: random.Random, n: int = 400) -> list[tuple]:
+    """Allocations of every size class, frees in any order, phases, a reset and empty_cache calls."""
+    trace: list[tuple] = []
+    live: list[int] = []
+    handle = 0
+    for i in range(n):
+        r = rng.random()
+        if live and r < 0.42:
+            trace.append(("f", live.pop(rng.randrange(len(live)))))
+        elif r < 0.44:
+            trace.append(("empty_cache",))
+        elif r < 0.46:
+            trace.append(("phase", f"{i}.x"))
+        elif r < 0.47:
+            trace.append(("reset",))
+        else:
+            handle += 1
+            size = rng.choice([0, rng.randint(1, 4096), rng.randint(1, 2 * MiB), rng.randint(MiB, 80 * MiB)])
+            trace.append(("a", handle, size, 0))
+            live.append(handle)
+    return trace
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), conf=st.sampled_from(["", "max_split_size_mb:40", "roundup_power2_divisions:4",
+                                                            "max_split_size_mb:20,roundup_power2_divisions:2"]))
+def test_fast_replay_and_its_resumed_probes_equal_the_general_replay(seed, conf):
+    """`replay` takes the inlined fast path for these settings; `min_capacity`'s probes resume from the
+    states their capacities share with earlier probes'. Both must give the general replay's answer field
+    for field."""
+    from planner.engine.allocator import CodedTrace, _probes, _replay_fast, replay_general
+
+    rng = random.Random(seed)
+    trace = _random_trace(rng)
+    config = parse_alloc_conf(conf)
+    coded = CodedTrace.from_events(trace)
+    unlimited = replay_general(trace, config)
+    least = unlimited.peak_allocated_bytes
+    probe = _probes(coded, config, least)
+    top = max(unlimited.max_reserved_bytes, least + 1)
+
+    def fields(r):  # the failure as its numbers (exceptions compare by identity)
+        return {**vars(r), "oom": r.oom and vars(r.oom)}
+
+    # in no particular order: each probe resumes from the states earlier ones shared
+    for capacity in (None, least, (least + top) // 2, top, *(rng.randint(least, top) for _ in range(8))):
+        want = fields(replay_general(trace, config, capacity_bytes=capacity))
+        assert fields(_replay_fast(coded, config, capacity)) == want
+        if capacity is not None:
+            assert fields(probe(capacity, keep=(rng.randint(least, top), rng.randint(least, top)))) == want
+
+
 # ---- configuration -------------------------------------------------------------------------
 def test_parse_defaults_and_round_trip():
     assert parse_alloc_conf(None) == AllocatorConfig()

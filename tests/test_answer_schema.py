@@ -15,7 +15,7 @@ from planner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = {"schema_version", "fits", "headroom_bytes", "gpu", "model", "technique", "plan", "layout", "engine",
-          "memory", "time", "resident", "suggestions", "limits", "warnings"}
+          "memory", "time", "resident", "allocator", "suggestions", "limits", "warnings"}
 EXTRAS = {"collectives", "cpu_memory", "stages", "model_states"}
 
 CASES = {
@@ -50,6 +50,12 @@ def test_output_validates_against_the_schema(name):
     assert doc["layout"]["gpus"] == (int(CASES[name][CASES[name].index("--gpus") + 1]) if many else 1)
     m, t = doc["memory"], doc["time"]
     assert sum(m["breakdown"].values()) == m["peak_allocated_bytes"]
+    a = doc["allocator"]
+    if a["simulated"]:  # reserved and the verdict are the simulation's
+        assert m["reserved_bytes"] == a["reserved_bytes"] and doc["fits"] == a["fits"]
+        assert a["min_card_bytes"] == a["min_capacity_bytes"] + m["device_bytes"] - m["reserved_bytes"]
+    else:
+        assert a["not_simulated"] and a["reserved_bytes"] is None
     if t["step_s"] is not None:
         parts = [t[k] or 0.0 for k in ("compute_s", "host_s", "exposed_comm_s", "bubble_s")]
         assert sum(parts) == pytest.approx(t["step_s"])

@@ -39,3 +39,11 @@ def test_importtime_parser():
     assert rows and rows[0]["cumulative_us"] >= rows[-1]["cumulative_us"]
     assert any(r["module"] == "decimal" for r in rows)
     assert len(mod.importtime("import decimal", 3)) == 3
+
+
+def test_fit_speed_runs(capsys):
+    mod = _load("fit_speed")
+    assert mod.main(["--repeats", "1", "--plans", "8b-full-b1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["plan"] == "8b-full-b1" and row["events"] > 0
+    assert all(row[k] > 0 for k in ("cold_ms", "warm_ms", "replay_ms", "answer_ms"))

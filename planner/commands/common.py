@@ -128,3 +128,20 @@ def layout_fields(args: argparse.Namespace) -> dict[str, Any]:
     _, fields = file_values(args)
     fields.update({k: getattr(args, k) for k in LAYOUT_FLAGS if getattr(args, k, None) is not None})
     return layout_values(fields)
+
+
+ALLOC_CONF_HELP = ("caching-allocator settings in PYTORCH_CUDA_ALLOC_CONF syntax, e.g. 'expandable_segments:True' "
+                   "(default: $PYTORCH_ALLOC_CONF or $PYTORCH_CUDA_ALLOC_CONF if set, else torch's defaults)")
+
+
+def alloc_conf_from(args: argparse.Namespace):
+    """--alloc-conf, else the environment torch reads (PYTORCH_ALLOC_CONF first, as torch does); bad
+    settings raise PlanError (a ValueError: one line, exit 2)."""
+    import os
+
+    from planner.engine.alloc_conf import parse_alloc_conf
+
+    text = args.alloc_conf
+    if text is None:
+        text = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return parse_alloc_conf(text)

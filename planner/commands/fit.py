@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from planner.commands.common import (EXIT_DOES_NOT_FIT, EXIT_FITS, BadInput, Out, add_plan_args, layout_fields,
-                                     plan_from_args)
+from planner.commands.common import (ALLOC_CONF_HELP, EXIT_DOES_NOT_FIT, EXIT_FITS, BadInput, Out, add_plan_args,
+                                     alloc_conf_from, layout_fields, plan_from_args)
 
 HELP = "does a plan fit a GPU? peak, reserved and device memory, with suggestions"
 
@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp-chunks", type=int, metavar="V", help="model chunks per stage for the interleaved schedule")
     g.add_argument("--global-batch", type=int, metavar="N", help="sequences per optimizer step (= batch x grad-accum x DP)")
     g.add_argument("--inter-node-gbps", type=float, metavar="G", help="inter-node gigabits/s per GPU, each direction (default: 400)")
+    g = p.add_argument_group("caching allocator")
+    g.add_argument("--alloc-conf", metavar="CONF", default=None,
+                   help=ALLOC_CONF_HELP + "; the allocator is simulated over the step's allocation trace from the "
+                        "engine's replay: reserved, the verdict on the card, the smallest card memory, and the settings "
+                        "that make a step fit")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout (warnings go to stderr)")
     g.add_argument("--profile", metavar="FILE|ID",
@@ -57,13 +62,14 @@ def run(args: argparse.Namespace, out: Out) -> int:
 
     try:
         layout = layout_fields(args)
+        conf = alloc_conf_from(args)  # bad settings fail before any work
     except ValueError as e:
         raise BadInput(str(e)) from None
     if layout:
-        return _run_fit_distributed(args, out, layout)
+        return _run_fit_distributed(args, out, layout, conf)
     try:
         plan = plan_from_args(args)
-        result = fit(plan, with_suggestions=args.suggest, profile=args.profile)
+        result = fit(plan, with_suggestions=args.suggest, profile=args.profile, alloc_conf=conf)
     except (ValueError, ModelError) as e:  # PlanError, GPUError, ModelError, engine input errors
         raise BadInput(str(e)) from None
     for w in result.warnings:
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
     return EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT
 
 
-def _run_fit_distributed(args: argparse.Namespace, out: Out, layout_fields: dict[str, Any]) -> int:
+def _run_fit_distributed(args: argparse.Namespace, out: Out, layout_fields: dict[str, Any], conf: Any = None) -> int:
     from planner.api import fit_distributed
     from planner.models import ModelError
 
@@ -85,7 +91,7 @@ def _run_fit_distributed(args: argparse.Namespace, out: Out, layout_fields: dict
         plan = plan_from_args(args)
         if layout_fields.get("global_batch") is not None and args.grad_accum is not None:
             raise BadInput("global_batch: give --global-batch or --grad-accum, not both")
-        result = fit_distributed(plan, layout_fields, with_suggestions=args.suggest)
+        result = fit_distributed(plan, layout_fields, with_suggestions=args.suggest, alloc_conf=conf)
     except (ValueError, ModelError) as e:
         raise BadInput(str(e)) from None
     for w in result.warnings:
@@ -118,8 +124,8 @@ def _print_distributed(result: Any, out: Out) -> None:
                   f"more than its {format_gib(e.cpu_memory_bytes)} (--cpu-memory); on the GPU the {gpu_line}")
     else:
         out.print(f"{verdict}: {gpu_line}")
-    out.print(f"  peak allocated  {format_gib(m.peak_allocated_bytes):>12}   reserved {format_gib(m.reserved_bytes)}   "
-              f"peak phase {m.peak_phase}")
+    out.print(f"  peak allocated  {format_gib(m.peak_allocated_bytes):>12}   reserved {format_gib(m.reserved_bytes)} "
+              f"(rounding model; the allocator is not simulated per rank yet)   peak phase {m.peak_phase}")
     for cat, b in m.breakdown.items():
         if b:
             out.print(f"  {cat:<18}{format_gib(b):>12}")
@@ -192,16 +198,37 @@ def _print_fit(result: Any, out: Out) -> None:
     out.print(f"gpu     {gpu.name}: {format_gib(cap)} usable")
     out.print(f"plan    {_plan_summary(result.plan)}")
     out.print("")
-    if result.fits:
+    a = result.allocator
+    if result.fits and result.headroom_bytes < 0 and a is not None:
+        out.print(f"FITS after the allocator's free-and-retry: a large card would hold {format_gib(m.device_bytes)}; "
+                  f"this one runs it in {format_gib(cap)} (smallest card {format_gib(a.min_capacity_bytes + gpu.cuda_context_bytes)})")
+    elif result.fits:
         out.print(f"FITS: headroom {format_gib(result.headroom_bytes)} ({100 * result.headroom_bytes / cap:.1f}% of the card)")
+    elif a is not None and m.device_bytes <= cap:
+        out.print(f"DOES NOT FIT: reserved fits ({format_gib(m.device_bytes)} with the CUDA context, of {format_gib(cap)}) "
+                  f"but the caching allocator cannot place a {format_gib(a.oom_request_bytes or 0)} request on this card")
     else:
         out.print(f"DOES NOT FIT: short by {format_gib(-result.headroom_bytes)} (needs {format_gib(m.device_bytes)} of {format_gib(cap)})")
     out.print("")
+    if a is not None:
+        conf = a.alloc_conf or "defaults"
+        reserved_note = f"simulated: PyTorch's caching allocator over the step's {a.events} events ({conf})"
+    else:
+        reserved_note = f"rounding model, not simulated: {result.allocator_note}"
     rows = [
         ("peak allocated", m.peak_allocated_bytes, "most bytes live in the allocator (max_memory_allocated)"),
-        ("reserved", m.reserved_bytes, "plus the caching allocator's rounding and fragmentation"),
-        ("device", m.device_bytes, f"plus CUDA context and workspaces; must fit {format_gib(cap)}"),
+        ("reserved", m.reserved_bytes, reserved_note),
+        ("device", m.device_bytes, f"plus the CUDA context; must fit {format_gib(cap)}"),
     ]
+    if a is not None:
+        ctx = gpu.cuda_context_bytes
+        rows.append(("smallest card", a.min_capacity_bytes + ctx,
+                     f"the least memory the step runs in (fragmentation {format_gib(a.fragmentation_bytes)} over the "
+                     f"allocated peak {format_gib(a.peak_allocated_bytes)})"))
+        verdict = "runs" if a.fits else f"a {format_gib(a.oom_request_bytes or 0)} request fails after free-and-retry"
+        if a.fits and a.num_alloc_retries:
+            verdict += f" after {a.num_alloc_retries} free-and-retr{'y' if a.num_alloc_retries == 1 else 'ies'}"
+        rows.append(("on this card", a.capacity_bytes or 0, f"for the allocator (the card less its CUDA context): {verdict}"))
     for label, value, note in rows:
         out.print(f"  {label:<15} {format_gib(value):>12}   {note}")
     out.print(f"  {'peak phase':<15} {m.peak_phase:>12}")
@@ -274,6 +301,8 @@ def _print_suggestions(result: Any, fits: bool, out: Out) -> None:
         width = max(len(s.change) for s in result.suggestions)
         for s in result.suggestions:
             verdict = ("fits" if s.fits else "still too big") + (" (changes combined)" if s.combined else "")
+            if getattr(result, "allocator", None) is not None and not s.simulated:
+                verdict += " (estimated, not simulated)"
             out.print(
                 f"  {s.change:<{width}}  peak {format_gib(s.peak_allocated_bytes):>12}  "
                 f"device {format_gib(s.device_bytes):>12}  {verdict}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from planner.commands.common import BadInput, Out, add_plan_args, plan_from_args
+from planner.commands.common import ALLOC_CONF_HELP, BadInput, Out, add_plan_args, alloc_conf_from, plan_from_args
 
 HELP = "estimate vs a backend's measurement, for one plan or a named suite"
 
@@ -25,10 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device profile for the estimated step time (a file from `planner calibrate -o`, needed for "
                         "--device cpu; default on cuda: the card's profile)")
     g.add_argument("--alloc-conf", metavar="CONF", default=None,
-                   help="caching-allocator settings in PYTORCH_CUDA_ALLOC_CONF syntax, e.g. 'expandable_segments:True' "
-                        "(default: $PYTORCH_ALLOC_CONF or $PYTORCH_CUDA_ALLOC_CONF if set, else torch's defaults); "
-                        "the allocator is simulated over the dry run's allocation trace: reserved, the verdict on "
-                        "--gpu, the smallest card memory")
+                   help=ALLOC_CONF_HELP + "; the allocator is simulated over the dry run's allocation trace: "
+                        "reserved, the verdict on --gpu, the smallest card memory")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -41,7 +39,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
     if args.suite in TIME_SUITES:
         return _run_time_suite(args, out)
     try:
-        alloc = _alloc_conf(args)  # bad settings fail before any work
+        alloc = alloc_conf_from(args)  # bad settings fail before any work
         device = check_backend(args.backend, args.device)
         if args.suite:
             from planner.suites import suite
@@ -84,18 +82,6 @@ def run(args: argparse.Namespace, out: Out) -> int:
         for line in validate.format_row(row):
             out.print(line)
     return 0
-
-
-def _alloc_conf(args: argparse.Namespace):
-    """--alloc-conf, else the environment torch reads (PYTORCH_ALLOC_CONF first, as torch does)."""
-    import os
-
-    from planner.engine.alloc_conf import parse_alloc_conf
-
-    text = args.alloc_conf
-    if text is None:
-        text = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    return parse_alloc_conf(text)
 
 
 def _run_time_suite(args: argparse.Namespace, out: Out) -> int:

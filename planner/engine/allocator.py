@@ -33,8 +33,11 @@ ties between equal free blocks go to the older segment, as cudaMalloc's rising a
 
 from __future__ import annotations
 
+import functools
+import gc
+import math
 from bisect import bisect_left, insort
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 
 from pydantic import BaseModel, Field
 
@@ -53,8 +56,10 @@ SMALL, LARGE = 0, 1
 class OutOfMemory(Exception):
     """What CUDA's 'CUDA out of memory' would be: the request that failed after every retry."""
 
-    def __init__(self, size: int, allocated: int, reserved: int, capacity: int | None) -> None:
+    def __init__(self, size: int, allocated: int, reserved: int, capacity: int | None, segment: int = 0) -> None:
         self.size, self.allocated, self.reserved, self.capacity = size, allocated, reserved, capacity
+        # the capacity that would have let this cudaMalloc through, everything before unchanged
+        self.needed = reserved + segment
         super().__init__(
             f"out of memory: tried to allocate {size} bytes with {allocated} allocated and {reserved} reserved"
             f" of {capacity} bytes"
@@ -105,6 +110,7 @@ class Stats:
     num_ooms: int = 0
     segments_allocated: int = 0
     segments_released: int = 0
+    max_reserved: int = 0  # over the whole run (not reset by reset_peak)
 
 
 class _Pool:
@@ -220,6 +226,8 @@ class CachingAllocator:
         s.reserved += n
         if s.reserved > s.peak_reserved:
             s.peak_reserved = s.reserved
+        if s.reserved > s.max_reserved:
+            s.max_reserved = s.reserved
 
     def reset_peak(self) -> None:
         """torch.cuda.reset_peak_memory_stats(): peaks restart from the current figures."""
@@ -244,7 +252,7 @@ class CachingAllocator:
                 block = self._alloc_block(pool, stream, size, alloc_size)
             if block is None:
                 self.stats.num_ooms += 1
-                raise OutOfMemory(size, self.stats.allocated, self.stats.reserved, self.capacity)
+                raise OutOfMemory(size, self.stats.allocated, self.stats.reserved, self.capacity, alloc_size)
         block = self._alloc_found_block(block, pool, size, nbytes)
         h = self._next_handle
         self._next_handle += 1
@@ -562,20 +570,116 @@ class ReplayResult:
     oom_event: int | None = None
     phase_peak_reserved: dict[str, int] = field(default_factory=dict)
     segments_allocated: int = 0
+    # the most the allocator held at any moment of the run, set-up included (not reset by "reset")
+    max_reserved_bytes: int = 0
 
     @property
     def fits(self) -> bool:
         return self.oom is None
 
 
+class CodedTrace:
+    """A trace as parallel lists, for the fast replay: `ops` (ALLOC, FREE, PHASE, RESET, EMPTY_CACHE),
+    `args` (an allocation's or free's handle: small integers; a phase's index into `names`), `szi` (an
+    allocation's index into `sizes`). The engine's symbolic trace evaluates to one by filling `sizes`
+    alone (planner.engine.steptrace.SymbolicTrace.coded). Single stream only."""
+
+    __slots__ = ("ops", "args", "szi", "sizes", "names", "handles")
+
+    def __init__(self, ops: list[int], args: list[int], szi: list[int], sizes: list[int], names: list[str],
+                 handles: int) -> None:
+        self.ops, self.args, self.szi, self.sizes, self.names, self.handles = ops, args, szi, sizes, names, handles
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def with_sizes(self, sizes: list[int]) -> "CodedTrace":
+        return CodedTrace(self.ops, self.args, self.szi, sizes, self.names, self.handles)
+
+    @classmethod
+    def from_events(cls, trace: list[tuple]) -> "CodedTrace | None":
+        """The tuple trace coded; None when it uses another stream than 0 (the general replay runs it)."""
+        ops: list[int] = []
+        args: list[int] = []
+        szi: list[int] = []
+        handles: dict[int, int] = {}
+        sizes: dict[int, int] = {}
+        names: dict[str, int] = {}
+        for ev in trace:
+            op = ev[0]
+            if op == "a":
+                if ev[3] != 0:
+                    return None
+                h = handles.setdefault(ev[1], len(handles))
+                ops.append(ALLOC)
+                args.append(h)
+                szi.append(sizes.setdefault(ev[2], len(sizes)))
+            elif op == "f":
+                h = handles.get(ev[1])
+                ops.append(FREE)
+                args.append(-1 if h is None else h)
+                szi.append(-1)
+            elif op == "phase":
+                ops.append(PHASE)
+                args.append(names.setdefault(ev[1], len(names)))
+                szi.append(-1)
+            elif op == "reset":
+                ops.append(RESET)
+                args.append(0)
+                szi.append(-1)
+            elif op == "empty_cache":
+                ops.append(EMPTY_CACHE)
+                args.append(0)
+                szi.append(-1)
+            else:
+                raise ValueError(f"allocation trace: unknown event {ev!r}")
+        return cls(ops, args, szi, list(sizes), list(names), len(handles))
+
+
+ALLOC, FREE, PHASE, RESET, EMPTY_CACHE = 0, 1, 2, 3, 4
+
+
+def _gc_paused(fn):
+    """A replay makes and drops tens of thousands of linked blocks (prev/next cycles), and a bisection
+    copies them: the cyclic collector's passes over them cost about as much as the replay itself
+    (measured: the smallest card of an 8B training trace, 300 ms -> 200 ms without them). The
+    collector is paused for the call; the cycles left are its next pass's."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def replay(
-    trace: list[tuple],
+    trace: "list[tuple] | CodedTrace",
     config: AllocatorConfig | None = None,
     capacity_bytes: int | None = None,
     memory_fraction: float | None = None,
     total_memory_bytes: int | None = None,
 ) -> ReplayResult:
-    """Run a trace through the allocator; stops at the first allocation that fails."""
+    """Run a trace through the allocator; stops at the first allocation that fails. Settings without
+    expandable segments or a memory fraction take the fast path (`_replay_fast`, the same rules)."""
+    config = config or AllocatorConfig()
+    if memory_fraction is None and not config.expandable_segments and config.backend == "native":
+        coded = trace if isinstance(trace, CodedTrace) else CodedTrace.from_events(trace)
+        if coded is not None:
+            return _replay_fast(coded, config, capacity_bytes)
+    return replay_general(_decode(trace) if isinstance(trace, CodedTrace) else trace, config, capacity_bytes,
+                          memory_fraction, total_memory_bytes)
+
+
+def replay_general(trace: list[tuple], config: AllocatorConfig | None = None, capacity_bytes: int | None = None,
+                   memory_fraction: float | None = None, total_memory_bytes: int | None = None) -> ReplayResult:
+    """`replay` through `CachingAllocator` itself (every setting, any stream)."""
     a = CachingAllocator(config, capacity_bytes, memory_fraction, total_memory_bytes)
     handles: dict[int, int] = {}
     phase = "setup"
@@ -607,7 +711,14 @@ def replay(
             a.empty_cache()
         else:
             raise ValueError(f"allocation trace: unknown event {ev!r}")
-    phase_peaks[phase] = max(phase_peaks.get(phase, 0), s.peak_reserved)
+    return _result(s, phase, phase_peaks, oom, at)
+
+
+def _result(s: "Stats | _FastState", phase: str, phase_peaks: dict[str, int], oom: "OutOfMemory | None",
+            at: int | None) -> ReplayResult:
+    """A replay's answer from its counters; the phase still open gets its peak."""
+    peaks = dict(phase_peaks)
+    peaks[phase] = max(peaks.get(phase, 0), s.peak_reserved)
     return ReplayResult(
         peak_allocated_bytes=s.peak_allocated,
         peak_reserved_bytes=s.peak_reserved,
@@ -617,9 +728,296 @@ def replay(
         num_ooms=s.num_ooms,
         oom=oom,
         oom_event=at,
-        phase_peak_reserved=phase_peaks,
+        phase_peak_reserved=peaks,
         segments_allocated=s.segments_allocated,
+        max_reserved_bytes=s.max_reserved,
     )
+
+
+def _decode(ct: CodedTrace) -> list[tuple]:
+    out: list[tuple] = []
+    for op, arg, si in zip(ct.ops, ct.args, ct.szi):
+        if op == ALLOC:
+            out.append(("a", arg, ct.sizes[si], 0))
+        elif op == FREE:
+            out.append(("f", arg))
+        elif op == PHASE:
+            out.append(("phase", ct.names[arg]))
+        elif op == RESET:
+            out.append(("reset",))
+        else:
+            out.append(("empty_cache",))
+    return out
+
+
+class _FB:
+    """A block of the fast replay: `key` = size << 48 | addr orders a pool's free blocks as
+    (size, address) do; `whole` blocks span their segment."""
+
+    __slots__ = ("size", "addr", "small", "used", "prev", "next", "req")
+
+    def __init__(self, size: int, addr: int, small: bool) -> None:
+        self.size, self.addr, self.small = size, addr, small
+        self.used = False
+        self.prev: _FB | None = None
+        self.next: _FB | None = None
+        self.req = 0
+
+
+_ADDR_BITS = 48
+
+
+@dataclass
+class _FastState(Stats):
+    """The fast replay's allocator: `Stats`' counters, free blocks per pool (sorted keys and key ->
+    block), live blocks by handle. `clone` copies it (a bisection's probes resume from the run they
+    share)."""
+
+    keys: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    blocks: tuple[dict[int, _FB], dict[int, _FB]] = field(default_factory=lambda: ({}, {}))
+    live: list[_FB | None] = field(default_factory=list)
+    next_addr: int = 1 << 32
+    phase: str = "setup"
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, handles: int) -> "_FastState":
+        return cls(live=[None] * max(handles, 1))
+
+    def clone(self) -> "_FastState":
+        copies: dict[int, _FB] = {}
+
+        def cp(b: _FB | None) -> _FB | None:
+            if b is None:
+                return None
+            n = copies.get(id(b))
+            if n is None:
+                n = _FB(b.size, b.addr, b.small)
+                n.used, n.req, n.prev, n.next = b.used, b.req, b.prev, b.next
+                copies[id(b)] = n
+            return n
+
+        blocks = ({k: cp(b) for k, b in self.blocks[0].items()}, {k: cp(b) for k, b in self.blocks[1].items()})
+        live = [cp(b) if b is not None else None for b in self.live]
+        for n in list(copies.values()):
+            n.prev, n.next = cp(n.prev), cp(n.next)
+        return dataclass_replace(self, keys=(list(self.keys[0]), list(self.keys[1])), blocks=blocks, live=live,
+                                   phase_peaks=dict(self.phase_peaks))
+
+
+def _replay_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None) -> ReplayResult:
+    """`CachingAllocator` for one stream, no expandable segments and no memory fraction, inlined: the
+    same rounding, pools, best fit, split and merge rules, `max_split_size` and free-and-retry
+    (tested equal to the general replay)."""
+    state, _, oom, at, _ = _run_fast(ct, config, capacity, _FastState.empty(ct.handles))
+    return _result(state, state.phase, state.phase_peaks, oom, at)
+
+
+Band = tuple[int, float]  # capacities lo..hi (hi may be infinite) whose runs share a state
+Split = tuple[int, float, int]  # a band and the reserved total that splits it
+
+
+def _run_fast(ct: CodedTrace, config: AllocatorConfig, capacity: int | None, state: _FastState, start: int = 0,
+              band: Band | None = None) -> "tuple[_FastState, int, OutOfMemory | None, int | None, Split | None]":
+    """Run events from `start` on `state` (changed in place): (state, the index reached, the failure,
+    its event, at a stop the band and the total that splits it). `band`: `state` is where the run of every capacity in it stands
+    (`capacity` is one of them); a cudaMalloc whose reserved total some of them allow and some not
+    stops the run before that event (the split is returned, None when the run went to its end); one
+    that only the retries make ambiguous narrows the band to `capacity`'s side."""
+    probe = CachingAllocator(config)
+    max_split = probe.max_split
+    max_nsr = probe.max_non_split_rounding
+    # per distinct request: its rounded size, pool and the segment a miss allocates
+    rounded = [probe.round_size(n) for n in ct.sizes]
+    small_of = [r <= KSMALL_SIZE for r in rounded]
+    seg_of = [CachingAllocator.allocation_size(r) for r in rounded]
+    shift = _ADDR_BITS
+    keys, blocks, live = state.keys, state.blocks, state.live
+    allocated, reserved, peak_alloc, peak_res, max_res = (state.allocated, state.reserved, state.peak_allocated,
+                                                          state.peak_reserved, state.max_reserved)
+    retries, segments, ooms, next_addr = state.num_alloc_retries, state.segments_allocated, state.num_ooms, state.next_addr
+    phase, phase_peaks = state.phase, state.phase_peaks
+    oom = None
+    at = None
+    names = ct.names
+    sizes = ct.sizes
+    limited = capacity is not None
+    split_limited = max_split != SIZE_MAX
+    banded = band is not None
+    band_lo, band_hi = band if band is not None else (0, 0)
+    stopped: Split | None = None
+
+    def narrow(need: int) -> None:
+        """After a retry freed memory: the capacities on `capacity`'s side of `need` stay in the band."""
+        nonlocal band_lo, band_hi
+        if banded and band_lo < need <= band_hi:
+            if capacity is not None and capacity >= need:
+                band_lo = need
+            else:
+                band_hi = need - 1
+
+    def release_cached() -> None:
+        nonlocal reserved
+        for pk in (0, 1):
+            ks, bs = keys[pk], blocks[pk]
+            keep = []
+            for k in ks:
+                b = bs[k]
+                if b.prev is None and b.next is None:
+                    del bs[k]
+                    reserved -= b.size
+                else:
+                    keep.append(k)
+            ks[:] = keep
+
+    def release_available(pk: int, size: int) -> bool:
+        """release_available_cached_blocks (only with max_split_size): oversize cached blocks."""
+        nonlocal reserved
+        ks, bs = keys[pk], blocks[pk]
+        key_size = max(size, max_split)
+        i = bisect_left(ks, key_size << shift)
+        if i == len(ks):
+            if i == 0:
+                return False
+            released = 0
+            i -= 1
+            while released < key_size:
+                b = bs[ks[i]]
+                if b.size < max_split:
+                    break
+                first = i == 0
+                released += b.size
+                reserved -= b.size
+                del bs[ks[i]]
+                del ks[i]
+                if first:
+                    break
+                i -= 1
+            return released >= key_size
+        b = bs[ks[i]]
+        reserved -= b.size
+        del bs[ks[i]]
+        del ks[i]
+        return True
+
+    ops, args, szi = ct.ops, ct.args, ct.szi
+    reached = len(ops)
+    for n in range(start, len(ops)):
+        op = ops[n]
+        if op == 0:  # ALLOC
+            si = szi[n]
+            nbytes = sizes[si]
+            if nbytes == 0:
+                continue
+            size = rounded[si]
+            small = small_of[si]
+            pk = 1 if small else 0
+            ks, bs = keys[pk], blocks[pk]
+            # get_free_block: best fit by (size, address)
+            block = None
+            i = bisect_left(ks, size << shift)
+            if i < len(ks):
+                b = bs[ks[i]]
+                if not ((size < max_split and b.size >= max_split) or
+                        (size >= max_split and b.size >= size + max_nsr)):
+                    del bs[ks[i]]
+                    del ks[i]
+                    block = b
+            if block is None:
+                seg = seg_of[si]
+                if banded and band_lo < reserved + seg <= band_hi:
+                    reached = n  # nothing changed yet: the event runs from here on
+                    stopped = (band_lo, band_hi, reserved + seg)
+                    break
+                ok = not limited or reserved + seg <= capacity
+                if not ok and split_limited and release_available(pk, size):
+                    narrow(reserved + seg)
+                    ok = reserved + seg <= capacity
+                if not ok:
+                    release_cached()
+                    retries += 1
+                    narrow(reserved + seg)
+                    ok = reserved + seg <= capacity
+                if not ok:
+                    ooms += 1
+                    oom = OutOfMemory(size, allocated, reserved, capacity, seg)
+                    at = n
+                    break
+                block = _FB(seg, next_addr, small)
+                next_addr += seg + KROUND_LARGE
+                reserved += seg
+                segments += 1
+                if reserved > peak_res:
+                    peak_res = reserved
+                    if reserved > max_res:
+                        max_res = reserved
+            # split: small pool any remainder of 512 B or more; large only below max_split, > 1 MiB left
+            remaining = block.size - size
+            if (remaining >= KMIN_BLOCK) if small else (size < max_split and remaining > KSMALL_SIZE):
+                front = _FB(size, block.addr, small)
+                front.prev = block.prev
+                if front.prev is not None:
+                    front.prev.next = front
+                front.next = block
+                block.prev = front
+                block.addr += size
+                block.size = remaining
+                k = (remaining << shift) | block.addr
+                insort(ks, k)
+                bs[k] = block
+                block = front
+            block.used = True
+            block.req = nbytes
+            allocated += block.size
+            if allocated > peak_alloc:
+                peak_alloc = allocated
+            live[args[n]] = block
+        elif op == 1:  # FREE
+            h = args[n]
+            if h < 0:
+                continue
+            b = live[h]
+            if b is None:
+                continue
+            live[h] = None
+            allocated -= b.size
+            b.used = False
+            pk = 1 if b.small else 0
+            ks, bs = keys[pk], blocks[pk]
+            p = b.prev
+            if p is not None and not p.used:
+                k = (p.size << shift) | p.addr
+                del ks[bisect_left(ks, k)]
+                del bs[k]
+                b.addr = p.addr
+                b.size += p.size
+                b.prev = p.prev
+                if b.prev is not None:
+                    b.prev.next = b
+            q = b.next
+            if q is not None and not q.used:
+                k = (q.size << shift) | q.addr
+                del ks[bisect_left(ks, k)]
+                del bs[k]
+                b.size += q.size
+                b.next = q.next
+                if b.next is not None:
+                    b.next.prev = b
+            k = (b.size << shift) | b.addr
+            insort(ks, k)
+            bs[k] = b
+        elif op == 2:  # PHASE
+            phase_peaks[phase] = max(phase_peaks.get(phase, 0), peak_res)
+            phase = names[args[n]]
+        elif op == 3:  # RESET
+            peak_alloc, peak_res = allocated, reserved
+        else:  # EMPTY_CACHE
+            release_cached()
+    state.allocated, state.reserved, state.peak_allocated, state.peak_reserved = allocated, reserved, peak_alloc, peak_res
+    state.max_reserved, state.num_alloc_retries, state.segments_allocated = max_res, retries, segments
+    state.num_ooms, state.next_addr = ooms, next_addr
+    state.phase = phase
+    return state, reached, oom, at, stopped
 
 
 # ---- answers --------------------------------------------------------------------------------
@@ -664,25 +1062,57 @@ class AllocatorAnswer(BaseModel):
 
 
 
-def _fits(trace: list[tuple], config: AllocatorConfig, capacity: int) -> bool:
-    return replay(trace, config, capacity_bytes=capacity).fits
-
-
+@_gc_paused
 def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unlimited: ReplayResult | None = None,
                  step: int = KROUND_LARGE) -> int:
-    """The least allocator capacity (a multiple of `step`) under which the trace runs."""
+    """The least allocator capacity (a multiple of `step`) under which the trace runs: bisection on
+    [peak allocated, reserved], where a run that fits under the probe also bounds the answer by the
+    most it held (under that much it runs the same)."""
     config = config or AllocatorConfig()
     unlimited = unlimited or replay(trace, config)
     # below the largest live total nothing fits; at the unlimited run's reserved everything does
     lo = -(-max(unlimited.peak_allocated_bytes, 1) // step) - 1
-    hi = -(-unlimited.peak_reserved_bytes // step)
+    hi = -(-max(unlimited.peak_reserved_bytes, unlimited.max_reserved_bytes) // step)
+    probe = _probes(trace, config, (lo + 1) * step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _fits(trace, config, mid * step):
-            hi = mid
+        run = probe(mid * step, keep=((lo + mid) // 2 * step, (mid + hi) // 2 * step))  # the next probe's two choices
+        if run.fits:
+            # a run that held at most P never met a limit between P and mid: under P it runs the same
+            hi = min(mid, -(-run.max_reserved_bytes // step))
         else:
             lo = mid
     return hi * step
+
+
+def _probes(trace: "list[tuple] | CodedTrace", config: AllocatorConfig, least: int):
+    """fn(capacity, keep=()) -> the trace's replay under that capacity (>= `least`). The runs of many
+    capacities are one run until a cudaMalloc that some of them allow and some not. On the fast path a
+    probe stops at such a split when it parts from a capacity in `keep` (the bisection's next probes)
+    and keeps the state there, with the band of capacities it holds for; a later probe resumes from
+    the latest kept state its capacity shares, so a bisection runs little more than the trace once."""
+    coded = trace if isinstance(trace, CodedTrace) else None
+    if coded is None or config.expandable_segments or config.backend != "native":
+        return lambda capacity, keep=(): replay(trace, config, capacity_bytes=capacity)
+    # (band, event index, state): every capacity in the band reaches the state before that event
+    shared: list[tuple[Band, int, _FastState]] = [((least, math.inf), 0, _FastState.empty(coded.handles))]
+
+    def run(capacity: int, keep: "tuple[int, ...]" = ()) -> ReplayResult:
+        band, start, base = max((s for s in shared if s[0][0] <= capacity <= s[0][1]), key=lambda s: s[1])
+        state = base.clone()
+        wanted = [k for k in keep if band[0] <= k <= band[1]]
+        while True:
+            # only a split between this capacity and a wanted one is worth a kept state: stop at those
+            near = (min(*wanted, capacity), max(*wanted, capacity)) if wanted else None
+            state, start, oom, at, stopped = _run_fast(coded, config, capacity, state, start, near)
+            if stopped is None:
+                return _result(state, state.phase, state.phase_peaks, oom, at)
+            lo, hi, need = stopped
+            if any(lo <= k <= hi and (k >= need) != (capacity >= need) for k in wanted):
+                shared.append(((lo, hi), start, state.clone()))
+            wanted = [k for k in wanted if lo <= k <= hi and (k >= need) == (capacity >= need)]
+
+    return run
 
 
 # settings tried when a step does not fit: expandable segments (no per-request segments to strand
@@ -710,15 +1140,20 @@ def suggest(trace: list[tuple], config: AllocatorConfig, capacity_bytes: int) ->
     return sorted(out, key=lambda s: s.min_capacity_bytes)
 
 
-def simulate(trace: list[tuple], config: AllocatorConfig | None = None,
+@_gc_paused
+def simulate(trace: "list[tuple] | CodedTrace", config: AllocatorConfig | None = None,
              capacity_bytes: int | None = None) -> AllocatorAnswer:
     """Reserved, the verdict under `capacity_bytes` and the smallest capacity, for one trace; where it
     does not fit, the allocator settings that would make it fit."""
     config = config or AllocatorConfig()
+    if not isinstance(trace, CodedTrace):  # coded once for the many replays below
+        trace = CodedTrace.from_events(trace) or trace
     free = replay(trace, config)
     need = min_capacity(trace, config, free)
     fits, oom_size, retries = None, None, free.num_alloc_retries
-    if capacity_bytes is not None:
+    if capacity_bytes is not None and free.peak_reserved_bytes <= capacity_bytes:
+        fits = True  # the run never asks for more than the card: the same run as on an unlimited card
+    elif capacity_bytes is not None:
         bounded = replay(trace, config, capacity_bytes=capacity_bytes)
         fits = bounded.fits
         oom_size = bounded.oom.size if bounded.oom is not None else None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.engine.autograd import Backward, Node, SizeFn, formula
 from planner.engine.ops import E, M, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
+from planner.engine.runtime import sdpa_backward_workspaces
 from planner.engine.tape import DTYPE_BYTES, Tape, Tensor, Sym, fixed, tok
 
 
@@ -44,17 +46,17 @@ def _lin(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
 
 # ---- norms -----------------------------------------------------------------------------------
 def rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
-    """LlamaRMSNorm: x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype)."""
-    w = tp.external(fixed(cfg.hidden), cfg.norm_dtype, cfg.norm_trainable)
+    """LlamaRMSNorm: x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype).
+    `variance` and the fp32 result stay referenced until the forward returns."""
+    w = tp.param(fixed(cfg.hidden), cfg.norm_dtype, cfg.norm_trainable, f"{name}.weight")
     tp.module()
     xf = cast(tp, x, "fp32", f"{name}.fp32")
     p, var, r = _rms(tp, xf, name)
     y = binary(tp, xf, r, f"{name}.normalize", saves=True)
     tp.drop(xf, r)
     yc = cast(tp, y, x.dtype, f"{name}.to_input_dtype")
-    tp.drop(y)
     out = binary(tp, w, yc, f"{name}.scale", saves=True)
-    tp.drop(yc)
+    tp.drop(yc, y, var)
     return out
 
 
@@ -66,13 +68,14 @@ RSQRT_BWD = ("pow", "mul", "mul")
 
 
 def _rms(tp: Tape, xf: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) of an fp32 tensor: (pow's output, the mean, r)."""
-    p = unary(tp, xf, f"{name}.pow", saves_input=True, aten="pow", bwd=POW2_BWD)
+    """rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) of an fp32 tensor: (pow's output, the mean, r);
+    the mean (`variance`) is still referenced by the caller. Backward temporaries: pow's
+    self.pow(1) and its product by 2; rsqrt's result.pow(3) and its product by -0.5."""
+    p = unary(tp, xf, f"{name}.pow", saves_input=True, aten="pow", bwd=POW2_BWD, temps=2)
     var = unary(tp, p, f"{name}.mean", elems=tok(1), aten="mean", bwd=MEAN_BWD)
     tp.drop(p)
-    ve = unary(tp, var, f"{name}.add_eps", aten="add")
-    tp.drop(var)
-    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True, aten="rsqrt", bwd=RSQRT_BWD)
+    ve = unary(tp, var, f"{name}.add_eps", aten="add", grad="pass")
+    r = unary(tp, ve, f"{name}.rsqrt", saves_output=True, aten="rsqrt", bwd=RSQRT_BWD, temps=2)
     tp.drop(ve)
     return p, var, r
 
@@ -83,6 +86,7 @@ def gemma_rms_norm(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
     tp.module()
     xf = cast(tp, x, "fp32", f"{name}.fp32")
     p, var, r = _rms(tp, xf, name)
+    tp.drop(var)
     y = binary(tp, xf, r, f"{name}.normalize", saves=True)
     tp.drop(xf, r)
     out = binary(tp, y, wf, f"{name}.scale", saves=True)
@@ -111,9 +115,12 @@ def rotary(tp: Tape, q: Tensor, cos: Tensor, sin: Tensor, elems: int, name: str)
     # through slice_backward), neg, cat (its backward: two slices of the gradient)
     tp.op(V, "slice", count=2)
     tp.use(q, q)
-    neg = tp.new(tok(elems / 2), q.dtype, q.rg, f"{name}.neg_half")
+    x1 = tp.view(q, "slice", elems=tok(elems / 2), name=f"{name}.x1")
+    x2 = tp.view(q, "slice", elems=tok(elems / 2), name=f"{name}.x2")
+    neg = tp.out(tp.fn("elementwise", (x2,)), tp.new(tok(elems / 2), q.dtype, q.rg, f"{name}.neg_half"))
     tp.op(E, "neg", bytes=neg.size * 2, dtype=q.dtype)
-    rh = tp.new(tok(elems), q.dtype, q.rg, f"{name}.rotate_half")
+    rh = tp.out(tp.fn("cat", (neg, x1)), tp.new(tok(elems), q.dtype, q.rg, f"{name}.rotate_half"))
+    tp.drop(x1, x2)
     tp.op(E, "cat", bytes=rh.size * 2, dtype=q.dtype)
     if q.rg:
         tp.bop(V, "slice", count=2)
@@ -132,12 +139,16 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     count through enable_gqa) or transformers' eager attention (S x S scores, fp32 softmax)."""
     nq = cfg.heads * cfg.head_dim
     if cfg.autocast:
-        q2, k2, v2 = (cast(tp, t, cfg.autocast, f"{name}.autocast_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        # autocast casts SDPA's arguments right to left (as F.linear's): v, k, then q
+        v2, k2, q2 = (cast(tp, t, cfg.autocast, f"{name}.autocast_{n}") for t, n in ((v, "v"), (k, "k"), (q, "q")))
     else:
         q2, k2, v2 = alias(q), alias(k), alias(v)
     if cfg.attn == "sdpa":
-        out = tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out")
-        lse = tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp")
+        # the kernel's node saves q, k, v (before it runs), its output and logsumexp (after)
+        node = tp.fn("sdpa", (q2, k2, v2), (q2, k2, v2), heads=cfg.heads, kv_heads=cfg.kv_heads,
+                     head_dim=cfg.head_dim)
+        out = tp.out(node, tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out"), saved=True)
+        lse = tp.out(node, tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp"), saved=True)
         sdpa_ops(tp, q2, k2, v2, out, cfg)
         if q2.rg or k2.rg or v2.rg:
             tp.save(q2, k2, v2, out, lse)
@@ -186,12 +197,37 @@ def sdpa_ops(tp: Tape, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cfg: LayerC
         tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=q.dtype)
 
 
+@formula("sdpa")
+def _sdpa_backward(bw: Backward, n: Node, grads: list) -> list:
+    """SDPA's backward kernel: gradients of q, k and v (k and v at the KV-head count through
+    enable_gqa), then the blocks the kernel allocates and frees inside (planner.engine.runtime)."""
+    g = grads[0]
+    if g is None:
+        return [None, None, None]
+    out = [bw.new(el, dt) for el, dt, _ in n.inputs]
+    m = n.meta
+    for i in range(4):
+        bw.workspace(SizeFn(_sdpa_workspace, (bw.rec.sdpa_backend, m["heads"], m["kv_heads"], m["head_dim"],
+                                              DTYPE_BYTES[n.inputs[0][1]], i)))
+    return out
+
+
+def _sdpa_workspace(batch: int, seq: int, backend: str, heads: int, kv_heads: int, head_dim: int, elem: int,
+                    i: int) -> int:
+    sizes = sdpa_backward_workspaces(backend, batch, heads, kv_heads, seq, head_dim, elem)
+    return sizes[i] if i < len(sizes) else 0
+
+
 def _heads_view(tp: Tape, t: Tensor, contiguous_grad: bool) -> None:
     """`x.view(batch, seq, heads, dim).transpose(1, 2)` of a projection's output; its backward
     transposes back and reshapes: a view when the gradient's layout allows it (v), else clone +
     _unsafe_view (q, k), as seen in the dry run's recording of SDPA's backward."""
     tp.op(V, "view")
     tp.op(V, "transpose")
+    # ViewBackward0's reshape of the transposed-back gradient: a view, or a copy when its layout
+    # does not allow one; TransposeBackward0: a view
+    tp.reshape(t, "view" if contiguous_grad else "view_copy")
+    tp.reshape(t)
     if t.rg:
         tp.bop(V, "transpose")
         if contiguous_grad:
@@ -213,7 +249,6 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
         kr = rotary(tp, _view(k, nkv), cos, sin, nkv, "k")
         tp.drop(q, k)
         out = attention_core(tp, qr, kr, v, cfg, "attn")
-        tp.drop(qr, kr, v)
     else:
         q = _lin(tp, x, cfg, "q_proj")
         _heads_view(tp, q, contiguous_grad=False)
@@ -222,20 +257,28 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
         v = _lin(tp, x, cfg, "v_proj")
         _heads_view(tp, v, contiguous_grad=True)
         tp.op(V, "unsqueeze", count=2)  # cos.unsqueeze(1), sin.unsqueeze(1)
+        # query_states, key_states = apply_rotary_pos_emb(...): both rebound once both are computed
         qr = rotary(tp, q, cos, sin, nq, "q")
-        tp.drop(q)
         kr = rotary(tp, k, cos, sin, nkv, "k")
-        tp.drop(k)
+        tp.drop(q, k)
+        if tp.kv is not None:
+            # key_states, value_states = cache.update(...): the cache's grown tensors from now on
+            ck, cv = tp.kv.update(tp, kr, v)
+            tp.drop(kr, v)
+            kr, v = ck, cv
         out = attention_core(tp, qr, kr, v, cfg, "attn")
-        tp.drop(qr, kr, v)
     # attn_output.transpose(1, 2).contiguous().reshape(*input_shape, -1): views of the kernel's output
+    # (SDPA's own reshape, the transpose, the reshape)
     tp.op(V, "view")
     tp.op(V, "transpose")
     tp.op(V, "view")
+    for _ in range(3):
+        tp.reshape(out)
     if out.rg:
         tp.bop(V, "view", count=3)
     o = _lin(tp, out, cfg, "o_proj")
-    tp.drop(out)
+    # the forward's locals go when it returns: q, k, v and the attention output
+    tp.drop(out, qr, kr, v)
     tp.module()  # the attention module
     return o
 

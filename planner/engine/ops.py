@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.engine.autograd import Backward, Node, Sz, formula
+from planner.engine.resident import QUANT_BLOCK
 from planner.engine.tape import DTYPE_BYTES, ZERO, Sym, Tape, Tensor, fixed, tok
 
 E, V, M = "elementwise", "view", "matmul"
@@ -35,6 +37,7 @@ class Weight:
     dtype: str  # storage dtype of a dense weight; "nf4"/"fp4" for bitsandbytes Linear4bit
     trainable: bool
     bias: bool = False
+    nested: bool = False  # Linear4bit with double quantization (its absmax quantized in turn)
 
     @property
     def quantized(self) -> bool:
@@ -55,7 +58,8 @@ def cast(tp: Tape, x: Tensor, dtype: str, name: str) -> Tensor:
     (_to_copy; its backward casts the gradient back); saves nothing."""
     if x.dtype == dtype:
         return alias(x)
-    out = tp.new(x.elems, dtype, x.rg, name)
+    node = tp.fn("to_copy", (x,))  # ToCopyBackward0: the gradient cast back (saves nothing)
+    out = tp.out(node, tp.new(x.elems, dtype, x.rg, name))
     tp.op(E, "_to_copy", bytes=x.size + out.size, dtype=dtype)
     tp.use(x)
     if x.rg:
@@ -91,7 +95,11 @@ def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool, aten: str | N
     each is a mul) or add-like (gradients pass through). `aten`: the op's name (mul / add)."""
     dtype = promote(a.dtype, b.dtype)
     big = a if a.elems.t >= b.elems.t else b
-    out = tp.new(big.elems, dtype, a.rg or b.rg, name)
+    # MulBackward0 saves each operand the other's gradient needs; AddBackward0 nothing; SubBackward0
+    # negates the subtrahend's gradient
+    kind = "mul" if saves else ("sub" if aten == "sub" else "pass")
+    node = tp.fn(kind, (a, b), saved=([b] if saves and a.rg else []) + ([a] if saves and b.rg else []))
+    out = tp.out(node, tp.new(big.elems, dtype, a.rg or b.rg, name))
     if saves:
         tp.saving(*([b] if a.rg else []), *([a] if b.rg else []))
     tp.op(E, aten or ("mul" if saves else "add"), bytes=a.size + b.size + out.size, dtype=dtype)
@@ -109,10 +117,14 @@ def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool, aten: str | N
 
 
 def unary(tp: Tape, x: Tensor, name: str, saves_input: bool = False, saves_output: bool = False,
-          dtype: str | None = None, elems: Sym | None = None, aten: str = "", bwd: tuple[str, ...] = ()) -> Tensor:
+          dtype: str | None = None, elems: Sym | None = None, aten: str = "", bwd: tuple[str, ...] = (),
+          grad: str = "elementwise", temps: int = 0) -> Tensor:
     """An op of one tensor input. `aten`: its name (the op is listed only when named); `bwd`: the
-    elementwise ops of its backward (views as 'view:NAME')."""
-    out = tp.new(elems if elems is not None else x.elems, dtype or x.dtype, x.rg, name)
+    elementwise ops of its backward (views as 'view:NAME'). For the allocation recorder: `grad` names
+    its backward formula (planner.engine.autograd.BACKWARD; default one new tensor like the input),
+    `temps` the temporaries that formula makes first (pow's self.pow(e - 1) and its product by e)."""
+    node = tp.fn(grad, (x,), saved=(x,) if saves_input else (), temps=temps)
+    out = tp.out(node, tp.new(elems if elems is not None else x.elems, dtype or x.dtype, x.rg, name), saved=saves_output)
     if x.rg and saves_input:
         tp.save(x)
     if x.rg and saves_output:
@@ -185,22 +197,27 @@ def matmul_ops(tp: Tape, x: Tensor, w_bytes: Sym, in_f: int, out_f: int, dtype: 
         tp.bop(V, "detach")
 
 
-def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> Tensor:
-    """nn.Linear (dense) or bitsandbytes Linear4bit; the caller still owns (and drops) `x`."""
+def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str, weight_key: str | None = None) -> Tensor:
+    """nn.Linear (dense) or bitsandbytes Linear4bit; the caller still owns (and drops) `x`.
+    `weight_key`: the weight's name when it is another module's (a tied output embedding)."""
     if w.quantized:
         return linear4bit(tp, x, w, name)
     compute = autocast or x.dtype
-    xin = cast(tp, x, compute, f"{name}.input_cast") if autocast else alias(x)
     n_w = fixed(w.in_features * w.out_features)
+    weight = tp.param(n_w, w.dtype, w.trainable, f"{name}.weight", key=weight_key)
+    bias = tp.param(fixed(w.out_features), w.dtype, w.trainable, f"{name}.bias") if w.bias else None
+    wt = weight
     if autocast and w.dtype != compute:
-        # Autocast casts the weight for the matmul; for a trainable leaf the cast is cached for the
-        # whole forward and saved for backward, a frozen one is cast per call.
-        wt = tp.new(n_w, compute, w.trainable, f"{name}.weight_cast")
+        # Autocast casts F.linear's arguments to the compute dtype right to left (the C++ wrapper's
+        # argument evaluation order): the bias, the weight, then the input. A trainable leaf's cast is
+        # cached for the whole forward and saved for backward, a frozen one is made per call.
+        if bias is not None and tp.rec is not None:
+            bias = autocast_cast(tp, bias, compute, f"{name}.bias_cast", w.trainable)
+        wt = autocast_cast(tp, weight, compute, f"{name}.weight_cast", w.trainable)
         if w.trainable:
             tp.autocast_cached = tp.autocast_cached + wt.size
-    else:
-        wt = tp.external(n_w, w.dtype, w.trainable)
-    out = tp.new(tok(w.out_features), compute, x.rg or w.trainable, name)
+    xin = cast(tp, x, compute, f"{name}.input_cast") if autocast else alias(x)
+    out = linear_graph(tp, xin, wt, bias, tok(w.out_features), compute, name)
     tp.module()
     if autocast and w.dtype != compute:
         tp.op(E, "_to_copy", bytes=Sym(c=w.in_features * w.out_features * (DTYPE_BYTES[w.dtype] + DTYPE_BYTES[compute])),
@@ -214,6 +231,48 @@ def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str) -> T
     if x.rg:
         tp.save(wt)
     tp.drop(xin, wt)
+    if bias is not None:
+        tp.drop(bias)
+    return out
+
+
+def autocast_cast(tp: Tape, p: Tensor, dtype: str, name: str, trainable: bool) -> Tensor:
+    """Autocast's cast of a parameter to its compute dtype (`cached_cast`): a leaf that requires grad
+    (`trainable`, whether grad mode is on or not) is cast once per autocast region and the cast kept
+    in autocast's cache until the region ends (the recorder holds it: planner.engine.autograd.
+    Recorder.exit_autocast); a frozen one per call."""
+    rec = tp.rec
+    cached = rec is not None and trainable and p.key is not None
+    if cached:
+        hit = rec.autocast_cache.get(p.key)
+        if hit is not None:
+            return alias(hit)
+    node = tp.fn("to_copy", (p,))
+    out = tp.out(node, tp.new(p.elems, dtype, p.rg, name))
+    if cached:
+        rec.ref(out.st)
+        rec.autocast_cache[p.key] = out
+    return out
+
+
+def linear_graph(tp: Tape, x: Tensor, w: Tensor, bias: Tensor | None, out_elems: Sym, dtype: str, name: str) -> Tensor:
+    """F.linear's allocations and autograd nodes: without a bias `matmul(x, w.t())` (t, x.view(-1,
+    in), mm, _unsafe_view), with one `_flatten_nd_linear` (x.view(-1, in), t, addmm, view). MmBackward0
+    saves the input when the weight needs its gradient and the weight when the input does."""
+    if bias is None:
+        wT = tp.view(w, name=f"{name}.weight.t")
+        x2 = tp.view(x, name=f"{name}.input_2d")
+    else:
+        x2 = tp.view(x, name=f"{name}.input_2d")
+        wT = tp.view(w, name=f"{name}.weight.t")
+    saved = ([x2] if wT.rg else []) + ([wT] if x2.rg else [])
+    node = tp.fn("mm", (x2, wT), saved) if bias is None else tp.fn("addmm", (bias, x2, wT), saved)
+    rg = x.rg or w.rg or (bias is not None and bias.rg)
+    out = tp.out(node, tp.new(out_elems, dtype, rg, name))
+    if tp.rec is not None:
+        tp.rec.matmul()
+    tp.reshape(out)
+    tp.drop(x2, wT)
     return out
 
 
@@ -224,14 +283,39 @@ def linear4bit(tp: Tape, x: Tensor, w: Weight, name: str, compute: str = "bf16")
     elements) and saves no activation for backward (it dequantizes again there).
     """
     xin = cast(tp, x, compute, f"{name}.input_cast")
-    deq = tp.new(fixed(w.in_features * w.out_features), compute, False, f"{name}.dequant")
-    out = tp.new(tok(w.out_features), compute, x.rg, name)
+    n = w.in_features * w.out_features
+    blocks = -(-n // QUANT_BLOCK)
+    if w.bias and tp.rec is not None:
+        _bias_to_compute(tp, w, name, compute)
+    # gemm_4bit's CUDA fallback (planner.backends.dryrun._patches.cuda_gemm_4bit): with double
+    # quantization the dequantized absmax (empty_like) and `absmax + offset`, then the [N, K] weight
+    absmax = [tp.raw(Sz(c=blocks * 4), f"{name}.absmax_dq", "fp32") for _ in range(2 if w.nested else 0)]
+    deq = tp.new(fixed(n), compute, False, f"{name}.dequant")
+    # MatMul4Bit (a custom Function): saves no activation (its backward dequantizes again)
+    node = tp.fn("matmul4bit", (xin,), nested=w.nested, blocks=blocks, n=n, dtype=compute)
+    out = tp.out(node, tp.new(tok(w.out_features), compute, x.rg, name))
+    if tp.rec is not None:
+        tp.rec.matmul()
     tp.module()
     linear4bit_ops(tp, xin, w, compute, out)
-    tp.drop(deq, xin)
+    tp.drop(deq, *absmax)
     res = cast(tp, out, x.dtype, f"{name}.output_cast")
-    tp.drop(out)
+    # `x` (rebound to its cast) goes when the forward returns
+    tp.drop(out, xin)
     return res
+
+
+def _bias_to_compute(tp: Tape, w: Weight, name: str, compute: str) -> None:
+    """Linear4bit.forward's `bias.data = bias.data.to(x.dtype)`: at the first forward the frozen bias
+    (fp32 after kbit preparation) is replaced by its cast for good (the parameter's old storage goes;
+    planner.engine.autograd.Recorder.storages)."""
+    rec = tp.rec
+    key = f"{tp.scope}.{name}.bias" if tp.scope else f"{name}.bias"
+    st = rec.storages.get(key)
+    cast_size = Sz(c=w.out_features * DTYPE_BYTES[compute])
+    if st is not None and st.size != cast_size:
+        rec.storages[key] = rec.alloc(cast_size)
+        rec.unref(st)
 
 
 def linear4bit_ops(tp: Tape, x: Tensor, w: Weight, compute: str, out: Tensor) -> None:
@@ -270,6 +354,11 @@ def lora_linear(tp: Tape, x: Tensor, w: Weight, lora: Lora | None, autocast: str
     base = linear(tp, x, w, autocast, name)
     if lora is None:
         return base
+    if w.quantized and tp.rec is not None:
+        # peft's bnb LoRA clones the base output ("defensively", CloneBackward0 passes the gradient)
+        cl = tp.out(tp.fn("pass", (base,)), tp.new(base.elems, base.dtype, base.rg, f"{name}.clone"))
+        tp.drop(base)
+        base = cl
     a = Weight(w.in_features, lora.rank, lora.dtype, True)
     b = Weight(lora.rank, w.out_features, lora.dtype, True)
     if w.quantized:
@@ -277,8 +366,8 @@ def lora_linear(tp: Tape, x: Tensor, w: Weight, lora: Lora | None, autocast: str
         xin = cast(tp, x, lora.dtype, f"{name}.lora_input") if not autocast else alias(x)
     else:
         xin = cast(tp, x, lora.dtype, f"{name}.lora_input")
+    # peft rebinds `x` to its cast: it stays referenced until the forward returns
     ha = linear(tp, xin, a, autocast, f"{name}.lora_A")
-    tp.drop(xin)
     hb = linear(tp, ha, b, autocast, f"{name}.lora_B")
     tp.drop(ha)
     tp.module(2)  # the lora.Linear wrapper and its lora_dropout (nn.Identity at dropout 0)
@@ -292,7 +381,97 @@ def lora_linear(tp: Tape, x: Tensor, w: Weight, lora: Lora | None, autocast: str
     summed = binary(tp, base, scaled, f"{name}.lora_add", saves=False)
     tp.drop(base, scaled)
     if w.quantized:
+        tp.drop(xin)
         return summed
     res = cast(tp, summed, base.dtype, f"{name}.result_cast")  # result.to(torch_result_dtype)
-    tp.drop(summed)
+    tp.drop(summed, xin)
     return res
+
+
+# ---- backward formulas (planner.engine.autograd): what each node's backward allocates, in order ----
+@formula("to_copy")
+def _to_copy_backward(bw: Backward, n: Node, grads: list) -> list:
+    """ToCopyBackward0: the gradient cast back to the input's dtype."""
+    g = grads[0]
+    elems, dtype, _ = n.inputs[0]
+    return [bw.new(elems, dtype) if g is not None else None]
+
+
+@formula("mul")
+def _mul_backward(bw: Backward, n: Node, grads: list) -> list:
+    """MulBackward0: the generated code computes `other`'s gradient (grad * self) first, then
+    `self`'s (grad * other), each in the promoted dtype at the output's shape (validate_outputs sums a
+    broadcast operand's back and casts it to its dtype)."""
+    g = grads[0]
+    (_, a_dt, a_edge), (_, b_dt, b_edge) = n.inputs
+    out = n.outputs[0][0]
+    gb = bw.new(out, promote(g.dtype, a_dt)) if (g is not None and b_edge is not None) else None
+    ga = bw.new(out, promote(g.dtype, b_dt)) if (g is not None and a_edge is not None) else None
+    return [ga, gb]
+
+
+@formula("sub")
+def _sub_backward(bw: Backward, n: Node, grads: list) -> list:
+    """SubBackward0: the minuend gets the gradient, the subtrahend its negation."""
+    g = grads[0]
+    if g is None:
+        return [None, None]
+    ga = bw.share(g) if n.inputs[0][2] is not None else None
+    gb = bw.new(n.outputs[0][0], g.dtype) if n.inputs[1][2] is not None else None
+    return [ga, gb]
+
+
+@formula("mm")
+def _mm_backward(bw: Backward, n: Node, grads: list) -> list:
+    """MmBackward0: the weight's gradient (mat2) first, then the input's (self), as the dry run's
+    trace shows them."""
+    g = grads[0]
+    (x_el, _, x_edge), (w_el, _, w_edge) = n.inputs
+    gw = bw.new(w_el, g.dtype) if (g is not None and w_edge is not None) else None
+    gx = bw.new(x_el, g.dtype) if (g is not None and x_edge is not None) else None
+    return [gx, gw]
+
+
+@formula("addmm")
+def _addmm_backward(bw: Backward, n: Node, grads: list) -> list:
+    """AddmmBackward0: the bias gets the gradient itself (validate_outputs sums it), then mat1's
+    gradient, then mat2's."""
+    g = grads[0]
+    (_, _, b_edge), (x_el, _, x_edge), (w_el, _, w_edge) = n.inputs
+    if g is None:
+        return [None, None, None]
+    gb = bw.share(g) if b_edge is not None else None
+    gx = bw.new(x_el, g.dtype) if x_edge is not None else None
+    gw = bw.new(w_el, g.dtype) if w_edge is not None else None
+    return [gb, gx, gw]
+
+
+@formula("cat")
+def _cat_backward(bw: Backward, n: Node, grads: list) -> list:
+    """CatBackward0: each input's gradient is a narrow view of the output's."""
+    g = grads[0]
+    return [bw.share(g, el) if (g is not None and edge is not None) else None for el, _, edge in n.inputs]
+
+
+@formula("slice")
+def _slice_backward(bw: Backward, n: Node, grads: list) -> list:
+    """SliceBackward0: slice_backward writes the gradient into zeros of the input's shape."""
+    g = grads[0]
+    return [bw.new(n.inputs[0][0], g.dtype) if g is not None else None]
+
+
+@formula("matmul4bit")
+def _matmul4bit_backward(bw: Backward, n: Node, grads: list) -> list:
+    """MatMul4Bit.backward: grad_A = grad @ dequantize_4bit(W): with double quantization the absmax
+    dequantized first (dequantize_blockwise, fp32, freed when dequantize_4bit returns), the [N, K]
+    weight in the compute dtype, the product; the weight goes after it."""
+    g = grads[0]
+    if g is None or n.inputs[0][2] is None:
+        return [None]
+    m = n.meta
+    absmax = bw.rec.alloc(Sz(c=m["blocks"] * 4)) if m["nested"] else None
+    w = bw.rec.alloc(Sz(c=m["n"] * DTYPE_BYTES[m["dtype"]]))
+    bw.rec.unref(absmax)
+    out = bw.new(n.inputs[0][0], g.dtype)
+    bw.rec.unref(w)
+    return [out]

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from planner.engine.autograd import Node, Recorder, Storage
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "uint8": 1, "bool": 1}
 
@@ -171,6 +175,11 @@ class Tensor:
     external: bool = False
     # ops that will send this tensor a gradient: autograd adds the gradients of a tensor used k times
     uses: int = 0
+    # with an allocation recorder (planner.engine.autograd): the storage it holds a reference to, the
+    # autograd edge its gradient goes to, and a parameter's name (its AccumulateGrad)
+    st: "Storage | None" = None
+    edge: "tuple[Node, int] | None" = None
+    key: str | None = None
 
     @property
     def size(self) -> Sym:
@@ -195,6 +204,11 @@ class Tape:
     used: list["Tensor"] = field(default_factory=list)
     slots: int = 0  # saved tensors that require grad
     last_saving: int = -1  # index in fwd.ops of the last op that saves a tensor requiring grad
+    # the allocation recorder (planner.engine.autograd): when set, every tensor made is an allocation
+    # event, every last reference dropped a free, and every op autograd records a node
+    rec: "Recorder | None" = None
+    scope: str = ""  # the module path of the recipe now running (names parameters for the recorder)
+    kv: Any = None  # a generation's KV cache (planner.engine.steptrace.KVCache): attention updates it
 
     # ---- ops (for time) ---------------------------------------------------------------------
     def op(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
@@ -243,11 +257,86 @@ class Tape:
         t = Tensor(elems, dtype, rg and self.grad, name)
         self.live = self.live + t.size
         self.events.append((name, self.live))
+        if self.rec is not None:
+            from planner.engine.autograd import sz_of
+
+            t.st = self.rec.alloc(sz_of(elems, dtype, self.rec.per_sequence))
+            if self.rec.recompute_tensors is not None:
+                self.rec.recompute_tensors.append(t)
         return t
 
     def external(self, elems: Sym, dtype: str, rg: bool, name: str = "param") -> Tensor:
         """A tensor allocated outside this recipe (a parameter, the module's input)."""
         return Tensor(elems, dtype, rg and self.grad, name, external=True)
+
+    def raw(self, size: Any, name: str, dtype: str = "int64") -> Tensor:
+        """A tensor only the recorder allocates (planner.engine.autograd.Sz: its bytes may have terms in
+        the batch or the sequence alone, which the tape's elements cannot express); outside the tape's
+        own accounting, never requiring grad."""
+        t = Tensor(ZERO, dtype, False, name, external=True)
+        if self.rec is not None:
+            t.st = self.rec.alloc(size)
+            if self.rec.recompute_tensors is not None:
+                self.rec.recompute_tensors.append(t)
+        return t
+
+    def param(self, elems: Sym, dtype: str, rg: bool, name: str, key: str | None = None) -> Tensor:
+        """A module's parameter `name` (its AccumulateGrad is keyed by the recipe's scope and name, or
+        by `key`: a tied weight's owner)."""
+        t = Tensor(elems, dtype, rg and self.grad, name, external=True)
+        t.key = key or (f"{self.scope}.{name}" if self.scope else name)
+        return t
+
+    # ---- autograd, for the allocation recorder ---------------------------------------------
+    def fn(self, kind: str, inputs: "tuple[Tensor, ...] | list[Tensor]", saved: "tuple[Tensor, ...] | list[Tensor]" = (),
+           **meta: Any) -> "Node | None":
+        """Autograd records this op (grad mode on, an input requires grad): its node, numbered now (before
+        the op's outputs exist), with `saved` packed (inputs are packed before the kernel runs). Nothing
+        without a recorder."""
+        rec = self.rec
+        if rec is None or not self.grad or not any(t.rg for t in inputs):
+            return None
+        node = rec.node(kind, [(t.elems, t.dtype, self._edge(t) if t.rg else None) for t in inputs], meta)
+        for t in saved:
+            rec.save(node, t.st)
+        return node
+
+    def _edge(self, t: Tensor) -> "tuple[Node, int] | None":
+        if t.edge is not None:
+            return t.edge
+        if t.key is not None and self.rec is not None:
+            return self.rec.param_edge(t.key, t.elems, t.dtype, leaf=None if t.external else t.st)
+        return None
+
+    def out(self, node: "Node | None", t: Tensor, saved: bool = False) -> Tensor:
+        """`t` is the node's next output (its gradient flows into the node); `saved`: the op saves it."""
+        if node is not None:
+            t.edge = (node, len(node.outputs))
+            node.outputs.append((t.elems, t.dtype))
+            if saved and self.rec is not None:
+                self.rec.save(node, t.st)
+        return t
+
+    def view(self, t: Tensor, kind: str = "view", elems: Sym | None = None, name: str = "") -> Tensor:
+        """A view of `t` (its storage, another tensor): a node whose backward reshapes the gradient
+        (`kind` "view"), copies it ("view_copy": a reshape that cannot view) or scatters it into
+        zeros ("slice": slice_backward)."""
+        # external: the tape's own accounting counts the base tensor, not its views
+        v = Tensor(elems if elems is not None else t.elems, t.dtype, t.rg, name or t.name + ".view", external=True)
+        if self.rec is not None and t.st is not None:
+            self.rec.ref(t.st)
+            v.st = t.st
+            if self.rec.recompute_tensors is not None:
+                self.rec.recompute_tensors.append(v)
+        self.out(self.fn(kind, (t,)), v)
+        return v
+
+    def reshape(self, t: Tensor, kind: str = "view") -> Tensor:
+        """`t = t.view(...)`: the same program variable rebound to a view (a node in the graph)."""
+        node = self.fn(kind, (t,))
+        if node is not None:
+            self.out(node, t)
+        return t
 
     def save(self, *ts: Tensor) -> None:
         if self.grad:  # saved tensors that require grad (checkpoint's hooks detach each)
@@ -263,11 +352,19 @@ class Tape:
     def drop(self, *ts: Tensor) -> None:
         """The program no longer references these tensors (Python variable reassigned or out of scope)."""
         for t in ts:
-            if t.external or t.refs <= 0:
+            if t.refs <= 0:
+                continue
+            if t.external:
+                if t.st is not None and self.rec is not None:  # a view of a recorded storage
+                    t.refs = 0
+                    self.rec.unref(t.st)
                 continue
             t.refs -= 1
-            if t.refs == 0 and not t.saved:
-                self.live = self.live - t.size
+            if t.refs == 0:
+                if not t.saved:
+                    self.live = self.live - t.size
+                if t.st is not None and self.rec is not None:
+                    self.rec.unref(t.st)
 
     def peak_candidates(self) -> list[Sym]:
         """Non-dominated live totals over the recorded events."""

@@ -40,7 +40,8 @@ def layer_cfg(spec: ModelSpec, plan: Plan, res: Resident, training: bool = True)
     # keyed by attribute name and by path (GPT-2 has attn.c_proj and mlp.c_proj)
     weights = {}
     for lin in spec.layer_linears:
-        w = Weight(lin.in_features, lin.out_features, res.linear_dtype, full, lin.bias)
+        w = Weight(lin.in_features, lin.out_features, res.linear_dtype, full, lin.bias,
+                   nested=plan.method == "qlora" and plan.double_quant)
         weights[lin.path] = w
         weights.setdefault(lin.name, w)
     loras = {}

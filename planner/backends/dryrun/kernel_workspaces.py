@@ -3,7 +3,8 @@ returns: invisible to a fake-tensor run (the op's outputs are all it sees), but 
 allocator must find, so they shape its cache. Read from the torch 2.11 sources (a helper's
 reading of aten/src/ATen/native/transformers/cuda, EmbeddingBackwardKernel.cu, against the
 2.11 cu130 wheel); each entry names its source. The allocation trace adds them right after the
-op's outputs, freed at once.
+op's outputs, freed at once. The sizes are computed by planner.engine.runtime (the engine's own trace
+uses the same formulas).
 
 - SDPA backward, cuDNN attention (what torch 2.11 picks on sm90/sm100 with cuDNN > 9.15.1:
   `check_prefer_cudnn_attention` in sdp_utils.cpp): one workspace of
@@ -24,9 +25,9 @@ from typing import Any, Callable
 
 import torch
 
+from planner.engine.runtime import embedding_backward_workspace, sdpa_backend_for, sdpa_backward_workspaces
 
-def _round(x: int, m: int) -> int:
-    return -(-x // m) * m
+__all__ = ["kernel_workspaces", "kernel_workspaces_for", "sdpa_backend_for"]
 
 
 def _sdpa_backward(backend: str) -> Callable[[tuple], list[int]]:
@@ -35,12 +36,7 @@ def _sdpa_backward(backend: str) -> Callable[[tuple], list[int]]:
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor)):
             return []
         b, h, s, d = (int(x) for x in q.shape)
-        if backend == "cudnn":
-            return [b * h * s * d * 4 + b * h * s * 4]
-        out = [b * _round(s, 128) * h * _round(d, 32) * 4, b * h * _round(s, 128) * 4]
-        if int(k.shape[1]) != h:
-            out += [b * s * h * d * q.element_size()] * 2
-        return out
+        return sdpa_backward_workspaces(backend, b, h, int(k.shape[1]), s, d, q.element_size())
 
     return sizes
 
@@ -48,12 +44,8 @@ def _sdpa_backward(backend: str) -> Callable[[tuple], list[int]]:
 def _embedding_backward(args: tuple) -> list[int]:
     grad, indices, num_weights = args[0], args[1], int(args[2])
     scale_by_freq = bool(args[4]) if len(args) > 4 else False
-    n = int(indices.numel())
-    if n <= 3072 and not scale_by_freq:
-        return []
-    dim = int(grad.shape[-1])
-    partial = n // 10 + min(n, num_weights)
-    return [partial * dim * 4]
+    size = embedding_backward_workspace(int(indices.numel()), num_weights, int(grad.shape[-1]), scale_by_freq)
+    return [size] if size else []
 
 
 def kernel_workspaces(sdpa_backend: str = "cudnn") -> Callable[[Any, tuple], list[int]]:
@@ -68,13 +60,6 @@ def kernel_workspaces(sdpa_backend: str = "cudnn") -> Callable[[Any, tuple], lis
         return fn(args) if fn is not None else []
 
     return of
-
-
-def sdpa_backend_for(compute_capability: str | None) -> str:
-    """cuDNN attention on sm90/sm100 (torch 2.11 with its pinned cuDNN 9.19), flash elsewhere."""
-    if compute_capability and compute_capability.split(".")[0] in ("9", "10"):
-        return "cudnn"
-    return "flash"
 
 
 def kernel_workspaces_for(trace: dict) -> Callable[[Any, tuple], list[int]] | None:
