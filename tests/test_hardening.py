@@ -143,9 +143,13 @@ def test_a_fitting_plan_says_how_far_it_goes():
     lim = doc["limits"]
     model, gpu = load_model("qwen2.5-0.5b"), load_gpu("h200")
     base = Plan(model="qwen2.5-0.5b", gpu="h200", batch=1, seq=512)
+    from planner.engine.alloc_conf import AllocatorConfig
+    from planner.simulated import verdict
+
+    assert doc["allocator"]["simulated"]  # so the limits are the simulated allocator's
     for knob, v in (("batch", lim["max_batch"]), ("seq", lim["max_lengths"]["seq"])):
-        assert estimate(base.model_copy(update={knob: v}), model, gpu).device_bytes <= gpu.memory_bytes
-        assert estimate(base.model_copy(update={knob: v + 1}), model, gpu).device_bytes > gpu.memory_bytes
+        assert verdict(base.model_copy(update={knob: v}), model, gpu, AllocatorConfig())[1] is True
+        assert verdict(base.model_copy(update={knob: v + 1}), model, gpu, AllocatorConfig())[1] is False
     code, text, _ = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h200", "--batch", "1", "--seq", "512"])
     assert f"{lim['max_batch']:,}" in text and f"{lim['max_lengths']['seq']:,}" in text
 

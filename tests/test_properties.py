@@ -103,9 +103,39 @@ def check_fit(fields: dict) -> None:
 
         assert t.tflops_per_gpu * 1e12 <= peak_flops(res.workload, gpu) * (1 + 1e-9)
         assert 0 < t.mfu <= t.hfu <= 1.0
+    judged_alone(res, gpu)
+
+
+def judged_alone(res, gpu) -> None:
+    """Each suggestion and limit, judged again on its own as fit judges it: by the simulated allocator
+    where fit simulated (planner.simulated.verdict), else by the estimate (scaled by the plan's
+    simulated-to-estimated reserved ratio where the plan itself was simulated)."""
+    from planner.engine.alloc_conf import AllocatorConfig
+    from planner.simulated import NUMBERS, verdict
+
+    conf = AllocatorConfig()
+    model = load_model(res.plan.model)
+    ratio = res.allocator.reserved_bytes / estimate(res.plan, model, gpu).reserved_bytes if res.allocator else 1.0
+
+    def judged(plan, knob: str = "batch") -> tuple[int, bool]:
+        if res.allocator is not None and knob in NUMBERS:  # fit simulates the lengths a trace's sizes take
+            v = verdict(plan, model, gpu, conf)
+            if v is not None:
+                return v[0] + gpu.cuda_context_bytes, v[1]
+        device = int(estimate(plan, model, gpu).reserved_bytes * ratio) + gpu.cuda_context_bytes
+        return device, device <= gpu.memory_bytes
+
     for s in res.suggestions:
-        alone = estimate(s.plan, load_model(s.plan.model), gpu)
-        assert alone.device_bytes == s.device_bytes and (alone.device_bytes <= gpu.memory_bytes) == s.fits, s.change
+        if s.change.startswith("--alloc-conf"):  # another allocator setting: judged by its own replay
+            assert s.simulated and s.fits and s.device_bytes <= gpu.memory_bytes, s.change
+            continue
+        alone = estimate(s.plan, model, gpu)
+        assert alone.peak_allocated_bytes == s.peak_allocated_bytes, s.change
+        if s.simulated:
+            assert judged(s.plan) == (s.device_bytes, s.fits), s.change
+        else:
+            assert (s.device_bytes <= gpu.memory_bytes) == s.fits, s.change
+            assert s.device_bytes == int(alone.reserved_bytes * ratio) + gpu.cuda_context_bytes, s.change
     lim = res.limits
     if res.fits:
         assert lim is not None and lim.max_batch is not None and lim.max_batch >= res.plan.batch
@@ -115,9 +145,8 @@ def check_fit(fields: dict) -> None:
                 continue
             at = Plan(**{**res.plan.model_dump(), knob: v})
             past = Plan(**{**res.plan.model_dump(), knob: v + 1})
-            model = load_model(at.model)
-            assert estimate(at, model, gpu).device_bytes <= gpu.memory_bytes, knob
-            assert estimate(past, model, gpu).device_bytes > gpu.memory_bytes, knob
+            assert judged(at, knob)[1], knob
+            assert not judged(past, knob)[1], knob
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
