@@ -97,6 +97,7 @@ def run_technique(plan, layout: Layout, *, steps: int, round_bytes: int, device:
                     tracker.step = i
                     tech.step(ctx)
                     tracker.phase = "between_steps"
+                    ctx.release()  # the step's locals go when it returns, as in the engine and the other backends
                     step_end.append(tracker.total)
             finally:
                 ctx.release()
