@@ -165,17 +165,17 @@ _device: dict[tuple, tuple] = {}
 def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: str = "grad") -> StretchCost:
     """Host and device seconds of one stretch at T = tokens, S = seq (module doc); `mode`: nograd,
     grad (a forward autograd records) or backward, for the host cost of an op. The device seconds
-    are cached per (op list, sizes, profile): programs are cached per plan shape, so a warm estimate
-    at sizes seen before prices nothing again."""
+    and the host seconds are cached per (op list, sizes, profile, mode): programs are cached per plan
+    shape, so a warm estimate at sizes seen before prices nothing again."""
+    key = (id(ops), tokens, seq, id(profile), mode)
+    hit = _device.get(key)
+    if hit is not None and hit[0] is ops and hit[1] is profile:
+        return StretchCost(hit[2], hit[3])
     c = _compile(ops)
     host = profile.host
     fs = profile.fixed_scale
     h = ((c.kernels * host.op_cost(mode) + c.host_ops * host.op_s + c.views * host.view_s + c.modules * host.module_s)
          * fs + c.syncs * host.sync_s + sum(n * getattr(host, name) for name, n in c.calls))
-    key = (id(ops), tokens, seq, id(profile))
-    hit = _device.get(key)
-    if hit is not None and hit[0] is ops and hit[1] is profile:
-        return StretchCost(h, hit[2])
     fns = _profile_fns(profile)
     launch = profile.launch_s
     per_tensor = profile.foreach_per_tensor
@@ -205,7 +205,7 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
         d += n * (launch + t)
     if len(_device) > 65536:
         _device.clear()
-    _device[key] = (ops, profile, d)
+    _device[key] = (ops, profile, h, d)
     return StretchCost(h, d)
 
 

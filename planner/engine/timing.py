@@ -60,9 +60,17 @@ def _program(ph: Phase, workload: Workload) -> "Program":
                            loss_ops=ph.loss_ops)
 
 
+_phase_times: dict[tuple, tuple] = {}
+
+
 def phase_time(ph: Phase, workload: Workload, profile: "DeviceProfile") -> PhaseTime:
     """One phase's time (module doc). `parts`: the device seconds of each part of its program."""
     prog = _program(ph, workload)
+    # programs are cached per plan shape: a phase at numbers seen before is priced once
+    key = (id(prog), ph.kind, ph.batch, ph.seq, ph.new_tokens, id(profile))
+    hit = _phase_times.get(key)
+    if hit is not None and hit[0] is prog and hit[1] is profile:
+        return hit[2]
     steps = max(ph.new_tokens - 1, 0) if ph.kind == "generate" else 0
     costs: list[StretchCost] = []
     parts: dict[str, float] = {}
@@ -85,7 +93,11 @@ def phase_time(ph: Phase, workload: Workload, profile: "DeviceProfile") -> Phase
             costs.extend(step_costs)
             parts[part] = sum(c.device_s for c in step_costs)
     t = compose(costs, profile.asynchronous, profile.host.sync_s)
-    return PhaseTime(t.total_s, t.compute_s, t.host_exposed_s, parts)
+    out = PhaseTime(t.total_s, t.compute_s, t.host_exposed_s, parts)
+    if len(_phase_times) > 4096:
+        _phase_times.clear()
+    _phase_times[key] = (prog, profile, out)
+    return out
 
 
 def step_time(workload: Workload, profile: "DeviceProfile") -> StepTime:
