@@ -108,8 +108,9 @@ def test_misses_are_explained():
 
 
 def test_cases_are_interleaved(monkeypatch):
-    """time_cases takes its samples round-robin over the cases (each round in another order), never
-    one case's repeats back to back."""
+    """time_cases takes its samples round-robin over the cases (each round in its own order, so that
+    a slow window of a shared machine does not hit the same neighbours every round), never one case's
+    repeats back to back."""
     from planner.backends import timing
     from planner.specs import Plan
 
@@ -134,8 +135,16 @@ def test_cases_are_interleaved(monkeypatch):
     assert len(timed) == 9
     rounds = [timed[i:i + 3] for i in range(0, 9, 3)]
     assert all(sorted(r) == [1, 2, 3] for r in rounds)
-    assert len({tuple(r) for r in rounds}) == 3  # each round in another order
     assert all(len(c.samples) == 3 for c in cases)
+    # over more cases, the rounds' orders differ and no two cases are neighbours in every round
+    calls.clear()
+    many = [Case(f"c{b}", Plan(model="llama-3.2-1b", batch=b, seq=8), _config={}) for b in range(1, 9)]
+    time_cases(many, rounds=5)
+    timed = [b for b, _ in calls[1 + 8:]]
+    rounds = [timed[i:i + 8] for i in range(0, 40, 8)]
+    assert all(sorted(r) == list(range(1, 9)) for r in rounds) and len({tuple(r) for r in rounds}) == 5
+    pairs = [{frozenset(p) for p in zip(r, r[1:])} for r in rounds]
+    assert not set.intersection(*pairs), "some cases are neighbours in every round"
 
 
 def test_main_writes_the_table_and_the_csv(tmp_path, monkeypatch, suite):

@@ -8,9 +8,11 @@ program on real CPU tensors, no tracker) and predicted with planner.engine.timin
 same workload. Besides the registered techniques, `FORWARD` is a no-grad forward of a model
 (`model(input_ids=ids, use_cache=False)`: the engine's `forward` program).
 
-Timing (`time_cases`): every case's repeats interleaved, round after round over all cases (each
-round in another order: rotated, every other one reversed), so that a burst of load on a shared
-machine hits every case alike; a sample is the median of one time_steps call's steps (after its
+Timing (`time_cases`): every case's repeats interleaved, round after round over all cases, each
+round in its own seeded random order (round r: `random.Random(r)`), so that a burst of load on a shared
+machine hits every case alike and two cases are not neighbours in every round (rotating one order
+kept neighbours together: on 2026-12-07 the small rm and dpo programs, adjacent in that order, took
+the same slow window in three rounds of five and measured ~22 ms a step more than in the others); a sample is the median of one time_steps call's steps (after its
 warm-up steps; as many steps as make SAMPLE_S, from one step timed first, at least the case's
 `steps`), a case's figure the median of its samples, its spread (max - min) / median.
 """
@@ -18,6 +20,7 @@ warm-up steps; as many steps as make SAMPLE_S, from one step timed first, at lea
 from __future__ import annotations
 
 import contextlib
+import random
 import gc
 import json
 import statistics
@@ -179,9 +182,9 @@ def time_cases(cases: Sequence[Case], rounds: int, threads: int | None = 1, prog
             c.steps = steps_per_sample(once, c.steps)
             refreeze()
         for r in range(rounds):
-            k = r % len(cases) if cases else 0
-            order = cases[k:] + cases[:k]
-            for c in order[::-1] if r % 2 else order:
+            order = list(cases)
+            random.Random(r).shuffle(order)
+            for c in order:
                 times = time_steps(c.tech, c.plan, c.config, steps=c.steps, warmup=c.warmup, threads=threads)
                 c.samples.append(statistics.median(times))
                 refreeze()

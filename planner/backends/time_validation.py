@@ -435,8 +435,8 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
              "(`planner.backends.calibrate.fit_timed_cases`): a drift of this shared machine's speed between "
              "calibrating and timing hits both alike.")
     L.append(f"- Each case is timed with `planner.backends.timing.time_steps` (the dry run's program on real CPU "
-             f"tensors, no tracker): {suite.rounds} rounds over all cases and calibration programs, each round in another order (rotated, "
-             f"every other one reversed); a sample is the median of one call's steps after one warm-up step (as "
+             f"tensors, no tracker): {suite.rounds} rounds over all cases and calibration programs, each round in its own seeded random "
+             f"order (`random.Random(round)`); a sample is the median of one call's steps after one warm-up step (as "
              f"many steps as make {SAMPLE_S * 1e3:.0f} ms, at least 3 (generate: 2), at most {MAX_STEPS}); the "
              f"figure is the median of the samples; spread = (max - min) / median of the samples, IQR = "
              f"interquartile range / median.")
