@@ -159,18 +159,11 @@ def _profile_fns(profile: DeviceProfile) -> dict:
     return fns
 
 
-_device: dict[tuple, tuple] = {}
-
-
 def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: str = "grad") -> StretchCost:
     """Host and device seconds of one stretch at T = tokens, S = seq (module doc); `mode`: nograd,
-    grad (a forward autograd records) or backward, for the host cost of an op. The device seconds
-    and the host seconds are cached per (op list, sizes, profile, mode): programs are cached per plan
-    shape, so a warm estimate at sizes seen before prices nothing again."""
-    key = (id(ops), tokens, seq, id(profile), mode)
-    hit = _device.get(key)
-    if hit is not None and hit[0] is ops and hit[1] is profile:
-        return StretchCost(hit[2], hit[3])
+    grad (a forward autograd records) or backward, for the host cost of an op. A warm estimate
+    prices nothing again: planner.engine.timing caches each phase's time per (program, numbers,
+    profile), and programs are cached per plan shape."""
     c = _compile(ops)
     host = profile.host
     fs = profile.fixed_scale
@@ -186,11 +179,11 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
         if tensors > 1 and per_tensor:  # one kernel per tensor of the list, each on its share
             n *= tensors
             b /= tensors
+        # an integer or bool kernel is measured under fp32's name and curve (the recorder's dtype of
+        # an op without a floating-point tensor)
         own = fns.get(("kernel", name, dtype if dtype in DTYPES else "fp32")) if name else None
-        if own is not None:  # fixed + bytes / its own rate (profiles.KernelCost); an integer or bool
-            # kernel is measured under fp32's name and curve (the recorder's dtype of an op without a
-            # floating-point tensor)
-            size = own[1] or fns.get((memory, dtype if dtype in DTYPES else "fp32")) or fns[memory]
+        if own is not None:  # fixed + bytes / its own rate (profiles.KernelCost)
+            size = own[1] or fns.get((memory, dtype)) or fns.get((memory, "fp32")) or fns[memory]
             t = own[0] + (size(b) if b > 0 else 0.0)
         else:
             t = (fns.get((memory, dtype)) or fns[memory])(b) if b > 0 else 0.0
@@ -203,9 +196,6 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
                 if tf > t:
                     t = tf
         d += n * (launch + t)
-    if len(_device) > 65536:
-        _device.clear()
-    _device[key] = (ops, profile, h, d)
     return StretchCost(h, d)
 
 
