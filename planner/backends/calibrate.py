@@ -2256,8 +2256,6 @@ def fit_host_to_steps(profile: DeviceProfile, rounds: int = 5, which: str = "ful
     with tempfile.TemporaryDirectory(prefix="planner-calibration-") as root:
         cases = calibration_cases(root, which)
         time_cases(cases, rounds, threads=threads, progress=progress, stage="calibration programs")
-        for c in cases:
-            _ = c.model  # the specs are read now, while their config.json files exist
         return fit_timed_cases(profile, cases, rounds, threads, params, max_evals, progress, started)
 
 
@@ -2266,8 +2264,12 @@ def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, t
                     started: float | None = None, note: str = "") -> StepFit:  # fmt: skip
     """The step fit of `fit_host_to_steps` on calibration programs already timed (their `samples`
     set; the time validation times them interleaved with its cases, so that a drift of this
-    machine's speed between the two hits both alike); `note` is added to the sources."""
+    machine's speed between the two hits both alike); `note` is added to the sources. Call it while
+    the programs' config.json files exist: their model specs are read here."""
     import torch
+
+    for c in cases:
+        _ = c.model  # the specs are read now (the fit runs on them after the files are gone)
 
     started = time.perf_counter() if started is None else started
     fit, free, held, start = fit_cases(profile, cases, params, max_evals=max_evals, progress=progress)

@@ -282,8 +282,6 @@ def run_suite(which: str = "full", rounds: int = 5, quick_calibration: bool = Fa
             time_cases(programs + cases, rounds, threads=threads, progress=progress, stage="cases")
             timings["timing_s"] = time.perf_counter() - t1
             t3 = time.perf_counter()
-            for c in programs:
-                _ = c.model
             cal.step_fit = fit_timed_cases(cal.profile, programs, rounds, threads, step_fit_params(st.step_programs),
                                            note="; timed interleaved with the time validation's cases")
             cal.profile = profile = cal.step_fit.profile
