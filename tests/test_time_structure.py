@@ -187,3 +187,37 @@ def test_a_decode_step_builds_one_attention_plan_and_training_none(tmp_path):
         assert gap == pytest.approx(0.5 * (new_tokens - 1))
     train = technique("sft").workload(Plan(model=model, batch=2, seq=16), load_model(model))
     assert step_time(train, built).total_s == step_time(train, base).total_s
+
+
+def test_eager_attention_matmuls_equal_the_programs(tmp_path):
+    """Eager attention's batched matmuls (q k^T and probs v, over every (query, key) pair, and their
+    backward's): the engine's matmul FLOPs of one step equal those of the mm/bmm calls the real CPU
+    program makes (the Linear layers' and the head's included)."""
+    pytest.importorskip("torch", reason="torch is not installed (the backends extra)")
+    pytest.importorskip("transformers", reason="transformers is not installed (the backends extra)")
+    import torch
+
+    from planner.backends.calibrate import count_ops
+    from planner.backends.timing import run_step, timed_program
+    from planner.engine.timing import _program
+    from planner.models import load_model
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    plan = Plan(model=str(tmp_path / "config.json"), batch=2, seq=16, attn="eager")
+    tech = technique(plan.task)
+    with timed_program(tech, plan, TINY) as ctx:
+        run_step(tech, ctx, 0)
+        ops, _, _ = count_ops(torch, lambda: run_step(tech, ctx, 1))
+    real = sum(o.flops for o in ops if o.kind == "matmul")
+    w = tech.workload(plan, load_model(plan.model))
+    eng = 0.0
+    for ph in w.phases:
+        T, S = ph.batch * ph.seq, ph.seq
+        for stretches in _program(ph, w).phases.values():
+            for s in stretches:
+                t = ph.batch if s.per_sequence else T
+                eng += sum(op.count * s.repeat * (op.flops.c + op.flops.t * t + op.flops.q * t * S)
+                           for op in s.ops.ops if op.kind == "matmul")
+    assert eng == pytest.approx(real, rel=1e-9)

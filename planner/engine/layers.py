@@ -160,6 +160,8 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     vr = tp.new(tok(nq), v2.dtype, v2.rg, f"{name}.repeat_v") if groups > 1 else alias(v2)
     tp.drop(k2, v2)
     scores = tp.new(Sym(q=cfg.heads), q2.dtype, True, f"{name}.scores")
+    # torch.matmul(q, k.transpose): a bmm over every (query, key) pair, the masked ones included
+    eager_matmul_ops(tp, q2, kr, scores, cfg)
     tp.save(q2, kr)
     scaled = unary(tp, scores, f"{name}.scale")
     tp.drop(scores)
@@ -170,11 +172,22 @@ def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, nam
     probs = cast(tp, probs32, q2.dtype, f"{name}.probs_cast")
     tp.drop(probs32)
     out = tp.new(tok(nq), q2.dtype, True, f"{name}.attn_out")
+    eager_matmul_ops(tp, probs, vr, out, cfg)  # torch.matmul(probs, v)
     tp.save(probs, vr)
     tp.drop(probs, vr, q2, kr)
     outc = tp.new(tok(nq), out.dtype, True, f"{name}.transpose_contiguous")
     tp.drop(out)
     return outc
+
+
+def eager_matmul_ops(tp: Tape, a: Tensor, b: Tensor, out: Tensor, cfg: LayerCfg) -> None:
+    """One of eager attention's two batched matmuls (q k^T, probs v) and, where autograd records, its
+    backward's two (one per operand): FLOPs 2 x heads x head_dim per (query, key) pair, all T x S pairs
+    over the batch (eager computes the masked ones too)."""
+    f = Sym(q=2 * cfg.heads * cfg.head_dim)
+    io = a.size + b.size + out.size
+    tp.op(M, "bmm", flops=f, bytes=io, dtype=out.dtype)
+    tp.bop(M, "bmm", flops=f, bytes=io, dtype=out.dtype, count=2)
 
 
 SDPA_KERNEL = "_scaled_dot_product_flash_attention"
