@@ -120,14 +120,7 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
             field = next((f for f in NUMBERS if getattr(s.plan, f) != getattr(plan, f)), None)
             if field is not None:
                 failed = getattr(s.plan, field)
-
-                def probe(value: int, f: str = field) -> "tuple[bool, int | None]":
-                    r = verdict(s.plan.model_copy(update={f: value}), model, gpu, config, fits_only=True)
-                    return (False, None) if r is None else (r[1], r[0] if r[1] else None)
-
-                def rescaled(at: int, held: "int | None", lo: int, hi: "int | None", f: str = field) -> int:
-                    return _rescaled_candidate(s.plan, model, gpu, config, f, at, held, lo, hi)
-
+                probe, rescaled = _search_fns(s.plan, model, gpu, config, field, untraced_fits=False)
                 best = _simulated_largest(0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
                 if best > 0:
                     new = s.plan.model_copy(update={field: best})
@@ -150,14 +143,8 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
         if field in reach.at_least or field not in NUMBERS or value < getattr(plan, field):
             return value
 
-        def probe(v: int) -> "tuple[bool, int | None]":
-            r = verdict(plan.model_copy(update={field: v}), model, gpu, config, fits_only=True)
-            # untraced values keep the scaled estimate's word
-            return (True, None) if r is None else (r[1], r[0] if r[1] else None)
-
-        def rescaled(at: int, reserved: "int | None", lo: int, hi: "int | None") -> int:
-            return _rescaled_candidate(plan, model, gpu, config, field, at, reserved, lo, hi)
-
+        # untraced values keep the scaled estimate's word (the limit was found with it)
+        probe, rescaled = _search_fns(plan, model, gpu, config, field, untraced_fits=True)
         return _simulated_largest(getattr(plan, field), value, probe, rescaled)
 
     update: dict[str, Any] = {}
@@ -165,6 +152,22 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
         update["max_batch"] = checked("batch", reach.max_batch)
     update["max_lengths"] = {f: checked(f, v) for f, v in reach.max_lengths.items()}
     return reach.model_copy(update=update)
+
+
+def _search_fns(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig, field: str,
+                untraced_fits: bool) -> tuple[Any, Any]:
+    """`_simulated_largest`'s probe and rescaled candidate for the plan's `field`: probe(v) -> (fits,
+    the reserved it held where it fits) by one replay under the card (`untraced_fits` where the engine
+    does not trace v); rescaled(at, reserved, lo, hi) -> `_rescaled_candidate`."""
+
+    def probe(value: int) -> "tuple[bool, int | None]":
+        r = verdict(plan.model_copy(update={field: value}), model, gpu, config, fits_only=True)
+        return (untraced_fits, None) if r is None else (r[1], r[0] if r[1] else None)
+
+    def rescaled(at: int, reserved: "int | None", lo: int, hi: "int | None") -> int:
+        return _rescaled_candidate(plan, model, gpu, config, field, at, reserved, lo, hi)
+
+    return probe, rescaled
 
 
 def _simulated_largest(fits: int, candidate: int, probe: Any, rescaled: Any, tries: int = 6,
