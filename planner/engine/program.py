@@ -13,6 +13,8 @@ position arithmetic, and one host read: `(mask == 1).all()`), and the rotary emb
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 from planner.architecture import ModelSpec
@@ -67,10 +69,11 @@ class Program:
 
 
 def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, family: str,
-                 input_rg: bool = False, mask: bool = True) -> tuple[OpList, OpList]:
+                 input_rg: bool = False, mask: bool = True, single: bool = False) -> tuple[OpList, OpList]:
     """(forward, backward) ops of the model before its first layer: nn.Module calls of the model
     (CausalLM wrapper, backbone, embedding, rotary embedding), the embedding lookup, the causal
-    mask, the rotary tables; the embedding's backward when it is trained."""
+    mask, the rotary tables; the embedding's backward when it is trained. `single`: one sequence
+    (the mask's position ids are not expanded to the batch)."""
     h = spec.hidden_size
     e = DTYPE_BYTES[emb_dtype]
     f, b = OpList(), OpList()
@@ -87,7 +90,9 @@ def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, fa
         # ids, _preprocess_mask_arguments' packed-sequence check and `fast_all(mask)`: one host read
         for name in ("arange", "add", "sub", "sub", "cat", "ne", "cumsum", "eq", "all"):
             f.add(E, name, bytes=Sym(t=16), dtype="int64")
-        for name in ("unsqueeze", "expand", "slice", "slice", "slice", "select"):
+        # _preprocess_mask_arguments expands the (1, S) position ids to the batch where it has more
+        # than one sequence (`if batch_size != position_ids.shape[0]`, transformers 5.24 masking_utils)
+        for name in ("unsqueeze",) + (() if single else ("expand",)) + ("slice", "slice", "slice", "select"):
             f.add(V, name)
         f.add("sync", "_local_scalar_dense")
     if family in ROTARY_FAMILIES:
@@ -185,6 +190,19 @@ def _without(ops, name: str) -> OpList:
     return OpList([op for op in ops if op.name != name])
 
 
+def _without_one(ops: OpList, name: str, dtype: str) -> OpList:
+    """`ops` less one op named `name` of `dtype` (the first; its count lowered by one)."""
+    out, done = [], False
+    for op in ops.ops:
+        if not done and op.name == name and op.dtype == dtype:
+            done = True
+            if op.count > 1:
+                out.append(dataclasses.replace(op, count=op.count - 1))
+            continue
+        out.append(op)
+    return OpList(out, ops.modules, dict(ops.calls))
+
+
 _cache: dict[tuple, tuple] = {}
 
 
@@ -205,11 +223,14 @@ def loss_program(ops: tuple[tuple[str, str, str], ...]) -> tuple[OpList, OpList]
 
 
 def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
-                       passes: int = 1, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
+                       passes: int = 1, loss_ops: tuple[tuple[str, str, str], ...] = (),
+                       single: bool = False) -> Program:  # fmt: skip
     """forward (prologue, L layers, head), loss, backward (the head's and the loss's, L layers with
-    their recompute under checkpointing, the embedding's), optimizer."""
+    their recompute under checkpointing, the embedding's), optimizer. `single`: micro-batches of one
+    sequence (the mask's position ids not expanded; ForCausalLMLoss's shifted labels need no copy)."""
     key = (id(spec), spec.id, spec.num_params, loss, tiles, passes, loss_ops, plan.method, plan.precision, plan.optimizer,
-           plan.grad_ckpt, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+           plan.grad_ckpt, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep,
+           single)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
@@ -225,7 +246,11 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         head = HEADS[loss](spec, cfg, res, steady.out_dtype, full, tiles=tiles or FusedTiles.for_positions(1 << 30))
     else:
         head = HEADS[loss](spec, cfg, res, steady.out_dtype, full)
-    pro_f, pro_b = prologue_ops(spec, emb_dtype, full, cfg.family, input_rg)
+    pro_f, pro_b = prologue_ops(spec, emb_dtype, full, cfg.family, input_rg, single=single)
+    head_loss = head.loss_ops
+    if single and loss == "causal_lm":
+        # labels[..., 1:].contiguous() of one row is contiguous already: no clone
+        head_loss = _without_one(head_loss, "clone", "int64")
     if plan.grad_ckpt:
         fwd_layer, recompute, bwd_layer = checkpointed(steady)
         fwd0, bwd0 = fwd_layer, bwd_layer
@@ -239,8 +264,8 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         prog.add("forward", "decoder layer 0", fwd0)
         prog.add("forward", "decoder layer", fwd_layer, L - 1)
         prog.add("forward", "final norm and head", head.fwd_ops)
-        prog.add("loss", "loss", head.loss_ops)
-        if head.loss_ops.ops and not loss_ops:
+        prog.add("loss", "loss", head_loss)
+        if head_loss.ops and not loss_ops:
             prog.add("loss", "loss function call", _host_call("loss_s"))
     tech_f, tech_b = loss_program(loss_ops)
     prog.add("loss", "the technique's loss", tech_f)
@@ -281,6 +306,13 @@ GENERATE_SETUP_OPS: tuple[tuple[str, str], ...] = tuple(
                       "eq", "all", "lt", "any", "ones", "clone")]
     + [(V, n) for n in ("lift_fresh", "lift_fresh", "unsqueeze", "select", "select", "slice")]
     + [("sync", "_local_scalar_dense")] * 5)
+# with one sequence generate() skips its right-padding check (`batch_size > 1`, transformers 5.24:
+# torch.any(attention_mask[:, -1] == 0).item(): a select, an eq, an any and a host read)
+GENERATE_SETUP_SINGLE_OPS: tuple[tuple[str, str], ...] = tuple(
+    [(E, n) for n in ("ones_like", "isin", "any", "lt", "any", "cumsum", "sub", "eq", "masked_fill",
+                      "eq", "all", "lt", "any", "ones", "clone")]
+    + [(V, n) for n in ("lift_fresh", "lift_fresh", "unsqueeze", "select", "slice")]
+    + [("sync", "_local_scalar_dense")] * 4)
 
 
 SCORE_OPS = frozenset({"clone", "where", "argmax"})  # the processors' ops over the (batch, vocab) fp32 scores
@@ -295,17 +327,17 @@ def _fixed_ops(spec: tuple[tuple[str, str], ...], row_bytes: float, score_bytes:
     return out
 
 
-def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
+def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str, str], ...] = (),
+                     single: bool = False) -> Program:
     """model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False) on transformers'
     DynamicCache: set-up, the prefill (a no-grad forward over the prompt, logits of the last
     position), then per new token the same forward over one token per sequence. Each forward's
     layers append their K and V to the cache with torch.cat (a copy of the whole layer cache: its
     bytes grow with the context S), and each step ends in generate's bookkeeping and its host read.
-    Sizes: T = batch x the forward's tokens (prompt, or 1), S = the context (prompt, or the cache)."""
-    import dataclasses
-
+    Sizes: T = batch x the forward's tokens (prompt, or 1), S = the context (prompt, or the cache).
+    `single`: one sequence (no right-padding check in the set-up)."""
     key = ("generate", loss_ops, id(spec), spec.id, spec.num_params, plan.method, plan.precision, plan.attn, plan.lora_rank,
-           plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+           plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep, single)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
@@ -338,7 +370,7 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     step.ops.append(Op(E, "_to_copy", bytes=Sym(t=spec.vocab_size * (DTYPE_BYTES[act] + 4)), dtype="fp32"))
     step.call("generate_step_s")
     prog = Program()
-    setup = _fixed_ops(GENERATE_SETUP_OPS, 8.0)
+    setup = _fixed_ops(GENERATE_SETUP_OPS if not single else GENERATE_SETUP_SINGLE_OPS, 8.0)
     setup.call("generate_call_s")
     prog.add("setup", "generate set-up", setup, sync=True, per_sequence=True, mode="nograd")
     # the technique's ops around its generation (preparing the prompts, a reward function)
@@ -384,18 +416,19 @@ def _merge(a: OpList, b: OpList) -> OpList:
 
 
 def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: bool = True,
-                    autocast: bool = False, loss_ops: tuple[tuple[str, str, str], ...] = ()) -> Program:
+                    autocast: bool = False, loss_ops: tuple[tuple[str, str, str], ...] = (),
+                    single: bool = False) -> Program:  # fmt: skip
     """A no-grad forward over full sequences (planner.engine.scoring's programs): `model(ids).logits`
     (kind "forward": a teacher's logits, kept) or followed by log_softmax(logits.float()).gather(ids)
-    (kind "score": a reference's log-probabilities). One phase, named after the kind."""
-    import dataclasses
-
+    (kind "score": a reference's log-probabilities). One phase, named after the kind. `single`: one
+    sequence (the mask's position ids not expanded)."""
     from planner.engine.heads import final_norm
     from planner.engine.ops import Weight, cast, linear, unary
     from planner.engine.tape import Tape, tok
 
     key = ("forward", kind, adapters, autocast, loss_ops, id(spec), spec.id, spec.num_params, spec.head, plan.method,
-           plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep)
+           plan.precision, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep,
+           single)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
@@ -409,7 +442,7 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         cfg = dataclasses.replace(cfg, autocast=None)
     act = res.non_linear_dtype
     layer = run_layer(cfg, act, False, grad=False)
-    pro_f, _ = prologue_ops(spec, act, False, cfg.family)
+    pro_f, _ = prologue_ops(spec, act, False, cfg.family, single=single)
     tp = Tape(grad=False)
     x = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "hidden")
     hn = final_norm(tp, x, cfg)

@@ -51,13 +51,14 @@ def _program(ph: Phase, workload: Workload) -> "Program":
     from planner.engine.program import forward_program, generate_program, train_step_program
 
     use = workload.model(ph.role)
+    single = ph.batch == 1  # one sequence: transformers skips a few ops (planner.engine.program)
     if ph.kind == "train_step":
         tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes, ph.loss_ops)
+        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes, ph.loss_ops, single=single)
     if ph.kind == "generate":
-        return generate_program(use.spec, use.setup, ph.loss_ops)
+        return generate_program(use.spec, use.setup, ph.loss_ops, single=single)
     return forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast,
-                           loss_ops=ph.loss_ops)
+                           loss_ops=ph.loss_ops, single=single)
 
 
 _phase_times: dict[tuple, tuple] = {}
@@ -190,7 +191,7 @@ def train_micro_batch(spec, setup, profile: "DeviceProfile", rows: int, seq: int
     from planner.engine.program import train_step_program
 
     tiles = FusedTiles.for_positions(rows * (seq - 1)) if loss in TILED_HEADS else None
-    prog = train_step_program(spec, setup, loss, tiles, passes, loss_ops)
+    prog = train_step_program(spec, setup, loss, tiles, passes, loss_ops, single=rows == 1)
     skip = (set() if first_stage else EMBEDDING_STRETCHES) | (set() if last_stage else HEAD_STRETCHES)
     out = []
     for parts in (("forward", "loss"), ("backward",)):
