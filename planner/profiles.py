@@ -3,7 +3,8 @@
 The time model (planner.engine.cost) prices every op of the replayed program with a profile:
 - device time of an op = launch_s + max(FLOPs / rate(FLOPs), bytes / memory rate(bytes)) for
   matmuls and attention (rates by dtype: `matmul`, by dtype and operand layout where measured
-  `matmul_layouts`, `attention` for SDPA forward, `attention_backward` for its backward),
+  `matmul_layouts`, against a Linear layer's shape (M, K, N) where measured `matmul_shapes`,
+  `attention` for SDPA forward, `attention_backward` for its backward),
   launch_s + bytes / memory rate(bytes) for the others (`memory_inplace` for in-place ones), or
   launch_s + fixed + bytes / its own rate(bytes) for a kernel measured on its own (`kernels`: on a
   CPU log_softmax, silu or mean cost more per byte than a copy); a `_foreach_*` op is one kernel over its list, or one per tensor where
@@ -88,6 +89,109 @@ class RateCurve(BaseModel):
     def seconds(self, size: float) -> float:
         """size / rate(size)."""
         return size / self.rate(size) if size > 0 else 0.0
+
+
+# the terms a MatmulShapes model may sum: the layer's M (tokens), K (in), N (out), the sizes of the
+# three matrices of its matmuls (M*K the input, K*N the weight, M*N the output: caches fill by size),
+# and the largest powers of 2 that divide K and N (k2, n2: a row stride of a large power of 2 maps the
+# rows a kernel walks down onto few cache sets)
+SHAPE_TERMS = ("m", "k", "n", "mk", "kn", "mn", "k2", "n2")
+
+
+def pow2_part(x: float) -> float:
+    """The largest power of 2 dividing a positive integer x (1 for anything else)."""
+    i = int(x)
+    return float(i & -i) if i > 0 and i == x else 1.0
+
+
+def shape_sizes(m: float, k: float, n: float) -> dict[str, float]:
+    """Each SHAPE_TERMS term's size for a Linear layer of M tokens, K in, N out."""
+    return {"m": m, "k": k, "n": n, "mk": m * k, "kn": k * n, "mn": m * n, "k2": pow2_part(k), "n2": pow2_part(n)}
+
+
+class MatmulShapes(BaseModel):
+    """Achieved FLOP/s of one of a Linear layer's matmuls (one layout, one dtype) against the layer's
+    shape: M tokens, K in_features, N out_features (for every layout the layer's, not the mm's own):
+
+        rate(M, K, N) = exp(log_rate + sum over terms t of g_t(log size_t))
+
+    size_t one of M, K, N, M*K, K*N, M*N and the powers of 2 dividing K and N (SHAPE_TERMS); each g_t
+    piecewise linear in log(size) between
+    its points (size, log-rate offset) and flat beyond them. An efficiency that is a product of factors
+    of the shape: a kernel's tiles or dot products fill unevenly along each dimension (on a CPU without
+    native bf16, at::native's bf16 forward kernel runs one dot product of length K per output: 6 GFLOP/s
+    at K = 128, 10.5 at K = 1024, whatever M and N), and an operand's size sets which cache it streams
+    from (its grad input kernel: 3 GFLOP/s while the K*N weight fits 64 kB, 0.4 at 8 MB), and a row stride
+    of a large power of 2 thrashes a few cache sets (that kernel at M = 512, N = 3000: 2.4 GFLOP/s at
+    K = 160 = 2^5 * 5, 1.5 at K = 128, 0.8 at K = 256, 2026-12-07). Fitted by least
+    squares on log(rate) to a sweep of shapes, the terms and smoothing chosen by leave-one-out error
+    (planner.backends.calibrate.fit_matmul_shapes); `points` shapes, `residual` the median
+    |measured / fitted - 1| of their rates, `loo` the median leave-one-out error of their times."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    log_rate: float = Field(description="log of FLOP/s where every g is 0")
+    terms: dict[str, tuple[tuple[float, float], ...]] = Field(min_length=1, description=(
+        "per term (m, k, n, mk, kn, mn): points (size, log-rate offset), sizes ascending and > 0"))
+    points: int = Field(default=0, ge=0, description="shapes it was fitted to")
+    residual: float = Field(default=0.0, ge=0, description="median |measured / fitted - 1| over them")
+    loo: float = Field(default=0.0, ge=0, description="median leave-one-out |predicted / measured time - 1|")
+    smoothing: float = Field(default=0.0, ge=0, description="the fit's penalty on neighbouring offsets' differences")
+
+    @field_validator("log_rate")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite (got {v})")
+        return v
+
+    @field_validator("terms")
+    @classmethod
+    def _terms(cls, v: dict[str, tuple[tuple[float, float], ...]]) -> dict[str, tuple[tuple[float, float], ...]]:
+        for name, pts in v.items():
+            if name not in SHAPE_TERMS:
+                raise ValueError(f"unknown term '{name}' (allowed: {', '.join(SHAPE_TERMS)})")
+            if not pts:
+                raise ValueError(f"{name}: give at least one (size, offset) point")
+            sizes = [p[0] for p in pts]
+            if not all(x > 0 and math.isfinite(x) for x in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise ValueError(f"{name}: sizes must be positive, finite and strictly ascending")
+            if not all(math.isfinite(p[1]) for p in pts):
+                raise ValueError(f"{name}: offsets must be finite")
+        return v
+
+    def scaled(self, factor: float) -> MatmulShapes:
+        """Every rate times `factor`."""
+        return self.model_copy(update={"log_rate": self.log_rate + math.log(factor)})
+
+    def log_offset(self, name: str, size: float) -> float:
+        """g_name(log size): 0 for a term the model does not have."""
+        pts = self.terms.get(name)
+        if not pts:
+            return 0.0
+        logs, values = _term_arrays(pts)
+        return piecewise(logs, values, size)
+
+    def rate(self, m: float, k: float, n: float) -> float:
+        sizes = shape_sizes(m, k, n)
+        return math.exp(self.log_rate + sum(self.log_offset(t, sizes[t]) for t in self.terms))
+
+
+@lru_cache(maxsize=1024)
+def _term_arrays(pts: tuple[tuple[float, float], ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(math.log(p[0]) for p in pts), tuple(p[1] for p in pts)
+
+
+def piecewise(logs: tuple[float, ...], values: tuple[float, ...], size: float) -> float:
+    """values interpolated linearly in log(size) between the knots (logs), flat beyond them."""
+    x = math.log(size) if size > 0 else logs[0]
+    if x <= logs[0]:
+        return values[0]
+    if x >= logs[-1]:
+        return values[-1]
+    i = bisect.bisect_right(logs, x)
+    w = (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+    return values[i - 1] + w * (values[i] - values[i - 1])
 
 
 @lru_cache(maxsize=256)
@@ -179,6 +283,10 @@ class DeviceProfile(BaseModel):
         "achieved FLOP/s of a matmul by dtype and by the layout of its operands (linear: mm(x, w.t()), a Linear "
         "layer's forward; grad_input: mm(grad, w); grad_weight: mm(grad.t(), x)), against its FLOPs (default: the "
         "dtype's `matmul` curve): a CPU's bf16 kernels run 10x apart from one layout to another"))
+    matmul_shapes: dict[str, dict[str, MatmulShapes]] = Field(default_factory=dict, description=(
+        "achieved FLOP/s of a Linear layer's matmuls by dtype and layout against the layer's shape (M tokens, K in, "
+        "N out; MatmulShapes), where measured: it prices every matmul whose op knows its layer's shape (default: "
+        "the layout's FLOPs curve); a CPU's bf16 kernels reach rates that depend on K or N, not on FLOPs"))
     attention: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA kernels by dtype, against their FLOPs (default: the matmul's)"))
     memory: RateCurve = Field(description="achieved bytes/s of elementwise ops and copies, against bytes moved")
@@ -242,13 +350,14 @@ class DeviceProfile(BaseModel):
                 raise ValueError(f"'{key}': keys are 'aten name.dtype' with dtype one of {', '.join(DTYPES)}")
         return v
 
-    @field_validator("matmul_layouts")
+    @field_validator("matmul_layouts", "matmul_shapes")
     @classmethod
-    def _layouts(cls, v: dict[str, dict[str, RateCurve]]) -> dict[str, dict[str, RateCurve]]:
-        for dt, curves in v.items():
+    def _layouts(cls, v: dict[str, dict]) -> dict[str, dict]:
+        """dtype -> layout -> curve (or shape model): known dtypes and layouts."""
+        for dt, by_layout in v.items():
             if dt not in DTYPES:
                 raise ValueError(f"unknown dtype '{dt}' (allowed: {', '.join(DTYPES)})")
-            bad = [k for k in curves if k not in MATMUL_LAYOUTS]
+            bad = [k for k in by_layout if k not in MATMUL_LAYOUTS]
             if bad:
                 raise ValueError(f"{dt}: unknown layout '{bad[0]}' (allowed: {', '.join(MATMUL_LAYOUTS)})")
         return v
@@ -277,7 +386,7 @@ class DeviceProfile(BaseModel):
         return self.attention.get(dtype) or self.matmul_curve(dtype)
 
     def with_device_scale(self, scale: float) -> DeviceProfile:
-        """The profile with `device_scale` = scale: every rate curve (matmul and its layouts, attention, memory,
+        """The profile with `device_scale` = scale: every rate curve (matmul, its layouts and shapes, attention, memory,
         the kernels' own) times
         scale / the current device_scale (the curves include the scale)."""
         if not scale > 0:
@@ -286,6 +395,7 @@ class DeviceProfile(BaseModel):
         return self.model_copy(update={
             "matmul": {d: c.scaled(k) for d, c in self.matmul.items()},
             "matmul_layouts": {d: {lay: c.scaled(k) for lay, c in cs.items()} for d, cs in self.matmul_layouts.items()},
+            "matmul_shapes": {d: {lay: c.scaled(k) for lay, c in cs.items()} for d, cs in self.matmul_shapes.items()},
             "attention": {d: c.scaled(k) for d, c in self.attention.items()},
             "attention_backward": {d: c.scaled(k) for d, c in self.attention_backward.items()},
             "memory": self.memory.scaled(k),
@@ -298,7 +408,7 @@ class DeviceProfile(BaseModel):
         })
 
     def with_dtype_scale(self, dtype: str, scale: float) -> DeviceProfile:
-        """The profile with dtype_scale[dtype] = scale: that dtype's matmul (every layout), attention
+        """The profile with dtype_scale[dtype] = scale: that dtype's matmul (every layout and shape model), attention
         and attention backward curves times scale / the current factor (the curves include it)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{dtype}' (allowed: {', '.join(DTYPES)})")
@@ -313,6 +423,8 @@ class DeviceProfile(BaseModel):
             "matmul": rescaled(self.matmul), "attention": rescaled(self.attention),
             "matmul_layouts": {d: ({lay: c.scaled(k) for lay, c in cs.items()} if d == dtype else cs)
                                for d, cs in self.matmul_layouts.items()},
+            "matmul_shapes": {d: ({lay: c.scaled(k) for lay, c in cs.items()} if d == dtype else cs)
+                              for d, cs in self.matmul_shapes.items()},
             "attention_backward": rescaled(self.attention_backward),
             "dtype_scale": {**self.dtype_scale, dtype: scale},
         })

@@ -4,6 +4,7 @@ bad CSVs and bad profiles are one-line errors."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -331,8 +332,11 @@ def test_full_calibration_has_compute_bound_programs_for_device_scale(tmp_path, 
     from planner.backends import step_programs
 
     cases = cal.calibration_cases(tmp_path, "full")
-    medium = [c for c in cases if c.model.hidden_size == cal.CALIBRATION_MEDIUM["hidden"]]
-    assert {c.plan.precision for c in medium} == {"fp32", "bf16"}
+    hidden = {md["hidden"] for md in cal.CALIBRATION_MEDIUM}
+    medium = [c for c in cases if c.model.hidden_size in hidden]
+    # each dtype's scale from more than one shape
+    assert collections.Counter(c.plan.precision for c in medium) == {"fp32": len(hidden), "bf16": len(hidden)}
+    assert len(hidden) >= 2
     for c in medium:  # priced by this machine's profile, device time is most of their step
         t = step_programs.predict(c, quick.profile)
         assert t.compute_s > 0.5 * t.total_s, c.label
@@ -464,9 +468,11 @@ def test_sweep_shapes_stay_within_bounds():
     for quick_mode in (True, False):
         st = cal.settings("cpu", quick_mode)
         shapes = cal.matmul_shapes(st)
-        assert 2 <= len(shapes) <= st.mm_cases
+        assert 2 <= len(shapes) <= st.mm_cases + st.mm_shape_cases
         assert all(2 * m * k * n <= st.mm_max_flops for m, k, n in shapes)
-        assert min(k for _, k, _ in shapes) == 64  # tiny models' shapes are in
+        assert 64 in {k for _, k, _ in shapes}  # tiny models' shapes are in
+        # a LoRA rank as K (B's input) and as N (A's output)
+        assert min(st.mm_narrow) in {k for _, k, _ in shapes} and min(st.mm_narrow) in {n for _, _, n in shapes}
         sizes = cal.memory_sizes(st)
         assert sizes == sorted(sizes) and sizes[-1] <= 2.6e8
         # the backward SDPA shapes are forward shapes (their time ratios), several of them
@@ -794,3 +800,43 @@ def test_backward_slope_falls_back_when_noise_makes_it_non_positive():
     assert per_op == pytest.approx(2e-6) and fixed == pytest.approx(10e-6) and "slope" in how
     per_op, fixed, how = backward_slope(80e-6, 70e-6, 10, 30)  # noise: the longer chain measured faster
     assert per_op == pytest.approx(70e-6 / 30) and fixed == 0.0 and "not positive" in how
+
+
+def test_spread_shapes_vary_each_dimension_on_its_own():
+    grid = [(m, k, n) for m in (1, 16, 256) for k in (8, 64, 512) for n in (8, 64, 512)]
+    taken = [(16, 64, 64)]
+    out = cal.spread_shapes(grid, 9, taken)
+    assert len(out) == len(set(out)) == 9 and not set(out) & set(taken) and set(out) <= set(grid)
+    # the extremes of every dimension come first, each with the others at both of theirs
+    for d in range(3):
+        assert {s[d] for s in out} >= {min(g[d] for g in grid), max(g[d] for g in grid)}
+        for lo_hi in (min(g[d] for g in grid), max(g[d] for g in grid)):
+            others = [s for s in out if s[d] == lo_hi]
+            assert all(len({s[e] for s in others}) >= 2 for e in range(3) if e != d)
+    assert sorted(cal.spread_shapes(grid, 100)) == sorted(grid)
+
+
+def test_fit_matmul_shapes_recovers_a_separable_rate_and_picks_its_terms():
+    """Times made from a known rate (K's dot-product length and the K x N weight's size, as a CPU's bf16
+    grad-input kernel shows them) plus a fixed part: the fit picks a term set with kn, and predicts
+    shapes it was not given within a few percent; times without any shape dependence give a flat model."""
+    import math
+
+    def rate(m, k, n):
+        return 4e9 * min(1.0, (k / 1024) ** 0.25) * (1.0 if k * n <= 2**15 else (2**15 / (k * n)) ** 0.3)
+
+    fixed = 2e-6
+    grid = [(m, k, n) for m in (1, 4, 16, 64, 256, 1024) for k in (8, 64, 256, 1024, 4096)
+            for n in (8, 64, 256, 1024, 4096)]
+    train = cal.spread_shapes(grid, 60)
+    pts = [(m, k, n, fixed + 2 * m * k * n / rate(m, k, n), fixed) for m, k, n in train]
+    model = cal.fit_matmul_shapes(pts)
+    assert "kn" in model.terms and model.points == 60
+    held = [s for s in grid if s not in train and 2 * s[0] * s[1] * s[2] >= 1e6]
+    errs = sorted(abs(model.rate(*s) / rate(*s) - 1) for s in held)
+    assert errs[len(errs) // 2] < 0.05 and errs[-1] < 0.25
+    flat = cal.fit_matmul_shapes([(m, k, n, fixed + 2 * m * k * n / 3e9, fixed) for m, k, n in train])
+    assert all(flat.rate(*s) == pytest.approx(3e9, rel=2e-2) for s in grid if 2 * s[0] * s[1] * s[2] >= 1e6)
+    assert flat.residual < 1e-2 and math.isfinite(flat.log_rate)
+    with pytest.raises(cal.CalibrationError):
+        cal.fit_matmul_shapes(pts[:3])

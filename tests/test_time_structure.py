@@ -35,6 +35,39 @@ def test_a_matmul_is_priced_on_its_layouts_curve_where_the_profile_has_one():
     assert device_s([Op("matmul", "mm", f, dtype="fp32")], p) == pytest.approx(1e-3)
 
 
+def test_a_linear_layers_matmul_is_priced_by_its_shape_where_the_profile_has_a_shape_model():
+    import math
+
+    from planner.profiles import MatmulShapes
+
+    # 1 GFLOP/s at K >= 1024, half that at K <= 64 (log-linear between), whatever M and N
+    shapes = MatmulShapes(log_rate=math.log(1e9), terms={"k": ((64.0, -math.log(2)), (1024.0, 0.0))})
+    p = profile(matmul_shapes={"fp32": {"linear": shapes}})
+    f = 2 * 8 * 64 * 128
+    assert device_s([Op("matmul", "mm", Sym(c=f), dtype="fp32", layout="linear", dims=(64, 128))], p) == (
+        pytest.approx(f / 5e8))
+    assert device_s([Op("matmul", "mm", Sym(c=f), dtype="fp32", layout="linear", dims=(4096, 2))], p) == (
+        pytest.approx(f / 1e9))
+    mid = shapes.rate(8, 256, 1)  # halfway in log K: 2^-0.5
+    assert mid == pytest.approx(1e9 / math.sqrt(2))
+    # M from the FLOPs: a term in M*K sees the tokens
+    by_input = MatmulShapes(log_rate=math.log(1e9), terms={"mk": ((100.0, -math.log(4)), (1e4, 0.0))})
+    q = profile(matmul_shapes={"fp32": {"grad_input": by_input}})
+    small, big = (Sym(c=2 * 1 * 100 * 10), Sym(c=2 * 100 * 100 * 10))
+    assert device_s([Op("matmul", "mm", small, dtype="fp32", layout="grad_input", dims=(100, 10))], q) == (
+        pytest.approx(2000 / 2.5e8))
+    assert device_s([Op("matmul", "mm", big, dtype="fp32", layout="grad_input", dims=(100, 10))], q) == (
+        pytest.approx(2e5 / 1e9))
+    # no dims (not a Linear layer's), or another layout: the FLOPs curve
+    assert device_s([Op("matmul", "mm", Sym(c=f), dtype="fp32", layout="linear")], p) == pytest.approx(f / 1e9)
+    assert device_s([Op("matmul", "mm", Sym(c=f), dtype="fp32", layout="grad_weight", dims=(64, 128))], p) == (
+        pytest.approx(f / 1e9))
+    # the scales carry over
+    assert p.with_device_scale(0.5).matmul_shapes["fp32"]["linear"].rate(8, 64, 128) == pytest.approx(2.5e8)
+    assert p.with_dtype_scale("fp32", 2.0).matmul_shapes["fp32"]["linear"].rate(8, 64, 128) == pytest.approx(1e9)
+    assert p.with_dtype_scale("bf16", 2.0).matmul_shapes["fp32"]["linear"].rate(8, 64, 128) == pytest.approx(5e8)
+
+
 def test_layout_curves_scale_with_device_scale_and_dtype_scale():
     p = profile(matmul_layouts={"fp32": {"linear": FLAT}})
     assert p.with_device_scale(0.5).matmul_curve("fp32", "linear").rate(10) == pytest.approx(5e8)
@@ -64,6 +97,9 @@ def test_a_measured_kernel_costs_fixed_plus_its_bytes_at_its_own_rate():
     ({"kernels": {"mean.fp32": {"fixed_s": -1}}}, "kernels.mean.fp32.fixed_s"),
     ({"kernels": {"mean.fp32": {"fixed_s": 0, "rate": {"points": [[1, -1]]}}}}, "kernels.mean.fp32.rate"),
     ({"host": {"op_s": 0, "view_s": 0, "module_s": 0, "checkpoint_s": -1}}, "host.checkpoint_s"),
+    ({"matmul_shapes": {"fp32": {"linear": {"log_rate": 20, "terms": {"kk": [[1, 0]]}}}}}, "unknown term 'kk'"),
+    ({"matmul_shapes": {"fp32": {"linear": {"log_rate": 20, "terms": {"k": [[64, 0], [8, 1]]}}}}}, "ascending"),
+    ({"matmul_shapes": {"fp32": {"grad": {"log_rate": 20, "terms": {"k": [[64, 0]]}}}}}, "unknown layout 'grad'"),
 ])
 def test_bad_profile_fields_are_one_line_errors(bad, needle):
     data = json.loads(profile().model_dump_json())
@@ -133,9 +169,9 @@ LAYOUT_CASES = {
 
 @pytest.mark.parametrize("name", list(LAYOUT_CASES))
 def test_engine_matmul_layouts_equal_the_programs(name, tmp_path):
-    """Per operand layout, the matmuls of one steady step: the engine's tags against the layouts of
-    the mm calls the real CPU program makes (their operands' strides, planner.backends.calibrate.
-    matmul_layout)."""
+    """Per operand layout and Linear shape, the matmuls of one steady step: the engine's tags against
+    the layouts of the mm calls the real CPU program makes (their operands' strides, planner.backends.
+    calibrate.matmul_layout) and the (in, out) their operands' shapes give (linear_dims)."""
     pytest.importorskip("torch", reason="torch is not installed (the backends extra)")
     pytest.importorskip("transformers", reason="transformers is not installed (the backends extra)")
     import torch
@@ -153,7 +189,7 @@ def test_engine_matmul_layouts_equal_the_programs(name, tmp_path):
     with timed_program(tech, plan, TINY) as ctx:
         run_step(tech, ctx, 0)
         ops, _, _ = count_ops(torch, lambda: run_step(tech, ctx, 1))
-    real = collections.Counter(o.layout for o in ops if o.kind == "matmul")
+    real = collections.Counter((o.layout, o.dims) for o in ops if o.kind == "matmul")
     w = tech.workload(plan, load_model(plan.model))
     eng: collections.Counter = collections.Counter()
     for ph in w.phases:
@@ -162,8 +198,10 @@ def test_engine_matmul_layouts_equal_the_programs(name, tmp_path):
             for s in stretches:
                 for op in s.ops.ops:
                     if op.kind == "matmul":
-                        eng[op.layout] += op.count * s.repeat
-    assert eng == real and set(real) >= set(MATMUL_LAYOUTS)
+                        eng[(op.layout, op.dims)] += op.count * s.repeat
+    # and each a Linear layer's (in, out) as its operands' shapes give them (what matmul_shapes prices)
+    assert eng == real and {lay for lay, _ in real} >= set(MATMUL_LAYOUTS)
+    assert all(dims for lay, dims in real if lay)
 
 
 def test_a_decode_step_builds_one_attention_plan_and_training_none(tmp_path):

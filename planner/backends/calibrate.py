@@ -15,7 +15,9 @@ with its spread ((max - min) / median) in `sources`:
   in the three layouts of a Linear layer's matmuls: the forward F.linear(x[M,K], w[N,K]) and the two
   of its backward as autograd's mm backward calls them, grad[M,N].mm(w[N,K]) (grad input) and
   grad.t()[N,M].mm(x[M,K]) (grad weight); one curve per dtype from all three layouts' points (their
-  medians by layout in `sources`);
+  medians by layout in `sources`); on the CPU more shapes spread over (log M, log K, log N) and the
+  powers of 2 dividing K and N (`spread_shapes`), and per dtype and layout a shape model fitted to all
+  of them (`fit_matmul_shapes`: planner.profiles.MatmulShapes, what prices a Linear layer's matmuls);
 - an SDPA sweep (is_causal=True; FLOPs 4*B*H*D*S(S+1)/2), and its backward over a subset of the shapes
   (torch.autograd.grad of a retained graph: the backward kernel alone, with its call and its counted
   ops' fixed prices taken off; FLOPs 2.5x the forward's, as the time model counts a backward SDPA
@@ -65,6 +67,7 @@ torch is imported inside the functions that measure, never at module import.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import datetime
@@ -82,7 +85,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerInputError, did_you_mean, one_line
-from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, RateCurve
+from planner.profiles import (DTYPES, MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, MatmulShapes, RateCurve,
+                              pow2_part, shape_sizes)
 
 DEVICES = ("cpu", "cuda")
 Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
@@ -120,6 +124,11 @@ class Settings:
     # the rate sweeps cycle each case through copies of its operands spanning this many bytes, so
     # that they come from beyond the L1/L2 caches as in a program (0: the same operands every call)
     cold_bytes: float = 0.0
+    # the shape sweep (matmul_shapes): this many more shapes, spread over (log M, log K, log N) rather than
+    # over FLOPs, K and N also among mm_narrow (LoRA ranks), each at most mm_shape_max_flops (0: none)
+    mm_shape_cases: int = 0
+    mm_narrow: tuple[int, ...] = ()
+    mm_shape_max_flops: float = 0.0
     step_rounds: int = 5  # interleaved rounds over the calibration programs (the step fit)
     step_programs: str = "full"  # which built-in calibration programs: quick | full
 
@@ -170,8 +179,8 @@ def settings(device: str, quick: bool) -> Settings:
                         mem_bytes=(4e3, 4e6), mem_points=4, sdpa_shapes=((1, 4, 64, 32), (1, 4, 256, 64)),
                         sdpa_backward=((1, 4, 64, 32), (1, 4, 256, 64)), attn_dtypes=("fp32", "bf16"),
                         opt_tensors=(8, 64), dispatch_calls=1000, check_llama=False, autograd_chain=(8, 32),
-                        step_rounds=3, step_programs="quick",
-                        cold_bytes=COLD_BYTES)  # fmt: skip
+                        step_rounds=3, step_programs="quick", mm_shape_cases=12, mm_narrow=(8,),
+                        mm_shape_max_flops=3e7, cold_bytes=COLD_BYTES)  # fmt: skip
     return Settings(repeats=9, sample_s=0.004, max_calls=100000, mm_tokens=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
                     mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096), mm_max_dim=4096, mm_max_flops=2.5e9, mm_cases=24,
                     mm_dtypes=("fp32", "bf16"), mem_bytes=(4e3, 2.56e8), mem_points=12,
@@ -181,12 +190,14 @@ def settings(device: str, quick: bool) -> Settings:
                     sdpa_backward=((1, 4, 64, 16), (1, 4, 128, 32), (1, 4, 128, 64), (1, 8, 256, 32), (1, 8, 256, 64),
                                    (1, 8, 512, 64), (1, 8, 1024, 64)),
                     attn_dtypes=("fp32", "bf16"), opt_tensors=(16, 256), dispatch_calls=5000,
-                    check_llama=True, cold_bytes=COLD_BYTES)  # fmt: skip
+                    check_llama=True, cold_bytes=COLD_BYTES, mm_shape_cases=48, mm_narrow=(8, 16, 32),
+                    mm_shape_max_flops=4e8)  # fmt: skip
 
 
 def matmul_shapes(st: Settings) -> list[tuple[int, int, int]]:
     """(M, K, N) of the sweep: M tokens, (K, N) in (h, h), (h, 4h), (4h, h); at most mm_cases of them,
-    spread evenly over log FLOPs."""
+    spread evenly over log FLOPs (the FLOPs curves); then mm_shape_cases more for the shape model
+    (`spread_shapes`), sorted by FLOPs."""
     pairs: set[tuple[int, int]] = set()
     for h in st.mm_hidden:
         for k, n in ((h, h), (h, 4 * h), (4 * h, h)):
@@ -194,7 +205,41 @@ def matmul_shapes(st: Settings) -> list[tuple[int, int, int]]:
                 pairs.add((k, n))
     shapes = sorted({(m, k, n) for m in st.mm_tokens for k, n in pairs if 2 * m * k * n <= st.mm_max_flops},
                     key=lambda s: (2 * s[0] * s[1] * s[2], s))  # fmt: skip
-    return _spread(shapes, st.mm_cases)
+    chosen = _spread(shapes, st.mm_cases)
+    if st.mm_shape_cases > 0:
+        # hidden sizes, 4x, 1.5x and 1.25x them (rows strided by other than a power of 2: k2, n2), LoRA ranks
+        dims = sorted({d for h in st.mm_hidden for d in (h, 4 * h, 3 * h // 2, 5 * h // 4) if d <= st.mm_max_dim}
+                      | set(st.mm_narrow))
+        grid = [(m, k, n) for m in st.mm_tokens for k in dims for n in dims if 2 * m * k * n <= st.mm_shape_max_flops]
+        chosen += spread_shapes(grid, st.mm_shape_cases, chosen)
+    return sorted(set(chosen), key=lambda s: (2 * s[0] * s[1] * s[2], s))
+
+
+def spread_shapes(grid: Sequence[tuple[int, int, int]], n: int,
+                  taken: Sequence[tuple[int, int, int]] = ()) -> list[tuple[int, int, int]]:  # fmt: skip
+    """n shapes of `grid` spread over (log M, log K, log N) and the log of the powers of 2 that divide K
+    and N, so that each varies on its own (the shape model's terms): greedy max-min distance from those
+    chosen and `taken`, the first the one farthest from `taken` (or the largest); ties to the fewer
+    FLOPs (cheaper to time)."""
+    def point(s: tuple[int, int, int]) -> tuple[float, ...]:
+        return (math.log2(s[0]), math.log2(s[1]), math.log2(s[2]), 2 * math.log2(pow2_part(s[1])),
+                2 * math.log2(pow2_part(s[2])))
+
+    pts = [point(s) for s in taken]
+    left = sorted(set(grid) - set(taken), key=lambda s: (s[0] * s[1] * s[2], s))
+    out: list[tuple[int, int, int]] = []
+    dist = [min((math.dist(point(s), p) for p in pts), default=math.inf) for s in left]
+    while left and len(out) < n:
+        if all(math.isinf(d) for d in dist):
+            i = len(left) - 1
+        else:
+            i = max(range(len(left)), key=lambda j: (dist[j], -j))
+        s = left.pop(i)
+        dist.pop(i)
+        out.append(s)
+        p = point(s)
+        dist = [min(d, math.dist(point(x), p)) for d, x in zip(dist, left)]
+    return out
 
 
 def memory_sizes(st: Settings) -> list[float]:
@@ -429,6 +474,7 @@ class Op:
     dtype: str = "fp32"
     tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
     layout: str = ""  # a 2-D mm's operand layout (planner.profiles.MATMUL_LAYOUTS; matmul_layout)
+    dims: tuple[int, int] | tuple[()] = ()  # with a layout: the Linear layer's (K in, N out) (linear_dims)
 
 
 def matmul_layout(a: Any, b: Any) -> str:
@@ -451,6 +497,16 @@ def matmul_layout(a: Any, b: Any) -> str:
     if rows(a) and rows(b):
         return "grad_input"
     return ""
+
+
+def linear_dims(layout: str, a: Any, b: Any) -> tuple[int, int]:
+    """The Linear layer's (K in, N out) of mm(a, b) in `layout`: linear mm(x[M,K], w.t()[K,N]), grad_input
+    mm(grad[M,N], w[N,K]), grad_weight mm(grad.t()[N,M], x[M,K])."""
+    if layout == "linear":
+        return int(a.shape[1]), int(b.shape[1])
+    if layout == "grad_input":
+        return int(b.shape[1]), int(a.shape[1])
+    return int(b.shape[1]), int(a.shape[0])
 
 
 def _tensors(torch: Any, xs: Any) -> Iterable[Any]:
@@ -525,7 +581,8 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
         if name == "addbmm":
             flops *= a.shape[0]
         layout = matmul_layout(a, mats[-1]) if name in ("mm", "addmm") and len(mats) >= 2 else ""
-        return Op(name, "matmul", flops, moved, dtype, layout=layout)
+        dims = linear_dims(layout, a, mats[-1]) if layout else ()
+        return Op(name, "matmul", flops, moved, dtype, layout=layout, dims=dims)
     return Op(name, "kernel", 0.0, moved, dtype, tensors)
 
 
@@ -575,6 +632,7 @@ class Prices:
     attention: dict[str, RateCurve] = field(default_factory=dict)
     memory: RateCurve | None = None
     matmul_layouts: dict[str, dict[str, RateCurve]] = field(default_factory=dict)  # dtype -> layout -> curve
+    matmul_shapes: dict[str, dict[str, MatmulShapes]] = field(default_factory=dict)  # dtype -> layout -> model
     kernels: dict[str, KernelCost] = field(default_factory=dict)  # the profile's: 'name.dtype' -> own cost
     fixed_scale: float = 1.0  # the profile's: on every per-op fixed cost (host, kernel fixed, matmul fixed)
     attention_backward: dict[str, RateCurve] = field(default_factory=dict)
@@ -590,6 +648,7 @@ class Prices:
         return cls(op_s=p.host.op_s, view_s=p.host.view_s, module_s=p.host.module_s, sync_s=p.host.sync_s,
                    launch_s=p.launch_s, asynchronous=p.asynchronous, matmul=dict(p.matmul),
                    matmul_layouts={d: dict(cs) for d, cs in p.matmul_layouts.items()}, kernels=dict(p.kernels),
+                   matmul_shapes={d: dict(ms) for d, ms in p.matmul_shapes.items()},
                    fixed_scale=p.fixed_scale,
                    attention={d: p.attention_curve(d) for d in dtypes}, memory=p.memory,
                    attention_backward={d: p.attention_backward_curve(d) for d in dtypes},
@@ -631,8 +690,14 @@ class Prices:
             if own is not None:
                 mem = own.fixed_s * fs + (own.rate.seconds(b) if own.rate is not None else mem)
             if op.kind in ("matmul", "attention"):
-                curve = self._compute_curve(op)
-                comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
+                shapes = (self.matmul_shapes.get(op.dtype, {}).get(op.layout)
+                          if op.kind == "matmul" and op.layout and op.dims else None)
+                if shapes is not None and op.flops > 0:  # a Linear layer's: M = FLOPs / (2 K N)
+                    k, n = op.dims
+                    comp = op.flops / shapes.rate(op.flops / (2.0 * k * n), k, n)
+                else:
+                    curve = self._compute_curve(op)
+                    comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
                 device += max(fixed + comp, mem)
             else:
                 device += mem
@@ -700,6 +765,102 @@ def matmul_curve(raw: Sequence[tuple[float, float, float, float, float]], memory
         pts += compute or [(f, r) for f, r, _ in b]
     kept = sum(1 for *_, c in pts_all if c)
     return binned_curve(pts, per_decade), kept
+
+
+# the shape model (planner.profiles.MatmulShapes): every term's points at the powers of 4 that span its
+# sizes in the sweep; the candidate term sets (M, K and N, plus at most one operand's size, with or
+# without the powers of 2 dividing K and N) and smoothings (the penalty on neighbouring offsets'
+# squared differences, per shape fitted: where no shape sits between two points their offsets stay
+# level); the pair kept is the one of least leave-one-out error (fit_matmul_shapes)
+SHAPE_TERM_SETS = tuple(("m", "k", "n") + extra + aligned for extra in ((), ("mk",), ("kn",), ("mn",))
+                        for aligned in ((), ("k2", "n2")))
+SHAPE_SMOOTHINGS = (0.002, 0.005, 0.02)
+
+
+def _term_size(term: str, m: float, k: float, n: float) -> float:
+    return shape_sizes(m, k, n)[term]
+
+
+def _hats(logs: Sequence[float], size: float) -> list[float]:
+    """The piecewise-linear basis at log(size): the weights of the two neighbouring points (flat beyond)."""
+    row = [0.0] * len(logs)
+    x = math.log(size)
+    if x <= logs[0]:
+        row[0] = 1.0
+    elif x >= logs[-1]:
+        row[-1] = 1.0
+    else:
+        i = bisect.bisect_right(logs, x)
+        w = (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+        row[i - 1], row[i] = 1.0 - w, w
+    return row
+
+
+def _fit_shapes_once(pts: Sequence[tuple[int, int, int, float, float]], terms: Sequence[str],
+                     smoothing: float) -> MatmulShapes:  # fmt: skip
+    """Weighted least squares on log(rate) of (M, K, N, rate, weight) points over the terms' bases."""
+    import numpy as np
+
+    sizes: dict[str, list[float]] = {}
+    for t in terms:
+        vals = [_term_size(t, m, k, n) for m, k, n, _, _ in pts]
+        lo, hi = math.floor(math.log(min(vals), 4) + 1e-9), math.ceil(math.log(max(vals), 4) - 1e-9)
+        sizes[t] = [4.0**i for i in range(lo, max(hi, lo + 1) + 1)]
+    logs = {t: [math.log(x) for x in v] for t, v in sizes.items()}
+    ncol = 1 + sum(len(v) for v in sizes.values())
+    rows = [[1.0] + [h for t in terms for h in _hats(logs[t], _term_size(t, m, k, n))] for m, k, n, _, _ in pts]
+    w = np.sqrt(np.array([p[4] for p in pts]))
+    a = np.array(rows) * w[:, None]
+    y = np.log(np.array([p[3] for p in pts])) * w
+    lam = math.sqrt(smoothing * len(pts))
+    pen, off = [], 1
+    for t in terms:
+        for j in range(len(sizes[t]) - 1):
+            r = np.zeros(ncol)
+            r[off + j], r[off + j + 1] = -lam, lam
+            pen.append(r)
+        off += len(sizes[t])
+    # a small pull of every offset toward 0: the terms and the intercept are otherwise determined only
+    # up to constants that cancel (each term's basis row sums to 1)
+    pen += [np.eye(ncol)[j] * 1e-3 for j in range(1, ncol)]
+    coef, *_ = np.linalg.lstsq(np.vstack([a, np.array(pen)]), np.concatenate([y, np.zeros(len(pen))]), rcond=None)
+    out, off, intercept = {}, 1, float(coef[0])
+    for t in terms:
+        vals = coef[off: off + len(sizes[t])]
+        mean = float(vals.mean())  # each term centred, its mean into the intercept
+        intercept += mean
+        out[t] = tuple((x, float(v) - mean) for x, v in zip(sizes[t], vals))
+        off += len(sizes[t])
+    return MatmulShapes(log_rate=intercept, terms=out, points=len(pts), smoothing=smoothing)
+
+
+def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]]) -> MatmulShapes:
+    """The MatmulShapes of timed shapes (M, K, N, seconds, fixed seconds): rate = 2MKN / (seconds -
+    fixed) (`_rate`), weighted by the share of the time that is not fixed (at least 0.1); for every
+    candidate (terms, smoothing) the leave-one-out errors of the times of the shapes at least half of
+    whose time is not fixed, and the candidate of least mean |log error| fitted to all of them (`loo`:
+    its median |error|)."""
+    pts = [(m, k, n, _rate(2.0 * m * k * n, t, fx), min(1.0, max(0.1, (t - fx) / t)))
+           for m, k, n, t, fx in points if t > 0 and math.isfinite(t)]  # fmt: skip
+    if len(pts) < 6:
+        raise CalibrationError(f"calibrate: {len(pts)} timed matmul shapes, the shape model needs at least 6")
+    judged = [i for i, p in enumerate(pts) if p[4] >= 0.5] or list(range(len(pts)))
+    best: tuple[float, tuple[str, ...], float] | None = None
+    for terms in SHAPE_TERM_SETS:
+        for sm in SHAPE_SMOOTHINGS:
+            errs = []
+            for i in judged:
+                m, k, n, t, fx = points[i]
+                model = _fit_shapes_once(pts[:i] + pts[i + 1:], terms, sm)
+                errs.append(math.log((fx + 2.0 * m * k * n / model.rate(m, k, n)) / t))
+            # the mean |log error| (a term that fixes a few shapes far off counts; a median would not see it)
+            e = sum(abs(x) for x in errs) / len(errs)
+            if best is None or e < best[0] - 1e-12:
+                best = (e, terms, sm, _median([abs(math.exp(x) - 1) for x in errs]))
+    assert best is not None
+    model = _fit_shapes_once(pts, best[1], best[2])
+    residual = _median([abs(r / model.rate(m, k, n) - 1) for m, k, n, r, _ in pts])
+    return model.model_copy(update={"residual": round(residual, 6), "loo": round(best[3], 6)})
 
 
 # ---- the calibration ------------------------------------------------------------------------------
@@ -1135,6 +1296,30 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                 f"in 3 bins a decade, of the {kept} cases whose bytes / memory rate is under half their "
                 f"time (the {len(raw) - kept} others are memory-bound, priced by the memory term; a bin of only such "
                 f"cases keeps them); best case {_fmt_rate(best, 'FLOP')}")  # fmt: skip
+        # -- the shape models: rate against the Linear layer's (M, K, N), per dtype and layout --
+        matmul_shapes_: dict[str, dict[str, MatmulShapes]] = {}
+        if st.mm_shape_cases > 0:
+            for dt, raw in mm_raw.items():
+                models = {}
+                for lay in MATMUL_LAYOUTS:
+                    models[lay] = fit_matmul_shapes([(m, k, n, t, fx) for (_, _, t, fx, _), (ly, m, k, n)
+                                                     in zip(raw, mm_keys[dt]) if ly == lay])  # fmt: skip
+                matmul_shapes_[dt] = models
+                sources[f"matmul_shapes.{dt}"] = (
+                    f"fitted to the same {len(shapes)} shapes per layout (log rate = intercept + the sum of its terms' "
+                    f"piecewise-linear offsets; terms from {' | '.join('+'.join(t) for t in SHAPE_TERM_SETS)} and "
+                    f"smoothing from {', '.join(map(str, SHAPE_SMOOTHINGS))} by least leave-one-out error; points "
+                    f"weighted by the share of their time that is not the fixed part, at least 0.1): "
+                    + "; ".join(f"{lay} {'+'.join(mo.terms)} (smoothing {mo.smoothing}): |rate error| median "
+                                f"{mo.residual:.1%}, leave-one-out time error median {mo.loo:.1%}"
+                                for lay, mo in models.items())
+                    + "; at M = 1024: " + ", ".join(
+                        f"{lay} K=N=128 {_fmt_rate(mo.rate(1024, 128, 128), 'FLOP')}, K=128 N=4096 "
+                        f"{_fmt_rate(mo.rate(1024, 128, 4096), 'FLOP')}, K=1024 N=128 "
+                        f"{_fmt_rate(mo.rate(1024, 1024, 128), 'FLOP')}" for lay, mo in models.items()))  # fmt: skip
+        else:
+            sources["matmul_shapes"] = ("not measured: " + ("CUDA's sweep spreads its shapes over FLOPs only; " if cuda
+                                        else "") + "matmuls are priced by the layout curves")
         if cuda:
             sources["matmul.fp32"] += (f"; torch.backends.cuda.matmul.allow_tf32 = "
                                        f"{torch.backends.cuda.matmul.allow_tf32}")
@@ -1153,7 +1338,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                                   step_fit_available()) + " (elementwise kernels priced by the memory curves)")
 
         prices = Prices(op_s=op_s, view_s=view_s, module_s=module_s, sync_s=sync_s, launch_s=launch_s,
-                        asynchronous=cuda, matmul=matmul, matmul_layouts=matmul_layouts, attention=attention, kernels=kernels,
+                        asynchronous=cuda, matmul=matmul, matmul_layouts=matmul_layouts, matmul_shapes=matmul_shapes_,
+                        attention=attention, kernels=kernels,
                         memory=memory,
                         attention_backward=attention_backward, memory_inplace=memory_inplace,
                         foreach_per_tensor=foreach_per_tensor, memory_by_dtype=memory_by_dtype,
@@ -1236,7 +1422,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                               f"{'quick' if quick else 'full'} calibration")  # fmt: skip
         profile = DeviceProfile(
             id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul,
-            matmul_layouts=matmul_layouts, kernels=kernels, attention=attention,
+            matmul_layouts=matmul_layouts, matmul_shapes=matmul_shapes_, kernels=kernels, attention=attention,
             attention_backward=attention_backward, memory=memory, memory_inplace=memory_inplace,
             memory_by_dtype=memory_by_dtype, memory_inplace_by_dtype=memory_inplace_by_dtype,
             foreach_per_tensor=foreach_per_tensor, launch_s=launch_s, host=host_costs,
@@ -2114,9 +2300,16 @@ CALIBRATION_NEW_TOKENS = (8, 2)  # the generate programs' new tokens
 # their programs batch 1 x 8 tokens (the time validation's programs have other shapes)
 CALIBRATION_MODEL = dict(hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=256)
 CALIBRATION_TOKENS = (1, 8)  # batch, seq (generate: the prompt)
-# the medium, compute-bound programs (dtype_scale.fp32, .bf16): llama, 2 layers of hidden 192 (6 heads of 32,
-# 2 KV heads), MLP 512, vocabulary 3000; sft full at batch 4 x 128 tokens, fp32 and bf16
-CALIBRATION_MEDIUM = dict(layers=2, hidden=192, intermediate=512, heads=6, kv_heads=2, vocab=3000, batch=4, seq=128)
+# the medium, compute-bound programs (dtype_scale.fp32, .bf16), each an sft full step in fp32 and in bf16:
+# llama, 2 layers of hidden 192 (6 heads of 32, 2 KV heads), MLP 512, vocabulary 3000, batch 4 x 128
+# tokens; and 2 layers of hidden 512 (8 heads of 64), MLP 1024, vocabulary 2048, batch 2 x 64 tokens. Two
+# shapes, so that a dtype's scale is not fitted to one program, one with sizes of 3 x a power of 2 and
+# one of powers of 2 (LLMs' are multiples of large powers of 2): on this CPU the bf16 grad-input matmul
+# runs 0.6-0.8x its shape model's time at K = 384 and 1.0-1.3x at K = 128 (2026-12-07), more than the
+# model follows (planner.profiles.MatmulShapes); a scale fitted to the 192 and 384 programs alone was
+# 1.20-1.24 in three runs, and priced the power-of-2 validation programs 22% short
+CALIBRATION_MEDIUM = (dict(layers=2, hidden=192, intermediate=512, heads=6, kv_heads=2, vocab=3000, batch=4, seq=128),
+                      dict(layers=2, hidden=512, intermediate=1024, heads=8, kv_heads=2, vocab=2048, batch=2, seq=64))
 
 
 def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
@@ -2124,8 +2317,8 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     config.json files written under `root`: a no-grad forward and a full sft step of 1, 2 and 4
     layers, a LoRA (r 4) sft step of 2 layers, two generate calls of 2 layers (8 and 2 new tokens:
     generate_step_s and generate_call_s apart) and one of 4 layers, the 2-layer forward, sft step and
-    generate in fp32 (matmul_fixed_s of both dtypes), and the two medium sft steps (CALIBRATION_MEDIUM,
-    fp32 and bf16: the dtype scales); `quick`: 1 and 4 layers, no deeper generate,
+    generate in fp32 (matmul_fixed_s of both dtypes), and the medium sft steps (CALIBRATION_MEDIUM, two
+    shapes, fp32 and bf16: the dtype scales); `quick`: 1 and 4 layers, no deeper generate,
     no medium programs."""
     from planner.backends.step_programs import FORWARD, Case, llama_config, write_config
     from planner.specs import Plan
@@ -2164,13 +2357,14 @@ def calibration_cases(root: str | Path, which: str = "full") -> list[Any]:
     cases.append(Case(f"calibration generate fp32 2x{m['hidden']} b{b} p{s}+{new}",
                       Plan(model=paths[2], task="generate", batch=b, prompt_len=s, new_tokens=new, precision="fp32"),
                       steps=3, warmup=1))  # fmt: skip
-    md = CALIBRATION_MEDIUM
-    path = write_config(root, f"calibration-llama-{md['layers']}x{md['hidden']}",
-                        llama_config(md["layers"], md["hidden"], md["intermediate"], md["heads"], md["kv_heads"],
-                                     md["vocab"]))  # fmt: skip
-    for precision in ("fp32", "bf16"):
-        cases.append(Case(f"calibration sft full {precision} {md['layers']}x{md['hidden']} b{md['batch']} s{md['seq']}",
-                          Plan(model=path, batch=md["batch"], seq=md["seq"], precision=precision), steps=3, warmup=1))
+    for md in CALIBRATION_MEDIUM:
+        path = write_config(root, f"calibration-llama-{md['layers']}x{md['hidden']}",
+                            llama_config(md["layers"], md["hidden"], md["intermediate"], md["heads"], md["kv_heads"],
+                                         md["vocab"]))  # fmt: skip
+        for precision in ("fp32", "bf16"):
+            cases.append(Case(f"calibration sft full {precision} {md['layers']}x{md['hidden']} b{md['batch']} "
+                              f"s{md['seq']}", Plan(model=path, batch=md["batch"], seq=md["seq"], precision=precision),
+                              steps=3, warmup=1))  # fmt: skip
     return cases
 
 

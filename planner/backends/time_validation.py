@@ -480,6 +480,12 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
         L.append(f"| matmul {dt} by layout | " + ", ".join(
             f"{lay} {c.rate(1e6) / 1e9:.3g} at 1 MFLOP, {c.rate(1e8) / 1e9:.3g} at 100 MFLOP" for lay, c in curves.items())
             + " (GFLOP/s) | micro-benchmark |")
+    for dt, models in p.matmul_shapes.items():
+        L.append(f"| matmul {dt} by shape (what prices a Linear layer's matmuls) | " + "; ".join(
+            f"{lay} ({'+'.join(mo.terms)}): M=1024 K=N=128 {mo.rate(1024, 128, 128) / 1e9:.3g}, K=128 N=4096 "
+            f"{mo.rate(1024, 128, 4096) / 1e9:.3g}, K=1024 N=128 {mo.rate(1024, 1024, 128) / 1e9:.3g} GFLOP/s; "
+            f"{mo.points} shapes, rate error median {mo.residual:.1%}, leave-one-out time error median {mo.loo:.1%}"
+            for lay, mo in models.items()) + " | micro-benchmark, fitted (MatmulShapes) |")
     if p.kernels:
         def slowness(k: str, v: Any) -> float:  # its time per byte over a copy's, at its largest call
             b = v.bytes_range[1]

@@ -15,7 +15,10 @@ with symbolic sizes (c + t*T + q*T*S, T = batch x seq tokens, S = seq). Here eac
                  so does a kernel's fixed part), + the HostCosts item of each call the stretch lists
                  (layer_s, loss_s, ...)
 
-rate: the matmul curve of the op's dtype (and of its operands' layout, Op.layout, where the profile
+rate: for a Linear layer's matmul (Op.layout and Op.dims = (K, N) set) where the profile has a shape
+model of its layout and dtype (matmul_shapes), rate(M, K, N) with M = FLOPs / (2 K N) (a CPU's bf16
+kernels run at rates set by K or by the weight's size, not by FLOPs: planner.profiles.MatmulShapes);
+else the matmul curve of the op's dtype (and of its operands' layout, Op.layout, where the profile
 measured one: a Linear's forward, grad input and grad weight matmuls); SDPA kernels the attention curve, their backward kernels
 (`*_backward`) the attention_backward curve. memory_rate: the memory curve, or memory_inplace for
 an in-place op (aten name ending in `_`: no output allocated), of the op's dtype where the profile
@@ -47,7 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.engine.tape import KINDS, Op, OpList
-from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile
+from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile, shape_sizes
 
 __all__ = ["KINDS", "Op", "OpList", "StretchCost", "Timing", "compose", "price"]
 
@@ -72,7 +75,8 @@ class _Compiled:
     syncs: int
     modules: int
     calls: tuple[tuple[str, float], ...]
-    # (count, curve (None: memory-bound), memory curve, tensors, dtype, kernel name, fc, ft, fq, bc, bt, bq)
+    # (count, curve (None: memory-bound), memory curve, tensors, dtype, kernel name, fc, ft, fq, bc, bt, bq,
+    #  a Linear layer's (K, N) or ())
     groups: tuple[tuple, ...]
 
 
@@ -101,7 +105,8 @@ def _compile(ops: OpList) -> _Compiled:
             memory = "memory_inplace" if op.name.endswith("_") else "memory"
             # an elementwise kernel keeps its name: a profile may have measured its own cost (kernels)
             key = (curve, memory, op.tensors if k == "foreach" else 1, op.dtype, op.name if k == "elementwise" else "",
-                   op.flops.c, op.flops.t, op.flops.q, op.bytes.c, op.bytes.t, op.bytes.q)
+                   op.flops.c, op.flops.t, op.flops.q, op.bytes.c, op.bytes.t, op.bytes.q,
+                   op.dims if curve is not None else ())
             merged[key] = merged.get(key, 0) + n
     c = _Compiled(kernels, host_ops, views, syncs, ops.modules, tuple(ops.calls.items()),
                   tuple((n, *key) for key, n in merged.items()))
@@ -149,6 +154,9 @@ def _profile_fns(profile: DeviceProfile) -> dict:
         fns[("attention", dtype)] = _seconds_fn(profile.attention_curve(dtype))
         fns[("attention_backward", dtype)] = _seconds_fn(profile.attention_backward_curve(dtype))
         fns[("fixed", dtype)] = profile.matmul_fixed_s.get(dtype, 0.0) * profile.fixed_scale
+    for dtype, models in profile.matmul_shapes.items():
+        for layout, model in models.items():
+            fns[("shape", layout, dtype)] = model
     for key, kc in profile.kernels.items():
         name, _, dtype = key.rpartition(".")
         fns[("kernel", name, dtype)] = (kc.fixed_s * profile.fixed_scale,
@@ -174,7 +182,7 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
     per_tensor = profile.foreach_per_tensor
     T, TS = float(tokens), float(tokens) * float(seq)
     d = 0.0
-    for n, curve, memory, tensors, dtype, name, fc, ft, fq, bc, bt, bq in c.groups:
+    for n, curve, memory, tensors, dtype, name, fc, ft, fq, bc, bt, bq, dims in c.groups:
         b = bc + bt * T + bq * TS
         if tensors > 1 and per_tensor:  # one kernel per tensor of the list, each on its share
             n *= tensors
@@ -190,13 +198,30 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
         if curve is not None:
             f = fc + ft * T + fq * TS
             if f > 0:
-                tf = fns[(curve, dtype)](f)
+                shapes = fns.get(("shape", curve[1], dtype)) if dims and isinstance(curve, tuple) else None
+                if shapes is not None:  # a Linear layer's matmul: M = FLOPs / (2 K N), rate(M, K, N)
+                    tf = f / _shape_rate(fns, shapes, curve[1], dtype, dims, f)
+                else:
+                    tf = fns[(curve, dtype)](f)
                 if curve == "matmul" or isinstance(curve, tuple):  # (matmul, layout)
                     tf += fns[("fixed", dtype)]
                 if tf > t:
                     t = tf
         d += n * (launch + t)
     return StretchCost(h, d)
+
+
+def _shape_rate(fns: dict, shapes, layout: str, dtype: str, dims: tuple[int, int], flops: float) -> float:
+    """MatmulShapes.rate(M, K, N) with M = flops / (2 K N): its terms without M (k, n, kn, k2, n2) summed once
+    per (layout, dtype, K, N) and kept in the profile's cache."""
+    key = ("shape_kn", layout, dtype, dims)
+    base = fns.get(key)
+    k, n = dims
+    if base is None:
+        sizes = shape_sizes(1.0, k, n)
+        base = fns[key] = shapes.log_rate + sum(shapes.log_offset(t, sizes[t]) for t in ("k", "n", "kn", "k2", "n2"))
+    m = flops / (2.0 * k * n)
+    return math.exp(base + shapes.log_offset("m", m) + shapes.log_offset("mk", m * k) + shapes.log_offset("mn", m * n))
 
 
 @dataclass(frozen=True)

@@ -175,18 +175,19 @@ def matmul_ops(tp: Tape, x: Tensor, w_bytes: Sym, in_f: int, out_f: int, dtype: 
     tp.op(V, "view")
     if x_rg or w_rg:  # mm saves the input (for grad_W) and the weight (for grad_x)
         tp.saving(out)
-    tp.op(M, "addmm" if bias else "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="linear")
+    dims = (in_f, out_f)
+    tp.op(M, "addmm" if bias else "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="linear", dims=dims)
     tp.op(V, "_unsafe_view")
     if not (x_rg or w_rg):
         return
     tp.bop(V, "view")
     if w_rg:
         tp.bop(V, "t")
-        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="grad_weight")
+        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="grad_weight", dims=dims)
         tp.bop(V, "t")
     if x_rg:
         tp.bop(V, "t")
-        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="grad_input")
+        tp.bop(M, "mm", flops=f, bytes=io + w_bytes, dtype=dtype, layout="grad_input", dims=dims)
         tp.bop(V, "view")
     if w_rg:
         tp.bop(V, "t")  # t's backward: the weight's gradient back to its layout
@@ -333,13 +334,13 @@ def linear4bit_ops(tp: Tape, x: Tensor, w: Weight, compute: str, out: Tensor) ->
     tp.op(E, "dequantize_4bit", bytes=deq_bytes, dtype=compute)
     tp.op(V, "t")
     tp.op(M, "mm", flops=f, bytes=x.size + out.size + Sym(c=k * n * DTYPE_BYTES[compute]), dtype=compute,
-          layout="linear")
+          layout="linear", dims=(k, n))
     tp.op(V, "_unsafe_view")
     if x.rg:
         tp.bop(E, "dequantize_4bit", bytes=deq_bytes, dtype=compute)
         tp.bop(V, "t")
         tp.bop(M, "mm", flops=f, bytes=x.size + out.size + Sym(c=k * n * DTYPE_BYTES[compute]), dtype=compute,
-               layout="grad_input")
+               layout="grad_input", dims=(k, n))
         tp.bop(V, "_unsafe_view")
 
 

@@ -72,9 +72,13 @@ class Op:
     # a matmul's operand layout (planner.profiles.MATMUL_LAYOUTS: linear, grad_input, grad_weight;
     # "" where it is none of a Linear layer's three): what the profile's layout curves price
     layout: str = ""
+    # a Linear layer's matmul: the layer's (in_features, out_features); its tokens M = FLOPs / (2 K N).
+    # What a profile's matmul_shapes price it by; () where the op is no Linear layer's
+    dims: tuple[int, int] | tuple[()] = ()
 
     def times(self, n: int) -> "Op":
-        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n, self.tensors, self.layout)
+        return Op(self.kind, self.name, self.flops, self.bytes, self.dtype, self.count * n, self.tensors, self.layout,
+                  self.dims)
 
 
 @dataclass
@@ -91,9 +95,9 @@ class OpList:
         self.calls[name] = self.calls.get(name, 0) + n
 
     def add(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-            count: int = 1, tensors: int = 1, layout: str = "") -> None:
+            count: int = 1, tensors: int = 1, layout: str = "", dims: tuple[int, int] | tuple[()] = ()) -> None:
         if count:
-            self.ops.append(Op(kind, name, flops, bytes, dtype, count, tensors, layout))
+            self.ops.append(Op(kind, name, flops, bytes, dtype, count, tensors, layout, dims))
 
     def extend(self, other: "OpList", times: int = 1) -> None:
         if times <= 0:
@@ -107,15 +111,6 @@ class OpList:
         out = OpList()
         out.extend(self, times)
         return out
-
-    def grouped(self) -> "OpList":
-        """Identical ops merged (their counts added): the same cost, fewer evaluations."""
-        seen: dict[tuple, int] = {}
-        for op in self.ops:
-            key = (op.kind, op.name, op.flops, op.bytes, op.dtype, op.tensors)
-            seen[key] = seen.get(key, 0) + op.count
-        return OpList([Op(k, n, f, b, d, c, x) for (k, n, f, b, d, x), c in seen.items()], self.modules,
-                      dict(self.calls))
 
     def counts(self) -> dict[str, int]:
         """Aten ops per kind."""
@@ -212,15 +207,15 @@ class Tape:
 
     # ---- ops (for time) ---------------------------------------------------------------------
     def op(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-           count: int = 1, layout: str = "") -> None:
-        """A forward aten op."""
-        self.fwd.add(kind, name, flops, bytes, dtype, count, layout=layout)
+           count: int = 1, layout: str = "", dims: tuple[int, int] | tuple[()] = ()) -> None:
+        """A forward aten op (a Linear layer's matmul: its layout and the layer's (in, out) dims)."""
+        self.fwd.add(kind, name, flops, bytes, dtype, count, layout=layout, dims=dims)
 
     def bop(self, kind: str, name: str, flops: Sym = ZERO, bytes: Sym = ZERO, dtype: str = "fp32",
-            count: int = 1, layout: str = "") -> None:
+            count: int = 1, layout: str = "", dims: tuple[int, int] | tuple[()] = ()) -> None:
         """An aten op of the backward (recorded only where autograd records the graph)."""
         if self.grad:
-            self.bwd.add(kind, name, flops, bytes, dtype, count, layout=layout)
+            self.bwd.add(kind, name, flops, bytes, dtype, count, layout=layout, dims=dims)
 
     def module(self, n: int = 1) -> None:
         """nn.Module calls (host cost per call)."""
