@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -172,6 +173,11 @@ class MatmulShapes(BaseModel):
         logs, values = _term_arrays(pts)
         return piecewise(logs, values, size)
 
+    def seconds(self, flops: float, dims: tuple[int, int]) -> float:
+        """flops / rate of a Linear layer's matmul of (K, N) = dims: M = flops / (2 K N)."""
+        k, n = dims
+        return flops / self.rate(flops / (2.0 * k * n), k, n)
+
     def rate(self, m: float, k: float, n: float) -> float:
         sizes = shape_sizes(m, k, n)
         return math.exp(self.log_rate + sum(self.log_offset(t, sizes[t]) for t in self.terms))
@@ -182,15 +188,24 @@ def _term_arrays(pts: tuple[tuple[float, float], ...]) -> tuple[tuple[float, ...
     return tuple(math.log(p[0]) for p in pts), tuple(p[1] for p in pts)
 
 
-def piecewise(logs: tuple[float, ...], values: tuple[float, ...], size: float) -> float:
-    """values interpolated linearly in log(size) between the knots (logs), flat beyond them."""
+def hat_weights(logs: Sequence[float], size: float) -> tuple[int, float]:
+    """Where log(size) falls among the knots (logs, ascending): (i, w) with the value (1 - w) x v[i - 1]
+    + w x v[i], linear between the knots and flat beyond them (i = 1, w = 0 below the first; w = 1 at
+    and beyond the last)."""
     x = math.log(size) if size > 0 else logs[0]
     if x <= logs[0]:
-        return values[0]
+        return 1, 0.0
     if x >= logs[-1]:
-        return values[-1]
+        return len(logs) - 1, 1.0
     i = bisect.bisect_right(logs, x)
-    w = (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+    return i, (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+
+
+def piecewise(logs: Sequence[float], values: Sequence[float], size: float) -> float:
+    """values interpolated linearly in log(size) between the knots (logs), flat beyond them."""
+    if len(logs) == 1:
+        return values[0]
+    i, w = hat_weights(logs, size)
     return values[i - 1] + w * (values[i] - values[i - 1])
 
 

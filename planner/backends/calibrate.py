@@ -86,7 +86,7 @@ from typing import Any
 
 from planner.errors import PlannerInputError, did_you_mean, one_line
 from planner.profiles import (DTYPES, MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, MatmulShapes, RateCurve,
-                              pow2_part, shape_sizes)
+                              hat_weights, pow2_part, shape_sizes)
 
 DEVICES = ("cpu", "cuda")
 Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
@@ -693,8 +693,7 @@ class Prices:
                 shapes = (self.matmul_shapes.get(op.dtype, {}).get(op.layout)
                           if op.kind == "matmul" and op.layout and op.dims else None)
                 if shapes is not None and op.flops > 0:  # a Linear layer's: M = FLOPs / (2 K N)
-                    k, n = op.dims
-                    comp = op.flops / shapes.rate(op.flops / (2.0 * k * n), k, n)
+                    comp = shapes.seconds(op.flops, op.dims)
                 else:
                     curve = self._compute_curve(op)
                     comp = op.flops / curve.rate(op.flops) if curve is not None and op.flops > 0 else 0.0
@@ -777,22 +776,16 @@ SHAPE_TERM_SETS = tuple(("m", "k", "n") + extra + aligned for extra in ((), ("mk
 SHAPE_SMOOTHINGS = (0.002, 0.005, 0.02)
 
 
-def _term_size(term: str, m: float, k: float, n: float) -> float:
-    return shape_sizes(m, k, n)[term]
-
-
 def _hats(logs: Sequence[float], size: float) -> list[float]:
-    """The piecewise-linear basis at log(size): the weights of the two neighbouring points (flat beyond)."""
+    """The piecewise-linear basis at log(size) (planner.profiles.hat_weights): the weights of its two
+    neighbouring knots."""
     row = [0.0] * len(logs)
-    x = math.log(size)
-    if x <= logs[0]:
+    if len(logs) == 1:
         row[0] = 1.0
-    elif x >= logs[-1]:
-        row[-1] = 1.0
-    else:
-        i = bisect.bisect_right(logs, x)
-        w = (x - logs[i - 1]) / (logs[i] - logs[i - 1])
-        row[i - 1], row[i] = 1.0 - w, w
+        return row
+    i, w = hat_weights(logs, size)
+    row[i - 1] += 1.0 - w
+    row[i] += w
     return row
 
 
@@ -801,14 +794,15 @@ def _fit_shapes_once(pts: Sequence[tuple[int, int, int, float, float]], terms: S
     """Weighted least squares on log(rate) of (M, K, N, rate, weight) points over the terms' bases."""
     import numpy as np
 
+    per_point = [shape_sizes(m, k, n) for m, k, n, _, _ in pts]
     sizes: dict[str, list[float]] = {}
     for t in terms:
-        vals = [_term_size(t, m, k, n) for m, k, n, _, _ in pts]
+        vals = [ps[t] for ps in per_point]
         lo, hi = math.floor(math.log(min(vals), 4) + 1e-9), math.ceil(math.log(max(vals), 4) - 1e-9)
         sizes[t] = [4.0**i for i in range(lo, max(hi, lo + 1) + 1)]
     logs = {t: [math.log(x) for x in v] for t, v in sizes.items()}
     ncol = 1 + sum(len(v) for v in sizes.values())
-    rows = [[1.0] + [h for t in terms for h in _hats(logs[t], _term_size(t, m, k, n))] for m, k, n, _, _ in pts]
+    rows = [[1.0] + [h for t in terms for h in _hats(logs[t], ps[t])] for ps in per_point]
     w = np.sqrt(np.array([p[4] for p in pts]))
     a = np.array(rows) * w[:, None]
     y = np.log(np.array([p[3] for p in pts])) * w
@@ -840,8 +834,8 @@ def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]]) -> M
     candidate (terms, smoothing) the leave-one-out errors of the times of the shapes at least half of
     whose time is not fixed, and the candidate of least mean |log error| fitted to all of them (`loo`:
     its median |error|)."""
-    pts = [(m, k, n, _rate(2.0 * m * k * n, t, fx), min(1.0, max(0.1, (t - fx) / t)))
-           for m, k, n, t, fx in points if t > 0 and math.isfinite(t)]  # fmt: skip
+    timed = [p for p in points if p[3] > 0 and math.isfinite(p[3])]
+    pts = [(m, k, n, _rate(2.0 * m * k * n, t, fx), min(1.0, max(0.1, (t - fx) / t))) for m, k, n, t, fx in timed]
     if len(pts) < 6:
         raise CalibrationError(f"calibrate: {len(pts)} timed matmul shapes, the shape model needs at least 6")
     judged = [i for i, p in enumerate(pts) if p[4] >= 0.5] or list(range(len(pts)))
@@ -850,7 +844,7 @@ def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]]) -> M
         for sm in SHAPE_SMOOTHINGS:
             errs = []
             for i in judged:
-                m, k, n, t, fx = points[i]
+                m, k, n, t, fx = timed[i]
                 model = _fit_shapes_once(pts[:i] + pts[i + 1:], terms, sm)
                 errs.append(math.log((fx + 2.0 * m * k * n / model.rate(m, k, n)) / t))
             # the mean |log error| (a term that fixes a few shapes far off counts; a median would not see it)

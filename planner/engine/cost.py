@@ -50,7 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.engine.tape import KINDS, Op, OpList
-from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile, shape_sizes
+from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile
 
 __all__ = ["KINDS", "Op", "OpList", "StretchCost", "Timing", "compose", "price"]
 
@@ -200,7 +200,7 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
             if f > 0:
                 shapes = fns.get(("shape", curve[1], dtype)) if dims and isinstance(curve, tuple) else None
                 if shapes is not None:  # a Linear layer's matmul: M = FLOPs / (2 K N), rate(M, K, N)
-                    tf = f / _shape_rate(fns, shapes, curve[1], dtype, dims, f)
+                    tf = shapes.seconds(f, dims)
                 else:
                     tf = fns[(curve, dtype)](f)
                 if curve == "matmul" or isinstance(curve, tuple):  # (matmul, layout)
@@ -209,19 +209,6 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
                     t = tf
         d += n * (launch + t)
     return StretchCost(h, d)
-
-
-def _shape_rate(fns: dict, shapes, layout: str, dtype: str, dims: tuple[int, int], flops: float) -> float:
-    """MatmulShapes.rate(M, K, N) with M = flops / (2 K N): its terms without M (k, n, kn, k2, n2) summed once
-    per (layout, dtype, K, N) and kept in the profile's cache."""
-    key = ("shape_kn", layout, dtype, dims)
-    base = fns.get(key)
-    k, n = dims
-    if base is None:
-        sizes = shape_sizes(1.0, k, n)
-        base = fns[key] = shapes.log_rate + sum(shapes.log_offset(t, sizes[t]) for t in ("k", "n", "kn", "k2", "n2"))
-    m = flops / (2.0 * k * n)
-    return math.exp(base + shapes.log_offset("m", m) + shapes.log_offset("mk", m * k) + shapes.log_offset("mn", m * n))
 
 
 @dataclass(frozen=True)

@@ -300,19 +300,16 @@ GENERATE_STEP_OPS: tuple[tuple[str, str], ...] = tuple(
     + [("sync", "_local_scalar_dense")])
 # the slices and clones of the inputs of the next forward, after every forward but the last
 NEXT_INPUTS_OPS: tuple[tuple[str, str], ...] = ((V, "slice"), (E, "clone"), (V, "slice"), (E, "clone"))
-# generate()'s set-up before the prefill: input checks and the attention mask (5 host reads)
-GENERATE_SETUP_OPS: tuple[tuple[str, str], ...] = tuple(
-    [(E, n) for n in ("ones_like", "isin", "any", "lt", "any", "eq", "any", "cumsum", "sub", "eq", "masked_fill",
-                      "eq", "all", "lt", "any", "ones", "clone")]
-    + [(V, n) for n in ("lift_fresh", "lift_fresh", "unsqueeze", "select", "select", "slice")]
-    + [("sync", "_local_scalar_dense")] * 5)
-# with one sequence generate() skips its right-padding check (`batch_size > 1`, transformers 5.24:
+# generate()'s set-up before the prefill: input checks and the attention mask (4 host reads), and with
+# more than one sequence its right-padding check (`batch_size > 1`, transformers 5.24:
 # torch.any(attention_mask[:, -1] == 0).item(): a select, an eq, an any and a host read)
-GENERATE_SETUP_SINGLE_OPS: tuple[tuple[str, str], ...] = tuple(
+GENERATE_SETUP_OPS: tuple[tuple[str, str], ...] = tuple(
     [(E, n) for n in ("ones_like", "isin", "any", "lt", "any", "cumsum", "sub", "eq", "masked_fill",
                       "eq", "all", "lt", "any", "ones", "clone")]
     + [(V, n) for n in ("lift_fresh", "lift_fresh", "unsqueeze", "select", "slice")]
     + [("sync", "_local_scalar_dense")] * 4)
+RIGHT_PADDING_CHECK_OPS: tuple[tuple[str, str], ...] = ((V, "select"), (E, "eq"), (E, "any"),
+                                                        ("sync", "_local_scalar_dense"))
 
 
 SCORE_OPS = frozenset({"clone", "where", "argmax"})  # the processors' ops over the (batch, vocab) fp32 scores
@@ -370,7 +367,7 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     step.ops.append(Op(E, "_to_copy", bytes=Sym(t=spec.vocab_size * (DTYPE_BYTES[act] + 4)), dtype="fp32"))
     step.call("generate_step_s")
     prog = Program()
-    setup = _fixed_ops(GENERATE_SETUP_OPS if not single else GENERATE_SETUP_SINGLE_OPS, 8.0)
+    setup = _fixed_ops(GENERATE_SETUP_OPS + (() if single else RIGHT_PADDING_CHECK_OPS), 8.0)
     setup.call("generate_call_s")
     prog.add("setup", "generate set-up", setup, sync=True, per_sequence=True, mode="nograd")
     # the technique's ops around its generation (preparing the prompts, a reward function)
