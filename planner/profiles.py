@@ -124,7 +124,9 @@ class MatmulShapes(BaseModel):
     at K = 128, 10.5 at K = 1024, whatever M and N), and an operand's size sets which cache it streams
     from (its grad input kernel: 3 GFLOP/s while the K*N weight fits 64 kB, 0.4 at 8 MB), and a row stride
     of a large power of 2 thrashes a few cache sets (that kernel at M = 512, N = 3000: 2.4 GFLOP/s at
-    K = 160 = 2^5 * 5, 1.5 at K = 128, 0.8 at K = 256, 2026-12-07). Fitted by least
+    K = 160 = 2^5 * 5, 1.5 at K = 128, 0.8 at K = 256, 2026-12-07). A layer timed itself (`measured`:
+    `planner calibrate --model`) adds its own offset: the smooth terms leave single shapes 30-70% off
+    (that kernel at K = 256, N = 2048-8000 took 1.4-1.8x its modelled time at M = 16-1024). Fitted by least
     squares on log(rate) to a sweep of shapes, the terms and smoothing chosen by leave-one-out error
     (planner.backends.calibrate.fit_matmul_shapes); `points` shapes, `residual` the median
     |measured / fitted - 1| of their rates, `loo` the median leave-one-out error of their times."""
@@ -138,12 +140,26 @@ class MatmulShapes(BaseModel):
     residual: float = Field(default=0.0, ge=0, description="median |measured / fitted - 1| over them")
     loo: float = Field(default=0.0, ge=0, description="median leave-one-out |predicted / measured time - 1|")
     smoothing: float = Field(default=0.0, ge=0, description="the fit's penalty on neighbouring offsets' differences")
+    measured: dict[str, float] = Field(default_factory=dict, description=(
+        "per Linear layer 'KxN' (in x out features) timed itself: a log-rate offset on top of the terms "
+        "(the mean of log(measured / modelled rate) over its timed shapes), for every M"))
 
     @field_validator("log_rate")
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError(f"must be finite (got {v})")
+        return v
+
+    @field_validator("measured")
+    @classmethod
+    def _measured(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, off in v.items():
+            k, _, n = key.partition("x")
+            if not (k.isdigit() and n.isdigit() and int(k) > 0 and int(n) > 0):
+                raise ValueError(f"measured: '{key}' is not 'KxN' (two positive integers)")
+            if not math.isfinite(off):
+                raise ValueError(f"measured: {key}: the offset must be finite")
         return v
 
     @field_validator("terms")
@@ -180,7 +196,8 @@ class MatmulShapes(BaseModel):
 
     def rate(self, m: float, k: float, n: float) -> float:
         sizes = shape_sizes(m, k, n)
-        return math.exp(self.log_rate + sum(self.log_offset(t, sizes[t]) for t in self.terms))
+        own = self.measured.get(f"{int(k)}x{int(n)}", 0.0) if self.measured else 0.0
+        return math.exp(self.log_rate + own + sum(self.log_offset(t, sizes[t]) for t in self.terms))
 
 
 @lru_cache(maxsize=1024)

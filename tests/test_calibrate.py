@@ -18,7 +18,7 @@ import tempfile
 import pytest
 
 from planner.cli import main
-from planner.profiles import DeviceProfile, HostCosts, ProfileError, RateCurve, load_profile, parse_profile
+from planner.profiles import DeviceProfile, HostCosts, MatmulShapes, ProfileError, RateCurve, load_profile, parse_profile
 
 torch = pytest.importorskip("torch")
 
@@ -192,8 +192,28 @@ def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     floor = cal.with_params(micro, {"host.module_s": 20e-6})
     held = cal.fit_host_to_steps(floor, rounds=1, which="full", params=(*cal.STEP_FIT, "host.module_s"))
     assert held.profile.host.module_s == pytest.approx(20e-6)
-    assert "held at this micro-benchmark figure" in held.profile.sources["host.module_s"]
+    assert "held at 20 us, its floor" in held.profile.sources["host.module_s"]
     assert "host.module_s" not in held.fit.params
+
+
+def test_step_fit_holds_fixed_scale_at_one(quick, monkeypatch):
+    """fixed_scale's floor is 1 whatever the profile held: programs whose ops cost less than the hot
+    loops' fixed figures (here 0.5x) get fixed_scale 1, held, and the other parameters fitted."""
+    from planner.backends import step_programs
+
+    known = cal.with_params(quick.profile, {"fixed_scale": 0.5, "host.layer_s": 150e-6})
+    start = cal.with_params(quick.profile, {"fixed_scale": 0.3})
+
+    def fake_time_cases(cases, rounds, threads=1, progress=None, stage=""):
+        for c in cases:
+            c.samples = [step_programs.predict(c, known).total_s] * rounds
+        return cases
+
+    monkeypatch.setattr(step_programs, "time_cases", fake_time_cases)
+    fit = cal.fit_host_to_steps(start, rounds=1, which="quick", params=("fixed_scale", "host.layer_s"))
+    assert fit.profile.fixed_scale == 1.0 and "fixed_scale" not in fit.fit.params
+    assert "held at 1, its floor" in fit.profile.sources["fixed_scale"]
+    assert fit.profile.host.layer_s < 150e-6  # it takes what the lower fixed costs leave
 
 
 def test_device_scale_scales_every_curve_and_the_device_time(quick):
@@ -414,7 +434,8 @@ def test_prices_sum_host_and_device_on_the_cpu_and_overlap_on_cuda():
 def test_prices_follow_the_engine_for_backward_attention_inplace_and_foreach():
     """Prices (what the calibration takes off its measurements) prices a backward SDPA kernel on the
     attention_backward curve, an in-place op on memory_inplace, and a _foreach_* op over n tensors
-    on a per-tensor device as n kernels of bytes / n (host once): what planner.engine.cost does."""
+    on a per-tensor device as n kernels (n launches) streaming all its bytes at the rate of the whole
+    list's bytes (host once): what planner.engine.cost does."""
     fwd, bwd = RateCurve(points=((1.0, 4e10),)), RateCurve(points=((1.0, 1e10),))
     new, inplace = RateCurve(points=((1.0, 1e9),)), RateCurve(points=((1.0, 1e10),))
     pr = cal.Prices(op_s=1e-6, view_s=5e-7, launch_s=1e-7, matmul={"fp32": fwd}, attention={"fp32": fwd},
@@ -425,7 +446,12 @@ def test_prices_follow_the_engine_for_backward_attention_inplace_and_foreach():
     assert pr.op(cal.Op("add", "kernel", bytes=1e6))[1] == pytest.approx(1e-7 + 1e6 / 1e9)
     assert pr.op(cal.Op("add_", "kernel", bytes=1e6))[1] == pytest.approx(1e-7 + 1e6 / 1e10)
     host, device = pr.op(cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10))
-    assert host == 1e-6 and device == pytest.approx(10 * (1e-7 + 1e5 / 1e10))
+    assert host == 1e-6 and device == pytest.approx(10 * 1e-7 + 1e6 / 1e10)
+    # the rate is the curve's at the list's bytes (a list beyond the cache streams at its rate), not at one
+    # tensor's: 10 tensors of 1e5 bytes on a curve 10x slower at 1e6 bytes than at 1e5
+    falling = RateCurve(points=((1e5, 1e10), (1e6, 1e9)))
+    big = dataclasses.replace(pr, memory_inplace=falling)
+    assert big.op(cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10))[1] == pytest.approx(10 * 1e-7 + 1e6 / 1e9)
     assert pr.fixed([cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10)]) == pytest.approx(1e-6 + 10 * 1e-7)
     one = dataclasses.replace(pr, foreach_per_tensor=False)  # CUDA: one multi-tensor kernel
     assert one.op(cal.Op("_foreach_mul_", "kernel", bytes=1e6, tensors=10))[1] == pytest.approx(1e-7 + 1e6 / 1e10)
@@ -840,3 +866,59 @@ def test_fit_matmul_shapes_recovers_a_separable_rate_and_picks_its_terms():
     assert flat.residual < 1e-2 and math.isfinite(flat.log_rate)
     with pytest.raises(cal.CalibrationError):
         cal.fit_matmul_shapes(pts[:3])
+
+
+def test_a_named_linear_layer_gets_its_measured_offset():
+    """A layer shape that runs 1.6x slower than the smooth rate around it (as the CPU's bf16 grad-input
+    kernel at K = 256 did): the fit alone, which smooths, leaves it off; with the layer named, the model
+    plus its measured offset prices its timed shapes within a few percent, at every M, and leaves the
+    other shapes' rates as they were."""
+    def rate(m, k, n):
+        return 4e9 * min(1.0, (k / 1024) ** 0.25)
+
+    fixed = 2e-6
+    grid = [(m, k, n) for m in (1, 4, 16, 64, 256, 1024) for k in (8, 64, 256, 1024, 4096) for n in (8, 64, 1024, 4096)]
+    train = cal.spread_shapes(grid, 50)
+    layer = (256, 1024)  # its K and N also in other shapes of the sweep, at the smooth rate
+    st = cal.Settings(repeats=1, sample_s=0.0, max_calls=1, mm_tokens=(1, 16, 256, 1024), mm_hidden=(64,), mm_max_dim=64,
+                      mm_max_flops=0, mm_cases=0, mm_dtypes=("fp32",), mem_bytes=(1.0, 2.0), mem_points=1, sdpa_shapes=(),
+                      sdpa_backward=(), attn_dtypes=(), opt_tensors=(1, 2), dispatch_calls=1, check_llama=False,
+                      mm_shape_max_flops=4e8, mm_layer_dims=(layer,))
+    own = cal.layer_shapes(st)
+    assert own == [(16, *layer), (256, *layer)]  # the two largest M within 4e8 FLOPs
+
+    def timed(s):
+        slow = 1.6 if s[1:] == layer else 1.0
+        return (*s, fixed + slow * 2 * s[0] * s[1] * s[2] / rate(*s), fixed)
+
+    pts = [timed(s) for s in train + own]
+    plain = cal.fit_matmul_shapes(pts)
+    named = cal.fit_matmul_shapes(pts, [layer])
+    assert set(named.measured) == {"256x1024"} and not plain.measured
+    off = {}
+    for m in (16, 256, 1024):  # 1024: not timed, the offset holds for every M
+        want = rate(m, *layer) / 1.6
+        off[m] = (abs(named.rate(m, *layer) / want - 1), abs(plain.rate(m, *layer) / want - 1))
+    assert max(n for n, _ in off.values()) < 0.05 < max(p for _, p in off.values()), off
+    assert named.rate(64, 1024, 64) == plain.rate(64, 1024, 64)
+    assert named.scaled(2.0).rate(256, *layer) == pytest.approx(2 * named.rate(256, *layer))
+    with pytest.raises(ValueError, match="KxN"):
+        MatmulShapes(log_rate=1.0, terms={"m": ((1.0, 0.0),)}, measured={"256-1024": 0.1})
+
+
+def test_linear_layer_dims_of_models():
+    """Each decoder layer's (in, out) and the LM head's, once each."""
+    from planner.models import load_model
+
+    m = load_model("llama-3.1-8b")
+    dims = cal.linear_layer_dims([m, m])
+    assert (4096, 4096) in dims and (4096, 1024) in dims and (4096, 14336) in dims and (14336, 4096) in dims
+    assert (4096, 128256) in dims and len(dims) == len(set(dims)) == 5
+
+
+def test_calibrate_unknown_model_is_one_line(capsys):
+    from planner.cli import main
+
+    assert main(["calibrate", "--quick", "--model", "lama-3.1-8b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown model 'lama-3.1-8b'" in err and "llama-3.1-8b" in err

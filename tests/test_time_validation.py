@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from planner.backends import time_validation as tv  # noqa: E402
-from planner.backends.step_programs import Case, time_cases  # noqa: E402
+from planner.backends.step_programs import CHEAP_SAMPLES, Case, time_cases  # noqa: E402
 from planner.engine.timing import step_seconds  # noqa: E402
 
 TABLE_HEADER = ("| case | measured ms | spread | IQR | predicted ms | error | compute ms | host ms | host share "
@@ -30,9 +30,11 @@ def suite():
 
 def test_every_case_is_timed_predicted_and_diagnosed(suite):
     assert len(suite.rows) == len(tv.SMOKE) == 3
+    assert any(len(r.case.samples) == 2 * CHEAP_SAMPLES for r in suite.rows)  # the smoke cases are cheap
     assert {r.case.plan.task for r in suite.rows} == {"sft", "generate"}
     for r in suite.rows:
-        assert len(r.case.samples) == 2 and all(s > 0 for s in r.case.samples)
+        # 2 rounds; a cheap case (a sample under CHEAP_SAMPLE_S) sampled CHEAP_SAMPLES times a round
+        assert len(r.case.samples) in (2, 2 * CHEAP_SAMPLES) and all(s > 0 for s in r.case.samples)
         assert r.measured_s > 0 and r.predicted_s > 0 and math.isfinite(r.error)
         assert r.compute_s > 0 and r.host_s > 0
         assert r.compute_s + r.host_s == pytest.approx(r.predicted_s)
@@ -87,7 +89,7 @@ def test_csv_has_every_column_and_row(suite):
     for row, r in zip(rows, suite.rows):
         assert row["case"] == r.case.label and float(row["measured_s"]) == pytest.approx(r.measured_s, rel=1e-5)
         assert float(row["predicted_s"]) == pytest.approx(r.predicted_s, rel=1e-5)
-        assert len(row["samples_s"].split(";")) == 2 and "=" in row["phases_measured_s"]
+        assert len(row["samples_s"].split(";")) == len(r.case.samples) >= 2 and "=" in row["phases_measured_s"]
 
 
 def test_misses_are_explained():
@@ -121,6 +123,9 @@ def test_cases_are_interleaved(monkeypatch):
         return [0.001 * plan.batch] * steps
 
     monkeypatch.setattr(timing, "time_steps", fake_time_steps)
+    from planner.backends import step_programs
+
+    monkeypatch.setattr(step_programs, "CHEAP_SAMPLES", 1)  # one sample a round (cheap ones: below)
     cases = [Case(f"c{b}", Plan(model="llama-3.2-1b", batch=b, seq=8), _config={}) for b in (1, 2, 3)]
     time_cases(cases, rounds=3)
     # the first: one untimed step of the (single) kind of program; then one step of each case,
@@ -145,6 +150,16 @@ def test_cases_are_interleaved(monkeypatch):
     assert all(sorted(r) == list(range(1, 9)) for r in rounds) and len({tuple(r) for r in rounds}) == 5
     pairs = [{frozenset(p) for p in zip(r, r[1:])} for r in rounds]
     assert not set.intersection(*pairs), "some cases are neighbours in every round"
+    # a cheap case (one sample under CHEAP_SAMPLE_S) is sampled 3 times a round, spread over the round;
+    # a dear one (a 2 s step here) once
+    monkeypatch.setattr(step_programs, "CHEAP_SAMPLES", 3)
+    calls.clear()
+    two = [Case("cheap", Plan(model="llama-3.2-1b", batch=1, seq=8), _config={}),
+           Case("dear", Plan(model="llama-3.2-1b", batch=2000, seq=8), _config={})]
+    time_cases(two, rounds=2)
+    assert [len(c.samples) for c in two] == [6, 2]
+    timed = [b for b, _ in calls[1 + 2:]]
+    assert timed.count(1) == 6 and timed.count(2000) == 2 and timed[:4].count(2000) == 1
 
 
 def test_main_writes_the_table_and_the_csv(tmp_path, monkeypatch, suite):

@@ -17,7 +17,9 @@ with its spread ((max - min) / median) in `sources`:
   grad.t()[N,M].mm(x[M,K]) (grad weight); one curve per dtype from all three layouts' points (their
   medians by layout in `sources`); on the CPU more shapes spread over (log M, log K, log N) and the
   powers of 2 dividing K and N (`spread_shapes`), and per dtype and layout a shape model fitted to all
-  of them (`fit_matmul_shapes`: planner.profiles.MatmulShapes, what prices a Linear layer's matmuls);
+  of them (`fit_matmul_shapes`: planner.profiles.MatmulShapes, what prices a Linear layer's matmuls),
+  and the Linear layers of the models named (`planner calibrate --model`: `layer_shapes`), each kept
+  as its own measured offset on the model (MatmulShapes.measured);
 - an SDPA sweep (is_causal=True; FLOPs 4*B*H*D*S(S+1)/2), and its backward over a subset of the shapes
   (torch.autograd.grad of a retained graph: the backward kernel alone, with its call and its counted
   ops' fixed prices taken off; FLOPs 2.5x the forward's, as the time model counts a backward SDPA
@@ -30,7 +32,8 @@ with its spread ((max - min) / median) in `sources`:
   every case cycles through copies of its operands spanning COLD_BYTES (beyond L2), as a program's
   operands are rarely in L1/L2 when an op runs (on hot operands small ops ran up to 2.7x faster);
 - foreach_per_tensor: True on the CPU (torch's _foreach_* ops fall back to one op per tensor there),
-  False on CUDA; a _foreach_* op over n tensors is then priced as n kernels of bytes / n (`Prices`);
+  False on CUDA; a _foreach_* op over n tensors is then priced as n launches + its bytes at the rate of
+  its whole list's bytes (`Prices`);
 - transformers' ForCausalLMLoss on tiny logits that require grad, less its counted ops priced under
   grad mode: the Python of one loss function call (host.loss_s);
 - AdamW(foreach=True).step() + zero_grad(set_to_none=True) (what a training step calls) over many tiny
@@ -131,6 +134,10 @@ class Settings:
     mm_shape_max_flops: float = 0.0
     step_rounds: int = 5  # interleaved rounds over the calibration programs (the step fit)
     step_programs: str = "full"  # which built-in calibration programs: quick | full
+    # Linear layers of the models to be priced ((in, out) pairs: `linear_layer_dims`): each timed at the
+    # two largest mm_tokens within mm_shape_max_flops and kept as a measured offset of its shape model
+    # (MatmulShapes.measured)
+    mm_layer_dims: tuple[tuple[int, int], ...] = ()
 
 
 # CPU sweeps: operands cycled over 8 MiB (beyond this machine's 2 MiB L2, within its L3): an op
@@ -212,7 +219,29 @@ def matmul_shapes(st: Settings) -> list[tuple[int, int, int]]:
                       | set(st.mm_narrow))
         grid = [(m, k, n) for m in st.mm_tokens for k in dims for n in dims if 2 * m * k * n <= st.mm_shape_max_flops]
         chosen += spread_shapes(grid, st.mm_shape_cases, chosen)
+        chosen += layer_shapes(st)
     return sorted(set(chosen), key=lambda s: (2 * s[0] * s[1] * s[2], s))
+
+
+def layer_shapes(st: Settings) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the named Linear layers (st.mm_layer_dims): each at the two largest of mm_tokens
+    whose 2MKN is within mm_shape_max_flops (M = 1 where none is)."""
+    out = []
+    for k, n in st.mm_layer_dims:
+        ms = [m for m in st.mm_tokens if 2 * m * k * n <= st.mm_shape_max_flops] or [1]
+        out += [(m, k, n) for m in sorted(ms)[-2:]]
+    return out
+
+
+def linear_layer_dims(models: Iterable[Any]) -> tuple[tuple[int, int], ...]:
+    """The (in_features, out_features) of the models' Linear layers (planner.models.ModelSpec): each
+    decoder layer's and the LM head's, sorted, without repeats."""
+    dims = set()
+    for m in models:
+        dims |= {(lin.in_features, lin.out_features) for lin in m.layer_linears}
+        if getattr(m, "lm_head_params", 0) and m.vocab_size:
+            dims.add((m.hidden_size, m.vocab_size))
+    return tuple(sorted(dims))
 
 
 def spread_shapes(grid: Sequence[tuple[int, int, int]], n: int,
@@ -620,7 +649,8 @@ class Prices:
     curve and their backward kernels (`*_backward`) on attention_backward (a matmul's FLOPs / rate
     plus its dtype's matmul_fixed_s), bytes on the memory
     curve or, for an in-place op (name ending in `_`), memory_inplace; a _foreach_* op over n
-    tensors on a `foreach_per_tensor` device as n kernels of bytes / n each (its host cost once)."""
+    tensors on a `foreach_per_tensor` device as n kernels (n launches) streaming its bytes at the
+    rate of all of them (its host cost once)."""
 
     op_s: float
     view_s: float
@@ -684,7 +714,7 @@ class Prices:
                 memory = self.memory_inplace_by_dtype.get(op.dtype) or self.memory_inplace or self.memory
             else:
                 memory = self.memory_by_dtype.get(op.dtype) or self.memory
-            b = op.bytes / kernels
+            b = op.bytes  # a foreach op's kernels stream its whole list (planner.engine.cost)
             mem = b / memory.rate(b) if memory is not None and b > 0 else 0.0
             own = self.kernels.get(f"{op.name}.{op.dtype}") if op.kind == "kernel" else None
             if own is not None:
@@ -700,7 +730,7 @@ class Prices:
                 device += max(fixed + comp, mem)
             else:
                 device += mem
-        return self.op_s * fs, kernels * device
+        return self.op_s * fs, device + (kernels - 1) * self.launch_s
 
     def total(self, ops: Sequence[Op], modules: int = 0, sizes: bool = True) -> tuple[float, float, float]:
         """(host, device, total) of a stretch between two syncs: host + device, or max of them (async)."""
@@ -828,12 +858,14 @@ def _fit_shapes_once(pts: Sequence[tuple[int, int, int, float, float]], terms: S
     return MatmulShapes(log_rate=intercept, terms=out, points=len(pts), smoothing=smoothing)
 
 
-def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]]) -> MatmulShapes:
+def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]],
+                      layers: Sequence[tuple[int, int]] = ()) -> MatmulShapes:  # fmt: skip
     """The MatmulShapes of timed shapes (M, K, N, seconds, fixed seconds): rate = 2MKN / (seconds -
     fixed) (`_rate`), weighted by the share of the time that is not fixed (at least 0.1); for every
     candidate (terms, smoothing) the leave-one-out errors of the times of the shapes at least half of
     whose time is not fixed, and the candidate of least mean |log error| fitted to all of them (`loo`:
-    its median |error|)."""
+    its median |error|). `layers`: (K, N) of named Linear layers among the points: each one's measured
+    offset (MatmulShapes.measured), the weighted mean of log(measured rate / model rate) over its points."""
     timed = [p for p in points if p[3] > 0 and math.isfinite(p[3])]
     pts = [(m, k, n, _rate(2.0 * m * k * n, t, fx), min(1.0, max(0.1, (t - fx) / t))) for m, k, n, t, fx in timed]
     if len(pts) < 6:
@@ -854,7 +886,12 @@ def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]]) -> M
     assert best is not None
     model = _fit_shapes_once(pts, best[1], best[2])
     residual = _median([abs(r / model.rate(m, k, n) - 1) for m, k, n, r, _ in pts])
-    return model.model_copy(update={"residual": round(residual, 6), "loo": round(best[3], 6)})
+    measured = {}
+    for k, n in layers:
+        own = [(math.log(r / model.rate(m, k, n)), w) for m, kk, nn, r, w in pts if (kk, nn) == (k, n)]
+        if own:
+            measured[f"{k}x{n}"] = round(sum(v * w for v, w in own) / sum(w for _, w in own), 6)
+    return model.model_copy(update={"residual": round(residual, 6), "loo": round(best[3], 6), "measured": measured})
 
 
 # ---- the calibration ------------------------------------------------------------------------------
@@ -919,7 +956,8 @@ def _slug(text: str) -> str:
 
 
 def run_calibration(device: str = "cpu", quick: bool = False, progress: Progress | None = None,
-                    threads: int | None = None, steps: bool | None = None) -> Calibration:
+                    threads: int | None = None, steps: bool | None = None,
+                    layer_dims: Sequence[tuple[int, int]] = ()) -> Calibration:  # fmt: skip
     """The profile, the check's results and the time taken (what `planner calibrate` reports).
     `steps`: run the step fit (`fit_host_to_steps`) after the micro-benchmarks; None: on the CPU when
     transformers and peft are installed (on CUDA it does not run: its programs run on the CPU)."""
@@ -937,7 +975,7 @@ def run_calibration(device: str = "cpu", quick: bool = False, progress: Progress
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        cal = _calibrate(torch, device, quick, progress)
+        cal = _calibrate(torch, device, quick, progress, layer_dims)
         if steps is None and missing:
             cal.notes["step fit"] = f"not run ({missing}): layer_s, model_s and generate_step_s stay 0"
             cal.profile = cal.profile.model_copy(
@@ -954,11 +992,14 @@ def run_calibration(device: str = "cpu", quick: bool = False, progress: Progress
         torch.set_num_threads(old_threads)
 
 
-def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) -> Calibration:
+def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
+               layer_dims: Sequence[tuple[int, int]] = ()) -> Calibration:  # fmt: skip
     import torch.nn.functional as F
 
     start = time.perf_counter()
     st = settings(device, quick)
+    if layer_dims and st.mm_shape_cases > 0:
+        st = dataclasses.replace(st, mm_layer_dims=tuple(sorted({(int(k), int(n)) for k, n in layer_dims})))
     cuda = device == "cuda"
     dev = torch.device(device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1297,7 +1338,7 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                 models = {}
                 for lay in MATMUL_LAYOUTS:
                     models[lay] = fit_matmul_shapes([(m, k, n, t, fx) for (_, _, t, fx, _), (ly, m, k, n)
-                                                     in zip(raw, mm_keys[dt]) if ly == lay])  # fmt: skip
+                                                     in zip(raw, mm_keys[dt]) if ly == lay], st.mm_layer_dims)  # fmt: skip
                 matmul_shapes_[dt] = models
                 sources[f"matmul_shapes.{dt}"] = (
                     f"fitted to the same {len(shapes)} shapes per layout (log rate = intercept + the sum of its terms' "
@@ -1307,6 +1348,11 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
                     + "; ".join(f"{lay} {'+'.join(mo.terms)} (smoothing {mo.smoothing}): |rate error| median "
                                 f"{mo.residual:.1%}, leave-one-out time error median {mo.loo:.1%}"
                                 for lay, mo in models.items())
+                    + (f"; measured offsets of the {len(st.mm_layer_dims)} named Linear layers ((in, out): "
+                       + ", ".join(f"{k}x{n}" for k, n in st.mm_layer_dims) + "), the time factor of the model's rate "
+                       "against theirs by layout: " + "; ".join(
+                           f"{lay} " + " ".join(f"{math.exp(-v):.2f}" for v in mo.measured.values())
+                           for lay, mo in models.items()) if st.mm_layer_dims else "")
                     + "; at M = 1024: " + ", ".join(
                         f"{lay} K=N=128 {_fmt_rate(mo.rate(1024, 128, 128), 'FLOP')}, K=128 N=4096 "
                         f"{_fmt_rate(mo.rate(1024, 128, 4096), 'FLOP')}, K=1024 N=128 "
@@ -1321,7 +1367,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None) 
         sources["foreach_per_tensor"] = (
             "CUDA: a _foreach_* op runs multi-tensor kernels over its list (False)" if cuda else
             "True on the CPU: torch's _foreach_* ops have no multi-tensor CPU kernel and fall back to one op per "
-            "tensor of the list (a _foreach_* op over n tensors is priced as n kernels of bytes / n)")
+            "tensor of the list (a _foreach_* op over n tensors is priced as n launches + its bytes at the rate "
+            "of the whole list's)")
         # -- kernels on their own: every elementwise, reduction and copy kernel of the calibration programs --
         kernels: dict[str, KernelCost] = {}
         if not cuda and not step_fit_available():
@@ -2391,6 +2438,13 @@ def step_fit_available() -> str:
 # figures the micro-benchmarks measured that a fit may raise but not lower: the bare nn.Module call,
 # the backward of a chain of single-op nodes (what a program's Python adds comes on top)
 FLOORED = ("host.module_s", "host.backward_op_s")
+# and fixed_scale's floor, 1: a program's ops cost at least their hot loops' fixed figures (they cost
+# 1.5-3x them, measured op by op: STEP_FIT's note). Unfloored, the step fit of 2026-12-07 (spreads up to
+# 90% on this shared machine) traded it against backward_op_s: fixed_scale 0.22 (every op's dispatch at
+# a fifth of its loop's figure) with backward_op_s 65 us (15x the chain's 4.4 us); the run before, 0.66
+# with 15 us. Floored, the same programs' medians refitted: backward_op_s 11.5 us, median |error| 5.7%
+# (4.9% unfloored), and the time validation's cases repriced: median 8.5% and worst 21.3% (8.2%, 23.6%)
+FLOOR_AT = {"fixed_scale": 1.0}
 
 
 def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str] = STEP_FIT, max_evals: int = 600,
@@ -2415,6 +2469,7 @@ def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str
         return step_time(workloads[id(plan)], prof).total_s
 
     floor = {p: get_param(profile, p) for p in params if p in FLOORED and get_param(profile, p) > 0}
+    floor |= {p: v for p, v in FLOOR_AT.items() if p in params}
     free, held = list(params), {}
     while True:
         start = {p: max(get_param(profile, p), STEP_START.get(p, 0.0)) or 1e-6 for p in free}
@@ -2477,10 +2532,11 @@ def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, t
                if before > 0 and "scale" not in p else "")
         sources[p] = f"{how}; from {_fmt_param(p, start[p])}{was}"
     for p, v in held.items():
-        sources[p] = (f"{profile.sources.get(p, 'micro-benchmark')}; held at this micro-benchmark figure ({_fmt_param(p, v)}): "
-                      f"the step fit, {how}, wanted less, and the micro-benchmark is a floor")
+        sources[p] = (f"{profile.sources.get(p, 'micro-benchmark')}; held at {_fmt_param(p, v)}, its floor (the "
+                      f"micro-benchmarks' figure{': 1, their fixed costs as measured' if p in FLOOR_AT else ''}): the step fit, "
+                      f"{how}, wanted less")
     sources["step fit"] = (f"parameters {', '.join(free)} {how}"
-                           + (f"; {', '.join(held)} held at the micro-benchmarks' figures (their floor)" if held else "")
+                           + (f"; {', '.join(held)} held at their floor (the micro-benchmarks' figures)" if held else "")
                            + f"; programs (llama-family, hidden {CALIBRATION_MODEL['hidden']}, vocabulary "
                            f"{CALIBRATION_MODEL['vocab']}, bf16): {names}")
     out = fit.profile.model_copy(update={"id": profile.id, "name": profile.name, "sources": sources})

@@ -14,7 +14,9 @@ machine hits every case alike and two cases are not neighbours in every round (r
 kept neighbours together: on 2026-12-07 the small rm and dpo programs, adjacent in that order, took
 the same slow window in three rounds of five and measured ~22 ms a step more than in the others); a sample is the median of one time_steps call's steps (after its
 warm-up steps; as many steps as make SAMPLE_S, from one step timed first, at least the case's
-`steps`), a case's figure the median of its samples, its spread (max - min) / median.
+`steps`), a case's figure the median of its samples, its spread (max - min) / median. A cheap case
+(one sample under CHEAP_SAMPLE_S) is sampled CHEAP_SAMPLES times a round, at random places in the
+round's order: a slow window of the machine then takes a smaller share of its samples.
 """
 
 from __future__ import annotations
@@ -151,6 +153,13 @@ class Case:
 # 15.9/17.4/20.3, 14.2/18.6/21.7 ms).
 SAMPLE_S = 0.15
 MAX_STEPS = 25
+# Cheap cases sampled more: in the time validation of 2026-12-07 (five rounds, one sample a round) slow
+# windows of this shared machine hit whole rounds (the second round's samples 1.2-1.9x the fastest for
+# most small programs), and the median of five took them in: the tiny programs' spreads reached 45-87%
+# and their errors +-30%, noise rather than model. Three samples a round, spread over the round, cost the
+# small programs (~0.2 s a sample) about a minute over a half-hour validation.
+CHEAP_SAMPLE_S = 1.0
+CHEAP_SAMPLES = 3
 
 
 def steps_per_sample(step_s: float, least: int) -> int:
@@ -177,12 +186,15 @@ def time_cases(cases: Sequence[Case], rounds: int, threads: int | None = 1, prog
                 seen.add(kind)
                 time_steps(c.tech, c.plan, c.config, steps=1, warmup=0, threads=threads)
                 refreeze()
+        per_round = {}
         for c in cases:  # one step of each, timed after a warm-up: how many steps make a sample
             once = min(time_steps(c.tech, c.plan, c.config, steps=1, warmup=1, threads=threads))
             c.steps = steps_per_sample(once, c.steps)
+            per_round[id(c)] = CHEAP_SAMPLES if once * (c.steps + c.warmup) < CHEAP_SAMPLE_S else 1
             refreeze()
+        total = rounds * sum(per_round.values())
         for r in range(rounds):
-            order = list(cases)
+            order = [c for c in cases for _ in range(per_round[id(c)])]
             random.Random(r).shuffle(order)
             for c in order:
                 times = time_steps(c.tech, c.plan, c.config, steps=c.steps, warmup=c.warmup, threads=threads)

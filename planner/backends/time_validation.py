@@ -2,12 +2,15 @@
 --out reports/validation/time-cpu.md` (and the CSV beside it).
 
 In one run, on this machine, torch at 1 thread (torch.set_num_threads(1) for everything timed):
-1. calibrate a CPU profile's micro-benchmarks (planner.backends.calibrate.run_calibration, steps=False);
+1. calibrate a CPU profile's micro-benchmarks (planner.backends.calibrate.run_calibration, steps=False),
+   the cases' models' Linear layers timed by the matmul sweep as `planner calibrate --model` times a
+   user's (their measured offsets, MatmulShapes.measured);
 2. time every case and the calibration's built-in programs (which are not among the cases: 1-4
    layers of hidden 32 at batch 1 x 8 tokens, and two medium sft steps) with
    planner.backends.timing.time_steps, all of their repeats interleaved (round after round over all
-   of them, each round in another order), a sample being the median of one call's steps after its
-   warm-up step, a figure the median of its samples; then fit the profile's step-fit parameters to
+   of them, each round in another order; a cheap program sampled three times a round), a sample being
+   the median of one call's steps after its warm-up step, a figure the median of its samples; then fit
+   the profile's step-fit parameters to
    the calibration programs (planner.backends.calibrate.fit_timed_cases): timed in the same rounds,
    a drift of the machine's speed hits them and the cases alike;
 3. predict each with planner.engine.timing.step_seconds(plan, model, profile), and its split into
@@ -40,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.backends.step_programs import MAX_STEPS, SAMPLE_S, Case, llama_config, write_config
+from planner.backends.step_programs import (CHEAP_SAMPLE_S, CHEAP_SAMPLES, MAX_STEPS, SAMPLE_S, Case, llama_config,
+                                           write_config)
 from planner.profiles import DTYPES
 
 GOAL_MEDIAN, GOAL_WORST = 0.10, 0.25
@@ -252,8 +256,8 @@ def run_suite(which: str = "full", rounds: int = 5, quick_calibration: bool = Fa
     """Calibrate, time, predict and diagnose (module doc); `log(text)` is told of each stage."""
     import torch
 
-    from planner.backends.calibrate import (calibration_cases, fit_timed_cases, run_calibration, settings,
-                                            step_fit_params)
+    from planner.backends.calibrate import (calibration_cases, fit_timed_cases, linear_layer_dims, run_calibration,
+                                            settings, step_fit_params)
     from planner.backends.step_programs import op_list_check, phase_times, predicted_parts, time_cases
     from planner.engine.timing import step_seconds, step_time
 
@@ -269,10 +273,13 @@ def run_suite(which: str = "full", rounds: int = 5, quick_calibration: bool = Fa
     t0 = time.perf_counter()
     try:
         say(f"calibrating ({'quick' if quick_calibration else 'full'}, {threads} thread(s)): micro-benchmarks")
-        cal = run_calibration("cpu", quick=quick_calibration, threads=threads, progress=progress, steps=False)
-        timings["calibration_s"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(prefix="planner-time-validation-") as root:
             cases = validation_cases(root, which)
+            # the cases' models' Linear layers timed by the sweep as well (`planner calibrate --model`
+            # does the same for a user's model): what a profile for these models measures
+            cal = run_calibration("cpu", quick=quick_calibration, threads=threads, progress=progress, steps=False,
+                                  layer_dims=linear_layer_dims(c.model for c in cases))
+            timings["calibration_s"] = time.perf_counter() - t0
             st = settings("cpu", quick_calibration)
             programs = calibration_cases(Path(root) / "calibration", st.step_programs)
             say(f"timing {len(cases)} cases and {len(programs)} calibration programs, {rounds} interleaved rounds")
@@ -434,7 +441,8 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
              "calibrating and timing hits both alike.")
     L.append(f"- Each case is timed with `planner.backends.timing.time_steps` (the dry run's program on real CPU "
              f"tensors, no tracker): {suite.rounds} rounds over all cases and calibration programs, each round in its own seeded random "
-             f"order (`random.Random(round)`); a sample is the median of one call's steps after one warm-up step (as "
+             f"order (`random.Random(round)`), a program whose sample takes under {CHEAP_SAMPLE_S:.0f} s sampled "
+             f"{CHEAP_SAMPLES} times a round at random places in it; a sample is the median of one call's steps after one warm-up step (as "
              f"many steps as make {SAMPLE_S * 1e3:.0f} ms, at least 3 (generate: 2), at most {MAX_STEPS}); the "
              f"figure is the median of the samples; spread = (max - min) / median of the samples, IQR = "
              f"interquartile range / median.")

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", metavar="{cpu,cuda}", help="what to measure (default: cpu)")
     g.add_argument("--quick", action="store_true", help="fewer points and repeats: seconds, for tests (rougher figures)")
     g.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads while measuring (default: torch's)")
+    g.add_argument("--model", action="append", metavar="MODEL",
+                   help="time this model's Linear layers in the matmul sweep too (a catalog id, hub id or config.json; "
+                        "repeatable): their measured rates replace the shape model's guess for them (CPU)")
     g.add_argument("--no-steps", action="store_true",
                    help="micro-benchmarks only: skip fitting the per-layer, per-model and per-step host costs to the "
                         "built-in calibration programs (CPU; needs transformers and peft)")
@@ -140,10 +143,20 @@ def run(args: argparse.Namespace, out: Out) -> int:
             raise CalibrationError(f"threads: must be >= 1 (got {args.threads})")
     except CalibrationError as e:
         raise BadInput(str(e)) from None
+    layer_dims: tuple[tuple[int, int], ...] = ()
+    if getattr(args, "model", None):
+        from planner.architecture import ModelError
+        from planner.backends.calibrate import linear_layer_dims
+        from planner.models import load_model
+
+        try:
+            layer_dims = linear_layer_dims(load_model(m) for m in args.model)
+        except ModelError as e:
+            raise BadInput(str(e)) from None
     bar = _bar(out, "calibrating")
     try:
         cal = run_calibration(device, quick=args.quick, progress=bar, threads=args.threads,
-                              steps=False if getattr(args, "no_steps", False) else None)
+                              steps=False if getattr(args, "no_steps", False) else None, layer_dims=layer_dims)
     except CalibrationError as e:
         raise BadInput(str(e)) from None
     finally:

@@ -47,10 +47,6 @@ class BadInput(Exception):
     """Raised by commands for bad input; main prints it as one line and exits 2."""
 
 
-class BadInput(Exception):
-    """Raised by commands for bad input; main prints it as one line and exits 2."""
-
-
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN.yaml", help="plan file (keys: the flag names below); flags override it")
     g = p.add_argument_group("model and card")
