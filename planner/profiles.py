@@ -298,6 +298,10 @@ class HostCosts(BaseModel):
     optimizer_step_s: float = Field(default=0.0, ge=0, description=(
         "one optimizer.step() + zero_grad() call beyond its ops and its per-tensor work (param groups, "
         "hooks, the profiler scopes)"))
+    disable_adapter_s: float = Field(default=0.0, ge=0, description=(
+        "peft's disable_adapter() context entered and left (a reference scored by the policy with its "
+        "adapters off: TRL's DPO, GRPO and PPO), per LoRA layer: the walk over the model's modules and each "
+        "LoRA layer's adapters switched off and back on"))
 
 
 class DeviceProfile(BaseModel):

@@ -65,7 +65,7 @@ CSV = ROOT.parent / "shared" / "reference" / "h200_measured_steps.csv"
 LAUNCH_S = 2.5e-6
 SHAPE_FIELDS = ("grad_op_s", "backward_op_s", "view_s", "module_s", "layer_s", "model_s", "sync_s",
                 "optimizer_tensor_s", "saved_hook_s", "checkpoint_s", "loss_s", "backward_call_s", "optimizer_step_s",
-                "generate_call_s", "generate_step_s")
+                "generate_call_s", "generate_step_s", "disable_adapter_s")
 PARAMS = ("k", "cuda_launch_host", "attention_plan", "checkpoint", "optimizer", "device_scale")
 START = {"k": 1.0, "cuda_launch_host": 5e-6, "attention_plan": 0.03, "checkpoint": 1.0, "optimizer": 1.0,
          "device_scale": 0.8}
@@ -123,6 +123,10 @@ def host_costs(shape: HostCosts, fixed_scale: float, x: dict[str, float]) -> Hos
     out["saved_hook_s"] *= x["checkpoint"]
     out["optimizer_tensor_s"] *= x["optimizer"]
     return HostCosts(op_s=shape.op_s * fixed_scale * k + launch, attention_plan_s=x["attention_plan"], **out)
+
+
+def _fmt_us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} us"
 
 
 def main() -> int:
@@ -191,6 +195,9 @@ def main() -> int:
                  "shared/reference/h200_measured_steps.csv (12 training steps, 4 generate() calls, the 4 plain "
                  "forwards beside them; torch 2.11, transformers 5.17), least squares on log(predicted/measured)"),
     })
+    # a host cost none of the 20 programs runs (not fitted): k x the shape's figure, with where that came from
+    sources.update({f"host.{f}": f"k x the shape's {_fmt_us(getattr(shape_prof.host, f))}: {shape_prof.sources[f'host.{f}']}"
+                    for f in ("disable_adapter_s",) if f"host.{f}" in shape_prof.sources})
     out = prof.model_copy(update={
         "device_scale": min(x["device_scale"], 1.0),
         "id": "h200", "name": "NVIDIA H200 (public figures; host fitted on 20 measured programs)",

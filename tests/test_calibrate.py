@@ -922,3 +922,10 @@ def test_calibrate_unknown_model_is_one_line(capsys):
     assert main(["calibrate", "--quick", "--model", "lama-3.1-8b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown model 'lama-3.1-8b'" in err and "llama-3.1-8b" in err
+
+
+def test_calibration_measures_peft_disable_adapter(quick):
+    """A peft model's disable_adapter() context is timed per LoRA layer (tens to hundreds of us here)."""
+    p = quick.profile
+    assert 1e-6 < p.host.disable_adapter_s < 1e-2
+    assert "disable_adapter()" in p.sources["host.disable_adapter_s"] and "LoRA layers" in p.sources["host.disable_adapter_s"]

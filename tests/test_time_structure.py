@@ -259,3 +259,59 @@ def test_eager_attention_matmuls_equal_the_programs(tmp_path):
                 eng += sum(op.count * s.repeat * (op.flops.c + op.flops.t * t + op.flops.q * t * S)
                            for op in s.ops.ops if op.kind == "matmul")
     assert eng == pytest.approx(real, rel=1e-9)
+
+
+def test_a_reference_scored_with_the_adapters_off_pays_peft_disable_adapter():
+    """TRL's DPO with LoRA scores its reference by the policy inside peft's disable_adapter(): its cost
+    (host.disable_adapter_s per LoRA layer, on and off) is priced once per such forward, nowhere else."""
+    from planner.engine.timing import step_time
+    from planner.models import load_model
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    model = load_model("llama-3.2-1b")
+    lora = Plan(model="llama-3.2-1b", task="dpo", method="lora", batch=1, seq=64)  # all-linear: 7 a layer
+    full = Plan(model="llama-3.2-1b", task="dpo", batch=1, seq=64)
+    base = profile()
+    costly = profile(host=HostCosts(op_s=0.0, view_s=0.0, module_s=0.0, disable_adapter_s=1e-3))
+    for plan, per_step in ((lora, 1e-3 * 7 * model.num_layers), (full, 0.0)):
+        w = technique("dpo").workload(plan, model)
+        extra = step_time(w, costly).total_s - step_time(w, base).total_s
+        assert extra == pytest.approx(per_step, abs=1e-12), plan.method
+
+
+def test_module_calls_of_a_forward_with_the_adapters_off_follow_peft(tmp_path):
+    """With disable_adapter() each lora.Linear runs its wrapper and its base layer (2 module calls, was
+    counted 3: cfg.loras holds each LoRA under its path and its name); the engine's change in module
+    calls from adapters on to off equals the real program's (forward pre-hooks on every module)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from planner.backends.step_programs import llama_config, write_config
+    from planner.engine.program import forward_program
+    from planner.models import load_model
+    from planner.specs import Plan
+
+    raw = llama_config(2, 64, heads=4, kv_heads=2)
+    path = write_config(tmp_path, "llama-2x64", raw)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=8, target_modules="all-linear"))
+    calls = collections.Counter()
+    for m in pm.modules():
+        m.register_forward_pre_hook(lambda *a: calls.update(["call"]))
+    ids = torch.randint(0, 100, (2, 16))
+    real = {}
+    for adapters in (True, False):
+        calls.clear()
+        with torch.no_grad():
+            if adapters:
+                pm(input_ids=ids, use_cache=False)
+            else:
+                with pm.disable_adapter():
+                    pm(input_ids=ids, use_cache=False)
+        real[adapters] = calls["call"]
+    spec = load_model(path)
+    plan = Plan(model=path, task="dpo", method="lora", batch=2, seq=16)
+    engine = {a: sum(s.ops.modules * s.repeat for st in forward_program(spec, plan, "score", adapters=a).phases.values()
+                     for s in st) for a in (True, False)}
+    assert engine[False] - engine[True] == real[False] - real[True] == -2 * 7 * 3  # 3 fewer calls a LoRA Linear

@@ -1393,6 +1393,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
         # -- gradient checkpointing: a checkpoint() call and its saved-tensor hooks, beyond the recompute --
         checkpoint_s, saved_hook_s, ckpt_src = _checkpoint_calls(torch, runner, st, dev, prices, grad_op_s, how, rounds)
         sources.update(ckpt_src)
+        # -- peft's disable_adapter() context (a reference scored by the policy with its adapters off) --
+        disable_adapter_s, sources["host.disable_adapter_s"] = _disable_adapter_call(st.repeats)
 
         # -- AdamW(foreach=True).step() + zero_grad(set_to_none=True), as a training step calls them: the
         # per-tensor cost and the fixed cost per step beyond the counted ops --
@@ -1450,7 +1452,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
         host_costs = HostCosts(op_s=op_s, grad_op_s=grad_op_s, backward_op_s=backward_op_s, view_s=view_s,
                                module_s=module_s, sync_s=sync_s, optimizer_tensor_s=optimizer_tensor_s,
                                backward_call_s=backward_call_s, optimizer_step_s=optimizer_step_s, loss_s=loss_s,
-                               checkpoint_s=checkpoint_s, saved_hook_s=saved_hook_s)
+                               checkpoint_s=checkpoint_s, saved_hook_s=saved_hook_s,
+                               disable_adapter_s=disable_adapter_s)
         model = cpu_model()
         if cuda:
             gpu_name = torch.cuda.get_device_name()
@@ -1742,6 +1745,41 @@ def _kernel_costs(torch: Any, runner: _Runner, st: Settings, op_s: float, memory
            + (f"; at its largest call, rate over the memory curve's from {slow[0][0]:.2g} ({slow[0][1]}) to "
               f"{slow[-1][0]:.2g} ({slow[-1][1]})" if slow else "")) if kernels else "no kernels recorded"
     return kernels, src
+
+
+# peft's disable_adapter() walks every module of the model and switches each LoRA layer's adapters off
+# (requires_grad_ over its ModuleDicts), and on again at exit: pure Python, no op. On this CPU it took
+# 370-400 us per LoRA layer (2 x 64 to 16 x 64 llama, all-linear r8, 14-112 LoRA layers, 2026-12-07): 5.6 ms
+# a call for the 2-layer model, whose reference forward it wraps in TRL's DPO (7.6 ms measured, 4.0 ms
+# priced without it); an 8B model's 224 LoRA layers would take 83 ms a call here.
+def _disable_adapter_call(repeats: int) -> tuple[float, str]:
+    """(seconds per LoRA layer of one `with model.disable_adapter(): pass`, its source): a llama of 2
+    layers of hidden 32 with LoRA (r 4) on every Linear; 0 where transformers or peft are missing."""
+    missing = step_fit_available()
+    if missing:
+        return 0.0, f"not measured: {missing}"
+    import peft
+    import transformers
+
+    m = CALIBRATION_MODEL
+    from planner.backends.step_programs import llama_config
+
+    cfg = {k: v for k, v in llama_config(2, m["hidden"], m["intermediate"], m["heads"], m["kv_heads"], m["vocab"]).items()
+           if k not in ("architectures", "model_type", "torch_dtype")}
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)),
+                                peft.LoraConfig(r=4, target_modules="all-linear"))
+    layers = sum(1 for mod in model.modules() if isinstance(mod, peft.tuners.lora.LoraLayer))
+    calls, samples = 20, []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            with model.disable_adapter():
+                pass
+        samples.append((time.perf_counter() - t0) / calls)
+    per_layer = _median(samples) / layers
+    return per_layer, (f"`with model.disable_adapter(): pass` on a peft llama of 2 layers of hidden {m['hidden']}, LoRA r 4 on "
+                       f"every Linear ({layers} LoRA layers): {_fmt_s(_median(samples))} a call (median of "
+                       f"{len(samples)} samples of {calls} calls, spread {_spread_of(samples):.0%}) / {layers}")
 
 
 def _checkpoint_calls(torch: Any, runner: _Runner, st: Settings, dev: Any, prices: Prices, grad_op_s: float,

@@ -433,7 +433,8 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     cfg = layer_cfg(spec, plan, res, training=False)
     wrappers = 0
     if not adapters:  # peft's disable_adapter(): each lora.Linear still runs, as `self.base_layer(x)`
-        wrappers = len(cfg.loras)
+        # the LoRA-wrapped Linears (cfg.loras holds each under its path and its name)
+        wrappers = sum(1 for lin in spec.layer_linears if lin.path in cfg.loras)
         cfg = dataclasses.replace(cfg, loras={})
     if not autocast:
         cfg = dataclasses.replace(cfg, autocast=None)
@@ -464,6 +465,9 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     prog.add(kind, "decoder layer", layer_fwd, spec.num_layers, mode="nograd")
     prog.add(kind, "final norm, head and log-probabilities", tp.fwd, mode="nograd")
     prog.add(kind, "the technique's ops on the scores", loss_program(loss_ops)[0], mode="nograd")
+    if wrappers:  # the context manager itself: per LoRA layer, off on entry and on again at exit
+        prog.add(kind, "peft's disable_adapter()", OpList(calls={"disable_adapter_s": wrappers * spec.num_layers}),
+                 mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()
     _cache[key] = (spec, prog)
