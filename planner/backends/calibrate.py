@@ -1749,9 +1749,9 @@ def _kernel_costs(torch: Any, runner: _Runner, st: Settings, op_s: float, memory
 
 # peft's disable_adapter() walks every module of the model and switches each LoRA layer's adapters off
 # (requires_grad_ over its ModuleDicts), and on again at exit: pure Python, no op. On this CPU it took
-# 370-400 us per LoRA layer (2 x 64 to 16 x 64 llama, all-linear r8, 14-112 LoRA layers, 2026-12-07): 5.6 ms
+# 370-490 us per LoRA layer (2 x 64 to 16 x 64 llama, all-linear r8, 14-112 LoRA layers, 2026-12-07): 5.6 ms
 # a call for the 2-layer model, whose reference forward it wraps in TRL's DPO (7.6 ms measured, 4.0 ms
-# priced without it); an 8B model's 224 LoRA layers would take 83 ms a call here.
+# priced without it); an 8B model's 224 LoRA layers would take ~90 ms a call here.
 def _disable_adapter_call(repeats: int) -> tuple[float, str]:
     """(seconds per LoRA layer of one `with model.disable_adapter(): pass`, its source): a llama of 2
     layers of hidden 32 with LoRA (r 4) on every Linear; 0 where transformers or peft are missing."""
@@ -1761,12 +1761,12 @@ def _disable_adapter_call(repeats: int) -> tuple[float, str]:
     import peft
     import transformers
 
-    m = CALIBRATION_MODEL
+    from planner.backends.dryrun._build import hf_config
     from planner.backends.step_programs import llama_config
 
-    cfg = {k: v for k, v in llama_config(2, m["hidden"], m["intermediate"], m["heads"], m["kv_heads"], m["vocab"]).items()
-           if k not in ("architectures", "model_type", "torch_dtype")}
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)),
+    m = CALIBRATION_MODEL
+    cfg = hf_config(llama_config(2, m["hidden"], m["intermediate"], m["heads"], m["kv_heads"], m["vocab"]), use_cache=False)
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg),
                                 peft.LoraConfig(r=4, target_modules="all-linear"))
     layers = sum(1 for mod in model.modules() if isinstance(mod, peft.tuners.lora.LoraLayer))
     calls, samples = 20, []
