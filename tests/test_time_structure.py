@@ -294,8 +294,10 @@ def test_module_calls_of_a_forward_with_the_adapters_off_follow_peft(tmp_path):
 
     raw = llama_config(2, 64, heads=4, kv_heads=2)
     path = write_config(tmp_path, "llama-2x64", raw)
-    cfg = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type", "torch_dtype")})
-    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=8, target_modules="all-linear"))
+    from planner.backends.dryrun._build import hf_config
+
+    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(hf_config(raw, use_cache=False)),
+                             peft.LoraConfig(r=8, target_modules="all-linear"))
     calls = collections.Counter()
     for m in pm.modules():
         m.register_forward_pre_hook(lambda *a: calls.update(["call"]))
