@@ -55,6 +55,9 @@ def _dry_run_suite() -> list[Plan]:
         _p("llama-3.2-3b", batch=2, seq=1024, method="qlora", quant="fp4", double_quant=False),
         _p("mistral-7b", batch=1, seq=2048, grad_ckpt=True, optimizer="adamw-8bit"),
         _p("mistral-7b", batch=4, seq=1024, method="lora", optimizer="sgd"),
+        # gradient accumulation: the later micro-batches run with every gradient held
+        _p("qwen2.5-0.5b", batch=2, seq=1024, grad_accum=4),
+        _p("llama-3.2-1b", batch=2, seq=1024, method="lora", grad_ckpt=True, grad_accum=2),
     ]
 
 
@@ -64,6 +67,7 @@ def _smoke_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", batch=2, seq=512, method="lora", grad_ckpt=True),
         _p("qwen2.5-0.5b", batch=2, seq=512, method="qlora", grad_ckpt=True),
         _p("qwen2.5-0.5b", batch=4, task="generate", prompt_len=128, new_tokens=16),
+        _p("qwen2.5-0.5b", batch=2, seq=512, grad_accum=2),
     ]
 
 
@@ -107,6 +111,11 @@ def _alignment_suite() -> list[Plan]:
         _p("qwen2.5-0.5b", task="grpo", batch=2, group_size=4, prompt_len=256, new_tokens=64),
         _p("llama-3.2-1b", task="grpo", batch=1, group_size=4, prompt_len=256, new_tokens=64, method="lora"),
         _p("qwen2.5-0.5b", task="ppo", reward_model="qwen2.5-0.5b", batch=2, prompt_len=256, new_tokens=64),
+        # gradient accumulation: a later micro-batch's reference or teacher runs with the gradients
+        # and the previous micro-batch's outputs still bound
+        _p("qwen2.5-0.5b", task="rm", batch=2, seq=1024, grad_accum=2),
+        _p("qwen2.5-0.5b", task="dpo", batch=2, seq=1024, grad_accum=2, reference_pass="before"),
+        _p("qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=1, seq=1024, grad_accum=2, method="lora"),
         _p("llama-3.2-1b", task="ppo", reward_model="qwen2.5-0.5b", batch=2, prompt_len=256, new_tokens=64,
            method="lora", mini_batch=1),
     ]

@@ -71,6 +71,17 @@ class Phase:
     # train_step: forwards of `batch` sequences each before one backward (2: a preference pair's
     # chosen and rejected sequences in two forwards)
     passes: int = 1
+    # how many times the phase runs in one step: the step's micro-batches (gradient accumulation:
+    # every phase once per micro-batch, the optimizer once at the end, the gradients held between)
+    micro_batches: int = 1
+    # train_step with micro_batches > 1: the previous micro-batch's outputs stay bound until this
+    # phase's forward returns (`out = model(...)` rebinds them); False where the program lets them
+    # go before it (DPO's `outputs = []`)
+    keeps_previous: bool = True
+    # with micro_batches > 1, a phase that runs before the step's train_step phase: the name of that
+    # phase, whose previous micro-batch's bound outputs (what it holds, and what it carried) the
+    # program rebinds only after this phase (a teacher's and a student's logits, a policy's outputs)
+    previous: str | None = None
     # the name of a train_step phase whose forward graph (what its backward needs, and the
     # outputs its program binds) stays alive while this phase runs (a reference scored after the
     # policy's forward)

@@ -68,7 +68,7 @@ def rm_workload(plan, model) -> Workload:
         technique="rm",
         models=(ModelUse("model", seq_cls_spec(model), plan, trainable=True, ref=plan.model),),
         phases=(Phase("train", "train_step", "model", rows, plan.seq, loss="pairwise", passes=passes,
-                      loss_ops=RM_LOSS_OPS),),
+                      loss_ops=RM_LOSS_OPS, micro_batches=plan.grad_accum),),
     )
 
 
@@ -77,12 +77,17 @@ def rm_step(ctx) -> None:
 
     p = ctx.plan
     model, opt = ctx.model("model"), ctx.optimizer("model")
-    ids = ctx.token_ids(2 * p.batch, p.seq)  # chosen, then rejected
-    with ctx.phase("forward"):
-        rewards = _pair_forward(lambda x: model(input_ids=x).logits.squeeze(-1), ids, p)
-        loss = -F.logsigmoid(rewards[: p.batch] - rewards[p.batch:]).mean()
-    with ctx.phase("backward"):
-        loss.backward()
+    for _ in range(p.grad_accum):  # micro-batches, as sft's step runs them (the step's locals rebound)
+        ids = ctx.token_ids(2 * p.batch, p.seq)  # chosen, then rejected
+        ctx.keep(ids, "ids")
+        with ctx.phase("forward"):
+            rewards = _pair_forward(lambda x: model(input_ids=x).logits.squeeze(-1), ids, p)
+            ctx.keep(rewards, "rewards")
+            loss = -F.logsigmoid(rewards[: p.batch] - rewards[p.batch:]).mean()
+            ctx.keep(loss, "loss")
+        with ctx.phase("backward"):
+            (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
+        del ids, rewards, loss  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,7 +98,12 @@ def dpo_workload(plan, model) -> Workload:
     rows, passes = _pair_rows(plan)
     fused = plan.logprobs == "fused"
     head = {"full": "logprobs", "selective": "selective", "fused": "fused"}[plan.logprobs]
-    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss=head, passes=passes, loss_ops=DPO_LOSS_OPS)
+    # a step of grad_accum micro-batches; the step's `outputs = []` lets the previous micro-batch's
+    # outputs go before the policy's forward, so only a reference scored before it sees them
+    accum = dict(micro_batches=plan.grad_accum)
+    before = "policy" if plan.reference_pass == "before" else None
+    train = Phase("policy", "train_step", "policy", rows, plan.seq, loss=head, passes=passes, loss_ops=DPO_LOSS_OPS,
+                  keeps_previous=False, **accum)
     models = [policy]
     # after: the reference runs while the policy's forward graph is alive (TRL's order)
     after = "policy" if plan.reference_pass == "after" else None
@@ -104,10 +114,10 @@ def dpo_workload(plan, model) -> Workload:
             models.append(ModelUse("reference", model, ref_setup, trainable=False, ref=plan.model))
             reference = Phase("reference", "score", "reference", rows, plan.seq, loss_ops=SEQUENCE_SUM,
                               loss="fused_logprobs" if fused else head, passes=passes, during=after,
-                              autocast=True)
+                              autocast=True, previous=before, **accum)
         else:  # the base model with the adapters disabled: no second copy (the policy's fused head)
             reference = Phase("reference", "score", "policy", rows, plan.seq, loss=head, loss_ops=SEQUENCE_SUM,
-                              adapters=False, passes=passes, during=after, autocast=True)
+                              adapters=False, passes=passes, during=after, autocast=True, previous=before, **accum)
     phases = [train] if reference is None else [train, reference] if after else [reference, train]
     return Workload(technique="dpo", models=tuple(models), phases=tuple(phases))
 
@@ -121,14 +131,26 @@ def dpo_step(ctx) -> None:
 
 
 def _dpo_step(ctx) -> None:
+    p = ctx.plan
+    policy, opt = ctx.model("policy"), ctx.optimizer("policy")
+    for _ in range(p.grad_accum):  # micro-batches, as sft's step runs them (the step's locals rebound)
+        _dpo_micro_batch(ctx, policy)
+    with ctx.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _dpo_micro_batch(ctx, policy) -> None:
+    """One micro-batch's forward and backward; what the step binds is kept in ctx slots (a loop's
+    locals: rebound by the next micro-batch, released when the step ends)."""
     import contextlib
 
     import torch
     import torch.nn.functional as F
 
     p = ctx.plan
-    policy, opt = ctx.model("policy"), ctx.optimizer("policy")
     ids = ctx.token_ids(2 * p.batch, p.seq)
+    ctx.keep(ids, "ids")
 
     def reference_logprobs():
         # under no_grad and the plan's autocast: the HF Trainer runs compute_loss, the reference's
@@ -145,8 +167,10 @@ def _dpo_step(ctx) -> None:
 
     if p.reference_pass == "before":
         ref = reference_logprobs()
+        ctx.keep(ref, "ref")
     with ctx.phase("forward"):
-        outputs = []  # the model outputs stay bound through the step, as in TRL's compute_loss
+        outputs: list = []  # the model outputs stay bound through the step, as in TRL's compute_loss
+        ctx.keep(outputs, "outputs")  # `outputs = []`: the previous micro-batch's go before the forward
 
         def policy_logprobs(x):
             lp, out = sequence_logprobs(policy, x, p.logprobs, POLICY_OUTPUTS)
@@ -154,15 +178,16 @@ def _dpo_step(ctx) -> None:
             return lp
 
         pol = _pair_forward(policy_logprobs, ids, p)
+        ctx.keep(pol, "pol")
         if p.reference_pass == "after":  # TRL 1.16.0's _compute_loss: the policy, then the reference
             ref = reference_logprobs()
+            ctx.keep(ref, "ref")
         margin = (pol[: p.batch] - pol[p.batch:]) - (ref[: p.batch] - ref[p.batch:])
+        ctx.keep(margin, "margin")
         loss = -F.logsigmoid(p.beta * margin).mean()
+        ctx.keep(loss, "loss")
     with ctx.phase("backward"):
-        loss.backward()
-    with ctx.phase("optimizer"):
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
 
 
 RM = Technique(

@@ -38,10 +38,13 @@ def distill_workload(plan, model) -> Workload:
         models=(ModelUse("student", model, plan, trainable=True, ref=plan.model),
                 ModelUse("teacher", teacher, t_setup, trainable=False, ref=plan.teacher)),
         phases=(
-            # the step starts with nothing of the previous one (its logits went when it ended)
-            Phase("teacher", "forward", "teacher", plan.batch, plan.seq),
+            # the step starts with nothing of the previous one (its logits went when it ended); a later
+            # micro-batch's teacher runs while the previous one's logits are still bound
+            Phase("teacher", "forward", "teacher", plan.batch, plan.seq, micro_batches=plan.grad_accum,
+                  previous="student"),
             Phase("student", "train_step", "student", plan.batch, plan.seq,
-                  loss="kl_hard" if plan.hard_label_weight > 0 else "kl", carried=teacher_logits),
+                  loss="kl_hard" if plan.hard_label_weight > 0 else "kl", carried=teacher_logits,
+                  micro_batches=plan.grad_accum),
         ),
     )
 
@@ -52,21 +55,25 @@ def distill_step(ctx) -> None:
 
     p = ctx.plan
     teacher, student, opt = ctx.model("teacher"), ctx.model("student"), ctx.optimizer("student")
-    ids = ctx.token_ids(p.batch, p.seq)
-    with ctx.phase("teacher"), torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
-    ctx.keep(t_logits, "t_logits")  # held until the step ends
-    with ctx.phase("forward"):
-        s_logits = student(input_ids=ids).logits
-        ctx.keep(s_logits, "s_logits")
-        loss = F.kl_div(F.log_softmax(s_logits.float(), dim=-1), F.log_softmax(t_logits.float(), dim=-1),
-                        log_target=True, reduction="batchmean")
-        if p.hard_label_weight > 0:  # mixed with the hard-label loss on the same ids
-            w = p.hard_label_weight
-            ce = F.cross_entropy(s_logits.float().view(-1, s_logits.shape[-1]), ids.view(-1))
-            loss = (1 - w) * loss + w * ce
-    with ctx.phase("backward"):
-        loss.backward()
+    for _ in range(p.grad_accum):  # micro-batches, as sft's step runs them (the step's locals rebound)
+        ids = ctx.token_ids(p.batch, p.seq)
+        ctx.keep(ids, "ids")
+        with ctx.phase("teacher"), torch.no_grad():
+            t_logits = teacher(input_ids=ids, use_cache=False).logits
+        ctx.keep(t_logits, "t_logits")  # held until the step ends (or the next micro-batch rebinds it)
+        with ctx.phase("forward"):
+            s_logits = student(input_ids=ids).logits
+            ctx.keep(s_logits, "s_logits")
+            loss = F.kl_div(F.log_softmax(s_logits.float(), dim=-1), F.log_softmax(t_logits.float(), dim=-1),
+                            log_target=True, reduction="batchmean")
+            if p.hard_label_weight > 0:  # mixed with the hard-label loss on the same ids
+                w = p.hard_label_weight
+                ce = F.cross_entropy(s_logits.float().view(-1, s_logits.shape[-1]), ids.view(-1))
+                loss = (1 - w) * loss + w * ce
+            ctx.keep(loss, "loss")
+        with ctx.phase("backward"):
+            (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
+        del ids, t_logits, s_logits, loss  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)

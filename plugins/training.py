@@ -1,7 +1,10 @@
 """Built-in technique `sft`: supervised fine-tuning with transformers' causal-LM loss.
 
 The program (shared/notes/heldout-protocol.md): `out = model(input_ids=ids, labels=ids)`,
-`out.loss.backward()`, `opt.step()`, `opt.zero_grad(set_to_none=True)`, full, LoRA or QLoRA.
+`out.loss.backward()`, `opt.step()`, `opt.zero_grad(set_to_none=True)`, full, LoRA or QLoRA. With
+`grad_accum` > 1 a step runs that many micro-batches (`out = model(...)`, `(out.loss / grad_accum).backward()`)
+before its optimizer step, as a loop written around the same statements does: the gradients persist
+between micro-batches, and `out` is rebound once the next micro-batch's forward returns.
 """
 
 from __future__ import annotations
@@ -17,21 +20,25 @@ def sft_workload(plan, model) -> Workload:
     return Workload(
         technique="sft",
         models=(ModelUse("model", model, plan, trainable=True, ref=plan.model),),
-        phases=(Phase("train", "train_step", "model", plan.batch, plan.seq),),
+        phases=(Phase("train", "train_step", "model", plan.batch, plan.seq, micro_batches=plan.grad_accum),),
     )
 
 
 def sft_step(ctx) -> None:
-    """One training step, as a user's loop runs it."""
+    """One training step, as a user's loop runs it (module doc: `grad_accum` micro-batches)."""
     model = ctx.model("model")
     opt = ctx.optimizer("model")
-    ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
-    with ctx.phase("forward"):
-        out = model(input_ids=ids, labels=ids)
-    # `out` (and its logits) is held until the step ends
-    ctx.keep(out)
-    with ctx.phase("backward"):
-        out.loss.backward()
+    accum = ctx.plan.grad_accum
+    for _ in range(accum):
+        ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
+        ctx.keep(ids, "ids")  # `ids = ...`: the previous micro-batch's ids go once the new ones exist
+        with ctx.phase("forward"):
+            out = model(input_ids=ids, labels=ids)
+        # `out` (and its logits) is held until the step ends, or until the next micro-batch rebinds it
+        ctx.keep(out)
+        with ctx.phase("backward"):
+            (out.loss if accum == 1 else out.loss / accum).backward()
+        del out, ids  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)

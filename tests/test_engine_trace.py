@@ -72,6 +72,12 @@ CASES = {
     # 2048 tokens: past bitsandbytes' kernel heuristic (the dequantize path)
     "llama qlora ckpt": ("llama", {"method": "qlora", "lora_rank": 4, "grad_ckpt": True, "batch": 2, "seq": 1024}),
     "qwen2 dpo": ("qwen2", {"task": "dpo", "batch": 1}),
+    # gradient accumulation: micro-batches rebinding the step's locals, .grad added into in place;
+    # reentrant checkpoints' inputs held by the previous micro-batch's graph until `out` is rebound
+    "llama full grad_accum 2": ("llama", {"grad_accum": 2}),
+    "llama qlora ckpt grad_accum 2": ("llama", {"method": "qlora", "lora_rank": 4, "grad_ckpt": True, "seq": 1024,
+                                                "grad_accum": 2}),
+    "qwen2 dpo grad_accum 2 reference before": ("qwen2", {"task": "dpo", "grad_accum": 2, "reference_pass": "before"}),
     # every decode step runs the model (the cache grows a position at a time)
     "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
     "qwen2 generate b1": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4, "batch": 1}),

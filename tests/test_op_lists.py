@@ -96,6 +96,12 @@ CASES = {
     # one sequence: transformers skips the mask's position-id expand, the loss's label copy and
     # generate's right-padding check
     "sft one sequence": dict(seq=16, batch=1),
+    # gradient accumulation: every phase per micro-batch, the later ones' AccumulateGrad an add_
+    "sft gradient accumulation": dict(seq=16, grad_accum=2),
+    "sft lora ckpt gradient accumulation": dict(seq=16, method="lora", grad_ckpt=True, grad_accum=3),
+    "rm gradient accumulation": dict(task="rm", seq=16, grad_accum=2),
+    "dpo gradient accumulation": dict(task="dpo", seq=16, grad_accum=2, reference_pass="before"),
+    "distill gradient accumulation": dict(task="distill", seq=16, teacher="TINY", grad_accum=2),
     "generate one sequence": dict(task="generate", prompt_len=8, new_tokens=4, batch=1),
     "distill one sequence": dict(task="distill", seq=16, teacher="TINY", batch=1),  # the teacher's forward too
 }

@@ -317,3 +317,64 @@ def test_module_calls_of_a_forward_with_the_adapters_off_follow_peft(tmp_path):
     engine = {a: sum(s.ops.modules * s.repeat for st in forward_program(spec, plan, "score", adapters=a).phases.values()
                      for s in st) for a in (True, False)}
     assert engine[False] - engine[True] == real[False] - real[True] == -2 * 7 * 3  # 3 fewer calls a LoRA Linear
+
+
+ACCUM_PLANS = {
+    "sft": dict(model="llama-3.1-8b", batch=1, seq=2048),
+    "sft lora ckpt": dict(model="llama-3.1-8b", batch=4, seq=1024, method="lora", grad_ckpt=True),
+    "rm": dict(model="qwen2.5-0.5b", task="rm", batch=2, seq=1024),
+    "dpo": dict(model="qwen2.5-0.5b", task="dpo", batch=2, seq=1024, reference_pass="before"),
+    "distill": dict(model="qwen2.5-0.5b", task="distill", teacher="qwen2.5-1.5b", batch=2, seq=512),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUM_PLANS))
+def test_gradient_accumulation_runs_every_phase_per_micro_batch_and_the_optimizer_once(name):
+    """A step of k micro-batches: its time grows by the same amount per micro-batch added (each runs
+    the forward, loss and backward; the later ones add into .grad where the first stores it), the
+    optimizer step is priced once, and it trains k times the tokens at k times the FLOPs."""
+    from planner.engine.devices import profile_for
+    from planner.engine.timing import step_flops, step_time, tokens_per_step
+    from planner.gpus import resolve_gpu
+    from planner.models import load_model
+    from planner.plugins import technique
+    from planner.specs import Plan
+
+    prof = profile_for(resolve_gpu("h200", None), None)
+
+    def at(k: int):
+        plan = Plan(gpu="h200", grad_accum=k, **ACCUM_PLANS[name])
+        w = technique(plan.task).workload(plan, load_model(plan.model))
+        return w, step_time(w, prof)
+
+    (w1, t1), (_, t2), (_, t3), (w4, t4) = at(1), at(2), at(3), at(4)
+    per_micro = t3.total_s - t2.total_s  # one more later micro-batch (and its loss / grad_accum)
+    assert per_micro > 0.5 * t1.total_s
+    assert t4.total_s - t3.total_s == pytest.approx(per_micro, rel=1e-6)
+    assert t2.total_s - t1.total_s == pytest.approx(per_micro, rel=0.05)  # the first stores .grad, the rest add
+    train = next(ph.name for ph in w1.phases if ph.kind == "train_step")
+    assert t4.phases[train].parts["optimizer"] == pytest.approx(t1.phases[train].parts["optimizer"], rel=1e-9)
+    for part in ("forward", "backward"):
+        assert t4.phases[train].parts[part] > 3.9 * t1.phases[train].parts[part]
+    assert tokens_per_step(w4) == 4 * tokens_per_step(w1)
+    assert step_flops(w4)[0] == pytest.approx(4 * step_flops(w1)[0])
+
+
+def test_gradient_accumulation_memory_holds_the_gradients_through_the_later_micro_batches():
+    """A full fine-tune's later micro-batch runs its forward and backward with every .grad held: the
+    peak rises by no more than the gradients (and the previous micro-batch's logits), and a LoRA step's
+    barely moves (its gradients are the adapters')."""
+    from planner.engine import estimate
+    from planner.models import load_model
+    from planner.specs import Plan
+
+    m = load_model("llama-3.2-1b")
+    one = estimate(Plan(model="llama-3.2-1b", batch=4, seq=2048), m)
+    acc = estimate(Plan(model="llama-3.2-1b", batch=4, seq=2048, grad_accum=4), m)
+    grads = acc.breakdown["gradients"]
+    assert grads > 2e9  # 1.24B bf16 gradients
+    assert one.peak_allocated_bytes < acc.peak_allocated_bytes <= one.peak_allocated_bytes + grads + 4 * 2048 * 128256 * 2
+    assert acc.peak_phase in ("forward", "loss", "backward")
+    lora = dict(model="llama-3.2-1b", batch=4, seq=2048, method="lora")
+    l1, l4 = estimate(Plan(**lora), m), estimate(Plan(**lora, grad_accum=4), m)
+    assert 0 <= l4.peak_allocated_bytes - l1.peak_allocated_bytes < 0.02 * l1.peak_allocated_bytes + 4 * 2048 * 128256 * 2

@@ -256,21 +256,28 @@ class Recorder:
             self.graph.append(n)
         return n
 
-    def release_graph(self) -> None:
+    def release_graph(self, taken: "tuple[list[Node], list[Storage], list[str]] | None" = None) -> None:
         """The program drops the last tensor whose grad_fn reaches the graph (the step's outputs): the
         saved tensors of nodes backward did not run go, and the leaves their AccumulateGrad nodes
-        held (a leaf's .grad with it)."""
-        for n in self.graph:
+        held (a leaf's .grad with it). `taken`: a graph `take_graph` set apart, instead of the current one."""
+        graph, leaves, keys = taken if taken is not None else self.take_graph()
+        for n in graph:
             for st in n.saved:
                 if isinstance(st, Storage):
                     self.unref(st)
             n.saved = []
-        self.graph = []
-        for st in self.graph_leaves:
+        for st in leaves:
             self.unref(st)
-        self.graph_leaves = []
-        for key in [k for k, n in self.params.items() if n.meta.get("leaf") is not None]:
-            del self.params[key]
+        for key in keys:
+            self.params.pop(key, None)
+
+    def take_graph(self) -> "tuple[list[Node], list[Storage], list[str]]":
+        """Set the graph recorded so far apart (a micro-batch's, which its output keeps alive until the
+        program rebinds that output): later nodes form a new graph; `release_graph(taken)` drops it."""
+        taken = (self.graph, self.graph_leaves,
+                 [k for k, n in self.params.items() if n.meta.get("leaf") is not None])
+        self.graph, self.graph_leaves = [], []
+        return taken
 
     def param_edge(self, key: str, elems: Any, dtype: str, leaf: Storage | None = None) -> tuple[Node, int]:
         """The AccumulateGrad of parameter `key` (or of a non-parameter leaf held in `leaf`)."""

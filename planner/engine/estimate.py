@@ -32,14 +32,16 @@ _cache: dict[tuple, tuple] = {}
 
 
 def _compiled(kind: str, use: ModelUse, loss: str = "causal_lm", tiles: FusedTiles | None = None,
-              adapters: bool = True, passes: int = 1, autocast: bool = False) -> tuple:
+              adapters: bool = True, passes: int = 1, autocast: bool = False, accumulating: bool = False,
+              keeps_previous: bool = True) -> tuple:
     spec, setup = use.spec, use.setup
     d = setup.__dict__
-    key = (kind, loss, tiles, adapters, passes, autocast, id(spec), spec.id, spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
+    key = (kind, loss, tiles, adapters, passes, autocast, accumulating, keeps_previous, id(spec), spec.id,
+           spec.num_params) + tuple(d[f] for f in _SHAPE_FIELDS)
     hit = _cache.get(key)
     if hit is None or hit[0] is not spec:
         if kind == "train_step":
-            built = training.build(spec, setup, loss, tiles, passes)
+            built = training.build(spec, setup, loss, tiles, passes, accumulating, keeps_previous)
         elif kind == "score":
             built = scoring.build(spec, setup, loss, tiles, adapters, autocast)
         elif kind == "forward":
@@ -59,7 +61,8 @@ def compile_phase(ph: Phase, use: ModelUse) -> tuple[CompiledTimeline, "Resident
     passes, autocast)."""
     # the fused head's buffers depend on the scored positions: batch x (seq - 1)
     tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-    _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast)
+    _, timeline, res, extra = _compiled(ph.kind, use, ph.loss, tiles, ph.adapters, ph.passes, ph.autocast,
+                                        ph.micro_batches > 1, ph.keeps_previous)
     return timeline, res, extra
 
 
@@ -101,6 +104,8 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
         own_states = use if use.trainable and ph.kind != "train_step" else None
         if others or own_states:
             mem = _with_resident(mem, others, own_states)
+        if ph.micro_batches > 1 and ph.kind != "train_step":
+            mem = _accumulating(mem, ph, workload)
         if not multi:
             return mem
         for name, v in mem.phases.items():
@@ -109,6 +114,29 @@ def estimate_workload(workload: Workload, gpu: "GPUSpec | None" = None) -> Memor
             best = mem.model_copy(update={"peak_phase": f"{ph.name}.{mem.peak_phase}" if multi else mem.peak_phase})
     assert best is not None, "a workload has at least one phase"
     return best.model_copy(update={"phases": phases})
+
+
+def _accumulating(mem: MemoryEstimate, ph: Phase, workload: Workload) -> MemoryEstimate:
+    """A phase of a later micro-batch (gradient accumulation): the trained models' gradients exist
+    (accumulated so far), and the previous micro-batch's outputs that the program rebinds only
+    after this phase are still bound (`ph.previous`: that train_step phase's held outputs and what
+    it carried). The first micro-batch of a step has neither (zero_grad(set_to_none=True), and the
+    previous step's outputs went when it ended): the later ones peak."""
+    add = {c: 0 for c in CATEGORIES}
+    for m in workload.models:
+        if m.trainable:
+            add["gradients"] += resident(m.spec, m.setup).grad_bytes
+    if ph.previous is not None:
+        host = workload.phase(ph.previous)
+        tl = compile_phase(host, workload.model(host.role))[0]
+        add["activations"] += int(tl.held.at(host.batch * host.seq, host.seq)) + host.carried * host.batch * host.seq
+    extra = sum(add.values())
+    breakdown = {c: mem.breakdown.get(c, 0) + add[c] for c in CATEGORIES}
+    return mem.model_copy(update={
+        "peak_allocated_bytes": mem.peak_allocated_bytes + extra, "reserved_bytes": mem.reserved_bytes + extra,
+        "device_bytes": mem.device_bytes + extra, "breakdown": breakdown,
+        "phases": {k: v + extra for k, v in mem.phases.items()},
+    })
 
 
 def _with_resident(mem: MemoryEstimate, others: list[ModelUse], own_states: ModelUse | None = None) -> MemoryEstimate:

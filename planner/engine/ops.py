@@ -26,6 +26,10 @@ from planner.engine.tape import DTYPE_BYTES, ZERO, Sym, Tape, Tensor, fixed, tok
 
 E, V, M = "elementwise", "view", "matmul"
 SAVED_DETACH = "detach.saved"  # aten.detach of a saved output (the recorder's name: detach)
+# a parameter's AccumulateGrad storing its first gradient as .grad: aten.detach (the recorder's name);
+# `bytes` carries the parameter's gradient bytes, which a later micro-batch adds into .grad in place
+# instead (planner.engine.program.accumulated). A view: priced by its count, its bytes are not read
+ACCUMULATE_GRAD = "detach.accumulate_grad"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,7 @@ def _grad_of(tp: Tape, x: Tensor, out: Tensor, mul: bool) -> None:
     if x.dtype != out.dtype:  # type promotion: the gradient cast back
         tp.bop(E, "_to_copy", bytes=x.size * 3, dtype=x.dtype)
     if _is_param(x):
-        tp.bop(V, "detach")  # AccumulateGrad
+        tp.bop(V, ACCUMULATE_GRAD, bytes=x.size, dtype=x.dtype)
 
 
 def binary(tp: Tape, a: Tensor, b: Tensor, name: str, saves: bool, aten: str | None = None) -> Tensor:
@@ -191,11 +195,11 @@ def matmul_ops(tp: Tape, x: Tensor, w_bytes: Sym, in_f: int, out_f: int, dtype: 
         tp.bop(V, "view")
     if w_rg:
         tp.bop(V, "t")  # t's backward: the weight's gradient back to its layout
-        tp.bop(V, "detach")  # AccumulateGrad
+        tp.bop(V, ACCUMULATE_GRAD, bytes=w_bytes, dtype=dtype)
     if bias and w_rg:
         tp.bop(E, "sum", bytes=out.size, dtype=dtype)
         tp.bop(V, "view")
-        tp.bop(V, "detach")
+        tp.bop(V, ACCUMULATE_GRAD, bytes=Sym(c=out_f * DTYPE_BYTES[dtype]), dtype=dtype)
 
 
 def linear(tp: Tape, x: Tensor, w: Weight, autocast: str | None, name: str, weight_key: str | None = None) -> Tensor:

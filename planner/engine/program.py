@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from planner.architecture import ModelSpec
 from planner.engine.heads import HEADS, TILED_HEADS, FusedTiles
-from planner.engine.ops import SAVED_DETACH
+from planner.engine.ops import ACCUMULATE_GRAD, SAVED_DETACH
 from planner.engine.resident import Resident, resident
 from planner.engine.tape import DTYPE_BYTES, Op, OpList, Sym
 from planner.engine.training import layer_cfg, run_layer
@@ -82,7 +82,7 @@ def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, fa
     f.add(E, "embedding", bytes=Sym(t=2 * h * e + 8), dtype=emb_dtype)
     if trainable_embeddings:
         b.add(E, "embedding_dense_backward", bytes=Sym(c=spec.embedding_params * e, t=h * e + 8), dtype=emb_dtype)
-        b.add(V, "detach")
+        b.add(V, ACCUMULATE_GRAD, bytes=Sym(c=spec.embedding_params * e), dtype=emb_dtype)
     elif input_rg:  # enable_input_require_grads: the embedding output is a leaf that accumulates a grad
         b.add(V, "detach")
     if mask:  # generate() builds its inputs itself: no mask creation in its forwards
@@ -224,16 +224,22 @@ def loss_program(ops: tuple[tuple[str, str, str], ...]) -> tuple[OpList, OpList]
 
 def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
                        passes: int = 1, loss_ops: tuple[tuple[str, str, str], ...] = (),
-                       single: bool = False) -> Program:  # fmt: skip
+                       single: bool = False, micro_batches: int = 1) -> Program:  # fmt: skip
     """forward (prologue, L layers, head), loss, backward (the head's and the loss's, L layers with
     their recompute under checkpointing, the embedding's), optimizer. `single`: micro-batches of one
-    sequence (the mask's position ids not expanded; ForCausalLMLoss's shifted labels need no copy)."""
+    sequence (the mask's position ids not expanded; ForCausalLMLoss's shifted labels need no copy).
+    `micro_batches` > 1: gradient accumulation (`accumulated`)."""
     key = (id(spec), spec.id, spec.num_params, loss, tiles, passes, loss_ops, plan.method, plan.precision, plan.optimizer,
            plan.grad_ckpt, plan.attn, plan.lora_rank, plan.lora_targets, plan.quant, plan.double_quant, plan.kbit_prep,
-           single)
+           single, micro_batches)
     hit = _cache.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
+    if micro_batches > 1:
+        one = train_step_program(spec, plan, loss, tiles, passes, loss_ops, single)
+        prog = accumulated(one, micro_batches)
+        _cache[key] = (spec, prog)
+        return prog
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res)
     L = spec.num_layers
@@ -284,6 +290,55 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         _cache.clear()
     _cache[key] = (spec, prog)
     return prog
+
+
+def accumulated(one: Program, micro_batches: int) -> Program:
+    """A step of `micro_batches` micro-batches (gradient accumulation, plugins/training.py): the
+    forward, loss and backward stretches of `one` that many times, each backward started on
+    `loss / grad_accum` (a 0-dim div, and DivBackward0's div of the gradient), the optimizer step once.
+    In the later micro-batches each parameter's AccumulateGrad adds the new gradient into .grad in
+    place (`add_`: reads both, writes one: 3 x its bytes) where the first stored it (a detach)."""
+    div, div_backward = OpList(), OpList()
+    div.add(E, "div", bytes=Sym(c=8), dtype="fp32")
+    div_backward.add(E, "div", bytes=Sym(c=8), dtype="fp32")
+    later = micro_batches - 1
+    prog = Program()
+    for part, stretches in one.phases.items():
+        if part == "optimizer":
+            continue
+        for st in stretches:
+            if part == "backward" and st.name == "backward() call":
+                prog.add(part, "loss / grad_accum", div, micro_batches)
+                prog.add(part, "loss / grad_accum backward", div_backward, micro_batches, mode="backward")
+            adds = _accumulating(st.ops)
+            if adds is st.ops:
+                prog.phases.setdefault(part, []).append(dataclasses.replace(st, repeat=st.repeat * micro_batches))
+                continue
+            prog.phases.setdefault(part, []).append(dataclasses.replace(st, repeat=st.repeat))
+            prog.phases[part].append(dataclasses.replace(st, name=f"{st.name} (accumulating)", ops=adds,
+                                                         repeat=st.repeat * later))
+    for st in one.phases.get("optimizer", []):
+        prog.phases.setdefault("optimizer", []).append(st)
+    return prog
+
+
+def repeated(one: Program, times: int) -> Program:
+    """A program without an optimizer step run `times` times in a row (a phase once per micro-batch)."""
+    prog = Program()
+    for part, stretches in one.phases.items():
+        prog.phases[part] = [dataclasses.replace(st, repeat=st.repeat * times) for st in stretches]
+    return prog
+
+
+def _accumulating(ops: OpList) -> OpList:
+    """`ops` with each parameter's first-gradient AccumulateGrad (a detach) replaced by the in-place
+    add of a later micro-batch; `ops` itself where it has none."""
+    if not any(op.name == ACCUMULATE_GRAD for op in ops.ops):
+        return ops
+    out = OpList([Op(E, "add_", bytes=op.bytes * 3, dtype=op.dtype, count=op.count) if op.name == ACCUMULATE_GRAD
+                  else op for op in ops.ops])
+    out.modules, out.calls = ops.modules, dict(ops.calls)
+    return out
 
 
 # generate()'s work around each forward (transformers 5.24, greedy, min_new_tokens = max_new_tokens,

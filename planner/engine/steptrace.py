@@ -133,8 +133,6 @@ def _check(spec: ModelSpec, setup: Any) -> None:
         raise TraceUnsupported("the engine's allocation trace covers SDPA attention, not eager yet")
     if setup.optimizer not in ("adamw", "adamw-fused", "sgd", "adamw-8bit", "paged-adamw-8bit"):
         raise TraceUnsupported(f"the engine's allocation trace does not cover the {setup.optimizer} optimizer yet")
-    if getattr(setup, "grad_accum", 1) != 1:
-        raise TraceUnsupported("the engine's allocation trace does not cover gradient accumulation yet")
 
 
 def model_trace(spec: ModelSpec, setup: Any, trainable: bool) -> ModelTrace:
@@ -633,19 +631,41 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
     rec = _recorder(options)
     _setup(rec, mt)
     _reset(rec)
+    accum = getattr(plan, "grad_accum", 1)
     for step in range(steps):
-        tp = Tape(grad=True, rec=rec)
-        ids = tp.raw(Sz(t=8), "input_ids")
-        rec.set_phase(f"{step}.forward")
-        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"),
-                                         single_sequence=single_sequence)
-        rec.exit_autocast()  # the forward phase's autocast region ends
-        rec.set_phase(f"{step}.backward")
-        rec.backward(loss.edge, loss.elems)
+        # the last micro-batch's `ids` and `out` (its loss and logits), and the graph `out` reaches
+        held: tuple[Tensor, ...] = ()
+        graph = None
+        for _ in range(accum):
+            tp = Tape(grad=True, rec=rec)
+            ids = tp.raw(Sz(t=8), "input_ids")
+            if held:  # `ids = ...` rebinds the name: the previous micro-batch's ids go
+                tp.drop(held[0])
+            rec.set_phase(f"{step}.forward")
+            loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"),
+                                             single_sequence=single_sequence)
+            if held:  # `out = model(...)` rebinds it once the forward returns: the previous loss and
+                tp.drop(*held[1:])  # logits go, and the graph they reached (reentrant checkpoints' inputs)
+                rec.release_graph(graph)
+            rec.exit_autocast()  # the forward phase's autocast region ends
+            rec.set_phase(f"{step}.backward")
+            if accum == 1:
+                rec.backward(loss.edge, loss.elems)
+            else:
+                # (out.loss / grad_accum).backward(): a 0-dim quotient (DivBackward0 divides the
+                # gradient into a new one), gone when the statement ends; the gradients of later
+                # micro-batches are added into .grad in place (planner.engine.autograd)
+                scaled = unary(tp, loss, "loss / grad_accum")
+                rec.backward(scaled.edge, scaled.elems)
+                tp.drop(scaled)
+                graph = rec.take_graph()
+            held = (ids, loss, logits)
         rec.set_phase(f"{step}.optimizer")
         _optimizer_step(rec, mt, first=step == 0)
         # the step's locals go when it returns: the ids, and `out` with its loss and logits
-        tp.drop(ids, loss, logits)
+        tp.drop(*held)
+        if graph is not None:
+            rec.release_graph(graph)
         rec.release_graph()
         rec.set_phase(f"{step}.between_steps")
     return rec.events
@@ -713,10 +733,10 @@ def _log_sigmoid_backward(bw: Backward, n: Node, grads: list) -> list:
     return [bw.new(n.inputs[0][0], g.dtype) if g is not None else None]
 
 
-def _dpo_loss(tp: Tape, pol: Tensor, ref: Tensor, pairs_elems: Sz) -> tuple[Tensor, list[Tensor]]:
+def _dpo_loss(tp: Tape, pol: Tensor, ref: Tensor, pairs_elems: Sz, on_margin=None) -> tuple[Tensor, list[Tensor]]:
     """plugins/alignment.py: margin = (pol[:B] - pol[B:]) - (ref[:B] - ref[B:]);
     loss = -F.logsigmoid(beta * margin).mean(). Returns the loss and what the step keeps bound
-    (`margin`)."""
+    (`margin`); `on_margin` runs once the margin exists (a later micro-batch rebinds the previous one)."""
     halves = []
     for t in (pol, ref):
         a = tp.view(t, "slice", elems=pairs_elems, name="chosen")
@@ -726,6 +746,8 @@ def _dpo_loss(tp: Tape, pol: Tensor, ref: Tensor, pairs_elems: Sz) -> tuple[Tens
         halves.append(d)
     margin = binary(tp, halves[0], halves[1], "margin", saves=False, aten="sub")
     tp.drop(*halves)
+    if on_margin is not None:
+        on_margin(margin)
     scaled = unary(tp, margin, "beta * margin")
     # log_sigmoid_forward returns the output and a buffer; its node saves the input and the buffer
     node = tp.fn("log_sigmoid", (scaled,), (scaled,))
@@ -769,30 +791,56 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
         _setup(rec, reference)
     _reset(rec)
     pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
+    accum = plan.grad_accum
     for step in range(steps):
-        tp = Tape(grad=True, rec=rec)
-        ids = tp.raw(Sz(t=8), "input_ids")
+        # the step's locals (ids, ref, pol, margin, loss), rebound one by one by a later micro-batch
+        # (plugins/alignment.py `_dpo_micro_batch`), and the graph the previous loss reaches
+        prev: dict[str, Tensor] = {}
+        graph = None
 
-        def reference_logprobs() -> Tensor:
-            rec.set_phase(f"{step}.reference")
-            nt = Tape(grad=False, rec=rec)
-            if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
-                return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
-            return _sequence_logprobs(nt, reference, ids)
+        def rebind(name: str, t: Tensor) -> None:
+            old = prev.pop(name, None)
+            prev[name] = t
+            if old is not None:
+                tp.drop(old)
+                if name == "loss":
+                    rec.release_graph(graph)
 
-        ref = reference_logprobs() if plan.reference_pass == "before" else None
-        rec.set_phase(f"{step}.forward")
-        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
-        if ref is None:
-            ref = reference_logprobs()
-        loss, kept = _dpo_loss(tp, pol, ref, pairs)
-        kept += [pol, ref]  # the step's locals until it returns
-        rec.exit_autocast()
-        rec.set_phase(f"{step}.backward")
-        rec.backward(loss.edge, loss.elems)
+        for _ in range(accum):
+            tp = Tape(grad=True, rec=rec)
+            ids = tp.raw(Sz(t=8), "input_ids")
+            rebind("ids", ids)
+
+            def reference_logprobs() -> Tensor:
+                rec.set_phase(f"{step}.reference")
+                nt = Tape(grad=False, rec=rec)
+                if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
+                    return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
+                return _sequence_logprobs(nt, reference, ids)
+
+            if plan.reference_pass == "before":
+                rebind("ref", reference_logprobs())
+            rec.set_phase(f"{step}.forward")
+            pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
+            rebind("pol", pol)
+            if plan.reference_pass != "before":
+                rebind("ref", reference_logprobs())
+            loss, _ = _dpo_loss(tp, pol, prev["ref"], pairs, on_margin=lambda m: rebind("margin", m))
+            rebind("loss", loss)
+            rec.exit_autocast()
+            rec.set_phase(f"{step}.backward")
+            if accum == 1:
+                rec.backward(loss.edge, loss.elems)
+            else:  # (loss / grad_accum).backward(), as sft's step (`sft_trace`)
+                scaled = unary(tp, loss, "loss / grad_accum")
+                rec.backward(scaled.edge, scaled.elems)
+                tp.drop(scaled)
+                graph = rec.take_graph()
         rec.set_phase(f"{step}.optimizer")
         _optimizer_step(rec, policy, first=step == 0)
-        tp.drop(ids, loss, *kept)
+        tp.drop(*prev.values())  # the step's locals go when it returns
+        if graph is not None:
+            rec.release_graph(graph)
         rec.release_graph()
         rec.set_phase(f"{step}.between_steps")
     return rec.events

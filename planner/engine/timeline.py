@@ -29,7 +29,7 @@ class Timeline:
     def add(self, phase: str, what: str, details: dict[str, Sym] | None = None, **parts: Sym) -> None:
         self.moments.append(Moment(phase, what, {k: v for k, v in parts.items() if v != ZERO}, details or {}))
 
-    def compiled(self, after_forward: Sym = ZERO) -> "CompiledTimeline":
+    def compiled(self, after_forward: Sym = ZERO, held: Sym = ZERO) -> "CompiledTimeline":
         """Keep per phase only the moments that can be the phase's peak for some batch and length."""
         kept: list[Moment] = []
         for m in self.moments:
@@ -38,7 +38,7 @@ class Timeline:
             if any(k.total.dominates(tot) for k in same):
                 continue
             kept = [k for k in kept if k.phase != m.phase or not tot.dominates(k.total)] + [m]
-        return CompiledTimeline(kept, [m.total for m in kept], after_forward)
+        return CompiledTimeline(kept, [m.total for m in kept], after_forward, held)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class CompiledTimeline:
     # a training step's bytes alive between its forward and its backward beyond the resident ones
     # (the saved activations and bound outputs), for a phase that runs in between
     after_forward: Sym = ZERO
+    # what a training step's program keeps bound after its backward (its outputs): a later
+    # micro-batch's earlier phases run with them (planner.workload.Phase.previous)
+    held: Sym = ZERO
 
     def evaluate(self, tokens: float, seq: float) -> tuple[Moment, int, dict[str, int]]:
         """The peak moment, its bytes, and the peak of every phase."""

@@ -48,17 +48,32 @@ class StepTime:
 
 def _program(ph: Phase, workload: Workload) -> "Program":
     from planner.engine.heads import TILED_HEADS, FusedTiles
-    from planner.engine.program import forward_program, generate_program, train_step_program
+    from planner.engine.program import forward_program, generate_program, repeated, train_step_program
 
     use = workload.model(ph.role)
     single = ph.batch == 1  # one sequence: transformers skips a few ops (planner.engine.program)
     if ph.kind == "train_step":
         tiles = FusedTiles.for_positions(ph.batch * (ph.seq - 1)) if ph.loss in TILED_HEADS else None
-        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes, ph.loss_ops, single=single)
+        return train_step_program(use.spec, use.setup, ph.loss, tiles, ph.passes, ph.loss_ops, single=single,
+                                  micro_batches=ph.micro_batches)
     if ph.kind == "generate":
-        return generate_program(use.spec, use.setup, ph.loss_ops, single=single)
-    return forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast,
-                           loss_ops=ph.loss_ops, single=single)
+        prog = generate_program(use.spec, use.setup, ph.loss_ops, single=single)
+    else:
+        prog = forward_program(use.spec, use.setup, ph.kind, adapters=ph.adapters, autocast=ph.autocast,
+                               loss_ops=ph.loss_ops, single=single)
+    if ph.micro_batches == 1:
+        return prog
+    # cached as the programs are: phase_time's cache is keyed by the program's identity
+    hit = _repeated.get((id(prog), ph.micro_batches))
+    if hit is None or hit[0] is not prog:
+        hit = (prog, repeated(prog, ph.micro_batches))
+        if len(_repeated) > 1024:
+            _repeated.clear()
+        _repeated[(id(prog), ph.micro_batches)] = hit
+    return hit[1]
+
+
+_repeated: dict[tuple[int, int], tuple] = {}
 
 
 _phase_times: dict[tuple, tuple] = {}
@@ -120,7 +135,7 @@ def step_flops(workload: Workload) -> tuple[float, float]:
         spec, setup = use.spec, use.setup
         fl = dict(method=setup.method, lora_rank=setup.lora_rank, causal=setup.attn == "sdpa",
                   lora_targets=lora_targets(spec, setup) if setup.method != "full" else [])
-        rows = ph.batch * ph.passes
+        rows = ph.batch * ph.passes * ph.micro_batches
         if ph.kind == "train_step":
             f = compute.micro_batch_flops(spec, rows * ph.seq, ph.seq, grad_ckpt=setup.grad_ckpt, **fl)
             model, hardware = model + f.model, hardware + f.hardware
@@ -132,7 +147,7 @@ def step_flops(workload: Workload) -> tuple[float, float]:
             mean_len = ph.seq + ph.new_tokens / 2
             fwd = (compute.micro_batch_flops(spec, ph.batch * ph.seq, ph.seq, **fl).forward
                    + compute.micro_batch_flops(spec, ph.batch * steps, int(mean_len), **{**fl, "causal": False}).forward)
-            model, hardware = model + fwd, hardware + fwd
+            model, hardware = model + fwd * ph.micro_batches, hardware + fwd * ph.micro_batches
     return model, hardware
 
 
@@ -150,20 +165,22 @@ def tokens_counted(workload: Workload) -> str:
     generated tokens."""
     kinds = {ph.kind for ph in workload.phases}
     if "train_step" in kinds:
-        return "trained tokens (sequences x length of the training phases)"
+        return "trained tokens (sequences x length x micro-batches of the training phases)"
     if "generate" in kinds:
         return "generated tokens (sequences x new tokens)"
     return "scored tokens (sequences x length of the forwards)"
 
 
 def tokens_per_step(workload: Workload) -> int:
-    """Trained tokens of one step (batch x passes x seq of each train_step phase); for a step that
-    trains nothing the tokens it generates (batch x new_tokens); else the tokens its forwards score."""
-    trained = sum(ph.batch * ph.passes * ph.seq for ph in workload.phases if ph.kind == "train_step")
+    """Trained tokens of one step (batch x passes x seq x micro-batches of each train_step phase); for
+    a step that trains nothing the tokens it generates (batch x new_tokens); else the tokens its
+    forwards score."""
+    trained = sum(ph.batch * ph.passes * ph.seq * ph.micro_batches for ph in workload.phases
+                  if ph.kind == "train_step")
     if trained:
         return trained
-    generated = sum(ph.batch * ph.new_tokens for ph in workload.phases if ph.kind == "generate")
-    return generated or sum(ph.batch * ph.seq for ph in workload.phases)
+    generated = sum(ph.batch * ph.new_tokens * ph.micro_batches for ph in workload.phases if ph.kind == "generate")
+    return generated or sum(ph.batch * ph.seq * ph.micro_batches for ph in workload.phases)
 
 
 def step_seconds(plan, model, profile: "DeviceProfile", gpu: "GPUSpec | None" = None) -> float:

@@ -127,7 +127,11 @@ def prologue_kept(spec: ModelSpec, cfg: LayerCfg, emb_dtype: str, input_rg: bool
 
 
 def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTiles | None = None,
-          passes: int = 1) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+          passes: int = 1, accumulating: bool = False,
+          keeps_previous: bool = True) -> tuple[CompiledTimeline, Resident, dict[str, int]]:
+    """The step's timeline; `accumulating`: more than one micro-batch per optimizer step (every
+    micro-batch after the first runs with the gradients accumulated so far: all of them exist);
+    `keeps_previous`: the previous micro-batch's outputs stay bound until its forward returns."""
     res = resident(spec, plan)
     cfg = layer_cfg(spec, plan, res)
     opt = optimizer_memory(plan.optimizer, res, spec.num_layers)
@@ -188,19 +192,6 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTile
     # the model's forward keeps `inputs_embeds` referenced until it returns
     embeds = ZERO if first.input_saved else Sym(t=h * DTYPE_BYTES[emb_dtype])
     layers_kept = kept(L) + rope
-    for p in range(passes):
-        before = graph * p
-        # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
-        for peak in fwd_layer.peaks:
-            tl.add("forward", "last decoder layer", **base,
-                   activations=before + kept(L - 1) + cached * L + rope + embeds + peak + prev_held)
-        for phase, what, live, details, with_prev in head.forward:
-            # the loss runs inside the autocast region only when it is computed inside model(...)
-            in_autocast = cached * L if with_prev else ZERO
-            in_backbone = phase == "forward" and head.inside_backbone
-            tl.add(phase, what, **base, activations=before + layers_kept + in_autocast
-                   + (embeds if in_backbone else ZERO) + live + (prev_held if with_prev else ZERO), details=details)
-
     head_grads = Sym(c=res.head_grad_bytes)
     grad_l = Sym(c=res.layer_grad_bytes)
     grads_all = Sym(c=res.grad_bytes)
@@ -209,32 +200,51 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTile
     # a later graph's gradients are computed into new tensors and added to the existing .grad
     accumulate = Sym(c=max((w.in_features * w.out_features * DTYPE_BYTES[res.trainable_dtype]
                             for w in cfg.weights.values() if w.trainable), default=0))
-    for p in reversed(range(passes)):
-        waiting = graph * p + logits_held * (passes - 1 - p)  # earlier graphs; later passes' outputs
-        first_bwd = p == passes - 1
-        # backward: the loss and head first, then the layers
-        for what, temps, details in head.backward:
-            tl.add("backward", what, **base, activations=waiting + layers_kept + head.saved + logits_held,
-                   temporaries=temps, gradients=ZERO if first_bwd else grads_all, details=details)
-        # layer L-1 (first in backward) and layer 0 (last): the ends of a linear walk
-        for idx in (L - 1, 0):
-            done = head_grads + grad_l * (L - 1 - idx) if first_bwd else grads_all
-            new_grads = ZERO if first_bwd else accumulate
-            if plan.grad_ckpt:
-                # the layer's forward is re-run (saving everything) right before its backward
-                for peak in steady.peaks:
-                    tl.add("backward", f"decoder layer {idx} recompute", **base,
-                           activations=waiting + kept(idx) + rope + peak + logits_held, gradients=done)
-                acts = kept(idx + 1) + rope + steady.saved + logits_held
-            else:
-                acts = kept(idx + 1) + rope + logits_held
-            tl.add("backward", f"decoder layer {idx} backward", **base,
-                   activations=waiting + acts, gradients=done, temporaries=bwd_t + new_grads)
-        # the embedding's gradient is a temporary of embedding_dense_backward until AccumulateGrad
-        # stores it as .grad; the gradient of the embedding output is still live
-        tl.add("backward", "embedding backward", **base, activations=waiting + logits_held,
-               gradients=grads_all - (embed_grad if first_bwd else ZERO),
-               temporaries=embed_grad + Sym(t=h * DTYPE_BYTES[res_dtype]))
+    # gradient accumulation: a later micro-batch runs with every .grad held (`held`), and while its
+    # forward runs (the loss inside model(...) included) the previous micro-batch's outputs are still
+    # bound where the program rebinds them once it returns (`out = model(...)`): `prev`
+    for later in (False, True) if accumulating else (False,):
+        held = grads_all if later else ZERO
+        prev = (logits_held * passes if keeps_previous else ZERO) if later else prev_held
+        for p in range(passes):
+            before = graph * p
+            # forward: the last layer is the largest moment (all earlier layers' saved tensors are live)
+            for peak in fwd_layer.peaks:
+                tl.add("forward", "last decoder layer", **base, gradients=held,
+                       activations=before + kept(L - 1) + cached * L + rope + embeds + peak + prev)
+            for phase, what, live, details, with_prev in head.forward:
+                # the loss runs inside the autocast region only when it is computed inside model(...)
+                in_autocast = cached * L if with_prev else ZERO
+                in_backbone = phase == "forward" and head.inside_backbone
+                tl.add(phase, what, **base, gradients=held, activations=before + layers_kept + in_autocast
+                       + (embeds if in_backbone else ZERO) + live + (prev if with_prev else ZERO), details=details)
+
+        for p in reversed(range(passes)):
+            waiting = graph * p + logits_held * (passes - 1 - p)  # earlier graphs; later passes' outputs
+            first_bwd = p == passes - 1 and not later  # the step's first backward: no .grad exists yet
+            # backward: the loss and head first, then the layers
+            for what, temps, details in head.backward:
+                tl.add("backward", what, **base, activations=waiting + layers_kept + head.saved + logits_held,
+                       temporaries=temps, gradients=ZERO if first_bwd else grads_all, details=details)
+            # layer L-1 (first in backward) and layer 0 (last): the ends of a linear walk
+            for idx in (L - 1, 0):
+                done = head_grads + grad_l * (L - 1 - idx) if first_bwd else grads_all
+                new_grads = ZERO if first_bwd else accumulate
+                if plan.grad_ckpt:
+                    # the layer's forward is re-run (saving everything) right before its backward
+                    for peak in steady.peaks:
+                        tl.add("backward", f"decoder layer {idx} recompute", **base,
+                               activations=waiting + kept(idx) + rope + peak + logits_held, gradients=done)
+                    acts = kept(idx + 1) + rope + steady.saved + logits_held
+                else:
+                    acts = kept(idx + 1) + rope + logits_held
+                tl.add("backward", f"decoder layer {idx} backward", **base,
+                       activations=waiting + acts, gradients=done, temporaries=bwd_t + new_grads)
+            # the embedding's gradient is a temporary of embedding_dense_backward until AccumulateGrad
+            # stores it as .grad; the gradient of the embedding output is still live
+            tl.add("backward", "embedding backward", **base, activations=waiting + logits_held,
+                   gradients=grads_all - (embed_grad if first_bwd else ZERO),
+                   temporaries=embed_grad + Sym(t=h * DTYPE_BYTES[res_dtype]))
     tl.add("optimizer", f"{plan.optimizer} step", **base, activations=logits_held * passes, gradients=grads_all,
            temporaries=Sym(c=opt.step_temp_bytes))
     extra = resident_details(res)
@@ -242,7 +252,7 @@ def build(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", tiles: FusedTile
         extra["paged_optimizer_states"] = opt.paged_bytes
     # between the forward and the backward: every pass's graph, and autocast's cache while the
     # program stays in the autocast region
-    return tl.compiled(after_forward=graph * passes + cached * L), res, extra
+    return tl.compiled(after_forward=graph * passes + cached * L, held=logits_held * passes), res, extra
 
 
 def resident_details(res: Resident) -> dict[str, int]:

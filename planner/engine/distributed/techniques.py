@@ -59,6 +59,8 @@ whole ZeRO-3 policy for generation (`ds3_gather_for_generation`), vLLM rollouts,
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from planner.architecture import ModelSpec
@@ -301,6 +303,9 @@ def estimate_technique(plan: Plan, layout: Layout, spec: ModelSpec, gpu: GPUSpec
     if layout.sp:
         raise LayoutError(f"sp: sequence parallelism is estimated for sft only, not {plan.task}")
     workload = technique(plan.task).workload(plan, spec)
+    # the layout runs its grad_accum micro-batches itself (below): each phase priced once per micro-batch
+    workload = dataclasses.replace(workload, phases=tuple(dataclasses.replace(ph, micro_batches=1)
+                                                          for ph in workload.phases))
     models = _models(workload, layout)
     placement = getattr(plan, "frozen_placement", "resident")
     accumulating = layout.grad_accum > 1
