@@ -929,3 +929,17 @@ def test_calibration_measures_peft_disable_adapter(quick):
     p = quick.profile
     assert 1e-6 < p.host.disable_adapter_s < 1e-2
     assert "disable_adapter()" in p.sources["host.disable_adapter_s"] and "LoRA layers" in p.sources["host.disable_adapter_s"]
+
+
+def test_a_fit_that_drives_a_positive_scale_to_zero_returns_a_valid_profile():
+    """Measurements every figure of the profile overshoots: the fit wants fixed_scale at 0, which a
+    profile may not hold (its scales are positive); the fit stops just above it, and the result
+    validates (it raised a ValidationError when a contended machine's calibration did this)."""
+    rows = [cal.StepRow(i, f"row {i}", None, None, None, "step_s", 1e-9 * i, 1.0) for i in range(1, 4)]
+
+    def predict(plan, model, profile, gpu):  # grows with fixed_scale, never below 1 s
+        return 1.0 + profile.fixed_scale
+
+    fit = cal.fit_profile(base_profile(), rows, predict, params=["fixed_scale"], max_evals=80)
+    assert 0 < fit.profile.fixed_scale < 1e-6
+    DeviceProfile.model_validate(fit.profile.model_dump())

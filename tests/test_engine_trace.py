@@ -72,6 +72,22 @@ CASES = {
     # 2048 tokens: past bitsandbytes' kernel heuristic (the dequantize path)
     "llama qlora ckpt": ("llama", {"method": "qlora", "lora_rank": 4, "grad_ckpt": True, "batch": 2, "seq": 1024}),
     "qwen2 dpo": ("qwen2", {"task": "dpo", "batch": 1}),
+    # the reward model: sequence-classification head (score on every position, the last non-pad
+    # token's pooled by an index op), pairwise loss in the model's dtype
+    "llama rm": ("llama", {"task": "rm"}),
+    # LoRA: peft's trainable bf16 copy of `score` beside fp32 adapters (two dtype groups in AdamW's
+    # foreach kernels); QLoRA past bitsandbytes' kernel heuristic, reentrant checkpointing
+    "llama rm lora": ("llama", {"task": "rm", "method": "lora", "lora_rank": 4}),
+    "llama rm qlora ckpt": ("llama", {"task": "rm", "method": "qlora", "lora_rank": 4, "grad_ckpt": True, "seq": 1024}),
+    "qwen2 rm ckpt mixed-bf16 grad_accum 2": ("qwen2", {"task": "rm", "grad_ckpt": True, "precision": "mixed-bf16",
+                                                       "grad_accum": 2}),
+    # distillation: the frozen teacher's forward in a phase of its own, kl_div over fp32 log-softmaxes
+    # (and the hard-label cross-entropy mixed in), both logits bound through the step
+    "llama distill": ("llama", {"task": "distill", "teacher": "SELF"}),
+    "llama distill qlora ckpt hard labels grad_accum 2": ("llama", {"task": "distill", "teacher": "SELF",
+                                                                    "method": "qlora", "lora_rank": 4, "grad_ckpt": True,
+                                                                    "seq": 1024, "hard_label_weight": 0.5,
+                                                                    "grad_accum": 2}),
     # gradient accumulation: micro-batches rebinding the step's locals, .grad added into in place;
     # reentrant checkpoints' inputs held by the previous micro-batch's graph until `out` is rebound
     "llama full grad_accum 2": ("llama", {"grad_accum": 2}),
@@ -98,6 +114,7 @@ def configs(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_trace_equals_the_dry_runs(case, configs):
     arch, kw = CASES[case]
+    kw = {k: configs[arch] if v == "SELF" else v for k, v in kw.items()}  # a teacher of the same config
     plan = Plan(**{"model": configs[arch], "batch": 2, "seq": 32, **kw})
     dry, eng = canonical(dry_run_trace(plan)), canonical(engine_trace(plan))
     assert dry == eng, first_difference(dry, eng)

@@ -63,7 +63,7 @@ Fitting (`read_steps`, `fit_profile`): rows of a whole-step CSV (the format of
 shared/reference/h200_measured_steps.csv), a predict function (planner.engine.timing.step_seconds in
 the CLI; any function of (plan, model, profile, gpu) in tests), and dotted paths of the profile's
 float fields; Levenberg-Marquardt from several starts, then Nelder-Mead from the best point, on the
-sum of squared log residuals, parameters bounded at >= 0; all pure Python.
+sum of squared log residuals, parameters bounded above 0; all pure Python.
 
 torch is imported inside the functions that measure, never at module import.
 """
@@ -2251,10 +2251,13 @@ def levenberg_marquardt(residuals: Callable[[list[float]], list[float]], x0: Seq
     return x, f, evals
 
 
+LEAST = 1e-9  # the smallest fraction of its starting value a fitted parameter takes (fit_profile)
+
+
 def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
                 params: Sequence[str] = DEFAULT_FIT, max_evals: int = 1500, csv_name: str = "steps.csv",
                 progress: Callable[[int, int], None] | None = None) -> FitResult:  # fmt: skip
-    """Fit `params` (dotted float fields of the profile, >= 0) so that `predict(plan, model, profile, gpu)`
+    """Fit `params` (dotted float fields of the profile, > 0) so that `predict(plan, model, profile, gpu)`
     matches each row's target: Levenberg-Marquardt on the log residuals log(predicted / measured), in
     units of each parameter's base value, from several starts, then Nelder-Mead from the best point
     (kinks of max(host, device)); the best point wins. `max_evals` bounds the evaluations (each
@@ -2267,7 +2270,10 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
     budget = max_evals
 
     def values_of(x: Sequence[float]) -> dict[str, float]:
-        return {p: max(xi, 0.0) * scale[p] for p, xi in zip(params, x)}
+        # bounded above zero: a profile's scales must be positive (fixed_scale, device_scale); a figure
+        # at LEAST of its starting value is nothing in effect (a fit on a contended machine drove
+        # fixed_scale to 0.0, and the fitted profile failed its own validation)
+        return {p: max(xi, LEAST) * scale[p] for p, xi in zip(params, x)}
 
     def predictions(profile: DeviceProfile) -> list[float]:
         out = []
@@ -2316,7 +2322,7 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
         xn, fn, more = nelder_mead(objective, x, step, max_evals=budget - evals)
         evals += more
         if fn < fx:
-            x, fx = [max(v, 0.0) for v in xn], fn
+            x, fx = [max(v, LEAST) for v in xn], fn
     fitted = values_of(x)
     profile = with_params(base, fitted)
     preds = predictions(profile)
@@ -2326,7 +2332,7 @@ def fit_profile(base: DeviceProfile, rows: Sequence[StepRow], predict: Predict,
     targets = sorted({r.target for r in rows})
     how = (f"fitted to {csv_name} ({len(rows)} rows; targets {', '.join(targets)}) by Levenberg-Marquardt from "
            f"{len(starts)} starts, then Nelder-Mead, on the sum of squared log(predicted / measured), bounded "
-           f">= 0, {result.evaluations} evaluations; base profile {base.id}; median |error| {result.median_abs_error:.1%}, worst {result.worst_abs_error:.1%}")
+           f"> 0, {result.evaluations} evaluations; base profile {base.id}; median |error| {result.median_abs_error:.1%}, worst {result.worst_abs_error:.1%}")
     sources = dict(base.sources)
     for p in params:
         sources[p] = f"{how}; from {start[p]:.4g} (base: {base.sources.get(p, 'no source')})"

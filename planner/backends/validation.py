@@ -34,6 +34,8 @@ def describe(plan: Plan) -> str:
             parts.append(f"reward {plan.reward_model}")
     else:
         parts += [plan.method, plan.precision, f"b{plan.batch} s{plan.seq}"]
+        if plan.grad_accum > 1:
+            parts.append(f"accum {plan.grad_accum}")
         if plan.grad_ckpt:
             parts.append("ckpt")
         if plan.optimizer != "adamw":

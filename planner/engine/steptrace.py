@@ -127,8 +127,9 @@ def _check(spec: ModelSpec, setup: Any) -> None:
     if spec.model_type not in TRACED_FAMILIES:
         raise TraceUnsupported(f"the engine's allocation trace covers {', '.join(TRACED_FAMILIES)} models, "
                                f"not {spec.model_type} yet")
-    if spec.head != "causal_lm":
-        raise TraceUnsupported("the engine's allocation trace covers causal-LM heads, not classification heads yet")
+    if spec.head not in ("causal_lm", "seq_cls"):
+        raise TraceUnsupported(f"the engine's allocation trace covers causal-LM and sequence-classification heads, "
+                               f"not {spec.head}")
     if setup.attn != "sdpa":
         raise TraceUnsupported("the engine's allocation trace covers SDPA attention, not eager yet")
     if setup.optimizer not in ("adamw", "adamw-fused", "sgd", "adamw-8bit", "paged-adamw-8bit"):
@@ -168,7 +169,9 @@ def _trainable_params(spec: ModelSpec, setup: Any, res: Any) -> list[tuple[str, 
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 out.append((f"layers.{i}.{norm}.weight", Sz(c=h * nb), dt))
         out.append(("norm.weight", Sz(c=spec.final_norm_params * nb), dt))
-        if not spec.tie_word_embeddings:
+        if spec.head == "seq_cls":
+            out.append(("score.weight", Sz(c=h * nb), dt))
+        elif not spec.tie_word_embeddings:
             out.append(("lm_head.weight", Sz(c=spec.lm_head_params * nb), dt))
         return out
     r = setup.lora_rank
@@ -176,6 +179,9 @@ def _trainable_params(spec: ModelSpec, setup: Any, res: Any) -> list[tuple[str, 
         for lin in lora_targets(spec, setup):
             out.append((f"layers.{i}.{lin.name}.lora_A.weight", Sz(c=r * lin.in_features * 4), "fp32"))
             out.append((f"layers.{i}.{lin.name}.lora_B.weight", Sz(c=lin.out_features * r * 4), "fp32"))
+    if spec.head == "seq_cls":  # peft's SEQ_CLS task trains a copy of `score` (modules_to_save)
+        dt = res.non_linear_dtype
+        out.append(("score.modules_to_save.default.weight", Sz(c=spec.hidden_size * DTYPE_BYTES[dt]), dt))
     return out
 
 
@@ -199,7 +205,11 @@ def _setup(rec: Recorder, mt: ModelTrace) -> None:
         for _norm in range(spec.layer_norm_params // h):
             rec.alloc(Sz(c=h * nb))
     rec.alloc(Sz(c=spec.final_norm_params * nb))
-    if not spec.tie_word_embeddings:
+    if spec.head == "seq_cls":  # LlamaForSequenceClassification's score (hidden -> 1)
+        rec.alloc(Sz(c=h * nb))
+        if setup.method != "full":  # peft's ModulesToSaveWrapper: its trainable copy, beside the original
+            rec.alloc(Sz(c=h * nb))
+    elif not spec.tie_word_embeddings:
         rec.alloc(Sz(c=spec.lm_head_params * nb))
     for _buf in range(2):  # the rotary embedding's inv_freq and original_inv_freq
         rec.alloc(Sz(c=spec.buffer_bytes_fp32 // 2))
@@ -436,20 +446,7 @@ def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True
     position only (logits_to_keep=1)."""
     spec = mt.spec
     emb_key = "embed_tokens.weight"
-    x = _embedding(tp, mt, ids, emb_key)
-    embeds = x
-    x.refs += 1  # `inputs_embeds` and `hidden_states` both name it
-    if positions is None:
-        pos, trig = _prologue(tp, mt)
-    else:
-        pos, trig = None, _rotary_of(tp, mt)
-    x = _layers(tp, mt, x, pos, trig)
-    hn = rms_norm(tp, x, mt.cfg, "norm")
-    tp.drop(x)
-    # LlamaModel.forward returns: its locals go (the checkpoints keep theirs)
-    if pos is not None:
-        tp.drop(pos)
-    tp.drop(embeds, *trig)
+    hn = _backbone(tp, mt, ids, positions is None)
     head = Weight(spec.hidden_size, spec.vocab_size, mt.emb_dtype, mt.full)
     key = emb_key if spec.tie_word_embeddings else "lm_head.weight"
     if positions is None:
@@ -470,6 +467,67 @@ def causal_lm_forward(tp: Tape, mt: ModelTrace, ids: Tensor, labels: bool = True
     loss = _causal_lm_loss(tp, logits, spec.vocab_size, single_sequence) if labels else None
     tp.drop(hn)
     return loss, logits
+
+
+def _backbone(tp: Tape, mt: ModelTrace, ids: Tensor, mask: bool = True) -> Tensor:
+    """LlamaModel.forward: the embedding, the prologue (`mask`: the causal mask and position ids of a
+    forward over whole sequences; generate's forwards build rotary tables of their own positions), the
+    decoder layers and the final norm: the normed hidden states."""
+    x = _embedding(tp, mt, ids, "embed_tokens.weight")
+    embeds = x
+    x.refs += 1  # `inputs_embeds` and `hidden_states` both name it
+    if mask:
+        pos, trig = _prologue(tp, mt)
+    else:
+        pos, trig = None, _rotary_of(tp, mt)
+    x = _layers(tp, mt, x, pos, trig)
+    hn = rms_norm(tp, x, mt.cfg, "norm")
+    tp.drop(x)
+    # LlamaModel.forward returns: its locals go (the checkpoints keep theirs)
+    if pos is not None:
+        tp.drop(pos)
+    tp.drop(embeds, *trig)
+    return hn
+
+
+def seq_cls_forward(tp: Tape, mt: ModelTrace, ids: Tensor) -> Tensor:
+    """`model(input_ids=ids).logits` of LlamaForSequenceClassification (transformers 5.25): `score`
+    (hidden -> 1) over every position, then the last non-pad token's: non_pad_mask = (ids != pad)
+    .to(int32), token_indices = arange(S, int32), (token_indices * non_pad_mask).argmax(-1), and
+    logits[arange(batch), last_non_pad_token] (IndexBackward0 saves the two index tensors); the
+    model's locals (the per-position logits, the mask, the indices' arange) go when it returns."""
+    hn = _backbone(tp, mt, ids)
+    # with LoRA, peft's trainable copy of `score` (modules_to_save) runs
+    copy = mt.setup.method != "full"
+    score = Weight(mt.spec.hidden_size, 1, mt.emb_dtype, mt.full or copy)
+    key = "score.modules_to_save.default.weight" if copy else "score.weight"
+    logits = linear(tp, hn, score, mt.cfg.autocast, "score", weight_key=key)
+    ne = tp.raw(Sz(t=1), "input_ids != pad_token_id", "bool")
+    mask = tp.raw(Sz(t=4), "non_pad_mask", "int32")
+    tp.drop(ne)
+    positions = tp.raw(Sz(s=4), "token_indices", "int32")
+    product = tp.raw(Sz(t=4), "token_indices * non_pad_mask", "int32")
+    last = tp.raw(Sz(b=8), "last_non_pad_token")
+    tp.drop(product)
+    rows = tp.raw(Sz(b=8), "arange(batch_size)")
+    node = tp.fn("index", (logits,), (rows, last))
+    pooled = tp.out(node, _per_sequence(tp, Sz(b=1), logits.dtype, logits.rg, "pooled_logits"))
+    tp.drop(hn, logits, mask, positions, rows, last)
+    return pooled
+
+
+@formula("index")
+def _index_backward(bw: Backward, n: Node, grads: list) -> list:
+    """IndexBackward0: grad.new_zeros(self.sizes()), index_put with accumulate into a new tensor; the
+    zeros go."""
+    g = grads[0]
+    if g is None:
+        return [None]
+    elems, dtype = n.inputs[0][0], n.inputs[0][1]
+    zeros = bw.new(elems, dtype)
+    out = bw.new(elems, dtype)
+    bw.drop(zeros)
+    return [out]
 
 
 def _causal_lm_loss(tp: Tape, logits: Tensor, vocab: int, single_sequence: bool = False) -> Tensor:
@@ -530,7 +588,7 @@ def _optimizer_step(rec: Recorder, mt: ModelTrace, first: bool) -> None:
             for _key, size, _dt in params:
                 rec.alloc(size)
                 rec.alloc(size)
-        temps = [rec.alloc(size) for _key, size, _dt in params]
+        temps = [rec.alloc(size) for _key, size, _dt in _foreach_groups(params)]
         for st in temps:
             rec.unref(st)
     elif name == "adamw-fused" and first:
@@ -543,6 +601,18 @@ def _optimizer_step(rec: Recorder, mt: ModelTrace, first: bool) -> None:
     for key, _size, _dt in params:
         g = rec.grads.pop(key)
         rec.unref(g.st)
+
+
+def _foreach_groups(params: list[tuple[str, Sz, str]]) -> list[tuple[str, Sz, str]]:
+    """The parameters in the order a foreach optimizer's kernels take them: grouped by dtype
+    (torch's `_group_tensors_by_device_and_dtype`, a C++ hash map), the groups in the reverse order
+    of their first parameter (measured on torch 2.13 with fake CUDA tensors: fp32 then bf16 comes out
+    bf16 first, fp32 bf16 fp16 as fp16 bf16 fp32), each group in parameter order. A LoRA reward
+    model's bf16 copy of `score` beside its fp32 adapters is such a case."""
+    groups: dict[str, list[tuple[str, Sz, str]]] = {}
+    for p in params:
+        groups.setdefault(p[2], []).append(p)
+    return [p for dt in reversed(list(groups)) for p in groups[dt]]
 
 
 def _bnb8bit_states(rec: Recorder, params: list[tuple[str, Sz, str]], paged: bool) -> None:
@@ -592,9 +662,13 @@ def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
         return SymbolicTrace(sft_trace(use.spec, use.setup, options, steps, single), limits=limits)
     if workload.technique == "dpo":
         return SymbolicTrace(dpo_trace(workload, options, steps), limits=limits)
+    if workload.technique == "rm":
+        return SymbolicTrace(rm_trace(workload, options, steps), limits=limits)
+    if workload.technique == "distill":
+        return SymbolicTrace(distill_trace(workload, options, steps), limits=limits)
     if workload.technique == "generate":
         return SymbolicTrace(generate_trace(workload, options, steps, workload.phases[0].batch == 1), limits=limits)
-    raise TraceUnsupported(f"the engine's allocation trace covers the sft, dpo and generate techniques, not "
+    raise TraceUnsupported(f"the engine's allocation trace covers the sft, rm, dpo, distill and generate techniques, not "
                            f"{workload.technique} yet")
 
 
@@ -623,6 +697,47 @@ def _reset(rec: Recorder) -> None:
     rec.event("reset")
 
 
+def _training_steps(rec: Recorder, mt: ModelTrace, steps: int, accum: int, micro) -> None:
+    """The steps of a training technique's program: per step `accum` micro-batches, each
+    `micro(step, tp, rebind) -> loss` (its forward, binding the step's locals with `rebind(name, t)`),
+    then `loss.backward()` (with accumulation `(loss / accum).backward()`: a 0-dim quotient whose
+    backward divides the gradient into a new one; the later micro-batches' gradients are added into
+    .grad in place, planner.engine.autograd); the optimizer step; the step's locals go when it returns.
+    A later micro-batch rebinds each local once its new value exists (a loop over the same statements):
+    the old one goes then, and with the old loss the graph it reached (reentrant checkpoints' inputs)."""
+    for step in range(steps):
+        held: dict[str, Tensor] = {}
+        graph = None
+        for _ in range(accum):
+            tp = Tape(grad=True, rec=rec)
+
+            def rebind(name: str, t: Tensor, tp: Tape = tp) -> None:
+                old = held.pop(name, None)
+                held[name] = t
+                if old is not None:
+                    tp.drop(old)
+                    if name == "loss":
+                        rec.release_graph(graph)
+
+            loss = micro(step, tp, rebind)
+            rec.exit_autocast()  # the forward phase's autocast region ends
+            rec.set_phase(f"{step}.backward")
+            if accum == 1:
+                rec.backward(loss.edge, loss.elems, loss.dtype)
+            else:
+                scaled = unary(tp, loss, "loss / grad_accum")
+                rec.backward(scaled.edge, scaled.elems, scaled.dtype)
+                tp.drop(scaled)
+                graph = rec.take_graph()
+        rec.set_phase(f"{step}.optimizer")
+        _optimizer_step(rec, mt, first=step == 0)
+        tp.drop(*held.values())
+        if graph is not None:
+            rec.release_graph(graph)
+        rec.release_graph()
+        rec.set_phase(f"{step}.between_steps")
+
+
 def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS,
               single_sequence: bool = False) -> list[tuple]:
     """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`);
@@ -631,43 +746,19 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
     rec = _recorder(options)
     _setup(rec, mt)
     _reset(rec)
-    accum = getattr(plan, "grad_accum", 1)
-    for step in range(steps):
-        # the last micro-batch's `ids` and `out` (its loss and logits), and the graph `out` reaches
-        held: tuple[Tensor, ...] = ()
-        graph = None
-        for _ in range(accum):
-            tp = Tape(grad=True, rec=rec)
-            ids = tp.raw(Sz(t=8), "input_ids")
-            if held:  # `ids = ...` rebinds the name: the previous micro-batch's ids go
-                tp.drop(held[0])
-            rec.set_phase(f"{step}.forward")
-            loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda s=step: rec.set_phase(f"{s}.loss"),
-                                             single_sequence=single_sequence)
-            if held:  # `out = model(...)` rebinds it once the forward returns: the previous loss and
-                tp.drop(*held[1:])  # logits go, and the graph they reached (reentrant checkpoints' inputs)
-                rec.release_graph(graph)
-            rec.exit_autocast()  # the forward phase's autocast region ends
-            rec.set_phase(f"{step}.backward")
-            if accum == 1:
-                rec.backward(loss.edge, loss.elems)
-            else:
-                # (out.loss / grad_accum).backward(): a 0-dim quotient (DivBackward0 divides the
-                # gradient into a new one), gone when the statement ends; the gradients of later
-                # micro-batches are added into .grad in place (planner.engine.autograd)
-                scaled = unary(tp, loss, "loss / grad_accum")
-                rec.backward(scaled.edge, scaled.elems)
-                tp.drop(scaled)
-                graph = rec.take_graph()
-            held = (ids, loss, logits)
-        rec.set_phase(f"{step}.optimizer")
-        _optimizer_step(rec, mt, first=step == 0)
-        # the step's locals go when it returns: the ids, and `out` with its loss and logits
-        tp.drop(*held)
-        if graph is not None:
-            rec.release_graph(graph)
-        rec.release_graph()
-        rec.set_phase(f"{step}.between_steps")
+
+    def micro(step: int, tp: Tape, rebind) -> Tensor:
+        ids = tp.raw(Sz(t=8), "input_ids")
+        rebind("ids", ids)
+        rec.set_phase(f"{step}.forward")
+        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda: rec.set_phase(f"{step}.loss"),
+                                         single_sequence=single_sequence)
+        # `out = model(...)`: the previous micro-batch's loss and logits go once the forward returns
+        rebind("logits", logits)
+        rebind("loss", loss)
+        return loss
+
+    _training_steps(rec, mt, steps, getattr(plan, "grad_accum", 1), micro)
     return rec.events
 
 
@@ -749,18 +840,25 @@ def _dpo_loss(tp: Tape, pol: Tensor, ref: Tensor, pairs_elems: Sz, on_margin=Non
     if on_margin is not None:
         on_margin(margin)
     scaled = unary(tp, margin, "beta * margin")
-    # log_sigmoid_forward returns the output and a buffer; its node saves the input and the buffer
-    node = tp.fn("log_sigmoid", (scaled,), (scaled,))
-    out = tp.out(node, _per_sequence(tp, pairs_elems, "fp32", scaled.rg, "logsigmoid"))
-    buffer = _per_sequence(tp, pairs_elems, "fp32", False, "log_sigmoid buffer")
+    loss = _neg_logsigmoid_mean(tp, scaled, pairs_elems)
+    tp.drop(scaled)
+    return loss, [margin]
+
+
+def _neg_logsigmoid_mean(tp: Tape, x: Tensor, pairs_elems: Sz) -> Tensor:
+    """-F.logsigmoid(x).mean() over one value per pair: log_sigmoid_forward returns the output and a
+    buffer (its node saves the input and the buffer); the mean; its negation."""
+    node = tp.fn("log_sigmoid", (x,), (x,))
+    out = tp.out(node, _per_sequence(tp, pairs_elems, x.dtype, x.rg, "logsigmoid"))
+    buffer = _per_sequence(tp, pairs_elems, x.dtype, False, "log_sigmoid buffer")
     if node is not None:
         tp.rec.save(node, buffer.st)
-    tp.drop(buffer, scaled)
+    tp.drop(buffer)
     mean = unary(tp, out, "mean", elems=fixed(1))
     tp.drop(out)
     loss = unary(tp, mean, "neg")
     tp.drop(mean)
-    return loss, [margin]
+    return loss
 
 
 def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
@@ -791,59 +889,149 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
         _setup(rec, reference)
     _reset(rec)
     pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
-    accum = plan.grad_accum
-    for step in range(steps):
-        # the step's locals (ids, ref, pol, margin, loss), rebound one by one by a later micro-batch
-        # (plugins/alignment.py `_dpo_micro_batch`), and the graph the previous loss reaches
-        prev: dict[str, Tensor] = {}
-        graph = None
 
-        def rebind(name: str, t: Tensor) -> None:
-            old = prev.pop(name, None)
-            prev[name] = t
-            if old is not None:
-                tp.drop(old)
-                if name == "loss":
-                    rec.release_graph(graph)
+    def micro(step: int, tp: Tape, rebind) -> Tensor:
+        # the step's locals (ids, ref, pol, margin, loss): plugins/alignment.py `_dpo_micro_batch`
+        ids = tp.raw(Sz(t=8), "input_ids")
+        rebind("ids", ids)
 
-        for _ in range(accum):
-            tp = Tape(grad=True, rec=rec)
-            ids = tp.raw(Sz(t=8), "input_ids")
-            rebind("ids", ids)
+        def reference_logprobs() -> Tensor:
+            rec.set_phase(f"{step}.reference")
+            nt = Tape(grad=False, rec=rec)
+            if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
+                return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
+            return _sequence_logprobs(nt, reference, ids)
 
-            def reference_logprobs() -> Tensor:
-                rec.set_phase(f"{step}.reference")
-                nt = Tape(grad=False, rec=rec)
-                if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
-                    return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
-                return _sequence_logprobs(nt, reference, ids)
+        if plan.reference_pass == "before":
+            rebind("ref", ref := reference_logprobs())
+        rec.set_phase(f"{step}.forward")
+        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
+        rebind("pol", pol)
+        if plan.reference_pass != "before":
+            rebind("ref", ref := reference_logprobs())
+        loss, _ = _dpo_loss(tp, pol, ref, pairs, on_margin=lambda m: rebind("margin", m))
+        rebind("loss", loss)
+        return loss
 
-            if plan.reference_pass == "before":
-                rebind("ref", reference_logprobs())
-            rec.set_phase(f"{step}.forward")
-            pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
-            rebind("pol", pol)
-            if plan.reference_pass != "before":
-                rebind("ref", reference_logprobs())
-            loss, _ = _dpo_loss(tp, pol, prev["ref"], pairs, on_margin=lambda m: rebind("margin", m))
-            rebind("loss", loss)
-            rec.exit_autocast()
-            rec.set_phase(f"{step}.backward")
-            if accum == 1:
-                rec.backward(loss.edge, loss.elems)
-            else:  # (loss / grad_accum).backward(), as sft's step (`sft_trace`)
-                scaled = unary(tp, loss, "loss / grad_accum")
-                rec.backward(scaled.edge, scaled.elems)
-                tp.drop(scaled)
-                graph = rec.take_graph()
-        rec.set_phase(f"{step}.optimizer")
-        _optimizer_step(rec, policy, first=step == 0)
-        tp.drop(*prev.values())  # the step's locals go when it returns
-        if graph is not None:
-            rec.release_graph(graph)
-        rec.release_graph()
-        rec.set_phase(f"{step}.between_steps")
+    _training_steps(rec, policy, steps, plan.grad_accum, micro)
     return rec.events
+
+
+# ---- rm -------------------------------------------------------------------------------------------
+def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The rm technique's program (plugins/alignment.py `rm_step`, chosen and rejected in one forward):
+    ids of 2 x batch sequences; rewards = model(input_ids=ids).logits.squeeze(-1) (`seq_cls_forward`);
+    loss = -logsigmoid(rewards[:B] - rewards[B:]).mean() in the model's dtype; backward; the optimizer;
+    with grad_accum micro-batches the step's locals rebound (as `dpo_trace`)."""
+    use = workload.models[0]
+    plan = use.setup
+    if plan.pair_forward != "concatenated":
+        raise TraceUnsupported("the engine's allocation trace covers rm with --pair-forward concatenated, not two "
+                               "forwards per pair yet")
+    mt = model_trace(use.spec, plan, trainable=True)
+    rec = _recorder(options)
+    _setup(rec, mt)
+    _reset(rec)
+    pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
+
+    def micro(step: int, tp: Tape, rebind) -> Tensor:
+        ids = tp.raw(Sz(t=8), "input_ids")
+        rebind("ids", ids)
+        rec.set_phase(f"{step}.forward")
+        logits = seq_cls_forward(tp, mt, ids)
+        rewards = tp.view(logits, name="squeeze(-1)")
+        tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
+        rebind("rewards", rewards)
+        a = tp.view(rewards, "slice", elems=pairs, name="chosen")
+        b = tp.view(rewards, "slice", elems=pairs, name="rejected")
+        d = binary(tp, a, b, "chosen - rejected", saves=False, aten="sub")
+        tp.drop(a, b)
+        loss = _neg_logsigmoid_mean(tp, d, pairs)
+        tp.drop(d)
+        rebind("loss", loss)
+        return loss
+
+    _training_steps(rec, mt, steps, plan.grad_accum, micro)
+    return rec.events
+
+
+# ---- distill --------------------------------------------------------------------------------------
+def distill_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> list[tuple]:
+    """The distill technique's program (plugins/distillation.py `distill_step`): the frozen teacher's
+    logits under no_grad (its phase), the student's forward, kl_div over both log-softmaxes in fp32
+    (`_kl_loss`); both logits bound until the step ends (or the next micro-batch rebinds them)."""
+    plan = workload.models[0].setup
+    if plan.teacher_method != "full":
+        raise TraceUnsupported("the engine's allocation trace covers distill with a full-precision teacher, not a "
+                               "frozen 4-bit one yet")
+    student = model_trace(workload.model("student").spec, plan, trainable=True)
+    t_use = workload.model("teacher")
+    teacher = model_trace(t_use.spec, t_use.setup, trainable=False)
+    rec = _recorder(options)
+    _setup(rec, student)
+    _setup(rec, teacher)
+    _reset(rec)
+
+    def micro(step: int, tp: Tape, rebind) -> Tensor:
+        ids = tp.raw(Sz(t=8), "input_ids")
+        rebind("ids", ids)
+        rec.set_phase(f"{step}.teacher")
+        _, t_logits = causal_lm_forward(Tape(grad=False, rec=rec), teacher, ids, labels=False)
+        rebind("t_logits", t_logits)
+        rec.set_phase(f"{step}.forward")
+        _, s_logits = causal_lm_forward(tp, student, ids, labels=False, on_logits=_loss_phase(rec, step))
+        rebind("s_logits", s_logits)
+        loss = _kl_loss(tp, s_logits, t_logits)
+        if plan.hard_label_weight > 0:  # loss = (1 - w) * loss + w * ce
+            ce = _cross_entropy(tp, s_logits, ids)
+            rebind("ce", ce)
+            a = unary(tp, loss, "(1 - w) * loss")
+            b = unary(tp, ce, "w * ce")
+            mixed = binary(tp, a, b, "mixed loss", saves=False, aten="add")
+            tp.drop(a, b, loss)
+            loss = mixed
+        rebind("loss", loss)
+        return loss
+
+    _training_steps(rec, student, steps, plan.grad_accum, micro)
+    return rec.events
+
+
+def _cross_entropy(tp: Tape, s_logits: Tensor, ids: Tensor) -> Tensor:
+    """F.cross_entropy(s.float().view(-1, V), ids.view(-1)): log_softmax (its output saved) and nll_loss
+    (saving the target, a view of the ids, and its total weight); the float copy and its view are the
+    call's temporaries."""
+    cf = cast(tp, s_logits, "fp32", "ce.float")
+    cv = tp.view(cf, name="view(-1, V)")
+    lsm = unary(tp, cv, "ce.log_softmax", saves_output=True)
+    node = tp.fn("nll_loss", (lsm,), (lsm, ids))
+    ce = tp.out(node, tp.new(fixed(1), "fp32", True, "ce"))
+    weight = tp.raw(Sz(c=4), "total_weight", "fp32")
+    if node is not None:
+        tp.rec.save(node, weight.st)
+    tp.drop(cv, cf, lsm, weight)
+    return ce
+
+
+def _kl_loss(tp: Tape, s_logits: Tensor, t_logits: Tensor) -> Tensor:
+    """F.kl_div(log_softmax(s.float()), log_softmax(t.float()), log_target=True, reduction="batchmean"):
+    exp(target) * (target - input) (MulBackward0 saves exp(target)), summed, divided by the batch; the
+    two log-softmaxes are the call's arguments (the student's stays saved by its node)."""
+    sf = cast(tp, s_logits, "fp32", "student.float")
+    s_lsm = unary(tp, sf, "student.log_softmax", saves_output=True)
+    tp.drop(sf)
+    tf = cast(tp, t_logits, "fp32", "teacher.float")
+    t_lsm = unary(tp, tf, "teacher.log_softmax")
+    tp.drop(tf)
+    diff = binary(tp, t_lsm, s_lsm, "kl.target_minus_input", saves=False, aten="sub")
+    exp_t = unary(tp, t_lsm, "kl.exp")
+    prod = binary(tp, exp_t, diff, "kl.mul", saves=True)
+    tp.drop(diff, exp_t)
+    total = unary(tp, prod, "kl.sum", elems=fixed(1), grad="sum_rows")  # SumBackward0: an expand (a view)
+    tp.drop(prod)
+    loss = unary(tp, total, "kl.batchmean", elems=fixed(1))
+    tp.drop(s_lsm, t_lsm, total)
+    return loss
 
 
 # ---- generate -------------------------------------------------------------------------------------
