@@ -149,6 +149,7 @@ def model_trace(spec: ModelSpec, setup: Any, trainable: bool) -> ModelTrace:
     input_rg = full or (ckpt and setup.method != "full")
     # peft's prepare_model_for_kbit_training calls gradient_checkpointing_enable with {} (not None), so
     # transformers passes no use_reentrant and torch.utils.checkpoint takes its default: reentrant
+    # (peft <= 0.21; 0.22 passes None and runs non-reentrant: the backends extra pins peft < 0.22)
     reentrant = ckpt and setup.method == "qlora" and setup.kbit_prep
     return ModelTrace(spec, setup, cfg, params, emb_dtype, full, input_rg, ckpt, spec.tie_word_embeddings, reentrant)
 
