@@ -86,7 +86,7 @@ def rm_step(ctx) -> None:
             loss = -F.logsigmoid(rewards[: p.batch] - rewards[p.batch:]).mean()
             ctx.keep(loss, "loss")
         with ctx.phase("backward"):
-            (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
+            ctx.backward(loss)
         del ids, rewards, loss  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()
@@ -187,7 +187,7 @@ def _dpo_micro_batch(ctx, policy) -> None:
         loss = -F.logsigmoid(p.beta * margin).mean()
         ctx.keep(loss, "loss")
     with ctx.phase("backward"):
-        (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
+        ctx.backward(loss)
 
 
 RM = Technique(

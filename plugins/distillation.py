@@ -72,7 +72,7 @@ def distill_step(ctx) -> None:
                 loss = (1 - w) * loss + w * ce
             ctx.keep(loss, "loss")
         with ctx.phase("backward"):
-            (loss if p.grad_accum == 1 else loss / p.grad_accum).backward()
+            ctx.backward(loss)
         del ids, t_logits, s_logits, loss  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()

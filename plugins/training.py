@@ -28,8 +28,7 @@ def sft_step(ctx) -> None:
     """One training step, as a user's loop runs it (module doc: `grad_accum` micro-batches)."""
     model = ctx.model("model")
     opt = ctx.optimizer("model")
-    accum = ctx.plan.grad_accum
-    for _ in range(accum):
+    for _ in range(ctx.plan.grad_accum):
         ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
         ctx.keep(ids, "ids")  # `ids = ...`: the previous micro-batch's ids go once the new ones exist
         with ctx.phase("forward"):
@@ -37,7 +36,7 @@ def sft_step(ctx) -> None:
         # `out` (and its logits) is held until the step ends, or until the next micro-batch rebinds it
         ctx.keep(out)
         with ctx.phase("backward"):
-            (out.loss if accum == 1 else out.loss / accum).backward()
+            ctx.backward(out.loss)
         del out, ids  # held by ctx.keep
     with ctx.phase("optimizer"):
         opt.step()

@@ -66,6 +66,12 @@ class StepContext(ABC):
         kept = self.__dict__.setdefault("_kept", {})
         kept[slot] = obj
 
+    def backward(self, loss: Any) -> None:
+        """A micro-batch's `loss.backward()`: with the plan's grad_accum > 1 micro-batches a step,
+        `(loss / grad_accum).backward()` (a 0-dim quotient; the gradients add up to the step's mean)."""
+        accum = getattr(self.plan, "grad_accum", 1)
+        (loss if accum == 1 else loss / accum).backward()
+
     def empty_cache(self) -> None:
         """`torch.cuda.empty_cache()` (RL trainers call it between generation and training): the
         caching allocator returns every wholly free cached segment to the driver. On a GPU backend

@@ -130,13 +130,7 @@ def _accumulating(mem: MemoryEstimate, ph: Phase, workload: Workload) -> MemoryE
         host = workload.phase(ph.previous)
         tl = compile_phase(host, workload.model(host.role))[0]
         add["activations"] += int(tl.held.at(host.batch * host.seq, host.seq)) + host.carried * host.batch * host.seq
-    extra = sum(add.values())
-    breakdown = {c: mem.breakdown.get(c, 0) + add[c] for c in CATEGORIES}
-    return mem.model_copy(update={
-        "peak_allocated_bytes": mem.peak_allocated_bytes + extra, "reserved_bytes": mem.reserved_bytes + extra,
-        "device_bytes": mem.device_bytes + extra, "breakdown": breakdown,
-        "phases": {k: v + extra for k, v in mem.phases.items()},
-    })
+    return _plus(mem, add)
 
 
 def _with_resident(mem: MemoryEstimate, others: list[ModelUse], own_states: ModelUse | None = None) -> MemoryEstimate:
@@ -156,11 +150,16 @@ def _with_resident(mem: MemoryEstimate, others: list[ModelUse], own_states: Mode
         add["other"] += r.quant_state_bytes
         if m.trainable:
             add["optimizer_states"] += optimizer_memory(m.setup.optimizer, r, m.spec.num_layers).state_bytes
+    return _plus(mem, add)
+
+
+def _plus(mem: MemoryEstimate, add: dict[str, int]) -> MemoryEstimate:
+    """`mem` with `add` bytes per category live at every moment of the phase (its peak, reserved and
+    device figures, breakdown and per-phase peaks raised by their sum)."""
     extra = sum(add.values())
-    breakdown = {c: mem.breakdown.get(c, 0) + add[c] for c in CATEGORIES}
-    total = mem.peak_allocated_bytes + extra
-    reserved = mem.reserved_bytes + extra
+    breakdown = {c: mem.breakdown.get(c, 0) + add.get(c, 0) for c in CATEGORIES}
     return mem.model_copy(update={
-        "peak_allocated_bytes": total, "reserved_bytes": reserved, "device_bytes": mem.device_bytes + extra,
-        "breakdown": breakdown, "phases": {k: v + extra for k, v in mem.phases.items()},
+        "peak_allocated_bytes": mem.peak_allocated_bytes + extra, "reserved_bytes": mem.reserved_bytes + extra,
+        "device_bytes": mem.device_bytes + extra, "breakdown": breakdown,
+        "phases": {k: v + extra for k, v in mem.phases.items()},
     })

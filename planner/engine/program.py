@@ -26,6 +26,7 @@ from planner.engine.training import layer_cfg, run_layer
 from planner.specs import Plan
 
 E, V = "elementwise", "view"
+BACKWARD_CALL = "backward() call"  # the stretch of `loss.backward()`'s own Python (a train step's first)
 ROTARY_FAMILIES = ("llama", "gemma2")
 
 
@@ -277,7 +278,7 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
     prog.add("loss", "the technique's loss", tech_f)
     if loss_ops:
         prog.add("loss", "the technique's loss function call", _host_call("loss_s"))
-    prog.add("backward", "backward() call", _host_call("backward_call_s"), mode="backward")
+    prog.add("backward", BACKWARD_CALL, _host_call("backward_call_s"), mode="backward")
     prog.add("backward", "the technique's loss backward", tech_b, mode="backward")
     for _ in range(passes):
         prog.add("backward", "loss and head backward", head.bwd_ops, mode="backward")
@@ -307,16 +308,15 @@ def accumulated(one: Program, micro_batches: int) -> Program:
         if part == "optimizer":
             continue
         for st in stretches:
-            if part == "backward" and st.name == "backward() call":
+            if part == "backward" and st.name == BACKWARD_CALL:
                 prog.add(part, "loss / grad_accum", div, micro_batches)
                 prog.add(part, "loss / grad_accum backward", div_backward, micro_batches, mode="backward")
             adds = _accumulating(st.ops)
+            out = prog.phases.setdefault(part, [])
             if adds is st.ops:
-                prog.phases.setdefault(part, []).append(dataclasses.replace(st, repeat=st.repeat * micro_batches))
-                continue
-            prog.phases.setdefault(part, []).append(dataclasses.replace(st, repeat=st.repeat))
-            prog.phases[part].append(dataclasses.replace(st, name=f"{st.name} (accumulating)", ops=adds,
-                                                         repeat=st.repeat * later))
+                out.append(dataclasses.replace(st, repeat=st.repeat * micro_batches))
+            else:  # the first micro-batch's AccumulateGrad stores .grad, the later ones add into it
+                out += [st, dataclasses.replace(st, name=f"{st.name} (accumulating)", ops=adds, repeat=st.repeat * later)]
     for st in one.phases.get("optimizer", []):
         prog.phases.setdefault("optimizer", []).append(st)
     return prog

@@ -698,14 +698,20 @@ def _reset(rec: Recorder) -> None:
     rec.event("reset")
 
 
-def _training_steps(rec: Recorder, mt: ModelTrace, steps: int, accum: int, micro) -> None:
-    """The steps of a training technique's program: per step `accum` micro-batches, each
-    `micro(step, tp, rebind) -> loss` (its forward, binding the step's locals with `rebind(name, t)`),
-    then `loss.backward()` (with accumulation `(loss / accum).backward()`: a 0-dim quotient whose
+def _training_steps(options: TraceOptions, models: "list[ModelTrace]", steps: int, accum: int,
+                    micro) -> list[tuple]:
+    """The events of a training technique's program: the models set up (the trained one first: the
+    optimizer follows it) and the peak reset; then per step `accum` micro-batches, each the batch's
+    input ids (`ids = ...`, rebound) and `micro(step, tp, ids, rebind) -> loss` (its forward, binding
+    the step's other locals with `rebind(name, t)`; `tp.rec` the recorder), then `loss.backward()` (with accumulation `(loss / accum).backward()`: a 0-dim quotient whose
     backward divides the gradient into a new one; the later micro-batches' gradients are added into
     .grad in place, planner.engine.autograd); the optimizer step; the step's locals go when it returns.
     A later micro-batch rebinds each local once its new value exists (a loop over the same statements):
     the old one goes then, and with the old loss the graph it reached (reentrant checkpoints' inputs)."""
+    rec = _recorder(options)
+    for mt in models:
+        _setup(rec, mt)
+    _reset(rec)
     for step in range(steps):
         held: dict[str, Tensor] = {}
         graph = None
@@ -720,7 +726,9 @@ def _training_steps(rec: Recorder, mt: ModelTrace, steps: int, accum: int, micro
                     if name == "loss":
                         rec.release_graph(graph)
 
-            loss = micro(step, tp, rebind)
+            ids = tp.raw(Sz(t=8), "input_ids")
+            rebind("ids", ids)
+            loss = micro(step, tp, ids, rebind)
             rec.exit_autocast()  # the forward phase's autocast region ends
             rec.set_phase(f"{step}.backward")
             if accum == 1:
@@ -731,12 +739,13 @@ def _training_steps(rec: Recorder, mt: ModelTrace, steps: int, accum: int, micro
                 tp.drop(scaled)
                 graph = rec.take_graph()
         rec.set_phase(f"{step}.optimizer")
-        _optimizer_step(rec, mt, first=step == 0)
+        _optimizer_step(rec, models[0], first=step == 0)
         tp.drop(*held.values())
         if graph is not None:
             rec.release_graph(graph)
         rec.release_graph()
         rec.set_phase(f"{step}.between_steps")
+    return rec.events
 
 
 def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS,
@@ -744,23 +753,17 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
     """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`);
     `single_sequence`: micro-batches of one sequence."""
     mt = model_trace(spec, plan, trainable=True)
-    rec = _recorder(options)
-    _setup(rec, mt)
-    _reset(rec)
 
-    def micro(step: int, tp: Tape, rebind) -> Tensor:
-        ids = tp.raw(Sz(t=8), "input_ids")
-        rebind("ids", ids)
-        rec.set_phase(f"{step}.forward")
-        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=lambda: rec.set_phase(f"{step}.loss"),
+    def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
+        tp.rec.set_phase(f"{step}.forward")
+        loss, logits = causal_lm_forward(tp, mt, ids, on_logits=_loss_phase(tp.rec, step),
                                          single_sequence=single_sequence)
         # `out = model(...)`: the previous micro-batch's loss and logits go once the forward returns
         rebind("logits", logits)
         rebind("loss", loss)
         return loss
 
-    _training_steps(rec, mt, steps, getattr(plan, "grad_accum", 1), micro)
-    return rec.events
+    return _training_steps(options, [mt], steps, getattr(plan, "grad_accum", 1), micro)
 
 
 # ---- dpo ------------------------------------------------------------------------------------------
@@ -884,17 +887,12 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             # peft's disable_adapter(): the policy's base layers alone, no graph
             reference = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, loras={}), ckpt=False,
                                             input_rg=False)
-    rec = _recorder(options)
-    _setup(rec, policy)
-    if reference is not None and plan.method == "full":
-        _setup(rec, reference)
-    _reset(rec)
+    models = [policy] + ([reference] if reference is not None and plan.method == "full" else [])
     pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
 
-    def micro(step: int, tp: Tape, rebind) -> Tensor:
+    def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         # the step's locals (ids, ref, pol, margin, loss): plugins/alignment.py `_dpo_micro_batch`
-        ids = tp.raw(Sz(t=8), "input_ids")
-        rebind("ids", ids)
+        rec = tp.rec
 
         def reference_logprobs() -> Tensor:
             rec.set_phase(f"{step}.reference")
@@ -914,8 +912,7 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
         rebind("loss", loss)
         return loss
 
-    _training_steps(rec, policy, steps, plan.grad_accum, micro)
-    return rec.events
+    return _training_steps(options, models, steps, plan.grad_accum, micro)
 
 
 # ---- rm -------------------------------------------------------------------------------------------
@@ -930,15 +927,10 @@ def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int =
         raise TraceUnsupported("the engine's allocation trace covers rm with --pair-forward concatenated, not two "
                                "forwards per pair yet")
     mt = model_trace(use.spec, plan, trainable=True)
-    rec = _recorder(options)
-    _setup(rec, mt)
-    _reset(rec)
     pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
 
-    def micro(step: int, tp: Tape, rebind) -> Tensor:
-        ids = tp.raw(Sz(t=8), "input_ids")
-        rebind("ids", ids)
-        rec.set_phase(f"{step}.forward")
+    def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
+        tp.rec.set_phase(f"{step}.forward")
         logits = seq_cls_forward(tp, mt, ids)
         rewards = tp.view(logits, name="squeeze(-1)")
         tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
@@ -952,8 +944,7 @@ def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int =
         rebind("loss", loss)
         return loss
 
-    _training_steps(rec, mt, steps, plan.grad_accum, micro)
-    return rec.events
+    return _training_steps(options, [mt], steps, plan.grad_accum, micro)
 
 
 # ---- distill --------------------------------------------------------------------------------------
@@ -968,14 +959,9 @@ def distill_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: 
     student = model_trace(workload.model("student").spec, plan, trainable=True)
     t_use = workload.model("teacher")
     teacher = model_trace(t_use.spec, t_use.setup, trainable=False)
-    rec = _recorder(options)
-    _setup(rec, student)
-    _setup(rec, teacher)
-    _reset(rec)
 
-    def micro(step: int, tp: Tape, rebind) -> Tensor:
-        ids = tp.raw(Sz(t=8), "input_ids")
-        rebind("ids", ids)
+    def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
+        rec = tp.rec
         rec.set_phase(f"{step}.teacher")
         _, t_logits = causal_lm_forward(Tape(grad=False, rec=rec), teacher, ids, labels=False)
         rebind("t_logits", t_logits)
@@ -994,8 +980,7 @@ def distill_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: 
         rebind("loss", loss)
         return loss
 
-    _training_steps(rec, student, steps, plan.grad_accum, micro)
-    return rec.events
+    return _training_steps(options, [student, teacher], steps, plan.grad_accum, micro)
 
 
 def _cross_entropy(tp: Tape, s_logits: Tensor, ids: Tensor) -> Tensor:
