@@ -2493,7 +2493,7 @@ FLOOR_AT = {"fixed_scale": 1.0}
 
 def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str] = STEP_FIT, max_evals: int = 600,
               progress: Progress | None = None) -> tuple[FitResult, list[str], dict[str, float], dict[str, float]]:  # fmt: skip
-    """Fit `params` of `profile` to the cases' medians (planner.backends.step_programs.Case, timed),
+    """Fit `params` of `profile` to the cases' figures (planner.backends.step_programs.Case, timed: the quietest sample),
     predicted by planner.engine.timing.step_time: `fit_profile`. A FLOORED parameter the fit puts
     below its micro-benchmark figure is held there and the others fitted again. Returns the fit,
     the parameters fitted, those held (with their values) and the starting values."""
@@ -2506,7 +2506,7 @@ def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str
     # programs did not fit
     raw = [1.0 / max(_spread_of(c.samples) if len(c.samples) > 1 else 0.1, 0.1) ** 2 for c in cases]
     mean = sum(raw) / len(raw) if raw else 1.0
-    rows = [StepRow(i, c.label, c.plan, c.model, None, "step_s", c.median, w / mean)
+    rows = [StepRow(i, c.label, c.plan, c.model, None, "step_s", c.figure, w / mean)
             for i, (c, w) in enumerate(zip(cases, raw), start=1)]
 
     def predict_row(plan: Any, model: Any, prof: DeviceProfile, gpu: Any) -> float:
@@ -2562,10 +2562,10 @@ def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, t
     fit, free, held, start = fit_cases(profile, cases, params, max_evals=max_evals, progress=progress)
     threads = threads or torch.get_num_threads()
     spreads = [c.spread for c in cases]
-    names = "; ".join(f"{c.label}: {_fmt_s(c.median)} (spread {c.spread:.0%})" for c in cases)
+    names = "; ".join(f"{c.label}: {_fmt_s(c.figure)} (spread {c.spread:.0%})" for c in cases)
     how = (f"fitted to {len(cases)} built-in calibration programs timed on this machine with "
            f"planner.backends.timing.time_steps (threads {threads}; each sample the median of one call's steps "
-           f"after its warm-up; median of {rounds} interleaved rounds, spreads median {_median(spreads):.0%}, worst "
+           f"after its warm-up; the quietest sample of {rounds} interleaved rounds, spreads median {_median(spreads):.0%}, worst "
            f"{max(spreads):.0%}) and predicted by planner.engine.timing.step_time with this profile; "
            f"fit_profile: least squares on log(predicted / measured), {fit.evaluations} evaluations, "
            f"median |error| {fit.median_abs_error:.1%}, worst {fit.worst_abs_error:.1%}{note}")
