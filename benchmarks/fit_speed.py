@@ -9,7 +9,10 @@ trace through the simulated allocator, the verdict, the smallest card, the searc
 - warm: the trace cached, median over `--repeats` calls;
 and the warm answer's parts, medians: the trace evaluated at the plan's numbers, one replay on an
 unlimited card (reserved), the allocator's whole answer (reserved, verdict, smallest card by
-bisection). Target (issue 13): the whole warm fit <= 50 ms for an 8B training plan.
+bisection); and how many allocator runs one warm fit makes (`runs`: replays from the start, and the
+smallest card's bisection runs that resume from a shared state, counted alike; `limit runs`: those
+of the limits' and suggestions' searches). Target (issue 13): the whole warm fit <= 50 ms for an 8B
+training plan.
 """
 
 from __future__ import annotations
@@ -37,6 +40,42 @@ def _clear() -> None:
 
     for name in ("planner.engine.simulation", "planner.engine.estimate"):
         importlib.import_module(name)._cache.clear()
+
+
+def count_runs(fn) -> tuple[int, int]:
+    """(allocator runs, those made by the limits' and suggestions' searches) in one call of fn."""
+    from planner import simulated
+    from planner.engine import allocator
+
+    real_run = allocator._run_fast
+    real = {name: getattr(simulated, name) for name in ("judged_limits", "judged_suggestions")}
+    runs = [0, 0]
+    searching = [False]
+
+    def counted(*a, **k):
+        runs[0] += 1
+        runs[1] += searching[0]
+        return real_run(*a, **k)
+
+    def in_search(fn):
+        def wrapped(*a, **k):
+            searching[0] = True
+            try:
+                return fn(*a, **k)
+            finally:
+                searching[0] = False
+        return wrapped
+
+    allocator._run_fast = counted
+    for name, f in real.items():
+        setattr(simulated, name, in_search(f))
+    try:
+        fn()
+    finally:
+        allocator._run_fast = real_run
+        for name, f in real.items():
+            setattr(simulated, name, f)
+    return runs[0], runs[1]
 
 
 def median_ms(fn, repeats: int, before=None) -> float:
@@ -74,15 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         evaluate = median_ms(lambda: plan_trace(plan, model, gpu, coded=True), args.repeats)
         one = median_ms(lambda: replay(trace), args.repeats)
         answer = median_ms(lambda: simulate(trace, None, allocator_capacity(gpu)), args.repeats)
+        runs, searched = count_runs(lambda: fit(plan))
         rows.append({"plan": name, "events": len(trace), "cold_ms": cold, "warm_ms": warm, "evaluate_ms": evaluate,
-                     "replay_ms": one, "answer_ms": answer})
+                     "replay_ms": one, "answer_ms": answer, "runs": runs, "limit_runs": searched})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'plan':<20} {'events':>8} {'cold ms':>9} {'warm ms':>9} {'trace ms':>9} {'replay ms':>10} {'answer ms':>10}")
+    print(f"{'plan':<20} {'events':>8} {'cold ms':>9} {'warm ms':>9} {'trace ms':>9} {'replay ms':>10} {'answer ms':>10} "
+          f"{'runs':>5} {'limit runs':>10}")
     for r in rows:
         print(f"{r['plan']:<20} {r['events']:>8} {r['cold_ms']:>9.0f} {r['warm_ms']:>9.0f} {r['evaluate_ms']:>9.2f} "
-              f"{r['replay_ms']:>10.1f} {r['answer_ms']:>10.1f}")
+              f"{r['replay_ms']:>10.1f} {r['answer_ms']:>10.1f} {r['runs']:>5} {r['limit_runs']:>10}")
     return 0
 
 

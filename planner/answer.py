@@ -153,9 +153,11 @@ class AllocatorDoc(_Doc):
 
 
 class LimitsDoc(_Doc):
-    max_batch: int | None
-    max_lengths: dict[str, int]
-    at_least: list[str]
+    max_batch: int | None = Field(description="the largest micro-batch per GPU that fits")
+    max_lengths: dict[str, int] = Field(description="the longest seq / prompt_len / new_tokens that fits, on the "
+                                        "length grid (a power-of-two step of at most 1/64 of it; planner/length_grid.py), "
+                                        "or the plan's own where no longer grid value fits")
+    at_least: list[str] = Field(description="knobs that still fit at the search's cap")
 
 
 class CollectiveDoc(_Doc):

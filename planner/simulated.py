@@ -7,7 +7,8 @@ those that change the batch or a length (the same trace shape, so the cached tra
 replayed under the card (a verdict needs one or two replays: on an unlimited card, then under the card
 when the first asks for more), and where a finalist does not fit (or a limit could go further), the
 largest value that does is searched from the estimate rescaled by each replay's figure, a handful of
-replays rather than a bisection's (`_simulated_largest`). Finalists of another shape (checkpointing, LoRA, another
+replays rather than a bisection's (`_simulated_largest`); a length is searched over the length grid
+(planner.length_grid: a step of at most 1/64 of the value), a batch over every integer. Finalists of another shape (checkpointing, LoRA, another
 optimizer) would each need a trace built: they keep the scaled figure and say so (`simulated`).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from planner import length_grid
 from planner.engine.alloc_conf import AllocatorConfig
 from planner.result import MemoryEstimate
 from planner.specs import MAX_COUNT, Plan
@@ -121,7 +123,13 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
             if field is not None:
                 failed = getattr(s.plan, field)
                 probe, rescaled = _search_fns(s.plan, model, gpu, config, field, untraced_fits=False)
-                best = _simulated_largest(0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
+                if field == "batch":
+                    best = _simulated_largest(0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
+                else:  # a length: the largest on the length grid
+                    probe, rescaled = _on_grid(probe, rescaled)
+                    fails = length_grid.ceil_index(failed)
+                    best = length_grid.value_of(_simulated_largest(0, rescaled(fails, None, 0, fails), probe, rescaled,
+                                                                   fails=fails))
                 if best > 0:
                     new = s.plan.model_copy(update={field: best})
                     reserved, ok = verdict(new, model, gpu, config) or (reserved, ok)
@@ -145,7 +153,13 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
 
         # untraced values keep the scaled estimate's word (the limit was found with it)
         probe, rescaled = _search_fns(plan, model, gpu, config, field, untraced_fits=True)
-        return _simulated_largest(getattr(plan, field), value, probe, rescaled)
+        if field == "batch":
+            return _simulated_largest(plan.batch, value, probe, rescaled)
+        # a length: the largest on the length grid that fits, or the plan's own (which fits)
+        own = getattr(plan, field)
+        probe, rescaled = _on_grid(probe, rescaled)
+        found = _simulated_largest(length_grid.index_of(own), length_grid.index_of(value), probe, rescaled)
+        return max(length_grid.value_of(found), own)
 
     update: dict[str, Any] = {}
     if reach.max_batch is not None:
@@ -168,6 +182,22 @@ def _search_fns(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig,
         return _rescaled_candidate(plan, model, gpu, config, field, at, reserved, lo, hi)
 
     return probe, rescaled
+
+
+def _on_grid(probe: Any, rescaled: Any) -> tuple[Any, Any]:
+    """`_search_fns`' probe and rescaled candidate over length-grid indices (planner.length_grid)
+    rather than values: the search then finds the largest index that fits."""
+
+    def probe_i(i: int) -> "tuple[bool, int | None]":
+        v = length_grid.value_of(i)
+        return (False, None) if v > MAX_COUNT else probe(v)
+
+    def rescaled_i(at: int, reserved: "int | None", lo: int, hi: "int | None") -> int:
+        v = rescaled(length_grid.value_of(at), reserved, length_grid.value_of(lo),
+                     None if hi is None else length_grid.value_of(hi))
+        return length_grid.index_of(v)
+
+    return probe_i, rescaled_i
 
 
 def _simulated_largest(fits: int, candidate: int, probe: Any, rescaled: Any, tries: int = 6,

@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from planner import length_grid
 from planner.specs import MAX_COUNT, Plan
 
 Estimator = Callable[[Plan, Any], Any]
@@ -101,7 +102,8 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_batch: int | None = Field(default=None, description="largest micro-batch per GPU that fits")
-    max_lengths: dict[str, int] = Field(default_factory=dict, description="longest seq / prompt_len / new_tokens that fits")
+    max_lengths: dict[str, int] = Field(default_factory=dict, description="longest seq / prompt_len / new_tokens that "
+                                        "fits, on the length grid (a power-of-two step of at most 1/64 of it)")
     at_least: list[str] = Field(default_factory=list, description="knobs that still fit at the search's cap")
 
 
@@ -152,8 +154,10 @@ class _Searcher:
                 hi = mid - 1
         return best
 
-    def smaller(self, base: Plan, layout: dict, field: str, floor: int, flag: str) -> tuple[str, Result] | None:
-        """The largest value of `field` below the current one (>= floor) that fits, or `floor`."""
+    def smaller(self, base: Plan, layout: dict, field: str, floor: int, flag: str,
+                gridded: bool = False) -> tuple[str, Result] | None:
+        """The largest value of `field` below the current one (>= floor) that fits, or `floor`;
+        `gridded`: the largest on the length grid (planner.length_grid)."""
         current = getattr(base, field)
         if current is None or current <= floor:
             return None
@@ -161,6 +165,10 @@ class _Searcher:
         if found is None:
             res = self.run(base, {field: floor}, layout)
             return None if res is None else (f"{flag} {floor}", res)
+        if gridded and (v := max(length_grid.floor(found[0]), floor)) != found[0]:
+            res = self.run(base, {field: v}, layout)
+            if res is not None:
+                found = (v, res)
         return f"{flag} {found[0]}", found[1]
 
     def batch_change(self, base: Plan, layout: dict) -> tuple[str, Result] | None:
@@ -183,8 +191,9 @@ class _Searcher:
         return f"--batch {p.batch} --grad-accum {p.grad_accum}", res
 
     def length_change(self, base: Plan, layout: dict, field: str, flag: str) -> tuple[str, Result] | None:
-        """Largest length that fits, by bisection below the current one (memory grows with length)."""
-        return self.smaller(base, layout, field, 1, flag)
+        """Largest length on the length grid that fits, by bisection below the current one (memory grows
+        with length)."""
+        return self.smaller(base, layout, field, 1, flag, gridded=True)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int | None:
@@ -456,7 +465,9 @@ def layout_changes(layout: Any, fields: dict[str, Any], spec: Any) -> list[Chang
 def limits(plan: Plan, model: Any, evaluate: Evaluator, layout: dict[str, Any] | None = None) -> Limits:
     """The largest micro-batch and the longest sequence (each length the technique reads) that
     still fit, each with everything else unchanged: doubling until the plan stops fitting, then
-    bisection between the last fitting and the first failing value."""
+    bisection between the last fitting and the first failing value. A length is stated on the length
+    grid (planner.length_grid: at most 1/64 below the exact one), or the plan's own when none above
+    it on the grid fits."""
     layout = dict(layout or {})
     fields, _ = technique_facts(plan, model)
     s = _Searcher(evaluate, fields)
@@ -480,7 +491,9 @@ def limits(plan: Plan, model: Any, evaluate: Evaluator, layout: dict[str, Any] |
             else:
                 lo, step = nxt, step * 2
         found = s.largest_fitting(lo, hi, lambda v: s.run(plan, {field: v}, layout))
-        return found[0] if found is not None else lo
+        best = found[0] if found is not None else lo
+        # a length is stated on the length grid (never below the plan's own value, which fits)
+        return best if field == "batch" else max(length_grid.floor(best), current)
 
     max_batch = grow("batch")
     lengths = {f: v for f, _ in _lengths(fields) if (v := grow(f)) is not None}

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from planner import length_grid
 from planner.cli import main
 from planner.engine import estimate
 from planner.gpus import load_gpu
@@ -109,8 +110,11 @@ def test_limits_hold_under_the_simulation():
     model, gpu = load_model("qwen2.5-0.5b"), load_gpu("t4")
     base = Plan(model="qwen2.5-0.5b", gpu="t4", seq=1024)
     for field, value in (("batch", lim["max_batch"]), ("seq", lim["max_lengths"]["seq"])):
+        # a length is on the length grid (or the plan's own): the next grid value does not fit
+        nxt = value + 1 if field == "batch" else length_grid.value_of(length_grid.index_of(value) + 1)
+        assert field == "batch" or value in (length_grid.floor(value), base.seq)
         assert verdict(base.model_copy(update={field: value}), model, gpu, AllocatorConfig())[1] is True
-        assert verdict(base.model_copy(update={field: value + 1}), model, gpu, AllocatorConfig())[1] is False
+        assert verdict(base.model_copy(update={field: nxt}), model, gpu, AllocatorConfig())[1] is False
 
 
 @settings(max_examples=200, deadline=None)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from planner import length_grid
 from planner.api import fit, fit_distributed
 from planner.engine import estimate
 from planner.gpus import load_gpu
@@ -144,7 +145,10 @@ def judged_alone(res, gpu) -> None:
             if knob in lim.at_least:
                 continue
             at = Plan(**{**res.plan.model_dump(), knob: v})
-            past = Plan(**{**res.plan.model_dump(), knob: v + 1})
+            # a length is stated on the length grid, or is the plan's own: the next grid value does not fit
+            nxt = v + 1 if knob == "batch" else length_grid.value_of(length_grid.index_of(v) + 1)
+            assert knob == "batch" or v in (length_grid.floor(v), getattr(res.plan, knob)), knob
+            past = Plan(**{**res.plan.model_dump(), knob: nxt})
             assert judged(at, knob)[1], knob
             assert not judged(past, knob)[1], knob
 

@@ -288,6 +288,8 @@ def _print_limits(result: Any, out: Out) -> None:
     for field, v in lim.max_lengths.items():
         more = " (at least)" if field in lim.at_least else ""
         out.print(f"  longest {LIMIT_LABELS.get(field, field):<13} {v:>12,} tokens{more}")
+    if lim.max_lengths:
+        out.print("  (a length to a power-of-two step of at most 1/64 of it: 128 tokens from 8,192 up)")
 
 
 def _print_suggestions(result: Any, fits: bool, out: Out) -> None:
