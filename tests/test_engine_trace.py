@@ -94,6 +94,11 @@ CASES = {
     "llama qlora ckpt grad_accum 2": ("llama", {"method": "qlora", "lora_rank": 4, "grad_ckpt": True, "seq": 1024,
                                                 "grad_accum": 2}),
     "qwen2 dpo grad_accum 2 reference before": ("qwen2", {"task": "dpo", "grad_accum": 2, "reference_pass": "before"}),
+    # TRL's selective_log_softmax (its CUDA kernel): per-token fp32 vectors, the logits saved for its backward;
+    # the LoRA policy's reference through peft's disable_adapter()
+    "qwen2 dpo selective logprobs": ("qwen2", {"task": "dpo", "logprobs": "selective"}),
+    "llama dpo lora selective logprobs grad_accum 2": ("llama", {"task": "dpo", "logprobs": "selective", "method": "lora",
+                                                                 "lora_rank": 4, "grad_accum": 2}),
     # every decode step runs the model (the cache grows a position at a time)
     "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
     "qwen2 generate b1": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4, "batch": 1}),

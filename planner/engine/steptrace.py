@@ -775,11 +775,18 @@ def _loss_phase(rec: Recorder, step: int):
     return mark
 
 
-def _sequence_logprobs(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None) -> Tensor:
-    """plugins/logprobs.py `sequence_logprobs(model, ids, "full")`: `out = model(input_ids=ids,
-    use_cache=False)`; log_softmax(out.logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
-    (one fp32 value per sequence); `out` and its logits go when it returns."""
+def _sequence_logprobs(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None, how: str = "full") -> Tensor:
+    """plugins/logprobs.py `sequence_logprobs(model, ids, how)`: `out = model(input_ids=ids,
+    use_cache=False)`; `full`: log_softmax(out.logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    .sum(-1); `selective`: TRL's selective_log_softmax(out.logits, ids).sum(-1) (its CUDA kernel:
+    `_selective_log_softmax`); one fp32 value per sequence; `out` and its logits go when it returns."""
     _, logits = causal_lm_forward(tp, mt, ids, labels=False, on_logits=on_logits)
+    if how == "selective":
+        per_token = _selective_log_softmax(tp, logits, ids)
+        node = tp.fn("sum_rows", (per_token,))
+        lp = tp.out(node, _per_sequence(tp, Sz(b=1), "fp32", per_token.rg, "log-probs summed"))
+        tp.drop(per_token, logits)
+        return lp
     lf = cast(tp, logits, "fp32", "logits.float")
     lsm = unary(tp, lf, "log_softmax", saves_output=True)
     tp.drop(lf)
@@ -791,6 +798,35 @@ def _sequence_logprobs(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None) ->
     lp = tp.out(node, _per_sequence(tp, Sz(b=1), "fp32", squeezed.rg, "log-probs summed"))
     tp.drop(squeezed, gathered, logits)
     return lp
+
+
+def _selective_log_softmax(tp: Tape, logits: Tensor, ids: Tensor) -> Tensor:
+    """TRL 1.16.0's selective_log_softmax(logits, ids) on CUDA: its Triton `_LogProbEntropyFunction`
+    (what planner.backends.dryrun._patches._LogProbEntropyKernel allocates) writes four fp32 per-token
+    vectors (log-probs, entropy, log Z, expected logit) and saves the logits, the ids, log Z and the
+    expected logit for its backward; the entropy, unused, goes when selective_log_softmax returns.
+    Under no_grad nothing is saved: log Z and the expected logit go with the forward."""
+    node = tp.fn("logprob_entropy", (logits,), (logits, ids))
+    logprobs = tp.out(node, tp.new(tok(1), "fp32", logits.rg, "logprobs"))
+    entropy = tp.out(node, tp.new(tok(1), "fp32", logits.rg, "entropy"))
+    log_z = tp.new(tok(1), "fp32", False, "log Z")
+    expected = tp.new(tok(1), "fp32", False, "expected logit")
+    if node is not None:
+        tp.rec.save(node, log_z.st)
+        tp.rec.save(node, expected.st)
+    tp.drop(log_z, expected)
+    tp.drop(entropy)
+    return logprobs
+
+
+@formula("logprob_entropy")
+def _logprob_entropy_backward(bw: Backward, n: Node, grads: list) -> list:
+    """_LogProbEntropyFunction.backward: one gradient like the logits (torch.empty_like), written by
+    the kernel; its saved tensors go after it."""
+    if grads[0] is None and (len(grads) < 2 or grads[1] is None):
+        return [None]
+    elems, dtype, _ = n.inputs[0]
+    return [bw.new(elems, dtype)]
 
 
 def _per_sequence(tp: Tape, elems: Sz, dtype: str, rg: bool, name: str) -> Tensor:
@@ -872,9 +908,9 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
     precomputed zeros) under no_grad, after the policy's (TRL's order) or before; the loss; backward;
     the optimizer."""
     plan = workload.models[0].setup
-    if plan.logprobs != "full" or plan.pair_forward != "concatenated":
-        raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full and --pair-forward "
-                               "concatenated, not TRL's kernels or two forwards yet")
+    if plan.logprobs not in ("full", "selective") or plan.pair_forward != "concatenated":
+        raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full or selective and "
+                               "--pair-forward concatenated, not TRL's fused head or two forwards yet")
     policy = model_trace(workload.model("policy").spec, workload.model("policy").setup, trainable=True)
     reference = None
     if plan.ref_logprobs == "model":
@@ -899,12 +935,12 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             nt = Tape(grad=False, rec=rec)
             if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
                 return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
-            return _sequence_logprobs(nt, reference, ids)
+            return _sequence_logprobs(nt, reference, ids, how=plan.logprobs)
 
         if plan.reference_pass == "before":
             rebind("ref", ref := reference_logprobs())
         rec.set_phase(f"{step}.forward")
-        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step))
+        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step), how=plan.logprobs)
         rebind("pol", pol)
         if plan.reference_pass != "before":
             rebind("ref", ref := reference_logprobs())
