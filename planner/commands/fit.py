@@ -286,10 +286,19 @@ def _print_limits(result: Any, out: Out) -> None:
         more = " (at least)" if "batch" in lim.at_least else ""
         out.print(f"  largest micro-batch   {lim.max_batch:>12,}{more}")
     for field, v in lim.max_lengths.items():
-        more = " (at least)" if field in lim.at_least else ""
-        out.print(f"  longest {LIMIT_LABELS.get(field, field):<13} {v:>12,} tokens{more}")
-    if lim.max_lengths:
-        out.print("  (a length to a power-of-two step of at most 1/64 of it: 128 tokens from 8,192 up)")
+        out.print(f"  longest {LIMIT_LABELS.get(field, field):<13} {v:>12,} tokens{_length_note(result, field, v)}")
+
+
+def _length_note(result: Any, field: str, v: int) -> str:
+    """What a length limit is stated to (planner.length_grid): its grid step, or the plan's own value."""
+    from planner import length_grid
+
+    if field in result.limits.at_least:
+        return " (at least)"
+    if v == getattr(result.plan, field, None) and length_grid.floor(v) != v:
+        return " (the plan's own: no longer one on the grid fits)"
+    step = length_grid.value_of(length_grid.index_of(v) + 1) - v
+    return f" (to a step of {step})" if step > 1 else ""
 
 
 def _print_suggestions(result: Any, fits: bool, out: Out) -> None:
