@@ -266,7 +266,9 @@ def fit(plan: Plan, with_suggestions: bool = True, layout: dict[str, Any] | None
 
         evaluate = single_gpu_evaluator(model, gpu.memory_bytes, scaled)
         if fits:
-            reach = limits(plan, model, evaluate)
+            # the plan fits by the simulation's verdict even where its scaled reserved does not (the
+            # allocator's free-and-retry under the card): the searches start from it all the same
+            reach = limits(plan, model, evaluate, fits=True if answer is not None else None)
             if answer is not None:
                 reach = judged_limits(plan, model, gpu, conf, reach)
         else:

@@ -105,6 +105,7 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
     """Suggestions found with the scaled estimate, their finalists of the plan's trace shape simulated:
     a shorter length (or smaller batch) that the simulation says does not fit is lowered to the largest
     that does."""
+    from planner.engine import estimate
     from planner.suggest import Suggestion
 
     out = []
@@ -134,7 +135,9 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
                     new = s.plan.model_copy(update={field: best})
                     reserved, ok = verdict(new, model, gpu, config) or (reserved, ok)
                     change = s.change.replace(f" {getattr(s.plan, field)}", f" {best}", 1)
-                    s = s.model_copy(update={"change": change})
+                    # the lowered plan's own peak (the suggestion's was the value the simulation did not fit)
+                    s = s.model_copy(update={"change": change,
+                                             "peak_allocated_bytes": estimate(new, model, gpu).peak_allocated_bytes})
         out.append(Suggestion(change=s.change, peak_allocated_bytes=s.peak_allocated_bytes,
                               device_bytes=reserved + gpu.cuda_context_bytes, fits=ok, plan=new, layout=s.layout,
                               rank=s.rank, simulated=True))

@@ -462,12 +462,15 @@ def layout_changes(layout: Any, fields: dict[str, Any], spec: Any) -> list[Chang
 
 
 # ---- how far a fitting plan goes ----------------------------------------------------------------
-def limits(plan: Plan, model: Any, evaluate: Evaluator, layout: dict[str, Any] | None = None) -> Limits:
+def limits(plan: Plan, model: Any, evaluate: Evaluator, layout: dict[str, Any] | None = None,
+           fits: bool | None = None) -> Limits:
     """The largest micro-batch and the longest sequence (each length the technique reads) that
     still fit, each with everything else unchanged: doubling until the plan stops fitting, then
     bisection between the last fitting and the first failing value. A length is stated on the length
     grid (planner.length_grid: at most 1/64 below the exact one), or the plan's own when none above
-    it on the grid fits."""
+    it on the grid fits. `fits`: the caller's verdict on the plan itself where it has a better one
+    than `evaluate`'s (the simulated allocator's, whose free-and-retry can run a step whose reserved on
+    an unlimited card exceeds the card); None: `evaluate`'s."""
     layout = dict(layout or {})
     fields, _ = technique_facts(plan, model)
     s = _Searcher(evaluate, fields)
@@ -476,7 +479,7 @@ def limits(plan: Plan, model: Any, evaluate: Evaluator, layout: dict[str, Any] |
     def grow(field: str) -> int | None:
         current = getattr(plan, field)
         base = s.run(plan, {}, layout)
-        if base is None or not base[2].fits:
+        if base is None or not (base[2].fits if fits is None else fits):
             return None
         lo, hi = current, None
         step = max(current, 1)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import length_grid
+from planner.api import fit
 from planner.cli import main
 from planner.engine import estimate
 from planner.gpus import load_gpu
@@ -153,3 +154,35 @@ def test_the_limit_search_probes_few_values_from_a_near_candidate():
 
     assert _simulated_largest(2048, limit + 2, probe, lambda at, r, lo, hi: min(limit + 2, hi - 1 if hi else limit + 2)) == limit
     assert len(probed) <= 4, probed
+
+
+def test_a_step_that_fits_only_by_free_and_retry_still_says_how_far_it_goes():
+    """A plan whose reserved on an unlimited card (plus the context) exceeds the card, yet runs under it
+    (the allocator frees its cached segments and retries): it fits, and its limits are searched from it
+    (they were none: the limits' search judged the plan itself by its scaled reserved; found by the slow
+    property test)."""
+    from planner.engine.alloc_conf import AllocatorConfig
+    from planner.simulated import verdict
+
+    plan = Plan(model="qwen2.5-0.5b", gpu="mi300x", batch=35, seq=2637, grad_ckpt=True, optimizer="sgd")
+    res = fit(plan)
+    assert res.fits and res.allocator is not None and res.memory.device_bytes > res.gpu.memory_bytes
+    lim = res.limits
+    assert lim is not None and lim.max_batch is not None and lim.max_batch >= plan.batch
+    model, gpu = load_model(plan.model), load_gpu(plan.gpu)
+    assert verdict(plan.model_copy(update={"batch": lim.max_batch + 1}), model, gpu, AllocatorConfig())[1] is False
+    seq = lim.max_lengths["seq"]
+    assert seq >= plan.seq and verdict(plan.model_copy(update={"seq": seq}), model, gpu, AllocatorConfig())[1] is True
+
+
+def test_a_shorter_length_lowered_by_the_simulation_carries_its_own_peak():
+    """Where the simulation does not fit the estimate's shorter length and lowers it, the suggestion's
+    peak allocated is the lowered plan's (it was the unlowered one's; found by the property test)."""
+    plan = Plan(model="llama-3.1-8b", gpu="a100-80gb", batch=40, seq=306)
+    res = fit(plan)
+    assert not res.fits
+    seq = [s for s in res.suggestions if s.change.startswith("--seq ")]
+    assert seq and all(s.simulated for s in seq)
+    for s in seq:
+        assert s.peak_allocated_bytes == estimate(s.plan, load_model(plan.model), load_gpu(plan.gpu)).peak_allocated_bytes
+        assert s.change == f"--seq {s.plan.seq}"
