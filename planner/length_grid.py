@@ -42,6 +42,11 @@ def floor(v: int) -> int:
     return value_of(index_of(v))
 
 
+def next_above(v: int) -> int:
+    """The smallest grid value > v: a limit's next step, which does not fit."""
+    return value_of(index_of(v) + 1)
+
+
 def ceil_index(v: int) -> int:
     """The index of the smallest grid value >= v."""
     i = index_of(v)

@@ -8,8 +8,9 @@ replayed under the card (a verdict needs one or two replays: on an unlimited car
 when the first asks for more), and where a finalist does not fit (or a limit could go further), the
 largest value that does is searched from the estimate rescaled by each replay's figure, a handful of
 replays rather than a bisection's (`_simulated_largest`); a length is searched over the length grid
-(planner.length_grid: a step of at most 1/64 of the value), a batch over every integer. Finalists of another shape (checkpointing, LoRA, another
-optimizer) would each need a trace built: they keep the scaled figure and say so (`simulated`).
+(planner.length_grid: a step of at most 1/64 of the value), a batch over every integer
+(`_largest_fitting`). Finalists of another shape (checkpointing, LoRA, another optimizer) would each
+need a trace built: they keep the scaled figure and say so (`simulated`).
 """
 
 from __future__ import annotations
@@ -124,13 +125,7 @@ def judged_suggestions(plan: Plan, model: Any, gpu: "GPUSpec", config: Allocator
             if field is not None:
                 failed = getattr(s.plan, field)
                 probe, rescaled = _search_fns(s.plan, model, gpu, config, field, untraced_fits=False)
-                if field == "batch":
-                    best = _simulated_largest(0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
-                else:  # a length: the largest on the length grid
-                    probe, rescaled = _on_grid(probe, rescaled)
-                    fails = length_grid.ceil_index(failed)
-                    best = length_grid.value_of(_simulated_largest(0, rescaled(fails, None, 0, fails), probe, rescaled,
-                                                                   fails=fails))
+                best = _largest_fitting(field, 0, rescaled(failed, None, 0, failed), probe, rescaled, fails=failed)
                 if best > 0:
                     new = s.plan.model_copy(update={field: best})
                     reserved, ok = verdict(new, model, gpu, config) or (reserved, ok)
@@ -156,13 +151,8 @@ def judged_limits(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfi
 
         # untraced values keep the scaled estimate's word (the limit was found with it)
         probe, rescaled = _search_fns(plan, model, gpu, config, field, untraced_fits=True)
-        if field == "batch":
-            return _simulated_largest(plan.batch, value, probe, rescaled)
-        # a length: the largest on the length grid that fits, or the plan's own (which fits)
-        own = getattr(plan, field)
-        probe, rescaled = _on_grid(probe, rescaled)
-        found = _simulated_largest(length_grid.index_of(own), length_grid.index_of(value), probe, rescaled)
-        return max(length_grid.value_of(found), own)
+        own = getattr(plan, field)  # it fits: a length whose grid values above it do not is its own
+        return max(_largest_fitting(field, own, value, probe, rescaled), own)
 
     update: dict[str, Any] = {}
     if reach.max_batch is not None:
@@ -185,6 +175,18 @@ def _search_fns(plan: Plan, model: Any, gpu: "GPUSpec", config: AllocatorConfig,
         return _rescaled_candidate(plan, model, gpu, config, field, at, reserved, lo, hi)
 
     return probe, rescaled
+
+
+def _largest_fitting(field: str, fits: int, candidate: int, probe: Any, rescaled: Any,
+                     fails: "int | None" = None) -> int:
+    """`_simulated_largest` over the values a `field` is stated at: a batch any integer, a length a
+    value of the length grid (the search then runs over grid indices: `_on_grid`)."""
+    if field == "batch":
+        return _simulated_largest(fits, candidate, probe, rescaled, fails=fails)
+    probe, rescaled = _on_grid(probe, rescaled)
+    found = _simulated_largest(length_grid.index_of(fits), length_grid.index_of(candidate), probe, rescaled,
+                               fails=None if fails is None else length_grid.ceil_index(fails))
+    return length_grid.value_of(found)
 
 
 def _on_grid(probe: Any, rescaled: Any) -> tuple[Any, Any]:

@@ -112,7 +112,7 @@ def test_limits_hold_under_the_simulation():
     base = Plan(model="qwen2.5-0.5b", gpu="t4", seq=1024)
     for field, value in (("batch", lim["max_batch"]), ("seq", lim["max_lengths"]["seq"])):
         # a length is on the length grid (or the plan's own): the next grid value does not fit
-        nxt = value + 1 if field == "batch" else length_grid.value_of(length_grid.index_of(value) + 1)
+        nxt = value + 1 if field == "batch" else length_grid.next_above(value)
         assert field == "batch" or value in (length_grid.floor(value), base.seq)
         assert verdict(base.model_copy(update={field: value}), model, gpu, AllocatorConfig())[1] is True
         assert verdict(base.model_copy(update={field: nxt}), model, gpu, AllocatorConfig())[1] is False

@@ -149,13 +149,13 @@ def test_a_fitting_plan_says_how_far_it_goes():
 
     assert doc["allocator"]["simulated"]  # so the limits are the simulated allocator's
     for knob, v in (("batch", lim["max_batch"]), ("seq", lim["max_lengths"]["seq"])):
-        nxt = v + 1 if knob == "batch" else length_grid.value_of(length_grid.index_of(v) + 1)  # a length's next grid value
+        nxt = v + 1 if knob == "batch" else length_grid.next_above(v)  # a length's next grid value
         assert verdict(base.model_copy(update={knob: v}), model, gpu, AllocatorConfig())[1] is True
         assert verdict(base.model_copy(update={knob: nxt}), model, gpu, AllocatorConfig())[1] is False
     code, text, _ = run(["fit", "--model", "qwen2.5-0.5b", "--gpu", "h200", "--batch", "1", "--seq", "512"])
     assert f"{lim['max_batch']:,}" in text and f"{lim['max_lengths']['seq']:,}" in text
     # a length limit says the grid step it is stated to (planner.length_grid)
-    step = length_grid.value_of(length_grid.index_of(lim["max_lengths"]["seq"]) + 1) - lim["max_lengths"]["seq"]
+    step = length_grid.next_above(lim["max_lengths"]["seq"]) - lim["max_lengths"]["seq"]
     assert f"{lim['max_lengths']['seq']:,} tokens (to a step of {step})" in text
 
 

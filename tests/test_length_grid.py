@@ -14,7 +14,7 @@ from planner.specs import Plan
 def test_index_and_value_bracket_every_length(v):
     i = g.index_of(v)
     lo, hi = g.value_of(i), g.value_of(i + 1)
-    assert lo <= v < hi and g.index_of(lo) == i and g.floor(v) == lo
+    assert lo <= v < hi and g.index_of(lo) == i and g.floor(v) == lo and g.next_above(v) == hi
     # the step is a power of two of at most 1/64 of the value (1 below 128)
     step = hi - lo
     assert step & (step - 1) == 0 and (step == 1 if lo < 128 else step * 64 <= lo)

@@ -146,7 +146,7 @@ def judged_alone(res, gpu) -> None:
                 continue
             at = Plan(**{**res.plan.model_dump(), knob: v})
             # a length is stated on the length grid, or is the plan's own: the next grid value does not fit
-            nxt = v + 1 if knob == "batch" else length_grid.value_of(length_grid.index_of(v) + 1)
+            nxt = v + 1 if knob == "batch" else length_grid.next_above(v)
             assert knob == "batch" or v in (length_grid.floor(v), getattr(res.plan, knob)), knob
             past = Plan(**{**res.plan.model_dump(), knob: nxt})
             assert judged(at, knob)[1], knob

@@ -77,7 +77,8 @@ def test_markdown_table_has_its_columns_and_summary(suite):
     assert TABLE_HEADER in md
     for r in suite.rows:
         assert f"| {r.case.label} |" in md
-    for needle in ("median |error|", "worst", "torch threads 1", "the quietest sample", "Against the median of each", "host.layer_s", "host.backward_op_s",
+    for needle in ("median |error|", "worst", "torch threads 1", "the quietest sample", "Against the median of each",
+                   "host.layer_s", "host.backward_op_s",
                    "Step fit residuals", "## Time per phase", "## Kernels in the program", "Versions: python",
                    "time-cpu.csv"):  # fmt: skip
         assert needle in md, needle

@@ -2565,7 +2565,8 @@ def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, t
     names = "; ".join(f"{c.label}: {_fmt_s(c.figure)} (spread {c.spread:.0%})" for c in cases)
     how = (f"fitted to {len(cases)} built-in calibration programs timed on this machine with "
            f"planner.backends.timing.time_steps (threads {threads}; each sample the median of one call's steps "
-           f"after its warm-up; the quietest sample of {rounds} interleaved rounds, spreads median {_median(spreads):.0%}, worst "
+           f"after its warm-up; the quietest sample of {rounds} interleaved rounds, spreads median "
+           f"{_median(spreads):.0%}, worst "
            f"{max(spreads):.0%}) and predicted by planner.engine.timing.step_time with this profile; "
            f"fit_profile: least squares on log(predicted / measured), {fit.evaluations} evaluations, "
            f"median |error| {fit.median_abs_error:.1%}, worst {fit.worst_abs_error:.1%}{note}")

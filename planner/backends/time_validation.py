@@ -404,7 +404,8 @@ def to_csv(suite: Suite) -> str:
             r.case.label, p.task, p.method, p.precision, int(p.grad_ckpt), r.model, p.batch, "" if gen else p.seq,
             p.prompt_len if gen else "", p.new_tokens if gen else "", f"{r.measured_s:.6g}", f"{r.case.median:.6g}",
             f"{r.case.spread:.4f}", f"{r.case.iqr:.4f}", ";".join(f"{x:.6g}" for x in r.case.samples),
-            f"{r.predicted_s:.6g}", f"{r.error:.4f}", f"{r.error_vs_median:.4f}", f"{r.compute_s:.6g}", f"{r.host_s:.6g}", "" if r.ops_match is None else int(r.ops_match),
+            f"{r.predicted_s:.6g}", f"{r.error:.4f}", f"{r.error_vs_median:.4f}", f"{r.compute_s:.6g}",
+            f"{r.host_s:.6g}", "" if r.ops_match is None else int(r.ops_match),
             r.ops_note, ";".join(f"{k}={v:.6g}" for k, v in r.phases_measured.items()),
             ";".join(f"{k}={h + d:.6g}" for k, (h, d) in r.phases_predicted.items()),
         ])  # fmt: skip

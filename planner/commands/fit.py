@@ -297,7 +297,7 @@ def _length_note(result: Any, field: str, v: int) -> str:
         return " (at least)"
     if v == getattr(result.plan, field, None) and length_grid.floor(v) != v:
         return " (the plan's own: no longer one on the grid fits)"
-    step = length_grid.value_of(length_grid.index_of(v) + 1) - v
+    step = length_grid.next_above(v) - v
     return f" (to a step of {step})" if step > 1 else ""
 
 

@@ -703,9 +703,10 @@ def _training_steps(options: TraceOptions, models: "list[ModelTrace]", steps: in
     """The events of a training technique's program: the models set up (the trained one first: the
     optimizer follows it) and the peak reset; then per step `accum` micro-batches, each the batch's
     input ids (`ids = ...`, rebound) and `micro(step, tp, ids, rebind) -> loss` (its forward, binding
-    the step's other locals with `rebind(name, t)`; `tp.rec` the recorder), then `loss.backward()` (with accumulation `(loss / accum).backward()`: a 0-dim quotient whose
-    backward divides the gradient into a new one; the later micro-batches' gradients are added into
-    .grad in place, planner.engine.autograd); the optimizer step; the step's locals go when it returns.
+    the step's other locals with `rebind(name, t)`; `tp.rec` the recorder), then `loss.backward()`
+    (with accumulation `(loss / accum).backward()`: a 0-dim quotient whose backward divides the
+    gradient into a new one; the later micro-batches' gradients are added into .grad in place,
+    planner.engine.autograd); the optimizer step; the step's locals go when it returns.
     A later micro-batch rebinds each local once its new value exists (a loop over the same statements):
     the old one goes then, and with the old loss the graph it reached (reentrant checkpoints' inputs)."""
     rec = _recorder(options)
@@ -823,7 +824,7 @@ def _selective_log_softmax(tp: Tape, logits: Tensor, ids: Tensor) -> Tensor:
 def _logprob_entropy_backward(bw: Backward, n: Node, grads: list) -> list:
     """_LogProbEntropyFunction.backward: one gradient like the logits (torch.empty_like), written by
     the kernel; its saved tensors go after it."""
-    if grads[0] is None and (len(grads) < 2 or grads[1] is None):
+    if all(g is None for g in grads):
         return [None]
     elems, dtype, _ = n.inputs[0]
     return [bw.new(elems, dtype)]
