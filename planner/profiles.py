@@ -46,6 +46,17 @@ DTYPES = ("fp32", "bf16", "fp16")
 # (mm(x, w.t()): the second operand transposed), autograd's grad input grad[M,N].mm(w[N,K]) (both
 # contiguous) and grad weight grad.t()[N,M].mm(x[M,K]) (the first transposed)
 MATMUL_LAYOUTS = ("linear", "grad_input", "grad_weight")
+# an SDPA kernel's passes, each with its own shape model: the forward kernel over a causal prefill, the
+# forward kernel of a decode step (one query row over the cache), autograd's backward kernel (FLOPs 2.5x)
+ATTENTION_PASSES = ("forward", "decode", "backward")
+
+
+def attention_pass(name: str, queries: int) -> str:
+    """The ATTENTION_PASSES entry of an SDPA kernel (aten `name`) over `queries` query rows per sequence
+    and head (1: a decode step)."""
+    if name.endswith("_backward"):
+        return "backward"
+    return "decode" if queries == 1 else "forward"
 
 
 class ProfileError(PlannerInputError):
@@ -129,7 +140,11 @@ class MatmulShapes(BaseModel):
     (that kernel at K = 256, N = 2048-8000 took 1.4-1.8x its modelled time at M = 16-1024). Fitted by least
     squares on log(rate) to a sweep of shapes, the terms and smoothing chosen by leave-one-out error
     (planner.backends.calibrate.fit_matmul_shapes); `points` shapes, `residual` the median
-    |measured / fitted - 1| of their rates, `loo` the median leave-one-out error of their times."""
+    |measured / fitted - 1| of their rates, `loo` the median leave-one-out error of their times.
+
+    An SDPA kernel is priced by the same model (DeviceProfile.attention_shapes) as the matmul it is
+    shaped like: M = FLOPs / (2 K N) query rows (B x heads x (S + 1) for a causal prefill of S, 2 x B x
+    heads for a decode step), K the head dim, N the key length."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -325,6 +340,12 @@ class DeviceProfile(BaseModel):
         "the layout's FLOPs curve); a CPU's bf16 kernels reach rates that depend on K or N, not on FLOPs"))
     attention: dict[str, RateCurve] = Field(default_factory=dict, description=(
         "achieved FLOP/s of SDPA kernels by dtype, against their FLOPs (default: the matmul's)"))
+    attention_shapes: dict[str, dict[str, MatmulShapes]] = Field(default_factory=dict, description=(
+        "achieved FLOP/s of SDPA kernels by dtype and pass (forward, decode, backward) against their shape, where measured "
+        "(MatmulShapes over M = FLOPs / (2 K N) query rows, K the head dim, N the key length): it prices every SDPA "
+        "kernel whose op knows its head dim (default: the attention and attention_backward curves); a CPU's kernel "
+        "runs 2x apart at equal FLOPs from head dim 16 to 64, and a decode step's (one query row) at a tenth of "
+        "a prefill's rate"))
     memory: RateCurve = Field(description="achieved bytes/s of elementwise ops and copies, against bytes moved")
     memory_inplace: RateCurve | None = Field(default=None, description=(
         "achieved bytes/s of in-place ops (add_, mul_, _foreach_*_: no output allocated), against bytes moved "
@@ -386,16 +407,18 @@ class DeviceProfile(BaseModel):
                 raise ValueError(f"'{key}': keys are 'aten name.dtype' with dtype one of {', '.join(DTYPES)}")
         return v
 
-    @field_validator("matmul_layouts", "matmul_shapes")
+    @field_validator("matmul_layouts", "matmul_shapes", "attention_shapes")
     @classmethod
-    def _layouts(cls, v: dict[str, dict]) -> dict[str, dict]:
-        """dtype -> layout -> curve (or shape model): known dtypes and layouts."""
-        for dt, by_layout in v.items():
+    def _by_dtype(cls, v: dict[str, dict], info: ValidationInfo) -> dict[str, dict]:
+        """dtype -> layout (an SDPA kernel's: pass) -> curve or shape model: known dtypes, layouts, passes."""
+        what, allowed = (("pass", ATTENTION_PASSES) if info.field_name == "attention_shapes"
+                         else ("layout", MATMUL_LAYOUTS))
+        for dt, by_key in v.items():
             if dt not in DTYPES:
                 raise ValueError(f"unknown dtype '{dt}' (allowed: {', '.join(DTYPES)})")
-            bad = [k for k in by_layout if k not in MATMUL_LAYOUTS]
+            bad = [k for k in by_key if k not in allowed]
             if bad:
-                raise ValueError(f"{dt}: unknown layout '{bad[0]}' (allowed: {', '.join(MATMUL_LAYOUTS)})")
+                raise ValueError(f"{dt}: unknown {what} '{bad[0]}' (allowed: {', '.join(allowed)})")
         return v
 
     @field_validator("dtype_scale", "matmul_fixed_s")
@@ -422,7 +445,8 @@ class DeviceProfile(BaseModel):
         return self.attention.get(dtype) or self.matmul_curve(dtype)
 
     def with_device_scale(self, scale: float) -> DeviceProfile:
-        """The profile with `device_scale` = scale: every rate curve (matmul, its layouts and shapes, attention, memory,
+        """The profile with `device_scale` = scale: every rate curve (matmul, its layouts and shapes, attention and its
+        shapes, memory,
         the kernels' own) times
         scale / the current device_scale (the curves include the scale)."""
         if not scale > 0:
@@ -434,6 +458,7 @@ class DeviceProfile(BaseModel):
             "matmul_shapes": {d: {lay: c.scaled(k) for lay, c in cs.items()} for d, cs in self.matmul_shapes.items()},
             "attention": {d: c.scaled(k) for d, c in self.attention.items()},
             "attention_backward": {d: c.scaled(k) for d, c in self.attention_backward.items()},
+            "attention_shapes": {d: {ps: c.scaled(k) for ps, c in cs.items()} for d, cs in self.attention_shapes.items()},
             "memory": self.memory.scaled(k),
             "memory_inplace": self.memory_inplace.scaled(k) if self.memory_inplace is not None else None,
             "memory_by_dtype": {d: c.scaled(k) for d, c in self.memory_by_dtype.items()},
@@ -445,7 +470,7 @@ class DeviceProfile(BaseModel):
 
     def with_dtype_scale(self, dtype: str, scale: float) -> DeviceProfile:
         """The profile with dtype_scale[dtype] = scale: that dtype's matmul (every layout and shape model), attention
-        and attention backward curves times scale / the current factor (the curves include it)."""
+        and attention backward curves (and shape models) times scale / the current factor (the curves include it)."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{dtype}' (allowed: {', '.join(DTYPES)})")
         if not scale > 0:
@@ -462,6 +487,8 @@ class DeviceProfile(BaseModel):
             "matmul_shapes": {d: ({lay: c.scaled(k) for lay, c in cs.items()} if d == dtype else cs)
                               for d, cs in self.matmul_shapes.items()},
             "attention_backward": rescaled(self.attention_backward),
+            "attention_shapes": {d: ({ps: c.scaled(k) for ps, c in cs.items()} if d == dtype else cs)
+                                 for d, cs in self.attention_shapes.items()},
             "dtype_scale": {**self.dtype_scale, dtype: scale},
         })
 

@@ -59,6 +59,13 @@ def test_quick_calibration_is_a_valid_profile(quick):
     assert set(p.attention_backward) == {"fp32", "bf16"} and p.memory_inplace is not None
     assert p.memory_curve(True) is p.memory_inplace and p.memory_curve(True) != p.memory
     assert p.foreach_per_tensor is True  # the CPU's _foreach_* ops run one kernel per tensor
+    # SDPA's shape models: each dtype's three passes, fitted to the sweep's shapes
+    assert {dt: set(ms) for dt, ms in p.attention_shapes.items()} == {
+        dt: {"forward", "decode", "backward"} for dt in ("fp32", "bf16")}
+    prefill, decode, backward = cal.attention_shapes(cal.settings("cpu", True))
+    for dt, ms in p.attention_shapes.items():
+        assert [ms[ps].points for ps in ("forward", "decode", "backward")] == [len(prefill), len(decode), len(backward)]
+        assert all(mo.rate(64, 64, 64) > 0 and math.isfinite(mo.rate(64, 64, 64)) for mo in ms.values())
     # JSON round trip through the loader's parser
     again = parse_profile(json.loads(json.dumps(p.model_dump(mode="json"))), "round trip")
     assert again == p
@@ -945,3 +952,39 @@ def test_a_fit_that_drives_a_positive_scale_to_zero_returns_a_valid_profile():
     fit = cal.fit_profile(base_profile(), rows, predict, params=["fixed_scale"], max_evals=80)
     assert 0 < fit.profile.fixed_scale < 1e-6
     DeviceProfile.model_validate(fit.profile.model_dump())
+
+
+def test_the_sdpa_shape_sweep_spreads_each_pass_within_its_flops_and_prices_as_the_recorder_counts():
+    """attention_shapes: the settings' count of each pass, prefill and backward causal and decode one query
+    row, within the FLOPs caps, each a distinct point of the shape model; a shape's FLOPs and (M, K, N)
+    are those the recorder gives the real call (classify) and the engine's op at the same T and S."""
+    import torch
+    import torch.nn.functional as F
+
+    from planner.engine.tape import Sym
+
+    st = cal.settings("cpu", False)
+    prefill, decode, backward = cal.attention_shapes(st)
+    assert (len(prefill), len(decode), len(backward)) == st.attn_shape_cases
+    assert all(a.causal and a.queries == a.keys for a in prefill + backward) and all(a.queries == 1 for a in decode)
+    assert max(a.flops for a in prefill + decode) <= st.attn_shape_max_flops
+    assert max(a.flops for a in backward) <= st.attn_shape_max_flops / 4
+    for shapes in (prefill, decode, backward):
+        points = [(round(a.mkn()[0]), a.dim, a.keys) for a in shapes]
+        assert len(set(points)) == len(points)
+        assert len({a.dim for a in shapes}) >= 4 and len({a.keys for a in shapes}) >= 4  # K and N each vary
+    for a in (cal.AttentionShape(2, 4, 2, 24, 24, 16), cal.AttentionShape(1, 8, 4, 1, 40, 32)):
+        q = torch.randn(a.batch, a.queries, a.heads, a.dim).transpose(1, 2)
+        k, v = (torch.randn(a.batch, a.kv_heads, a.keys, a.dim) for _ in range(2))
+        ops, _, _ = cal.count_ops(torch, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=a.causal,
+                                                                                enable_gqa=True))  # fmt: skip
+        att = [o for o in ops if o.kind == "attention"]
+        assert len(att) == 1 and att[0].flops == a.flops
+        assert att[0].dims == (a.dim, a.keys) and att[0].queries == a.queries
+        # the engine's op (planner.engine.layers.sdpa_ops; a decode step: program._decode_attention) at T, S
+        hd = a.heads * a.dim
+        if a.causal:
+            f = Sym(t=2 * hd, q=2 * hd).at(a.batch * a.keys, a.keys)
+        else:
+            f = Sym(q=4 * hd).at(a.batch, a.keys)
+        assert float(f) == a.flops and float(f) / (2 * a.dim * a.keys) == a.mkn()[0]

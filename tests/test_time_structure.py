@@ -68,6 +68,72 @@ def test_a_linear_layers_matmul_is_priced_by_its_shape_where_the_profile_has_a_s
     assert p.with_dtype_scale("bf16", 2.0).matmul_shapes["fp32"]["linear"].rate(8, 64, 128) == pytest.approx(5e8)
 
 
+def test_an_sdpa_kernel_is_priced_by_its_pass_and_shape_where_the_profile_has_shape_models():
+    import math
+
+    from planner.profiles import MatmulShapes
+
+    # forward: 1 GFLOP/s at head dim >= 64, half that at 16; decode a tenth of that; backward flat 0.25
+    fwd = MatmulShapes(log_rate=math.log(1e9), terms={"k": ((16.0, -math.log(2)), (64.0, 0.0))})
+    p = profile(attention_shapes={"fp32": {"forward": fwd, "decode": fwd.scaled(0.1),
+                                           "backward": MatmulShapes(log_rate=math.log(2.5e8), terms={"k": ((16.0, 0.0),)})}})
+    heads, seq, tokens = 4, 512, 1024  # B = 2
+
+    def sdpa(dim: int, name: str = "_scaled_dot_product_flash_attention", queries: int = 0) -> Op:
+        hd = heads * dim  # the engine's causal FLOPs: 2 x heads x dim x T x (S + 1) (planner.engine.layers)
+        flops = Sym(q=4 * hd) if queries == 1 else Sym(t=2 * hd, q=2 * hd)
+        return Op("attention", name, flops, dtype="fp32", dims=(dim, queries))
+
+    def secs(op: Op, prof: DeviceProfile = p, t: float = tokens, s: float = seq) -> float:
+        return price(OpList([op]), t, s, prof).device_s
+
+    f16 = 2 * heads * 16 * tokens * (seq + 1)
+    f64 = 4 * f16
+    assert secs(sdpa(16)) == pytest.approx(f16 / 5e8)  # equal FLOPs per head dim priced apart
+    assert secs(sdpa(64)) == pytest.approx(f64 / 1e9)
+    backward = "_scaled_dot_product_flash_attention_backward"
+    assert secs(sdpa(16, backward)) == pytest.approx(f16 / 2.5e8)
+    # a decode step (one query row): the decode model, T = batch over S = the cache's length
+    assert secs(sdpa(64, queries=1), t=2, s=300) == pytest.approx(4 * heads * 64 * 2 * 300 / 1e8)
+    # the model's M: B x heads x (S + 1) query rows for a prefill, 2 x B x heads for a decode step
+    m_rows = MatmulShapes(log_rate=math.log(1e9), terms={"m": ((4104.0, 0.0), (4104.0 * 4, math.log(2)))})
+    q = profile(attention_shapes={"fp32": {"forward": m_rows}})
+    assert secs(sdpa(64), q) == pytest.approx(f64 / 1e9)  # M = 2 x 4 x 513
+    assert secs(sdpa(64), q, t=4 * tokens) == pytest.approx(4 * f64 / 2e9)
+    # without a model of its pass or dtype, or without dims: the attention curves
+    slow = RateCurve(points=((1.0, 1e8),))
+    r = profile(attention={"fp32": slow}, attention_shapes={"fp32": {"forward": fwd}})
+    assert secs(sdpa(16, backward), r) == pytest.approx(f16 / 1e8)
+    assert secs(sdpa(16, queries=1), r, t=2, s=300) == pytest.approx(4 * heads * 16 * 2 * 300 / 1e8)
+    assert secs(Op("attention", "_scaled_dot_product_flash_attention", Sym(t=2 * heads * 16, q=2 * heads * 16),
+                   dtype="fp32"), r) == pytest.approx(f16 / 1e8)
+    assert secs(Op("attention", "_scaled_dot_product_flash_attention", Sym(t=2 * heads * 16, q=2 * heads * 16),
+                   dtype="bf16", dims=(16, 0)), r) == pytest.approx(f16 / 1e9)  # bf16: no curve, the matmul's
+    # the scales carry over
+    assert p.with_device_scale(0.5).attention_shapes["fp32"]["decode"].rate(8, 64, 1) == pytest.approx(5e7)
+    assert p.with_dtype_scale("fp32", 2.0).attention_shapes["fp32"]["forward"].rate(8, 64, 1) == pytest.approx(2e9)
+    assert p.with_dtype_scale("bf16", 2.0).attention_shapes["fp32"]["forward"].rate(8, 64, 1) == pytest.approx(1e9)
+
+
+def test_the_engines_sdpa_ops_carry_their_head_dim_and_a_decode_steps_its_one_query_row():
+    from planner.engine.program import generate_program, train_step_program
+    from planner.models import load_model
+    from planner.specs import Plan
+
+    plan = Plan(model="llama-3.1-8b", task="sft", precision="bf16", batch=1, seq=512)
+    spec = load_model(plan.model)
+    prog = train_step_program(spec, plan)
+    att = [op for part in prog.phases.values() for s in part for op in s.ops.ops if op.kind == "attention"]
+    assert {op.name for op in att} == {"_scaled_dot_product_flash_attention",
+                                       "_scaled_dot_product_flash_attention_backward"}
+    assert {op.dims for op in att} == {(128, 0)}
+    gen = generate_program(spec, plan.model_copy(update={"task": "generate"}))
+    decode = [op for s in gen.phases["decode"] for op in s.ops.ops if op.kind == "attention"]
+    prefill = [op for s in gen.phases["prefill"] for op in s.ops.ops if op.kind == "attention"]
+    assert decode and {op.dims for op in decode} == {(128, 1)}
+    assert prefill and {op.dims for op in prefill} == {(128, 0)}
+
+
 def test_layout_curves_scale_with_device_scale_and_dtype_scale():
     p = profile(matmul_layouts={"fp32": {"linear": FLAT}})
     assert p.with_device_scale(0.5).matmul_curve("fp32", "linear").rate(10) == pytest.approx(5e8)
@@ -100,6 +166,8 @@ def test_a_measured_kernel_costs_fixed_plus_its_bytes_at_its_own_rate():
     ({"matmul_shapes": {"fp32": {"linear": {"log_rate": 20, "terms": {"kk": [[1, 0]]}}}}}, "unknown term 'kk'"),
     ({"matmul_shapes": {"fp32": {"linear": {"log_rate": 20, "terms": {"k": [[64, 0], [8, 1]]}}}}}, "ascending"),
     ({"matmul_shapes": {"fp32": {"grad": {"log_rate": 20, "terms": {"k": [[64, 0]]}}}}}, "unknown layout 'grad'"),
+    ({"attention_shapes": {"fp32": {"prefill": {"log_rate": 20, "terms": {"k": [[64, 0]]}}}}}, "unknown pass 'prefill'"),
+    ({"attention_shapes": {"int4": {"forward": {"log_rate": 20, "terms": {"k": [[64, 0]]}}}}}, "unknown dtype 'int4'"),
 ])
 def test_bad_profile_fields_are_one_line_errors(bad, needle):
     data = json.loads(profile().model_dump_json())

@@ -89,7 +89,7 @@ from typing import Any
 
 from planner.errors import PlannerInputError, did_you_mean, one_line
 from planner.profiles import (DTYPES, MATMUL_LAYOUTS, DeviceProfile, HostCosts, KernelCost, MatmulShapes, RateCurve,
-                              hat_weights, pow2_part, shape_sizes)
+                              attention_pass, hat_weights, pow2_part, shape_sizes)
 
 DEVICES = ("cpu", "cuda")
 Progress = Callable[[str, int, int], None]  # (stage, samples done, samples in all)
@@ -138,6 +138,11 @@ class Settings:
     # two largest mm_tokens within mm_shape_max_flops and kept as a measured offset of its shape model
     # (MatmulShapes.measured)
     mm_layer_dims: tuple[tuple[int, int], ...] = ()
+    # the SDPA shape sweep (attention_shapes): per dtype this many prefill (causal) and decode (one query
+    # row) shapes for the forward kernel and prefill shapes for the backward, spread over the shape model's
+    # (log M, log K, log N), each at most attn_shape_max_flops forward FLOPs (the backward at a quarter)
+    attn_shape_cases: tuple[int, int, int] = (0, 0, 0)  # (prefill, decode, backward)
+    attn_shape_max_flops: float = 0.0
 
 
 # CPU sweeps: operands cycled over 8 MiB (beyond this machine's 2 MiB L2, within its L3): an op
@@ -187,7 +192,8 @@ def settings(device: str, quick: bool) -> Settings:
                         sdpa_backward=((1, 4, 64, 32), (1, 4, 256, 64)), attn_dtypes=("fp32", "bf16"),
                         opt_tensors=(8, 64), dispatch_calls=1000, check_llama=False, autograd_chain=(8, 32),
                         step_rounds=3, step_programs="quick", mm_shape_cases=12, mm_narrow=(8,),
-                        mm_shape_max_flops=3e7, cold_bytes=COLD_BYTES)  # fmt: skip
+                        mm_shape_max_flops=3e7, cold_bytes=COLD_BYTES, attn_shape_cases=(6, 6, 6),
+                        attn_shape_max_flops=2e7)  # fmt: skip
     return Settings(repeats=9, sample_s=0.004, max_calls=100000, mm_tokens=(1, 4, 16, 64, 128, 256, 512, 1024, 4096),
                     mm_hidden=(64, 128, 256, 512, 1024, 2048, 4096), mm_max_dim=4096, mm_max_flops=2.5e9, mm_cases=24,
                     mm_dtypes=("fp32", "bf16"), mem_bytes=(4e3, 2.56e8), mem_points=12,
@@ -198,7 +204,7 @@ def settings(device: str, quick: bool) -> Settings:
                                    (1, 8, 512, 64), (1, 8, 1024, 64)),
                     attn_dtypes=("fp32", "bf16"), opt_tensors=(16, 256), dispatch_calls=5000,
                     check_llama=True, cold_bytes=COLD_BYTES, mm_shape_cases=48, mm_narrow=(8, 16, 32),
-                    mm_shape_max_flops=4e8)  # fmt: skip
+                    mm_shape_max_flops=4e8, attn_shape_cases=(32, 20, 16), attn_shape_max_flops=3e8)  # fmt: skip
 
 
 def matmul_shapes(st: Settings) -> list[tuple[int, int, int]]:
@@ -269,6 +275,68 @@ def spread_shapes(grid: Sequence[tuple[int, int, int]], n: int,
         p = point(s)
         dist = [min(d, math.dist(point(x), p)) for d, x in zip(dist, left)]
     return out
+
+
+# the SDPA shape sweep's grid: batch, (heads, KV heads), head dims (transformers' models' 16-256 and
+# sizes between), sequence (prefill) and cache (decode) lengths
+ATTN_BATCHES = (1, 2, 4, 8)
+ATTN_HEADS = ((4, 2), (8, 4), (16, 8))
+ATTN_HEAD_DIMS = (16, 24, 32, 48, 64, 96, 128)
+ATTN_PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+ATTN_DECODE_LENGTHS = (8, 32, 128, 512, 2048)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One SDPA call of the shape sweep, as a transformers model makes it: q (batch, heads, queries, dim)
+    a transposed view of (batch, queries, heads, dim), k and v (batch, kv heads, keys, dim) contiguous at
+    the KV-head count (enable_gqa); causal over queries = keys (prefill), or one query row over the
+    cache (decode)."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    queries: int
+    keys: int
+    dim: int
+
+    @property
+    def causal(self) -> bool:
+        return self.queries > 1
+
+    @property
+    def flops(self) -> float:
+        """4 x dim per computed (query, key) pair (_sdpa_flops)."""
+        pairs = _causal_pairs(self.queries, self.keys) if self.causal else self.queries * self.keys
+        return 4.0 * self.batch * self.heads * self.dim * pairs
+
+    def mkn(self, passes: float = 1.0) -> tuple[float, int, int]:
+        """(M, K, N) of the shape model: K the head dim, N the key length, M = FLOPs / (2 K N) (`passes`:
+        the backward's FLOPs are 2.5x the forward's)."""
+        return passes * self.flops / (2.0 * self.dim * self.keys), self.dim, self.keys
+
+
+def attention_shapes(st: Settings) -> tuple[list[AttentionShape], list[AttentionShape], list[AttentionShape]]:
+    """(prefill, decode, backward) shapes of the SDPA sweep: st.attn_shape_cases of each, spread over the
+    shape model's (log M, log K, log N) (`spread_shapes`), within attn_shape_max_flops forward FLOPs (a
+    quarter of it for the backward: 2.5x the FLOPs at a CPU's bf16 backward's few GFLOP/s)."""
+    prefill = [AttentionShape(b, h, kv, s, s, d) for b in ATTN_BATCHES for h, kv in ATTN_HEADS
+               for s in ATTN_PREFILL_LENGTHS for d in ATTN_HEAD_DIMS]  # fmt: skip
+    decode = [AttentionShape(b, h, kv, 1, s, d) for b in ATTN_BATCHES for h, kv in ATTN_HEADS
+              for s in ATTN_DECODE_LENGTHS for d in ATTN_HEAD_DIMS]  # fmt: skip
+    out = []
+    for grid, n, cap in ((prefill, st.attn_shape_cases[0], st.attn_shape_max_flops),
+                         (decode, st.attn_shape_cases[1], st.attn_shape_max_flops),
+                         (prefill, st.attn_shape_cases[2], st.attn_shape_max_flops / 4)):
+        # one call per shape-model point (the smallest batch x heads giving its M)
+        by_point: dict[tuple[int, int, int], AttentionShape] = {}
+        for a in sorted(grid, key=lambda a: (a.flops, a.heads, a.batch)):
+            m, k, nn = a.mkn()
+            if a.flops <= cap:
+                by_point.setdefault((round(m), k, nn), a)
+        picked = spread_shapes(list(by_point), n)
+        out.append(sorted((by_point[p] for p in picked), key=lambda a: (a.flops, a.dim)))
+    return out[0], out[1], out[2]
 
 
 def memory_sizes(st: Settings) -> list[float]:
@@ -459,7 +527,7 @@ def planned_samples(st: Settings, device: str) -> int:
     per = st.repeats + 1
     dispatch = 7 + (1 if device == "cuda" else 0)
     mm = len(matmul_shapes(st)) * len(MATMUL_LAYOUTS) * len(st.mm_dtypes)
-    attn = (len(st.sdpa_shapes) + len(st.sdpa_backward)) * len(st.attn_dtypes)
+    attn = (len(st.sdpa_shapes) + len(st.sdpa_backward) + sum(map(len, attention_shapes(st)))) * len(st.attn_dtypes)
     mem = len(memory_sizes(st)) * (len(MEMORY_KINDS) + len(MEMORY_INPLACE_KINDS))
     opt = 4
     loss = 2
@@ -503,7 +571,9 @@ class Op:
     dtype: str = "fp32"
     tensors: int = 1  # the tensors of a _foreach_* op's list (bytes: over all of them)
     layout: str = ""  # a 2-D mm's operand layout (planner.profiles.MATMUL_LAYOUTS; matmul_layout)
-    dims: tuple[int, int] | tuple[()] = ()  # with a layout: the Linear layer's (K in, N out) (linear_dims)
+    # with a layout: the Linear layer's (K in, N out) (linear_dims); an SDPA kernel: (head dim, key length)
+    dims: tuple[int, int] | tuple[()] = ()
+    queries: int = 0  # an SDPA kernel's query rows per sequence and head
 
 
 def matmul_layout(a: Any, b: Any) -> str:
@@ -560,7 +630,9 @@ def _causal_pairs(sq: int, skv: int) -> int:
     return skv * (skv + 1) // 2 + (sq - skv) * skv
 
 
-def _sdpa_flops(func: Any, args: tuple, kwargs: dict) -> float:
+def _sdpa_flops(func: Any, args: tuple, kwargs: dict) -> tuple[float, tuple[int, int], int]:
+    """An SDPA kernel's forward FLOPs (4 x dim per computed query-key pair), (head dim, key length) and
+    query rows."""
     names = [a.name for a in func._schema.arguments]
     bound = dict(zip(names, args))
     bound.update(kwargs)
@@ -570,7 +642,7 @@ def _sdpa_flops(func: Any, args: tuple, kwargs: dict) -> float:
     b_h = q.numel() // (q.shape[-2] * q.shape[-1])
     sq, skv, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     pairs = _causal_pairs(sq, skv) if bound.get("is_causal") else sq * skv
-    return 2.0 * b_h * pairs * (d + dv)
+    return 2.0 * b_h * pairs * (d + dv), (int(d), int(skv)), int(sq)
 
 
 def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
@@ -599,8 +671,9 @@ def classify(torch: Any, func: Any, args: tuple, kwargs: dict, out: Any) -> Op:
         tensors = max(1, len(first)) if isinstance(first, (list, tuple)) else 1
     base = name.removesuffix("_backward")
     if base in ATTENTION_OPS:
-        flops = _sdpa_flops(func, args, kwargs)
-        return Op(name, "attention", flops * (2.5 if name.endswith("_backward") else 1.0), moved, dtype)
+        flops, dims, queries = _sdpa_flops(func, args, kwargs)
+        return Op(name, "attention", flops * (2.5 if name.endswith("_backward") else 1.0), moved, dtype, dims=dims,
+                  queries=queries)
     if name in MATMUL_OPS:
         outs = list(_tensors(torch, out))
         mats = [t for t in _tensors(torch, args) if t.dim() >= 1]
@@ -671,6 +744,7 @@ class Prices:
     matmul_fixed: dict[str, float] = field(default_factory=dict)  # per dtype: the profile's matmul_fixed_s
     memory_by_dtype: dict[str, RateCurve] = field(default_factory=dict)  # the profile's, by the op's dtype
     memory_inplace_by_dtype: dict[str, RateCurve] = field(default_factory=dict)
+    attention_shapes: dict[str, dict[str, MatmulShapes]] = field(default_factory=dict)  # dtype -> pass -> model
 
     @classmethod
     def of(cls, p: DeviceProfile) -> Prices:
@@ -684,7 +758,8 @@ class Prices:
                    attention_backward={d: p.attention_backward_curve(d) for d in dtypes},
                    memory_inplace=p.memory_curve(True), foreach_per_tensor=p.foreach_per_tensor,
                    matmul_fixed=dict(p.matmul_fixed_s), memory_by_dtype=dict(p.memory_by_dtype),
-                   memory_inplace_by_dtype=dict(p.memory_inplace_by_dtype))  # fmt: skip
+                   memory_inplace_by_dtype=dict(p.memory_inplace_by_dtype),
+                   attention_shapes={d: dict(ms) for d, ms in p.attention_shapes.items()})  # fmt: skip
 
     def _curve(self, table: dict[str, RateCurve], dtype: str) -> RateCurve | None:
         return table.get(dtype) or table.get("fp32") or next(iter(table.values()), None)
@@ -720,9 +795,12 @@ class Prices:
             if own is not None:
                 mem = own.fixed_s * fs + (own.rate.seconds(b) if own.rate is not None else mem)
             if op.kind in ("matmul", "attention"):
-                shapes = (self.matmul_shapes.get(op.dtype, {}).get(op.layout)
-                          if op.kind == "matmul" and op.layout and op.dims else None)
-                if shapes is not None and op.flops > 0:  # a Linear layer's: M = FLOPs / (2 K N)
+                if op.kind == "matmul":
+                    shapes = self.matmul_shapes.get(op.dtype, {}).get(op.layout) if op.layout and op.dims else None
+                else:  # an SDPA kernel: (K, N) its head dim and key length
+                    shapes = self.attention_shapes.get(op.dtype, {}).get(attention_pass(op.name, op.queries)) \
+                        if op.dims else None
+                if shapes is not None and op.flops > 0:  # M = FLOPs / (2 K N)
                     comp = shapes.seconds(op.flops, op.dims)
                 else:
                     curve = self._compute_curve(op)
@@ -859,17 +937,18 @@ def _fit_shapes_once(pts: Sequence[tuple[int, int, int, float, float]], terms: S
 
 
 def fit_matmul_shapes(points: Sequence[tuple[int, int, int, float, float]],
-                      layers: Sequence[tuple[int, int]] = ()) -> MatmulShapes:  # fmt: skip
+                      layers: Sequence[tuple[int, int]] = (), what: str = "matmul") -> MatmulShapes:  # fmt: skip
     """The MatmulShapes of timed shapes (M, K, N, seconds, fixed seconds): rate = 2MKN / (seconds -
     fixed) (`_rate`), weighted by the share of the time that is not fixed (at least 0.1); for every
     candidate (terms, smoothing) the leave-one-out errors of the times of the shapes at least half of
     whose time is not fixed, and the candidate of least mean |log error| fitted to all of them (`loo`:
     its median |error|). `layers`: (K, N) of named Linear layers among the points: each one's measured
-    offset (MatmulShapes.measured), the weighted mean of log(measured rate / model rate) over its points."""
+    offset (MatmulShapes.measured), the weighted mean of log(measured rate / model rate) over its points.
+    `what`: the kind of shape the error message names."""
     timed = [p for p in points if p[3] > 0 and math.isfinite(p[3])]
     pts = [(m, k, n, _rate(2.0 * m * k * n, t, fx), min(1.0, max(0.1, (t - fx) / t))) for m, k, n, t, fx in timed]
     if len(pts) < 6:
-        raise CalibrationError(f"calibrate: {len(pts)} timed matmul shapes, the shape model needs at least 6")
+        raise CalibrationError(f"calibrate: {len(pts)} timed {what} shapes, the shape model needs at least 6")
     judged = [i for i, p in enumerate(pts) if p[4] >= 0.5] or list(range(len(pts)))
     best: tuple[float, tuple[str, ...], float] | None = None
     for terms in SHAPE_TERM_SETS:
@@ -1199,6 +1278,14 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
             else:
                 sources[f"attention_backward.{dt}"] = "not measured: no backward shapes in these settings"
             del cases, bwd
+        # -- the SDPA shape models: rate against (M query rows, K head dim, N key length), per dtype and pass --
+        attention_shapes_: dict[str, dict[str, MatmulShapes]] = {}
+        if not cuda and any(st.attn_shape_cases):
+            attention_shapes_, sources["attention_shapes"] = _attention_shape_models(
+                torch, runner, st, randn, fixed_of, bprices, bwd_call, rounds)
+        else:
+            sources["attention_shapes"] = ("not measured: " + ("CUDA's SDPA is priced by its FLOPs curves" if cuda
+                                           else "no shape sweep in these settings"))
         sources["attention.backward"] = (
             "backward / forward time of causal SDPA (the backward: torch.autograd.grad of the retained output, the "
             "forward: under no_grad), " + "; ".join(
@@ -1382,7 +1469,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
                         asynchronous=cuda, matmul=matmul, matmul_layouts=matmul_layouts, matmul_shapes=matmul_shapes_,
                         attention=attention, kernels=kernels,
                         memory=memory,
-                        attention_backward=attention_backward, memory_inplace=memory_inplace,
+                        attention_backward=attention_backward, attention_shapes=attention_shapes_,
+                        memory_inplace=memory_inplace,
                         foreach_per_tensor=foreach_per_tensor, memory_by_dtype=memory_by_dtype,
                         memory_inplace_by_dtype=memory_inplace_by_dtype)  # fmt: skip
 
@@ -1467,7 +1555,8 @@ def _calibrate(torch: Any, device: str, quick: bool, progress: Progress | None,
         profile = DeviceProfile(
             id=pid, name=name, device=device, host_cpu=model, asynchronous=cuda, matmul=matmul,
             matmul_layouts=matmul_layouts, matmul_shapes=matmul_shapes_, kernels=kernels, attention=attention,
-            attention_backward=attention_backward, memory=memory, memory_inplace=memory_inplace,
+            attention_backward=attention_backward, attention_shapes=attention_shapes_,
+            memory=memory, memory_inplace=memory_inplace,
             memory_by_dtype=memory_by_dtype, memory_inplace_by_dtype=memory_inplace_by_dtype,
             foreach_per_tensor=foreach_per_tensor, launch_s=launch_s, host=host_costs,
             measured_on=datetime.date.today().isoformat(),
@@ -1706,6 +1795,93 @@ def fit_kernel(samples: Sequence[tuple[float, float]], op_s: float) -> tuple[flo
         else:
             pts.append((b, r))
     return fixed, RateCurve(points=tuple(pts))
+
+
+def _attention_shape_models(torch: Any, runner: Any, st: Settings, randn: Callable[[int, Any], Any],
+                            fixed_of: Callable[[Callable[[], Any]], float], bprices: Prices, bwd_call: float,
+                            rounds: str) -> tuple[dict[str, dict[str, MatmulShapes]], str]:  # fmt: skip
+    """The SDPA shape sweep (`attention_shapes`) timed and fitted: per dtype a forward model over the
+    prefill shapes, a decode model over the decode shapes (the kernel over one query row runs at a fraction
+    of a prefill's rate whatever its FLOPs) and a backward model over the backward shapes (`fit_matmul_shapes` on
+    (M, K, N) = AttentionShape.mkn, FLOPs 2.5x for the backward), and its source line. Each call as a
+    transformers model makes it (AttentionShape), its operands cycled over copies spanning
+    st.cold_bytes; the fixed part: the call's counted ops priced as the curves' (fixed_of; the backward:
+    the backward call and its ops at bprices)."""
+    import torch.nn.functional as F
+
+    prefill, decode, backward = attention_shapes(st)
+    models: dict[str, dict[str, MatmulShapes]] = {}
+    parts = []
+    for dt in st.attn_dtypes:
+        elem = 4 if dt == "fp32" else 2
+
+        def operands(a: AttentionShape, grad: bool) -> tuple[Any, Any, Any]:
+            q = randn(a.batch * a.queries * a.heads * a.dim, dt).view(a.batch, a.queries, a.heads, a.dim).transpose(1, 2)
+            k, v = (randn(a.batch * a.kv_heads * a.keys * a.dim, dt).view(a.batch, a.kv_heads, a.keys, a.dim)
+                    for _ in range(2))
+            return (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)) if grad else (q, k, v)
+
+        def footprint(a: AttentionShape) -> int:
+            return (2 * a.batch * a.heads * a.queries + 2 * a.batch * a.kv_heads * a.keys) * a.dim * elem
+
+        fwd_cases, fwd_fixed = [], []
+        for a in prefill + decode:
+            fns = []
+            for _ in range(min(64, copies_for(footprint(a), st.cold_bytes))):
+                q, k, v = operands(a, False)
+                fns.append(lambda q=q, k=k, v=v, c=a.causal: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=c, enable_gqa=True))
+            fwd_cases.append(_Case(("forward", a), _cycle(fns)))
+            fwd_fixed.append(fixed_of(fns[0]))
+        bwd_cases, bwd_fixed = [], []
+        with torch.enable_grad():
+            for a in backward:
+                fns, ops = [], None
+                for _ in range(min(64, copies_for(3 * footprint(a), st.cold_bytes))):
+                    ins = operands(a, True)
+                    o = F.scaled_dot_product_attention(*ins, is_causal=True, enable_gqa=True)
+                    g = randn(o.numel(), dt).view(a.batch, a.queries, a.heads, a.dim).transpose(1, 2)
+
+                    def grads(o: Any = o, ins: Any = ins, g: Any = g) -> Any:
+                        return torch.autograd.grad(o, ins, g, retain_graph=True)
+
+                    fns.append(grads)
+                ops, _, _ = count_ops(torch, fns[0])
+                bwd_cases.append(_Case(("backward", a), _cycle(fns)))
+                bwd_fixed.append(bwd_call + bprices.fixed(ops))
+        runner.run(f"attention shapes {dt}", fwd_cases + bwd_cases)
+        timed = [(c.key[1], c.median, fx) for c, fx in zip(fwd_cases, fwd_fixed)]
+        fwd = fit_matmul_shapes([(*a.mkn(), t, fx) for a, t, fx in timed if a.causal], what="SDPA prefill")
+        dcd = fit_matmul_shapes([(*a.mkn(), t, fx) for a, t, fx in timed if not a.causal], what="SDPA decode")
+        bwd = fit_matmul_shapes([(*a.mkn(2.5), c.median, fx) for c, fx in zip(bwd_cases, bwd_fixed)
+                                 for a in [c.key[1]]], what="SDPA backward")  # fmt: skip
+        models[dt] = {"forward": fwd, "decode": dcd, "backward": bwd}
+        spreads = [c.spread for c in fwd_cases + bwd_cases]
+
+        def at(mo: MatmulShapes, a: AttentionShape, passes: float = 1.0) -> str:
+            return _fmt_rate(mo.rate(*a.mkn(passes)), "FLOP")
+
+        ref = [AttentionShape(2, 4, 2, 512, 512, d) for d in (16, 64)]
+        dec = AttentionShape(1, 4, 2, 1, 512, 64)
+        parts.append(
+            f"{dt}: " + ", ".join(f"{ps} {'+'.join(mo.terms)} (smoothing {mo.smoothing}): |rate error| median "
+                                  f"{mo.residual:.1%}, leave-one-out time error median {mo.loo:.1%}"
+                                  for ps, mo in models[dt].items())
+            + f"; spreads median {_median(spreads):.0%}; at B=2 H=4 "
+            f"S=512 forward D=16 {at(fwd, ref[0])}, D=64 {at(fwd, ref[1])}, backward D=16 {at(bwd, ref[0], 2.5)}, "
+            f"D=64 {at(bwd, ref[1], 2.5)}; decode B=1 H=4 L=512 D=64 {at(dcd, dec)}")
+    source = (
+        f"F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=True) as transformers calls it (q a "
+        f"(B, S, H, D) tensor transposed to (B, H, S, D), k and v (B, H/2, keys, D) contiguous; its backward "
+        f"torch.autograd.grad of the retained output with the gradient in q's layout) over {len(prefill)} prefill "
+        f"(causal, S = keys), {len(decode)} decode (one query row over the cache) and {len(backward)} backward shapes "
+        f"spread over (log M, log K, log N) of a grid of B {ATTN_BATCHES}, (H, KV) {ATTN_HEADS}, D {ATTN_HEAD_DIMS}, S "
+        f"{ATTN_PREFILL_LENGTHS}, cache {ATTN_DECODE_LENGTHS}, at most {st.attn_shape_max_flops:.0e} forward "
+        f"FLOPs (the backward a quarter); M = FLOPs / (2 K N) query rows, K = D, N = the key length; fixed part: the "
+        f"call's counted ops (the backward: host.backward_call_s and its ops); {rounds}; one model per pass (forward: the "
+        f"prefill shapes, decode, backward), fitted as matmul_shapes (least leave-one-out error over the same term sets "
+        f"and smoothings): " + "; ".join(parts))
+    return models, source
 
 
 def _kernel_costs(torch: Any, runner: _Runner, st: Settings, op_s: float, memory_of: Callable[[str], RateCurve],

@@ -20,7 +20,10 @@ model of its layout and dtype (matmul_shapes), rate(M, K, N) with M = FLOPs / (2
 kernels run at rates set by K or by the weight's size, not by FLOPs: planner.profiles.MatmulShapes);
 else the matmul curve of the op's dtype (and of its operands' layout, Op.layout, where the profile
 measured one: a Linear's forward, grad input and grad weight matmuls); SDPA kernels the attention curve, their backward kernels
-(`*_backward`) the attention_backward curve. memory_rate: the memory curve, or memory_inplace for
+(`*_backward`) the attention_backward curve, or where the profile has a shape model of the kernel's
+dtype and pass (attention_shapes: forward over a causal prefill, decode, backward) rate(M, K, N) with K its
+head dim (Op.dims), N = S its key length and M = FLOPs / (2 K N) (a CPU's kernel runs 2x apart at equal
+FLOPs from head dim 16 to 64, and a decode step's at a fraction of a prefill's rate). memory_rate: the memory curve, or memory_inplace for
 an in-place op (aten name ending in `_`: no output allocated), of the op's dtype where the profile
 has one (memory_by_dtype, memory_inplace_by_dtype). fixed: the profile's matmul_fixed_s of
 the op's dtype (0 if none: a CPU's small bf16 matmuls cost tens of microseconds whatever their
@@ -162,6 +165,9 @@ def _profile_fns(profile: DeviceProfile) -> dict:
     for dtype, models in profile.matmul_shapes.items():
         for layout, model in models.items():
             fns[("shape", layout, dtype)] = model
+    for dtype, models in profile.attention_shapes.items():
+        for ps, model in models.items():
+            fns[("attention_shape", ps, dtype)] = model
     for key, kc in profile.kernels.items():
         name, _, dtype = key.rpartition(".")
         fns[("kernel", name, dtype)] = (kc.fixed_s * profile.fixed_scale,
@@ -201,8 +207,15 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
         if curve is not None:
             f = fc + ft * T + fq * TS
             if f > 0:
-                shapes = fns.get(("shape", curve[1], dtype)) if dims and isinstance(curve, tuple) else None
-                if shapes is not None:  # a Linear layer's matmul: M = FLOPs / (2 K N), rate(M, K, N)
+                if not dims:
+                    shapes = None
+                elif isinstance(curve, tuple):  # a Linear layer's matmul: M = FLOPs / (2 K N), rate(M, K, N)
+                    shapes = fns.get(("shape", curve[1], dtype))
+                else:  # an SDPA kernel: K its head dim, N its key length (the stretch's S)
+                    ps = "backward" if curve == "attention_backward" else "decode" if dims[1] == 1 else "forward"
+                    shapes = fns.get(("attention_shape", ps, dtype))
+                    dims = (dims[0], seq)
+                if shapes is not None:
                     tf = shapes.seconds(f, dims)
                 else:
                     tf = fns[(curve, dtype)](f)

@@ -202,12 +202,16 @@ def sdpa_ops(tp: Tape, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cfg: LayerC
     f = Sym(t=2 * hd, q=2 * hd)
     io = q.size + k.size + v.size + out.size
     tp.saving(q, k, v)
-    tp.op("attention", SDPA_KERNEL, flops=f, bytes=io, dtype=q.dtype)
+    # dims (head dim, 0): what a profile's attention_shapes price it by (0: S query rows, causal; a decode
+    # step's is (head dim, 1), planner.engine.program._decode_attention), its key length the stretch's S
+    dims = (cfg.head_dim, 0)
+    tp.op("attention", SDPA_KERNEL, flops=f, bytes=io, dtype=q.dtype, dims=dims)
     tp.use(q, k, v)
     if q.rg or k.rg or v.rg:
         tp.op(V, SAVED_DETACH)
         tp.bop(V, SAVED_DETACH)
-        tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=q.dtype)
+        tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=q.dtype,
+               dims=dims)
 
 
 @formula("sdpa")

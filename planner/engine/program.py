@@ -458,7 +458,8 @@ def _decode_attention(op: Op, kv: int) -> Op:
     if op.kind != "attention":
         return op
     per_pair = 2 * op.flops.t  # 4 x heads x dim
-    return Op(op.kind, op.name, Sym(q=per_pair), op.bytes + Sym(q=2 * kv), op.dtype, op.count)
+    dims = (op.dims[0], 1) if op.dims else op.dims  # one query row (planner.profiles.attention_pass)
+    return Op(op.kind, op.name, Sym(q=per_pair), op.bytes + Sym(q=2 * kv), op.dtype, op.count, dims=dims)
 
 
 def _merge(a: OpList, b: OpList) -> OpList:

@@ -73,7 +73,9 @@ class Op:
     # "" where it is none of a Linear layer's three): what the profile's layout curves price
     layout: str = ""
     # a Linear layer's matmul: the layer's (in_features, out_features); its tokens M = FLOPs / (2 K N).
-    # What a profile's matmul_shapes price it by; () where the op is no Linear layer's
+    # What a profile's matmul_shapes price it by. An SDPA kernel: (head dim, query rows: 0 for a causal
+    # prefill, 1 for a decode step), its key length N the S it is priced at (attention_shapes). () where
+    # the op is neither
     dims: tuple[int, int] | tuple[()] = ()
 
     def times(self, n: int) -> "Op":
