@@ -99,6 +99,11 @@ CASES = {
     "qwen2 dpo selective logprobs": ("qwen2", {"task": "dpo", "logprobs": "selective"}),
     "llama dpo lora selective logprobs grad_accum 2": ("llama", {"task": "dpo", "logprobs": "selective", "method": "lora",
                                                                  "lora_rank": 4, "grad_accum": 2}),
+    # a pair's chosen and rejected sequences in two forwards, both graphs alive until one backward; the
+    # LoRA adapters' autocast casts made by the first forward and found in the cache by the second
+    "llama rm separate forwards": ("llama", {"task": "rm", "pair_forward": "separate"}),
+    "qwen2 dpo lora separate forwards grad_accum 2": ("qwen2", {"task": "dpo", "pair_forward": "separate",
+                                                               "method": "lora", "lora_rank": 4, "grad_accum": 2}),
     # every decode step runs the model (the cache grows a position at a time)
     "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
     "qwen2 generate b1": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4, "batch": 1}),

@@ -250,7 +250,9 @@ def autocast_cast(tp: Tape, p: Tensor, dtype: str, name: str, trainable: bool) -
     cached = rec is not None and trainable and p.key is not None
     if cached:
         hit = rec.autocast_cache.get(p.key)
-        if hit is not None:
+        if hit is not None:  # a later forward in the region (two forwards per pair): the cached cast
+            if hit.refs == 0:  # its earlier holders are gone: the cache's reference is the storage's last
+                rec.ref(hit.st)
             return alias(hit)
     node = tp.fn("to_copy", (p,))
     out = tp.out(node, tp.new(p.elems, dtype, p.rg, name))

@@ -699,7 +699,7 @@ def _reset(rec: Recorder) -> None:
 
 
 def _training_steps(options: TraceOptions, models: "list[ModelTrace]", steps: int, accum: int,
-                    micro) -> list[tuple]:
+                    micro, forwards: int = 1) -> list[tuple]:
     """The events of a training technique's program: the models set up (the trained one first: the
     optimizer follows it) and the peak reset; then per step `accum` micro-batches, each the batch's
     input ids (`ids = ...`, rebound) and `micro(step, tp, ids, rebind) -> loss` (its forward, binding
@@ -708,7 +708,9 @@ def _training_steps(options: TraceOptions, models: "list[ModelTrace]", steps: in
     gradient into a new one; the later micro-batches' gradients are added into .grad in place,
     planner.engine.autograd); the optimizer step; the step's locals go when it returns.
     A later micro-batch rebinds each local once its new value exists (a loop over the same statements):
-    the old one goes then, and with the old loss the graph it reached (reentrant checkpoints' inputs)."""
+    the old one goes then, and with the old loss the graph it reached (reentrant checkpoints' inputs).
+    `forwards`: the micro-batch's ids hold that many of the trace's batches (a pair's chosen and rejected
+    sequences through two forwards of B each: 2 x B rows)."""
     rec = _recorder(options)
     for mt in models:
         _setup(rec, mt)
@@ -727,7 +729,7 @@ def _training_steps(options: TraceOptions, models: "list[ModelTrace]", steps: in
                     if name == "loss":
                         rec.release_graph(graph)
 
-            ids = tp.raw(Sz(t=8), "input_ids")
+            ids = tp.raw(Sz(t=8 * forwards), "input_ids")
             rebind("ids", ids)
             loss = micro(step, tp, ids, rebind)
             rec.exit_autocast()  # the forward phase's autocast region ends
@@ -909,9 +911,10 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
     precomputed zeros) under no_grad, after the policy's (TRL's order) or before; the loss; backward;
     the optimizer."""
     plan = workload.models[0].setup
-    if plan.logprobs not in ("full", "selective") or plan.pair_forward != "concatenated":
-        raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full or selective and "
-                               "--pair-forward concatenated, not TRL's fused head or two forwards yet")
+    if plan.logprobs not in ("full", "selective"):
+        raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full or selective, not "
+                               "TRL's fused head yet")
+    separate = plan.pair_forward != "concatenated"
     policy = model_trace(workload.model("policy").spec, workload.model("policy").setup, trainable=True)
     reference = None
     if plan.ref_logprobs == "model":
@@ -925,7 +928,27 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             reference = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, loras={}), ckpt=False,
                                             input_rg=False)
     models = [policy] + ([reference] if reference is not None and plan.method == "full" else [])
-    pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
+    # the chosen (or rejected) half of the 2 x batch rows; with two forwards the trace's batch is B, the
+    # sequences of one forward (as rm_trace)
+    pairs = Sz(b=1) if separate else Sz(b=0.5)
+    rows = Sz(b=2) if separate else Sz(b=1)  # 2 x batch sequences
+
+    def pair_forward(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None, phase: str = "") -> Tensor:
+        """plugins/alignment.py `_pair_forward`: the log-probs of all rows in one forward, or of each
+        half (views of ids) in its own, concatenated; `phase`: the tracker's phase each forward starts in
+        (the policy's second forward leaves the loss phase its first one's head entered)."""
+        if not separate:
+            return _sequence_logprobs(tp, mt, ids, on_logits=on_logits, how=plan.logprobs)
+        halves = []
+        for which in ("chosen", "rejected"):
+            if phase:
+                tp.rec.set_phase(phase)
+            part = tp.view(ids, "slice", name=f"ids[{which}]")
+            halves.append(_sequence_logprobs(tp, mt, part, on_logits=on_logits, how=plan.logprobs))
+            tp.drop(part)
+        out = _cat_rows(tp, halves, "torch.cat(log-probs)")
+        tp.drop(*halves)
+        return out
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         # the step's locals (ids, ref, pol, margin, loss): plugins/alignment.py `_dpo_micro_batch`
@@ -935,13 +958,13 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             rec.set_phase(f"{step}.reference")
             nt = Tape(grad=False, rec=rec)
             if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
-                return _per_sequence(nt, Sz(b=1), "fp32", False, "precomputed log-probs")
-            return _sequence_logprobs(nt, reference, ids, how=plan.logprobs)
+                return _per_sequence(nt, rows, "fp32", False, "precomputed log-probs")
+            return pair_forward(nt, reference, ids)
 
         if plan.reference_pass == "before":
             rebind("ref", ref := reference_logprobs())
         rec.set_phase(f"{step}.forward")
-        pol = _sequence_logprobs(tp, policy, ids, on_logits=_loss_phase(rec, step), how=plan.logprobs)
+        pol = pair_forward(tp, policy, ids, on_logits=_loss_phase(rec, step), phase=f"{step}.forward")
         rebind("pol", pol)
         if plan.reference_pass != "before":
             rebind("ref", ref := reference_logprobs())
@@ -949,7 +972,7 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
         rebind("loss", loss)
         return loss
 
-    return _training_steps(options, models, steps, plan.grad_accum, micro)
+    return _training_steps(options, models, steps, plan.grad_accum, micro, forwards=2 if separate else 1)
 
 
 # ---- rm -------------------------------------------------------------------------------------------
@@ -960,17 +983,30 @@ def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int =
     with grad_accum micro-batches the step's locals rebound (as `dpo_trace`)."""
     use = workload.models[0]
     plan = use.setup
-    if plan.pair_forward != "concatenated":
-        raise TraceUnsupported("the engine's allocation trace covers rm with --pair-forward concatenated, not two "
-                               "forwards per pair yet")
     mt = model_trace(use.spec, plan, trainable=True)
-    pairs = Sz(b=0.5)  # the chosen (or rejected) half of the 2 x batch rows
+    separate = plan.pair_forward != "concatenated"
+    # the chosen (or rejected) half of the 2 x batch rows; with two forwards the trace's batch is B, the
+    # sequences of one forward (planner_plugins alignment `_pair_rows`)
+    pairs = Sz(b=1) if separate else Sz(b=0.5)
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         tp.rec.set_phase(f"{step}.forward")
-        logits = seq_cls_forward(tp, mt, ids)
-        rewards = tp.view(logits, name="squeeze(-1)")
-        tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
+        if separate:
+            # torch.cat([fn(ids[:B]), fn(ids[B:])]) with fn = model(input_ids=x).logits.squeeze(-1): each
+            # forward's output goes once its logits are taken, the two logits once cat has copied them
+            halves = []
+            for which in ("chosen", "rejected"):
+                part = tp.view(ids, "slice", name=f"ids[{which}]")
+                logits = seq_cls_forward(tp, mt, part)
+                tp.drop(part)
+                halves.append(tp.view(logits, name="squeeze(-1)"))
+                tp.drop(logits)
+            rewards = _cat_rows(tp, halves, "torch.cat(rewards)")
+            tp.drop(*halves)
+        else:
+            logits = seq_cls_forward(tp, mt, ids)
+            rewards = tp.view(logits, name="squeeze(-1)")
+            tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
         rebind("rewards", rewards)
         a = tp.view(rewards, "slice", elems=pairs, name="chosen")
         b = tp.view(rewards, "slice", elems=pairs, name="rejected")
@@ -981,7 +1017,18 @@ def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int =
         rebind("loss", loss)
         return loss
 
-    return _training_steps(options, [mt], steps, plan.grad_accum, micro)
+    return _training_steps(options, [mt], steps, plan.grad_accum, micro, forwards=2 if separate else 1)
+
+
+def _cat_rows(tp: Tape, parts: list[Tensor], name: str) -> Tensor:
+    """torch.cat of per-sequence tensors along the batch: a new tensor of all their rows (CatBackward0:
+    each part's gradient a narrow view of the output's)."""
+    elems = sum((p.elems for p in parts), Sz())
+    out = _per_sequence(tp, elems, parts[0].dtype, any(p.rg for p in parts), name)
+    if out.rg:
+        node = tp.fn("cat", tuple(parts))
+        out = tp.out(node, out)
+    return out
 
 
 # ---- distill --------------------------------------------------------------------------------------
