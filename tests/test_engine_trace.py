@@ -104,6 +104,10 @@ CASES = {
     "llama rm separate forwards": ("llama", {"task": "rm", "pair_forward": "separate"}),
     "qwen2 dpo lora separate forwards grad_accum 2": ("qwen2", {"task": "dpo", "pair_forward": "separate",
                                                                "method": "lora", "lora_rank": 4, "grad_accum": 2}),
+    # a frozen 4-bit teacher (its LoRA layers outside autocast: the input cast to fp32 and back), over
+    # more than the 1536 tokens below which bitsandbytes picks its kernel by a heuristic
+    "llama distill 4-bit teacher": ("llama", {"task": "distill", "teacher": "SELF", "teacher_method": "qlora",
+                                              "seq": 1024}),
     # every decode step runs the model (the cache grows a position at a time)
     "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
     "qwen2 generate b1": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4, "batch": 1}),

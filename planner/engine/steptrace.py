@@ -1037,12 +1037,12 @@ def distill_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: 
     logits under no_grad (its phase), the student's forward, kl_div over both log-softmaxes in fp32
     (`_kl_loss`); both logits bound until the step ends (or the next micro-batch rebinds them)."""
     plan = workload.models[0].setup
-    if plan.teacher_method != "full":
-        raise TraceUnsupported("the engine's allocation trace covers distill with a full-precision teacher, not a "
-                               "frozen 4-bit one yet")
     student = model_trace(workload.model("student").spec, plan, trainable=True)
     t_use = workload.model("teacher")
     teacher = model_trace(t_use.spec, t_use.setup, trainable=False)
+    # the teacher's forward runs outside autocast (distill_step enters none): a frozen 4-bit teacher's
+    # LoRA layers cast their input to the adapters' fp32 and the result back
+    teacher.cfg = dataclasses.replace(teacher.cfg, autocast=None)
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         rec = tp.rec
