@@ -446,3 +446,20 @@ def test_gradient_accumulation_memory_holds_the_gradients_through_the_later_micr
     lora = dict(model="llama-3.2-1b", batch=4, seq=2048, method="lora")
     l1, l4 = estimate(Plan(**lora), m), estimate(Plan(**lora, grad_accum=4), m)
     assert 0 <= l4.peak_allocated_bytes - l1.peak_allocated_bytes < 0.02 * l1.peak_allocated_bytes + 4 * 2048 * 128256 * 2
+
+
+@pytest.mark.parametrize("model", ["gpt2", "opt-350m", "llama-3.2-1b", "qwen2.5-0.5b"])
+def test_a_training_programs_forward_flops_are_the_models_count(model):
+    """Every family's program prices its attention: the forward's matmul and SDPA FLOPs equal the
+    model's count (planner.engine.compute; GPT-2's fused c_attn went unpriced before)."""
+    from planner.engine import compute
+    from planner.engine.program import train_step_program
+    from planner.models import load_model
+    from planner.specs import Plan
+
+    plan = Plan(model=model, task="sft", precision="bf16", batch=1, seq=1024)
+    spec = load_model(model)
+    prog = train_step_program(spec, plan)
+    fwd = sum(v * s.repeat for s in prog.phases["forward"] for v in s.ops.flops(1024, 1024).values())
+    assert fwd == pytest.approx(compute.micro_batch_flops(spec, 1024, 1024, causal=True).forward, rel=1e-9)
+    assert any(op.kind == "attention" for s in prog.phases["forward"] for op in s.ops.ops)

@@ -198,19 +198,25 @@ def sdpa_ops(tp: Tape, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cfg: LayerC
     """F.scaled_dot_product_attention(is_causal=True, enable_gqa) as one flash kernel (which saves its
     output: detached once here, once in backward), and its backward kernel. FLOPs: 4 x heads x dim
     per computed (query, key) pair, T(S + 1)/2 causal pairs over the batch (planner.engine.compute)."""
+    tp.saving(q, k, v)
+    sdpa_kernel_ops(tp, q.size + k.size + v.size + out.size, q.dtype, q.rg or k.rg or v.rg, cfg)
+    tp.use(q, k, v)
+
+
+def sdpa_kernel_ops(tp: Tape, io: Sym, dtype: str, grad: bool, cfg: LayerCfg) -> None:
+    """The ops of causal SDPA (what the time model prices; sdpa_ops): the flash kernel moving `io` bytes,
+    and where its inputs require grad the output's detach (once here, once in backward) and the backward
+    kernel. FLOPs: 4 x heads x dim per computed (query, key) pair, T(S + 1)/2 causal pairs."""
     hd = cfg.heads * cfg.head_dim
     f = Sym(t=2 * hd, q=2 * hd)
-    io = q.size + k.size + v.size + out.size
-    tp.saving(q, k, v)
     # dims (head dim, 0): what a profile's attention_shapes price it by (0: S query rows, causal; a decode
     # step's is (head dim, 1), planner.engine.program._decode_attention), its key length the stretch's S
     dims = (cfg.head_dim, 0)
-    tp.op("attention", SDPA_KERNEL, flops=f, bytes=io, dtype=q.dtype, dims=dims)
-    tp.use(q, k, v)
-    if q.rg or k.rg or v.rg:
+    tp.op("attention", SDPA_KERNEL, flops=f, bytes=io, dtype=dtype, dims=dims)
+    if grad:
         tp.op(V, SAVED_DETACH)
         tp.bop(V, SAVED_DETACH)
-        tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=q.dtype,
+        tp.bop("attention", SDPA_KERNEL + "_backward", flops=f * SDPA_BACKWARD_FLOPS, bytes=io * 2, dtype=dtype,
                dims=dims)
 
 
@@ -483,6 +489,8 @@ def fused_qkv_attention(tp: Tape, qkv: Tensor, cfg: LayerCfg) -> Tensor:
     if cfg.attn == "sdpa":
         out = tp.new(tok(nq), qkv.dtype, True, "attn.sdpa_out")
         lse = tp.new(tok(cfg.heads), "fp32", False, "attn.logsumexp")
+        # its kernels read q, k and v (the fused projection's output) and write the output
+        sdpa_kernel_ops(tp, qkv.size + out.size, qkv.dtype, qkv.rg, cfg)
         if qkv.rg:
             tp.save(qkv, out, lse)
         tp.drop(lse)
