@@ -51,10 +51,10 @@ MATMUL_LAYOUTS = ("linear", "grad_input", "grad_weight")
 ATTENTION_PASSES = ("forward", "decode", "backward")
 
 
-def attention_pass(name: str, queries: int) -> str:
-    """The ATTENTION_PASSES entry of an SDPA kernel (aten `name`) over `queries` query rows per sequence
-    and head (1: a decode step)."""
-    if name.endswith("_backward"):
+def attention_pass(backward: bool, queries: int) -> str:
+    """The ATTENTION_PASSES entry of an SDPA kernel (its backward kernel, or the forward) over `queries`
+    query rows per sequence and head (1: a decode step)."""
+    if backward:
         return "backward"
     return "decode" if queries == 1 else "forward"
 

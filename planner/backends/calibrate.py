@@ -798,7 +798,8 @@ class Prices:
                 if op.kind == "matmul":
                     shapes = self.matmul_shapes.get(op.dtype, {}).get(op.layout) if op.layout and op.dims else None
                 else:  # an SDPA kernel: (K, N) its head dim and key length
-                    shapes = self.attention_shapes.get(op.dtype, {}).get(attention_pass(op.name, op.queries)) \
+                    shapes = self.attention_shapes.get(op.dtype, {}).get(
+                        attention_pass(op.name.endswith("_backward"), op.queries)) \
                         if op.dims else None
                 if shapes is not None and op.flops > 0:  # M = FLOPs / (2 K N)
                     comp = shapes.seconds(op.flops, op.dims)

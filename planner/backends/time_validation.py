@@ -517,15 +517,17 @@ def to_markdown(suite: Suite, command: str = "python -m planner.backends.time_va
     for dt, curve in p.attention.items():
         L.append(f"| attention {dt} | {curve.rate(1e8) / 1e9:.3g} GFLOP/s at 100 MFLOP, best "
                  f"{max(r for _, r in curve.points) / 1e9:.3g} | micro-benchmark |")
+    from planner.backends.calibrate import AttentionShape
+
     for dt, models in p.attention_shapes.items():
-        # head dim 16 (a llama 2 x 64's) and 64 at B = 2, 4 heads, S = 512 (M = B H (S + 1), 2.5x for the backward)
+        def at(mo: Any, ps: str, dim: int) -> str:  # the calibration's own reference shapes (decode: one row)
+            a = AttentionShape(1, 4, 2, 1, 512, dim) if ps == "decode" else AttentionShape(2, 4, 2, 512, 512, dim)
+            return f"{mo.rate(*a.mkn(2.5 if ps == 'backward' else 1.0)) / 1e9:.3g}"
+
         L.append(f"| attention {dt} by shape (what prices SDPA) | " + "; ".join(
-            f"{ps} ({'+'.join(mo.terms)}): "
-            + (f"B=1 H=4 L=512 D=16 {mo.rate(8, 16, 512) / 1e9:.3g}, D=64 {mo.rate(8, 64, 512) / 1e9:.3g}"
-               if ps == "decode" else
-               f"B=2 H=4 S=512 D=16 {mo.rate(m, 16, 512) / 1e9:.3g}, D=64 {mo.rate(m, 64, 512) / 1e9:.3g}")
-            + f" GFLOP/s; {mo.points} shapes, rate error median {mo.residual:.1%}, leave-one-out time error median "
-            f"{mo.loo:.1%}" for ps, mo in models.items() for m in [4104 * (2.5 if ps == "backward" else 1)])
+            f"{ps} ({'+'.join(mo.terms)}): {'B=1 H=4 L=512' if ps == 'decode' else 'B=2 H=4 S=512'} D=16 "
+            f"{at(mo, ps, 16)}, D=64 {at(mo, ps, 64)} GFLOP/s; {mo.points} shapes, rate error median "
+            f"{mo.residual:.1%}, leave-one-out time error median {mo.loo:.1%}" for ps, mo in models.items())
             + " | micro-benchmark, fitted (MatmulShapes) |")
     L.append(f"| memory | {p.memory.rate(1e4) / 1e9:.3g} GB/s at 10 kB, {p.memory.rate(1e6) / 1e9:.3g} at 1 MB, "
              f"{p.memory.rate(1e8) / 1e9:.3g} at 100 MB (all dtypes) | micro-benchmark |")

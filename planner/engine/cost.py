@@ -58,7 +58,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.engine.tape import KINDS, Op, OpList
-from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile
+from planner.profiles import DTYPES, MATMUL_LAYOUTS, DeviceProfile, attention_pass
 
 __all__ = ["KINDS", "Op", "OpList", "StretchCost", "Timing", "compose", "price"]
 
@@ -212,8 +212,7 @@ def price(ops: OpList, tokens: float, seq: float, profile: DeviceProfile, mode: 
                 elif isinstance(curve, tuple):  # a Linear layer's matmul: M = FLOPs / (2 K N), rate(M, K, N)
                     shapes = fns.get(("shape", curve[1], dtype))
                 else:  # an SDPA kernel: K its head dim, N its key length (the stretch's S)
-                    ps = "backward" if curve == "attention_backward" else "decode" if dims[1] == 1 else "forward"
-                    shapes = fns.get(("attention_shape", ps, dtype))
+                    shapes = fns.get(("attention_shape", attention_pass(curve == "attention_backward", dims[1]), dtype))
                     dims = (dims[0], seq)
                 if shapes is not None:
                     tf = shapes.seconds(f, dims)

@@ -914,7 +914,6 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
     if plan.logprobs not in ("full", "selective"):
         raise TraceUnsupported("the engine's allocation trace covers dpo with --logprobs full or selective, not "
                                "TRL's fused head yet")
-    separate = plan.pair_forward != "concatenated"
     policy = model_trace(workload.model("policy").spec, workload.model("policy").setup, trainable=True)
     reference = None
     if plan.ref_logprobs == "model":
@@ -928,27 +927,10 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             reference = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, loras={}), ckpt=False,
                                             input_rg=False)
     models = [policy] + ([reference] if reference is not None and plan.method == "full" else [])
-    # the chosen (or rejected) half of the 2 x batch rows; with two forwards the trace's batch is B, the
-    # sequences of one forward (as rm_trace)
-    pairs = Sz(b=1) if separate else Sz(b=0.5)
-    rows = Sz(b=2) if separate else Sz(b=1)  # 2 x batch sequences
+    pairs = _PairForward.of(plan)
 
-    def pair_forward(tp: Tape, mt: ModelTrace, ids: Tensor, on_logits=None, phase: str = "") -> Tensor:
-        """plugins/alignment.py `_pair_forward`: the log-probs of all rows in one forward, or of each
-        half (views of ids) in its own, concatenated; `phase`: the tracker's phase each forward starts in
-        (the policy's second forward leaves the loss phase its first one's head entered)."""
-        if not separate:
-            return _sequence_logprobs(tp, mt, ids, on_logits=on_logits, how=plan.logprobs)
-        halves = []
-        for which in ("chosen", "rejected"):
-            if phase:
-                tp.rec.set_phase(phase)
-            part = tp.view(ids, "slice", name=f"ids[{which}]")
-            halves.append(_sequence_logprobs(tp, mt, part, on_logits=on_logits, how=plan.logprobs))
-            tp.drop(part)
-        out = _cat_rows(tp, halves, "torch.cat(log-probs)")
-        tp.drop(*halves)
-        return out
+    def logprobs_of(mt: ModelTrace, on_logits=None):
+        return lambda tp, x: _sequence_logprobs(tp, mt, x, on_logits=on_logits, how=plan.logprobs)
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         # the step's locals (ids, ref, pol, margin, loss): plugins/alignment.py `_dpo_micro_batch`
@@ -958,21 +940,23 @@ def dpo_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int 
             rec.set_phase(f"{step}.reference")
             nt = Tape(grad=False, rec=rec)
             if reference is None:  # torch.zeros(2 x batch): log-probs computed beforehand
-                return _per_sequence(nt, rows, "fp32", False, "precomputed log-probs")
-            return pair_forward(nt, reference, ids)
+                return _per_sequence(nt, pairs.rows, "fp32", False, "precomputed log-probs")
+            return pairs(nt, ids, logprobs_of(reference), "torch.cat(log-probs)")
 
         if plan.reference_pass == "before":
             rebind("ref", ref := reference_logprobs())
         rec.set_phase(f"{step}.forward")
-        pol = pair_forward(tp, policy, ids, on_logits=_loss_phase(rec, step), phase=f"{step}.forward")
+        # the policy's second forward starts back in the forward phase its first one's head left
+        pol = pairs(tp, ids, logprobs_of(policy, _loss_phase(rec, step)), "torch.cat(log-probs)",
+                    phase=f"{step}.forward")
         rebind("pol", pol)
         if plan.reference_pass != "before":
             rebind("ref", ref := reference_logprobs())
-        loss, _ = _dpo_loss(tp, pol, ref, pairs, on_margin=lambda m: rebind("margin", m))
+        loss, _ = _dpo_loss(tp, pol, ref, pairs.side, on_margin=lambda m: rebind("margin", m))
         rebind("loss", loss)
         return loss
 
-    return _training_steps(options, models, steps, plan.grad_accum, micro, forwards=2 if separate else 1)
+    return _training_steps(options, models, steps, plan.grad_accum, micro, forwards=pairs.forwards)
 
 
 # ---- rm -------------------------------------------------------------------------------------------
@@ -984,40 +968,71 @@ def rm_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int =
     use = workload.models[0]
     plan = use.setup
     mt = model_trace(use.spec, plan, trainable=True)
-    separate = plan.pair_forward != "concatenated"
-    # the chosen (or rejected) half of the 2 x batch rows; with two forwards the trace's batch is B, the
-    # sequences of one forward (planner_plugins alignment `_pair_rows`)
-    pairs = Sz(b=1) if separate else Sz(b=0.5)
+    pairs = _PairForward.of(plan)
+
+    def rewards_of(tp: Tape, x: Tensor) -> Tensor:
+        logits = seq_cls_forward(tp, mt, x)
+        rewards = tp.view(logits, name="squeeze(-1)")
+        tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
+        return rewards
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         tp.rec.set_phase(f"{step}.forward")
-        if separate:
-            # torch.cat([fn(ids[:B]), fn(ids[B:])]) with fn = model(input_ids=x).logits.squeeze(-1): each
-            # forward's output goes once its logits are taken, the two logits once cat has copied them
-            halves = []
-            for which in ("chosen", "rejected"):
-                part = tp.view(ids, "slice", name=f"ids[{which}]")
-                logits = seq_cls_forward(tp, mt, part)
-                tp.drop(part)
-                halves.append(tp.view(logits, name="squeeze(-1)"))
-                tp.drop(logits)
-            rewards = _cat_rows(tp, halves, "torch.cat(rewards)")
-            tp.drop(*halves)
-        else:
-            logits = seq_cls_forward(tp, mt, ids)
-            rewards = tp.view(logits, name="squeeze(-1)")
-            tp.drop(logits)  # `.logits` of the output, which goes at once: `rewards` views it
+        rewards = pairs(tp, ids, rewards_of, "torch.cat(rewards)")
         rebind("rewards", rewards)
-        a = tp.view(rewards, "slice", elems=pairs, name="chosen")
-        b = tp.view(rewards, "slice", elems=pairs, name="rejected")
+        a = tp.view(rewards, "slice", elems=pairs.side, name="chosen")
+        b = tp.view(rewards, "slice", elems=pairs.side, name="rejected")
         d = binary(tp, a, b, "chosen - rejected", saves=False, aten="sub")
         tp.drop(a, b)
-        loss = _neg_logsigmoid_mean(tp, d, pairs)
+        loss = _neg_logsigmoid_mean(tp, d, pairs.side)
         tp.drop(d)
         rebind("loss", loss)
         return loss
 
-    return _training_steps(options, [mt], steps, plan.grad_accum, micro, forwards=2 if separate else 1)
+    return _training_steps(options, [mt], steps, plan.grad_accum, micro, forwards=pairs.forwards)
+
+
+@dataclass(frozen=True)
+class _PairForward:
+    """plugins/alignment.py `_pair_rows` and `_pair_forward`: a preference step's chosen-then-rejected
+    sequences in one forward (the trace's batch B is 2 x pairs) or in two of B = pairs each, views of
+    the ids, whose per-sequence outputs torch.cat joins."""
+
+    separate: bool
+
+    @classmethod
+    def of(cls, plan: Any) -> "_PairForward":
+        return cls(plan.pair_forward != "concatenated")
+
+    @property
+    def forwards(self) -> int:
+        return 2 if self.separate else 1
+
+    @property
+    def side(self) -> Sz:
+        """The chosen (or rejected) rows: one per pair."""
+        return Sz(b=1) if self.separate else Sz(b=0.5)
+
+    @property
+    def rows(self) -> Sz:
+        """All 2 x pairs rows."""
+        return Sz(b=2) if self.separate else Sz(b=1)
+
+    def __call__(self, tp: Tape, ids: Tensor, fn, name: str, phase: str = "") -> Tensor:
+        """fn(tp, ids) -> a per-sequence tensor, over all rows or per half, concatenated (`name`); `phase`:
+        the tracker's phase each half's forward starts in."""
+        if not self.separate:
+            return fn(tp, ids)
+        halves = []
+        for which in ("chosen", "rejected"):
+            if phase:
+                tp.rec.set_phase(phase)
+            part = tp.view(ids, "slice", name=f"ids[{which}]")
+            halves.append(fn(tp, part))
+            tp.drop(part)
+        out = _cat_rows(tp, halves, name)
+        tp.drop(*halves)
+        return out
 
 
 def _cat_rows(tp: Tape, parts: list[Tensor], name: str) -> Tensor:
