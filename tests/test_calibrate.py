@@ -175,8 +175,9 @@ def test_step_fit_reproduces_its_calibration_programs(quick):
 def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     """The fit on synthetic measurements (the calibration programs priced by a profile with known
     fixed_scale, backward_op_s, layer_s, model_s, generate_step_s, generate_call_s and the dtype scales)
-    recovers them: each program's samples carry one-sided noise (one slow sample of three), and the
-    fit takes each program's quietest sample."""
+    recovers them: each program's samples are spread around its time as this machine's two speed modes
+    spread them (two fast, one slow; neither the quietest nor the median is the time), and the fit
+    takes each program's mean."""
     from planner.backends import step_programs
 
     truth = {"fixed_scale": 1.8, "host.backward_op_s": 6e-6, "host.layer_s": 150e-6, "host.model_s": 700e-6, "host.generate_step_s": 200e-6,
@@ -189,7 +190,8 @@ def test_step_fit_recovers_known_host_costs(quick, monkeypatch, tmp_path):
     def fake_time_cases(cases, rounds, threads=1, progress=None, stage=""):
         for i, c in enumerate(cases):
             t = step_programs.predict(c, known).total_s
-            c.samples = [t * (1.2 + 0.1 * (i % 5)), t, t * 1.05]  # a slow window and a little noise, never faster
+            k = 0.02 * (i % 5)
+            c.samples = [t * (0.7 - k), t * 0.8, t * (1.5 + k)]  # mean t: two samples in the fast mode, one slow
         return cases
 
     monkeypatch.setattr(step_programs, "time_cases", fake_time_cases)

@@ -2670,7 +2670,8 @@ FLOOR_AT = {"fixed_scale": 1.0}
 
 def fit_cases(profile: DeviceProfile, cases: Sequence[Any], params: Sequence[str] = STEP_FIT, max_evals: int = 600,
               progress: Progress | None = None) -> tuple[FitResult, list[str], dict[str, float], dict[str, float]]:  # fmt: skip
-    """Fit `params` of `profile` to the cases' figures (planner.backends.step_programs.Case, timed: the quietest sample),
+    """Fit `params` of `profile` to the cases' figures (planner.backends.step_programs.Case, timed: the
+    mean of its samples),
     predicted by planner.engine.timing.step_time: `fit_profile`. A FLOORED parameter the fit puts
     below its micro-benchmark figure is held there and the others fitted again. Returns the fit,
     the parameters fitted, those held (with their values) and the starting values."""
@@ -2742,7 +2743,7 @@ def fit_timed_cases(profile: DeviceProfile, cases: Sequence[Any], rounds: int, t
     names = "; ".join(f"{c.label}: {_fmt_s(c.figure)} (spread {c.spread:.0%})" for c in cases)
     how = (f"fitted to {len(cases)} built-in calibration programs timed on this machine with "
            f"planner.backends.timing.time_steps (threads {threads}; each sample the median of one call's steps "
-           f"after its warm-up; the quietest sample of {rounds} interleaved rounds, spreads median "
+           f"after its warm-up; the mean of the samples of {rounds} interleaved rounds, spreads median "
            f"{_median(spreads):.0%}, worst "
            f"{max(spreads):.0%}) and predicted by planner.engine.timing.step_time with this profile; "
            f"fit_profile: least squares on log(predicted / measured), {fit.evaluations} evaluations, "
