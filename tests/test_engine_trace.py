@@ -108,9 +108,22 @@ CASES = {
     # more than the 1536 tokens below which bitsandbytes picks its kernel by a heuristic
     "llama distill 4-bit teacher": ("llama", {"task": "distill", "teacher": "SELF", "teacher_method": "qlora",
                                               "seq": 1024}),
+    # eager attention: the (B, 1, S, S) mask (held by every checkpoint), repeat_kv's copies, q's copy
+    # for the batched matmul, the fp32 softmax; under autocast the matmuls' casts and the fp32 mask
+    # promoting the scores; one sequence (q's reshape a view); without grouped heads (k's and v's copied)
+    "llama eager": ("llama", {"attn": "eager"}),
+    "qwen2 eager lora mixed-bf16 ckpt": ("qwen2", {"attn": "eager", "method": "lora", "lora_rank": 4,
+                                                  "precision": "mixed-bf16", "grad_ckpt": True}),
+    "llama eager b1 ckpt": ("llama", {"attn": "eager", "batch": 1, "grad_ckpt": True}),
+    "llama without grouped heads eager dpo": ("llama_mha", {"attn": "eager", "task": "dpo"}),
     # every decode step runs the model (the cache grows a position at a time)
     "qwen2 generate": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4}),
     "qwen2 generate b1": ("qwen2", {"task": "generate", "prompt_len": 16, "new_tokens": 4, "batch": 1}),
+    # 4-bit generation: a prefill of more rows than bitsandbytes' heuristic decides (the dequantize
+    # path), decode steps of at most 4 rows (its fused kernel on every card) except where the inner
+    # dimension is no multiple of the blocksize (this qwen2's down_proj: 160)
+    "qwen2 generate qlora": ("qwen2", {"task": "generate", "method": "qlora", "lora_rank": 4, "prompt_len": 1024,
+                                      "new_tokens": 3}),
 }
 
 
@@ -118,7 +131,7 @@ CASES = {
 def configs(tmp_path_factory):
     d = tmp_path_factory.mktemp("configs")
     out = {}
-    for name, cfg in (("llama", LLAMA), ("qwen2", QWEN2)):
+    for name, cfg in (("llama", LLAMA), ("qwen2", QWEN2), ("llama_mha", {**LLAMA, "num_key_value_heads": 4})):
         p = d / f"{name}.json"
         p.write_text(json.dumps(cfg))
         out[name] = str(p)
@@ -132,6 +145,42 @@ def test_engine_trace_equals_the_dry_runs(case, configs):
     plan = Plan(**{"model": configs[arch], "batch": 2, "seq": 32, **kw})
     dry, eng = canonical(dry_run_trace(plan)), canonical(engine_trace(plan))
     assert dry == eng, first_difference(dry, eng)
+
+
+def test_eager_generation_is_not_traced_and_fit_says_why(configs):
+    """generate() with eager attention builds a mask per forward that the trace does not cover: the
+    engine says so (fit falls back to the rounding model and names the reason)."""
+    from planner.engine.steptrace import TraceUnsupported
+
+    plan = Plan(model=configs["llama"], task="generate", batch=2, prompt_len=16, new_tokens=4, attn="eager")
+    with pytest.raises(TraceUnsupported, match="eager attention in generate"):
+        engine_trace(plan)
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"batch": 5, "prompt_len": 1024}, "4-bit generation of 5 sequences"),
+    ({"batch": 2, "prompt_len": 16}, "the prefill: a 4-bit linear over 32 tokens"),
+])
+def test_4bit_generation_is_traced_only_where_bitsandbytes_picks_its_kernel_on_every_card(configs, fields, reason):
+    from planner.engine.steptrace import TraceUnsupported
+
+    plan = Plan(model=configs["llama"], task="generate", method="qlora", new_tokens=3, **fields)
+    with pytest.raises(TraceUnsupported, match=reason):
+        engine_trace(plan)
+
+
+def test_4bit_kernel_thresholds_are_the_installed_bitsandbytes():
+    """The engine's BNB_CUSTOM_MAX_M and BNB_CUSTOM_FLOOR_M are bitsandbytes' own (its CUDA backend's
+    `_gemm_4bit_custom_max_m` and `_GEMM_4BIT_CUSTOM_FLOOR_M`, read from the installed source)."""
+    import re
+    from pathlib import Path
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from planner.engine.steptrace import BNB_CUSTOM_FLOOR_M, BNB_CUSTOM_MAX_M
+
+    src = (Path(bnb.__file__).parent / "backends" / "cuda" / "ops.py").read_text()
+    assert int(re.search(r"^_GEMM_4BIT_CUSTOM_FLOOR_M = (\d+)", src, re.M).group(1)) == BNB_CUSTOM_FLOOR_M
+    assert int(re.search(r"^    _gemm_4bit_custom_max_m = (\d+)", src, re.M).group(1)) == BNB_CUSTOM_MAX_M
 
 
 def test_the_traces_differ_when_the_programs_do(configs):

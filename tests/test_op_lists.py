@@ -89,6 +89,9 @@ CASES = {
     "sft fp32": dict(seq=16, precision="fp32"),
     "generate": dict(task="generate", prompt_len=8, new_tokens=4),
     "rm": dict(task="rm", seq=16),
+    # LoRA: peft's trained copy of `score` in the model's dtype beside the fp32 adapters: two dtype
+    # groups in AdamW's foreach kernels
+    "rm lora": dict(task="rm", seq=16, method="lora"),
     "dpo": dict(task="dpo", seq=16),
     "distill": dict(task="distill", seq=16, teacher="TINY"),
     "grpo": dict(task="grpo", group_size=2, prompt_len=8, new_tokens=4),
@@ -103,6 +106,13 @@ CASES = {
     "dpo gradient accumulation": dict(task="dpo", seq=16, grad_accum=2, reference_pass="before"),
     "distill gradient accumulation": dict(task="distill", seq=16, teacher="TINY", grad_accum=2),
     "generate one sequence": dict(task="generate", prompt_len=8, new_tokens=4, batch=1),
+    # eager attention: its causal mask in every forward, repeat_kv, the batched matmuls' reshapes (a
+    # decode step's q and output views, one sequence's q a view), the fp32 softmax; autocast's casts
+    "sft eager": dict(seq=16, attn="eager"),
+    "sft eager mixed-bf16 checkpointing": dict(seq=16, attn="eager", precision="mixed-bf16", grad_ckpt=True),
+    "sft eager one sequence": dict(seq=16, attn="eager", batch=1),
+    "generate eager": dict(task="generate", prompt_len=8, new_tokens=4, attn="eager"),
+    "dpo eager": dict(task="dpo", seq=16, attn="eager"),
     "distill one sequence": dict(task="distill", seq=16, teacher="TINY", batch=1),  # the teacher's forward too
 }
 

@@ -149,10 +149,26 @@ def test_combined_suggestion_when_no_single_change_fits():
 def test_fit_returns_suggestions_only_when_it_does_not_fit():
     small = fit(Plan(model="qwen2.5-0.5b", gpu="h200", seq=512))
     assert small.fits and small.suggestions == []
-    big = fit(Plan(**TRAIN))
+    plan = Plan(**TRAIN)
+    big = fit(plan)
     assert not big.fits and big.suggestions
     assert big.headroom_bytes == big.gpu.memory_bytes - big.memory.device_bytes < 0
-    check_claims(big.suggestions, big.gpu.memory_bytes)
+    # the plan is traced (eager attention included): each suggestion's figure is what fit says of it
+    # alone where it was simulated (the plan's trace shape), else its estimate with reserved scaled by
+    # the plan's simulated-to-estimated ratio (planner.simulated)
+    assert big.allocator is not None
+    ratio = big.allocator.reserved_bytes / estimate(plan, load_model(plan.model), big.gpu).reserved_bytes
+    context = big.gpu.cuda_context_bytes
+    assert any(s.simulated for s in big.suggestions) and any(not s.simulated for s in big.suggestions)
+    for s in big.suggestions:
+        est = estimate(s.plan, load_model(s.plan.model), big.gpu)
+        assert est.peak_allocated_bytes == s.peak_allocated_bytes, s.change
+        if s.simulated:
+            alone = fit(s.plan, with_suggestions=False)
+            assert (s.device_bytes, s.fits) == (alone.memory.device_bytes, alone.fits), s.change
+        else:
+            assert s.device_bytes == int(est.reserved_bytes * ratio) + context, s.change
+            assert s.fits == (s.device_bytes <= big.gpu.memory_bytes), s.change
 
 
 def test_fp16_suggested_on_cards_without_bf16():

@@ -27,6 +27,10 @@ def describe(plan: Plan) -> str:
     parts = [plan.model, plan.task]
     if plan.task == "generate":
         parts.append(f"b{plan.batch} p{plan.prompt_len}+{plan.new_tokens}")
+        if plan.method != "full":
+            parts.append(plan.method)
+        if plan.attn != "sdpa":
+            parts.append(plan.attn)
     elif plan.task in ("ppo", "grpo"):
         parts += [plan.method, plan.precision, f"b{plan.batch}" + (f"x{plan.group_size}" if plan.task == "grpo" else ""),
                   f"p{plan.prompt_len}+{plan.new_tokens}"]

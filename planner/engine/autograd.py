@@ -39,22 +39,25 @@ ACCUMULATE_SEQ = 1 << 64  # AccumulateGrad's sequence number (UINT64_MAX): it ru
 
 @dataclass(frozen=True, slots=True)
 class Sz:
-    """Bytes as c + b*B + s*S + t*B*S + q*B*S^2 (B: batch, S: sequence length), integer coefficients."""
+    """Bytes as c + b*B + s*S + t*B*S + q*B*S^2 + r*S^2 (B: batch, S: sequence length), integer
+    coefficients (r: a (S, S) table of the whole batch, as eager attention's causal mask before it
+    is broadcast to the batch)."""
 
     c: int = 0
     b: int = 0
     s: int = 0
     t: int = 0
     q: int = 0
+    r: int = 0
 
     def at(self, batch: int, seq: int) -> int:
-        return int(self.c + self.b * batch + self.s * seq + (self.t + self.q * seq) * batch * seq)
+        return int(self.c + self.b * batch + (self.s + self.r * seq) * seq + (self.t + self.q * seq) * batch * seq)
 
     def __add__(self, o: "Sz") -> "Sz":
-        return Sz(self.c + o.c, self.b + o.b, self.s + o.s, self.t + o.t, self.q + o.q)
+        return Sz(self.c + o.c, self.b + o.b, self.s + o.s, self.t + o.t, self.q + o.q, self.r + o.r)
 
     def __mul__(self, k: int) -> "Sz":
-        return Sz(self.c * k, self.b * k, self.s * k, self.t * k, self.q * k)
+        return Sz(self.c * k, self.b * k, self.s * k, self.t * k, self.q * k, self.r * k)
 
     __rmul__ = __mul__
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from planner.engine.autograd import Backward, Node, SizeFn, formula
-from planner.engine.ops import E, M, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear, unary
+from planner.engine.ops import (E, M, SAVED_DETACH, V, Lora, Weight, alias, binary, cast, dropout, linear, lora_linear,
+                                promote, unary)
 from planner.engine.runtime import sdpa_backward_workspaces
 from planner.engine.tape import DTYPE_BYTES, Tape, Tensor, Sym, fixed, tok
 
@@ -38,6 +39,13 @@ class LayerCfg:
     resid_dropout: float = 0.0
     attn_dropout: float = 0.0
     training: bool = True
+    # micro-batches of one sequence: some reshapes of a one-row tensor are views where several rows
+    # need a copy (eager attention's q)
+    one_sequence: bool = False
+    # generate()'s forwards: K and V are the DynamicCache's tensors (torch.cat's contiguous output);
+    # `one_query`: a decode step's (one query position: eager's q and output reshape as views)
+    kv_cached: bool = False
+    one_query: bool = False
 
 
 def _lin(tp: Tape, x: Tensor, cfg: LayerCfg, name: str) -> Tensor:
@@ -134,50 +142,169 @@ def rotary(tp: Tape, q: Tensor, cos: Tensor, sin: Tensor, elems: int, name: str)
     return out
 
 
-def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+def attention_core(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, name: str,
+                   held: list[Tensor] | None = None, mask_dtype: str | None = None) -> Tensor:
     """SDPA (flash/efficient kernel: q, k, v, out and an fp32 logsumexp saved; K/V stay at the KV-head
-    count through enable_gqa) or transformers' eager attention (S x S scores, fp32 softmax)."""
+    count through enable_gqa) or transformers' eager attention (`eager_attention`: S x S scores, fp32
+    softmax), returning the output contiguous in (B, S, heads, dim) order. `held`: where eager's
+    attention weights go when the caller keeps them (LlamaDecoderLayer's `_`), else dropped here;
+    `mask_dtype`: the dtype of the additive causal mask (the model's hidden states')."""
     nq = cfg.heads * cfg.head_dim
+    if cfg.attn != "sdpa":
+        out, weights = eager_attention(tp, q, k, v, cfg, name, mask_dtype or q.dtype)
+        if held is None:
+            tp.drop(weights)
+        else:
+            held.append(weights)
+        return out
     if cfg.autocast:
         # autocast casts SDPA's arguments right to left (as F.linear's): v, k, then q
         v2, k2, q2 = (cast(tp, t, cfg.autocast, f"{name}.autocast_{n}") for t, n in ((v, "v"), (k, "k"), (q, "q")))
     else:
         q2, k2, v2 = alias(q), alias(k), alias(v)
-    if cfg.attn == "sdpa":
-        # the kernel's node saves q, k, v (before it runs), its output and logsumexp (after)
-        node = tp.fn("sdpa", (q2, k2, v2), (q2, k2, v2), heads=cfg.heads, kv_heads=cfg.kv_heads,
-                     head_dim=cfg.head_dim)
-        out = tp.out(node, tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out"), saved=True)
-        lse = tp.out(node, tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp"), saved=True)
-        sdpa_ops(tp, q2, k2, v2, out, cfg)
-        if q2.rg or k2.rg or v2.rg:
-            tp.save(q2, k2, v2, out, lse)
-        tp.drop(lse, q2, k2, v2)
-        # the kernel allocates its output as (B, S, heads, dim): transpose(1, 2).contiguous() is free
-        return out
-    groups = cfg.heads // cfg.kv_heads
-    kr = tp.new(tok(nq), k2.dtype, k2.rg, f"{name}.repeat_k") if groups > 1 else alias(k2)
-    vr = tp.new(tok(nq), v2.dtype, v2.rg, f"{name}.repeat_v") if groups > 1 else alias(v2)
-    tp.drop(k2, v2)
-    scores = tp.new(Sym(q=cfg.heads), q2.dtype, True, f"{name}.scores")
-    # torch.matmul(q, k.transpose): a bmm over every (query, key) pair, the masked ones included
-    eager_matmul_ops(tp, q2, kr, scores, cfg)
-    tp.save(q2, kr)
-    scaled = unary(tp, scores, f"{name}.scale")
+    # the kernel's node saves q, k, v (before it runs), its output and logsumexp (after)
+    node = tp.fn("sdpa", (q2, k2, v2), (q2, k2, v2), heads=cfg.heads, kv_heads=cfg.kv_heads,
+                 head_dim=cfg.head_dim)
+    out = tp.out(node, tp.new(tok(nq), q2.dtype, True, f"{name}.sdpa_out"), saved=True)
+    lse = tp.out(node, tp.new(tok(cfg.heads), "fp32", False, f"{name}.logsumexp"), saved=True)
+    sdpa_ops(tp, q2, k2, v2, out, cfg)
+    if q2.rg or k2.rg or v2.rg:
+        tp.save(q2, k2, v2, out, lse)
+    tp.drop(lse, q2, k2, v2)
+    # the kernel allocates its output as (B, S, heads, dim): transpose(1, 2).contiguous() is free
+    return out
+
+
+def _repeat_kv(tp: Tape, t: Tensor, cfg: LayerCfg, name: str) -> Tensor:
+    """transformers' repeat_kv: `t[:, :, None].expand(B, kv, n_rep, S, D).reshape(B, heads, S, D)`, a
+    copy (clone + _unsafe_view) where the groups have more than one head; its backward sums the
+    gradient over the copies (sum.dim_IntList at the KV heads' size) and squeezes it."""
+    if cfg.heads == cfg.kv_heads:
+        return alias(t)
+    nq = cfg.heads * cfg.head_dim
+    tp.op(V, "unsqueeze")
+    tp.op(V, "expand")
+    u = tp.view(t, "view")
+    x = tp.view(u, "elementwise", elems=tok(nq))  # ExpandBackward0: sum_to the KV heads
+    rep = tp.out(tp.fn("pass", (x,)), tp.new(tok(nq), t.dtype, t.rg, name))
+    tp.op(E, "clone", bytes=rep.size * 2, dtype=t.dtype)
+    tp.op(V, "_unsafe_view")
+    tp.reshape(rep)
+    tp.use(t)
+    tp.drop(u, x)
+    if t.rg:
+        tp.bop(V, "view")
+        tp.bop(E, "sum", bytes=rep.size + t.size, dtype=t.dtype)
+        tp.bop(V, "squeeze")
+    return rep
+
+
+def _operand_3d(tp: Tape, x: Tensor, copies: bool, name: str) -> tuple[Tensor, Tensor]:
+    """One operand of at::matmul's batched path: `x.expand(batch + mat).reshape(batch, *mat)`; the
+    reshape copies (clone + _unsafe_view) where `copies` (the layout allows no view). Returns (the
+    expanded view, the 3D operand)."""
+    tp.op(V, "expand")
+    xe = tp.view(x, "view")
+    if copies:
+        x3 = tp.out(tp.fn("pass", (xe,)), tp.new(x.elems, x.dtype, x.rg, name))
+        tp.op(E, "clone", bytes=x.size * 2, dtype=x.dtype)
+        tp.op(V, "_unsafe_view")
+        tp.reshape(x3)
+    else:
+        x3 = tp.view(xe, "view")
+        tp.op(V, "view")
+    return xe, x3
+
+
+def _batched_matmul(tp: Tape, a: Tensor, b: Tensor, b_base: Tensor, copies: tuple[bool, bool], out_elems: Sym,
+                    cfg: LayerCfg, name: str, grad_copies: bool) -> Tensor:
+    """torch.matmul of two 4D tensors as at::matmul runs it: each operand expanded to the batch and
+    reshaped to 3D (`copies`: which ones' layouts allow no view, so clone + _unsafe_view), one bmm
+    (saving both), its output viewed back to 4D (`grad_copies`: the gradient that comes back is not
+    contiguous, so its reshape copies). BmmBackward0 makes the second operand's gradient first, then
+    the first's (the dry run's trace). `b_base`: the tensor whose storage `b` views (what the bmm's
+    saved operand keeps alive when its reshape is a view)."""
+    a_copies, b_copies = copies
+    ae, a3 = _operand_3d(tp, a, a_copies, f"{name}.a_3d")
+    be, b3 = _operand_3d(tp, b, b_copies, f"{name}.b_3d")
+    node = tp.fn("bmm", (a3, b3), (a3, b3))
+    out = tp.out(node, tp.new(out_elems, a.dtype, a.rg or b.rg, name))
+    tp.op(V, "_unsafe_view")
+    tp.reshape(out, "view_copy" if grad_copies else "view")
+    eager_matmul_ops(tp, a, b, out, cfg)
+    tp.use(a3, b3)
+    if out.rg:
+        tp.save(a3 if a_copies else a, b3 if b_copies else b_base)
+    tp.drop(ae, be, a3, b3)
+    if out.rg:
+        tp.bop(V, "transpose", count=2)  # mat2.transpose(1, 2) and self.transpose(1, 2)
+        tp.bop(V, "view", count=2)  # the 3D operands' reshapes back
+        # the output's: a view of a contiguous gradient, else a copy
+        if grad_copies:
+            tp.bop(E, "clone", bytes=out.size * 2, dtype=out.dtype)
+            tp.bop(V, "_unsafe_view")
+        else:
+            tp.bop(V, "view")
+    return out
+
+
+def eager_attention(tp: Tape, q: Tensor, k: Tensor, v: Tensor, cfg: LayerCfg, name: str,
+                    mask_dtype: str) -> tuple[Tensor, Tensor]:
+    """transformers' eager_attention_forward (5.25): k and v repeated to every head (`_repeat_kv`),
+    `torch.matmul(q, k.transpose(2, 3)) * scaling + mask`, `softmax(dim=-1, dtype=fp32)` (its input
+    cast to fp32 first), `.to(q.dtype)`, dropout (none at p = 0), `torch.matmul(weights, v)`.
+    Under autocast the matmuls cast their operands (right to left: the second first) and the fp32
+    mask promotes the scores to fp32. Returns (the output made contiguous in (B, S, heads, D) order; the
+    attention weights)."""
+    nq = cfg.heads * cfg.head_dim
+    kr = _repeat_kv(tp, k, cfg, f"{name}.repeat_k")
+    vr = _repeat_kv(tp, v, cfg, f"{name}.repeat_v")
+    tp.op(V, "transpose")
+    kt = tp.view(kr, "view")
+    if kr.rg:
+        tp.bop(V, "transpose")
+    ac = cfg.autocast
+    kc = cast(tp, kt, ac, f"{name}.autocast_kT") if ac else alias(kt)
+    qc = cast(tp, q, ac, f"{name}.autocast_q") if ac else alias(q)
+    # q is a transposed view of its projection (B, S, heads, D): its 3D reshape copies, and so do k's
+    # and v's without grouped heads (repeat_kv's copies are contiguous); the output's gradient arrives
+    # transposed the same way. Views instead for one sequence ((1, heads, S, D) reshapes to (heads, S,
+    # D)) and a decode step's (B, heads, 1, D); the cache's K and V are contiguous.
+    many = not (cfg.one_sequence or cfg.one_query)
+    plain = cfg.heads == cfg.kv_heads and not (cfg.one_sequence or cfg.kv_cached)
+    scores = _batched_matmul(tp, qc, kc, kr if kc is kt else kc, (many, plain), Sym(q=cfg.heads), cfg,
+                             f"{name}.scores", grad_copies=False)
+    tp.drop(qc, kc, kt)
+    scaled = unary(tp, scores, f"{name}.scale", aten="mul", bwd=("mul",))  # * scaling (a Python float)
     tp.drop(scores)
-    masked = unary(tp, scaled, f"{name}.mask_add")
+    masked = unary(tp, scaled, f"{name}.mask_add", dtype=promote(scaled.dtype, mask_dtype), aten="add",
+                   grad="pass")
+    if masked.dtype != scaled.dtype and scaled.rg:  # autograd casts the promoted gradient back
+        tp.bop(E, "_to_copy", bytes=scaled.size + masked.size, dtype=scaled.dtype)
     tp.drop(scaled)
-    probs32 = unary(tp, masked, f"{name}.softmax", saves_output=True, dtype="fp32")
-    tp.drop(masked)
-    probs = cast(tp, probs32, q2.dtype, f"{name}.probs_cast")
-    tp.drop(probs32)
-    out = tp.new(tok(nq), q2.dtype, True, f"{name}.attn_out")
-    eager_matmul_ops(tp, probs, vr, out, cfg)  # torch.matmul(probs, v)
-    tp.save(probs, vr)
-    tp.drop(probs, vr, q2, kr)
-    outc = tp.new(tok(nq), out.dtype, True, f"{name}.transpose_contiguous")
+    s32 = cast(tp, masked, "fp32", f"{name}.softmax_fp32")
+    probs32 = unary(tp, s32, f"{name}.softmax", saves_output=True, aten="_softmax", bwd=("_softmax_backward_data",))
+    tp.drop(s32)
+    probs = cast(tp, probs32, q.dtype, f"{name}.weights")
+    tp.drop(masked, probs32)
+    vc = cast(tp, vr, ac, f"{name}.autocast_v") if ac else alias(vr)
+    pc = cast(tp, probs, ac, f"{name}.autocast_weights") if ac else alias(probs)
+    out = _batched_matmul(tp, pc, vc, vc, (False, plain), tok(nq), cfg, f"{name}.attn_out", grad_copies=many)
+    tp.drop(pc, vc)
+    # attn_output.transpose(1, 2).contiguous(): a copy (its backward: a transpose of the gradient), none
+    # for one query position ((B, 1, heads, D) is contiguous already)
+    tp.op(V, "transpose")
+    if out.rg:
+        tp.bop(V, "transpose")
+    if cfg.one_query:
+        tp.drop(kr, vr)
+        return out, probs
+    outc = tp.out(tp.fn("pass", (out,)), tp.new(tok(nq), out.dtype, out.rg, f"{name}.transpose_contiguous"))
+    tp.op(E, "clone", bytes=out.size * 2, dtype=out.dtype)
     tp.drop(out)
-    return outc
+    # the function returns: key_states and value_states go
+    tp.drop(kr, vr)
+    return outc, probs
 
 
 def eager_matmul_ops(tp: Tape, a: Tensor, b: Tensor, out: Tensor, cfg: LayerCfg) -> None:
@@ -188,6 +315,17 @@ def eager_matmul_ops(tp: Tape, a: Tensor, b: Tensor, out: Tensor, cfg: LayerCfg)
     io = a.size + b.size + out.size
     tp.op(M, "bmm", flops=f, bytes=io, dtype=out.dtype)
     tp.bop(M, "bmm", flops=f, bytes=io, dtype=out.dtype, count=2)
+
+
+@formula("bmm")
+def _bmm_backward(bw: Backward, n: Node, grads: list) -> list:
+    """BmmBackward0: the second operand's gradient (self^T @ grad) first, then the first's
+    (grad @ mat2^T), as the dry run's trace shows them."""
+    g = grads[0]
+    (a_el, _, a_edge), (b_el, _, b_edge) = n.inputs
+    gb = bw.new(b_el, g.dtype) if (g is not None and b_edge is not None) else None
+    ga = bw.new(a_el, g.dtype) if (g is not None and a_edge is not None) else None
+    return [ga, gb]
 
 
 SDPA_KERNEL = "_scaled_dot_product_flash_attention"
@@ -260,7 +398,11 @@ def _heads_view(tp: Tape, t: Tensor, contiguous_grad: bool) -> None:
             tp.bop(V, "_unsafe_view")
 
 
-def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
+def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg, held: list[Tensor] | None = None,
+                    mask_dtype: str | None = None) -> Tensor:
+    """LlamaAttention.forward: q/k/v projections, rotary, attention, o_proj. `held`: eager's attention
+    weights, returned beside the output (the decoder layer keeps them as `_` until it returns);
+    `mask_dtype`: the causal mask's dtype (the layer input's)."""
     nq = cfg.heads * cfg.head_dim
     nkv = cfg.kv_heads * cfg.head_dim
     if "qkv_proj" in cfg.weights:  # phi3: one fused projection, then split views
@@ -271,14 +413,16 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
         qr = rotary(tp, _view(q, nq), cos, sin, nq, "q")
         kr = rotary(tp, _view(k, nkv), cos, sin, nkv, "k")
         tp.drop(q, k)
-        out = attention_core(tp, qr, kr, v, cfg, "attn")
+        out = attention_core(tp, qr, kr, v, cfg, "attn", held, mask_dtype)
     else:
         q = _lin(tp, x, cfg, "q_proj")
         _heads_view(tp, q, contiguous_grad=False)
         k = _lin(tp, x, cfg, "k_proj")
         _heads_view(tp, k, contiguous_grad=False)
         v = _lin(tp, x, cfg, "v_proj")
-        _heads_view(tp, v, contiguous_grad=True)
+        # SDPA's backward kernel writes v's gradient in (B, S, heads, D) order; eager's arrives in
+        # (B, heads, S, D) order, so its reshape copies
+        _heads_view(tp, v, contiguous_grad=cfg.attn == "sdpa")
         tp.op(V, "unsqueeze", count=2)  # cos.unsqueeze(1), sin.unsqueeze(1)
         # query_states, key_states = apply_rotary_pos_emb(...): both rebound once both are computed
         qr = rotary(tp, q, cos, sin, nq, "q")
@@ -289,16 +433,22 @@ def llama_attention(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg
             ck, cv = tp.kv.update(tp, kr, v)
             tp.drop(kr, v)
             kr, v = ck, cv
-        out = attention_core(tp, qr, kr, v, cfg, "attn")
-    # attn_output.transpose(1, 2).contiguous().reshape(*input_shape, -1): views of the kernel's output
-    # (SDPA's own reshape, the transpose, the reshape)
-    tp.op(V, "view")
-    tp.op(V, "transpose")
-    tp.op(V, "view")
-    for _ in range(3):
+        out = attention_core(tp, qr, kr, v, cfg, "attn", held, mask_dtype)
+    if cfg.attn == "sdpa":
+        # attn_output.transpose(1, 2).contiguous().reshape(*input_shape, -1): views of the kernel's output
+        # (SDPA's own reshape, the transpose, the reshape)
+        tp.op(V, "view")
+        tp.op(V, "transpose")
+        tp.op(V, "view")
+        for _ in range(3):
+            tp.reshape(out)
+        if out.rg:
+            tp.bop(V, "view", count=3)
+    else:  # eager made it contiguous: .reshape(*input_shape, -1) views it
+        tp.op(V, "view")
         tp.reshape(out)
-    if out.rg:
-        tp.bop(V, "view", count=3)
+        if out.rg:
+            tp.bop(V, "view")
     o = _lin(tp, out, cfg, "o_proj")
     # the forward's locals go when it returns: q, k, v and the attention output
     tp.drop(out, qr, kr, v)
@@ -418,8 +568,9 @@ def dropout_residual(tp: Tape, y: Tensor, residual: Tensor, cfg: LayerCfg, name:
 def llama_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) -> Tensor:
     """LlamaDecoderLayer (also Mistral, Qwen2, Phi-3): pre-norm attention and MLP with residuals."""
     tp.module()
+    held: list[Tensor] = []  # `hidden_states, _ = self.self_attn(...)`: eager's weights, until the layer returns
     h = rms_norm(tp, x, cfg, "input_layernorm")
-    a = llama_attention(tp, h, cos, sin, cfg)
+    a = llama_attention(tp, h, cos, sin, cfg, held, x.dtype)
     tp.drop(h)
     r1 = binary(tp, x, a, "residual_attn", saves=False)
     tp.drop(x, a)
@@ -427,7 +578,7 @@ def llama_layer(tp: Tape, x: Tensor, cos: Tensor, sin: Tensor, cfg: LayerCfg) ->
     m = moe_mlp(tp, h2, cfg) if cfg.experts else gated_mlp(tp, h2, cfg)
     tp.drop(h2)
     out = binary(tp, r1, m, "residual_mlp", saves=False)
-    tp.drop(r1, m)
+    tp.drop(r1, m, *held)
     return out
 
 

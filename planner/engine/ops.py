@@ -295,9 +295,13 @@ def linear4bit(tp: Tape, x: Tensor, w: Weight, name: str, compute: str = "bf16")
     if w.bias and tp.rec is not None:
         _bias_to_compute(tp, w, name, compute)
     # gemm_4bit's CUDA fallback (planner.backends.dryrun._patches.cuda_gemm_4bit): with double
-    # quantization the dequantized absmax (empty_like) and `absmax + offset`, then the [N, K] weight
-    absmax = [tp.raw(Sz(c=blocks * 4), f"{name}.absmax_dq", "fp32") for _ in range(2 if w.nested else 0)]
-    deq = tp.new(fixed(n), compute, False, f"{name}.dequant")
+    # quantization the dequantized absmax (empty_like) and `absmax + offset`, then the [N, K] weight.
+    # Its fused kernel (the output alone) for a decode step's rows, one per sequence: bitsandbytes takes
+    # it for up to _GEMM_4BIT_CUSTOM_FLOOR_M = 4 rows on every card (the trace's limits refuse more)
+    # where the inner dimension is a multiple of the blocksize (backends/cuda/ops.py's gemm_4bit)
+    fused = tp.rec is not None and tp.rec.per_sequence and w.in_features % QUANT_BLOCK == 0
+    absmax = [tp.raw(Sz(c=blocks * 4), f"{name}.absmax_dq", "fp32") for _ in range(2 if w.nested and not fused else 0)]
+    deq = tp.new(fixed(n), compute, False, f"{name}.dequant") if not fused else None
     # MatMul4Bit (a custom Function): saves no activation (its backward dequantizes again)
     node = tp.fn("matmul4bit", (xin,), nested=w.nested, blocks=blocks, n=n, dtype=compute)
     out = tp.out(node, tp.new(tok(w.out_features), compute, x.rg, name))
@@ -305,7 +309,9 @@ def linear4bit(tp: Tape, x: Tensor, w: Weight, name: str, compute: str = "bf16")
         tp.rec.matmul()
     tp.module()
     linear4bit_ops(tp, xin, w, compute, out)
-    tp.drop(deq, *absmax)
+    if deq is not None:
+        tp.drop(deq)
+    tp.drop(*absmax)
     res = cast(tp, out, x.dtype, f"{name}.output_cast")
     # `x` (rebound to its cast) goes when the forward returns
     tp.drop(out, xin)

@@ -70,11 +70,12 @@ class Program:
 
 
 def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, family: str,
-                 input_rg: bool = False, mask: bool = True, single: bool = False) -> tuple[OpList, OpList]:
+                 input_rg: bool = False, mask: bool = True, single: bool = False,
+                 attn: str = "sdpa") -> tuple[OpList, OpList]:
     """(forward, backward) ops of the model before its first layer: nn.Module calls of the model
     (CausalLM wrapper, backbone, embedding, rotary embedding), the embedding lookup, the causal
-    mask, the rotary tables; the embedding's backward when it is trained. `single`: one sequence
-    (the mask's position ids are not expanded to the batch)."""
+    mask (`attn` eager: built as a tensor), the rotary tables; the embedding's backward when it is
+    trained. `single`: one sequence (the mask's position ids are not expanded to the batch)."""
     h = spec.hidden_size
     e = DTYPE_BYTES[emb_dtype]
     f, b = OpList(), OpList()
@@ -96,6 +97,8 @@ def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, fa
         for name in ("unsqueeze",) + (() if single else ("expand",)) + ("slice", "slice", "slice", "select"):
             f.add(V, name)
         f.add("sync", "_local_scalar_dense")
+    if attn == "eager":
+        f.extend(eager_mask_ops(emb_dtype))
     if family in ROTARY_FAMILIES:
         f.modules += 1
         hd = spec.head_dim
@@ -109,22 +112,48 @@ def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, fa
     return f, b
 
 
-def optimizer_ops(name: str, res: Resident) -> OpList:
+def eager_mask_ops(dtype: str) -> OpList:
+    """create_causal_mask for eager attention, in every forward (transformers 5.25 eager_mask over
+    sdpa_mask, no vmap): arange(B), arange(1), arange(S) + q_offset, arange(S) + kv_offset, each
+    indexed to 4D (3 unsqueezes), `kv <= q`, expanded to the batch, then torch.where(mask, zeros((),
+    dtype), finfo(dtype).min): the (B, 1, S, S) additive mask in the hidden states' dtype."""
+    e = DTYPE_BYTES[dtype]
+    f = OpList()
+    for name in ("arange", "arange", "arange", "add", "arange", "add"):
+        f.add(E, name, bytes=Sym(t=16), dtype="int64")
+    f.add(V, "unsqueeze", count=12)
+    f.add(E, "le", bytes=Sym(t=16, q=1), dtype="bool")
+    f.add(V, "expand")
+    f.add(E, "zeros", bytes=Sym(c=e), dtype=dtype)
+    f.add(E, "scalar_tensor", bytes=Sym(c=e), dtype=dtype)
+    f.add(E, "where", bytes=Sym(q=1 + e), dtype=dtype)
+    return f
+
+
+def optimizer_ops(name: str, res: Resident, extra: tuple[tuple[str, int, int], ...] = ()) -> OpList:
     """One `optimizer.step()` (+ zero_grad(set_to_none=True), which dispatches nothing) in the
-    steady state: torch's foreach AdamW (CUDA's default: `_multi_tensor_adamw`) runs 8 _foreach_*
-    ops over all trainable tensors (lerp/mul/addcmul on the moments, sqrt/div/add for the
-    denominator, mul for weight decay, addcdiv for the update), keeps its `step` counters on the
-    host (`_foreach_add_` and two `.item()` per tensor for the bias corrections: host ops, no kernel),
-    inside two record_function scopes (bookkeeping). Bytes: passes over the trainable elements in the
-    states' dtype (read + written per op)."""
-    n, p = res.trainable_elems, res.trainable_tensors
-    e = DTYPE_BYTES[res.trainable_dtype]
+    steady state: torch's foreach AdamW (CUDA's default: `_multi_tensor_adamw`) groups the trainable
+    tensors by dtype (`_group_tensors_by_device_and_dtype`) and per group runs 8 _foreach_* ops
+    (lerp/mul/addcmul on the moments, sqrt/div/add for the denominator, mul for weight decay,
+    addcdiv for the update), steps its `step` counters on the host (lift_fresh and `_foreach_add_`:
+    host ops, no kernel) and reads them back, two `.item()` per tensor for the bias corrections; inside two
+    record_function scopes (bookkeeping). Bytes: passes over the group's elements in its dtype (read
+    + written per op). `extra`: trainable tensors beside `res`'s, as (dtype, elements, tensors) (a
+    LoRA reward model's trained copy of its `score` head)."""
+    by_dtype: dict[str, list[int]] = {res.trainable_dtype: [res.trainable_elems, res.trainable_tensors]}
+    for dt, elems, count in extra:
+        g = by_dtype.setdefault(dt, [0, 0])
+        g[0] += elems
+        g[1] += count
+    groups = [(dt, n, p) for dt, (n, p) in by_dtype.items() if p]
+    tensors = sum(p for _, _, p in groups)
     out = OpList()
     out.call("optimizer_step_s")
-    out.call("optimizer_tensor_s", p)
+    out.call("optimizer_tensor_s", tensors)
     out.add("other", "_record_function_enter_new", count=2)
     out.add("other", "_record_function_exit", count=2)
-    if name in ("adamw", "adamw-fused"):
+    for dt, n, p in groups:
+        e = DTYPE_BYTES[dt]
         if name == "adamw":
             out.add("host", "lift_fresh")
             out.add("host", "_foreach_add_")
@@ -133,15 +162,14 @@ def optimizer_ops(name: str, res: Resident) -> OpList:
             for op, passes in (("_foreach_mul_", 2), ("_foreach_lerp_", 3), ("_foreach_mul_", 2),
                                ("_foreach_addcmul_", 4), ("_foreach_sqrt", 2), ("_foreach_div_", 2),
                                ("_foreach_add_", 2), ("_foreach_addcdiv_", 4)):
-                out.add("foreach", op, bytes=Sym(c=passes * n * e), dtype=res.trainable_dtype, tensors=p)
-        else:
+                out.add("foreach", op, bytes=Sym(c=passes * n * e), dtype=dt, tensors=p)
+        elif name == "adamw-fused":
             out.add("foreach", "_foreach_add_", bytes=Sym(c=8 * p), dtype="fp32", tensors=p)
-            out.add("foreach", "_fused_adamw_", bytes=Sym(c=7 * n * e), dtype=res.trainable_dtype, tensors=p)
-    elif name == "sgd":
-        out.add("foreach", "_foreach_add_", bytes=Sym(c=3 * n * e), dtype=res.trainable_dtype, tensors=p)
-    else:  # bitsandbytes' 8-bit optimizers: one update kernel per tensor
-        out.add(E, "optimizer_update_8bit_blockwise", bytes=Sym(c=n * (3 * e + 2)), dtype=res.trainable_dtype,
-                count=p)
+            out.add("foreach", "_fused_adamw_", bytes=Sym(c=7 * n * e), dtype=dt, tensors=p)
+        elif name == "sgd":
+            out.add("foreach", "_foreach_add_", bytes=Sym(c=3 * n * e), dtype=dt, tensors=p)
+        else:  # bitsandbytes' 8-bit optimizers: one update kernel per tensor
+            out.add(E, "optimizer_update_8bit_blockwise", bytes=Sym(c=n * (3 * e + 2)), dtype=dt, count=p)
     return out
 
 
@@ -242,7 +270,7 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         _cache[key] = (spec, prog)
         return prog
     res = resident(spec, plan)
-    cfg = layer_cfg(spec, plan, res)
+    cfg = dataclasses.replace(layer_cfg(spec, plan, res), one_sequence=single)
     L = spec.num_layers
     full = plan.method == "full"
     emb_dtype = res.non_linear_dtype
@@ -253,7 +281,7 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         head = HEADS[loss](spec, cfg, res, steady.out_dtype, full, tiles=tiles or FusedTiles.for_positions(1 << 30))
     else:
         head = HEADS[loss](spec, cfg, res, steady.out_dtype, full)
-    pro_f, pro_b = prologue_ops(spec, emb_dtype, full, cfg.family, input_rg, single=single)
+    pro_f, pro_b = prologue_ops(spec, emb_dtype, full, cfg.family, input_rg, single=single, attn=plan.attn)
     head_loss = head.loss_ops
     if single and loss == "causal_lm":
         # labels[..., 1:].contiguous() of one row is contiguous already: no clone
@@ -286,7 +314,9 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         prog.add("backward", "decoder layer backward", bwd_layer, L - 1, mode="backward")
         prog.add("backward", "decoder layer 0 backward", bwd0, mode="backward")
         prog.add("backward", "embedding backward", pro_b, mode="backward")
-    prog.add("optimizer", f"{plan.optimizer} step", optimizer_ops(plan.optimizer, res), mode="nograd")
+    # peft's SEQ_CLS task trains a copy of the reward model's `score` (modules_to_save) beside the adapters
+    extra = ((res.non_linear_dtype, spec.hidden_size, 1),) if spec.head == "seq_cls" and plan.method != "full" else ()
+    prog.add("optimizer", f"{plan.optimizer} step", optimizer_ops(plan.optimizer, res, extra), mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()
     _cache[key] = (spec, prog)
@@ -394,9 +424,11 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     if hit is not None and hit[0] is spec:
         return hit[1]
     res = resident(spec, plan)
-    cfg = dataclasses.replace(layer_cfg(spec, plan, res, training=False), autocast=None)
+    cfg = dataclasses.replace(layer_cfg(spec, plan, res, training=False), autocast=None, kv_cached=True,
+                              one_sequence=single)
     act = res.non_linear_dtype
     layer = run_layer(cfg, act, False, grad=False)
+    one = run_layer(dataclasses.replace(cfg, one_query=True), act, False, grad=False)  # a decode step's
     kv = spec.num_key_value_heads * spec.head_dim * DTYPE_BYTES[act]  # K (or V) bytes per token per layer
     # torch.cat([cache, new]) for K and for V: read the cache and the new tokens, write both. The
     # prefill's cache is empty (T new tokens); a decode step's holds the S - 1 earlier positions
@@ -405,6 +437,8 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     prefill_cache.add(E, "cat", bytes=Sym(t=2 * kv), dtype=act, count=2)
     decode_cache.add(E, "cat", bytes=Sym(t=2 * kv, q=2 * kv), dtype=act, count=2)
     pro_f, _ = prologue_ops(spec, act, False, cfg.family, mask=False)
+    if plan.attn == "eager":  # each forward builds its mask
+        pro_f = _merge(eager_mask_ops(act), pro_f)
     from planner.engine.heads import final_norm
     from planner.engine.ops import Weight, linear
     from planner.engine.tape import Tape, tok
@@ -430,7 +464,7 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     nxt = _fixed_ops(NEXT_INPUTS_OPS, 8.0)
     first_update = OpList()
     first_update.add(V, "lift_fresh", count=2)  # DynamicLayer's lazy initialisation (prefill only)
-    decode_layer = OpList([_decode_attention(op, kv) for op in layer.fwd.ops], layer.fwd.modules, dict(layer.fwd.calls))
+    decode_layer = OpList([_decode_attention(op, kv) for op in one.fwd.ops], one.fwd.modules, dict(one.fwd.calls))
     # a decode step's SDPA sees a key length it has not seen before: a backend that builds a plan per
     # shape (cuDNN's SDPA builds and caches an execution graph) builds one per step, at the first
     # layer (the others find it cached); the prefill's shape is the warm-up call's
@@ -486,7 +520,7 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
     if hit is not None and hit[0] is spec:
         return hit[1]
     res = resident(spec, plan)
-    cfg = layer_cfg(spec, plan, res, training=False)
+    cfg = dataclasses.replace(layer_cfg(spec, plan, res, training=False), one_sequence=single)
     wrappers = 0
     if not adapters:  # peft's disable_adapter(): each lora.Linear still runs, as `self.base_layer(x)`
         # the LoRA-wrapped Linears (cfg.loras holds each under its path and its name)
@@ -496,7 +530,7 @@ def forward_program(spec: ModelSpec, plan: Plan, kind: str = "score", adapters: 
         cfg = dataclasses.replace(cfg, autocast=None)
     act = res.non_linear_dtype
     layer = run_layer(cfg, act, False, grad=False)
-    pro_f, _ = prologue_ops(spec, act, False, cfg.family, single=single)
+    pro_f, _ = prologue_ops(spec, act, False, cfg.family, single=single, attn=plan.attn)
     tp = Tape(grad=False)
     x = tp.new(tok(spec.hidden_size), layer.out_dtype, False, "hidden")
     hn = final_norm(tp, x, cfg)

@@ -130,8 +130,6 @@ def _check(spec: ModelSpec, setup: Any) -> None:
     if spec.head not in ("causal_lm", "seq_cls"):
         raise TraceUnsupported(f"the engine's allocation trace covers causal-LM and sequence-classification heads, "
                                f"not {spec.head}")
-    if setup.attn != "sdpa":
-        raise TraceUnsupported("the engine's allocation trace covers SDPA attention, not eager yet")
     if setup.optimizer not in ("adamw", "adamw-fused", "sgd", "adamw-8bit", "paged-adamw-8bit"):
         raise TraceUnsupported(f"the engine's allocation trace does not cover the {setup.optimizer} optimizer yet")
 
@@ -243,7 +241,7 @@ def _quant_states(rec: Recorder, spec: ModelSpec, setup: Any) -> None:
 
 
 # ---- the forward -----------------------------------------------------------------------------
-def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor]]:
+def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """LlamaModel.forward before its layers, as transformers 5.25 writes it: position_ids =
     arange(S) + past_seen_tokens; create_causal_mask's check for packed sequences over the position
     ids expanded to the batch (find_packed_sequence_indices: diff with a prepended first value,
@@ -266,6 +264,7 @@ def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor]]:
     every = tp.raw(Sz(c=1), "all", "bool")
     tp.drop(eq)
     tp.drop(first, diff, packed, every)
+    mask = _eager_mask(tp, mt) if mt.cfg.attn == "eager" else None
     posf = tp.raw(Sz(s=4), "position_ids.float()", "fp32")
     freqs = tp.raw(Sz(s=d // 2 * 4), "freqs", "fp32")
     tp.drop(posf)
@@ -285,7 +284,31 @@ def _prologue(tp: Tape, mt: ModelTrace) -> tuple[Tensor, list[Tensor]]:
     # cos and sin as the layer recipes read them: per-token elements (their sizes are the recorder's)
     for t in out:
         t.elems, t.dtype = tok(d), dt
-    return pos, out
+    return pos, out, mask
+
+
+def _eager_mask(tp: Tape, mt: ModelTrace) -> Tensor:
+    """create_causal_mask for eager attention (transformers 5.25 masking_utils.eager_mask over
+    sdpa_mask, no padding, no vmap): arange(B), arange(1), arange(S) + q_offset, arange(S) +
+    kv_offset, the causal comparison `kv <= q` as an (S, S) bool table broadcast to the batch, then
+    `torch.where(mask, zeros((), dtype), finfo(dtype).min)`: the (B, 1, S, S) additive mask in the
+    hidden states' dtype, which lives until the model's forward returns."""
+    dt = mt.emb_dtype
+    e = DTYPE_BYTES[dt]
+    batch = tp.raw(Sz(b=8), "batch_arange")
+    head = tp.raw(Sz(c=8), "head_arange")
+    idx = []
+    for name in ("q", "kv"):
+        a = tp.raw(Sz(s=8), f"arange({name})")
+        idx.append(tp.raw(Sz(s=8), f"{name}_arange + offset"))
+        tp.drop(a)
+    causal = tp.raw(Sz(r=1), "kv_idx <= q_idx", "bool")
+    tp.drop(batch, head, *idx)
+    zero = tp.raw(Sz(c=e), "zeros(())", dt)
+    low = tp.raw(Sz(c=e), "finfo.min", dt)
+    mask = tp.raw(Sz(q=e), "causal_mask", dt)
+    tp.drop(low, zero, causal)
+    return mask
 
 
 def _rotary_of(tp: Tape, mt: ModelTrace) -> list[Tensor]:
@@ -323,8 +346,9 @@ def _embedding(tp: Tape, mt: ModelTrace, ids: Tensor, key: str) -> Tensor:
     return emb
 
 
-def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor]) -> Tensor:
-    """The decoder layers, each checkpointed (non-reentrant) when the plan says so."""
+def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor], mask: Tensor | None = None) -> Tensor:
+    """The decoder layers, each checkpointed (non-reentrant) when the plan says so. `mask`: eager
+    attention's causal mask (a keyword argument of every layer, held by its checkpoint)."""
     rec = tp.rec
     cos, sin = trig
     layer = LAYERS[mt.cfg.family]
@@ -334,16 +358,17 @@ def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor]
         if not mt.ckpt:
             out = layer(tp, x, cos, sin, mt.cfg)
         elif mt.reentrant:
-            out = _checkpointed_reentrant(tp, mt, i, x, pos, cos, sin)
+            out = _checkpointed_reentrant(tp, mt, i, x, pos, cos, sin, mask)
         else:
-            out = _checkpointed(tp, mt, i, x, pos, cos, sin)
+            out = _checkpointed(tp, mt, i, x, pos, cos, sin, mask)
         tp.drop(x)  # the model's loop rebinds hidden_states
         x = out
     tp.scope = ""
     return x
 
 
-def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+                  mask: Tensor | None = None) -> Tensor:
     """torch.utils.checkpoint(use_reentrant=False) around one decoder layer: the input saver keeps the
     layer's tensor arguments (its input, and through the keyword arguments the position ids, cos and
     sin); the layer's forward runs saving nothing; its recompute re-runs the recipe."""
@@ -367,7 +392,7 @@ def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos:
         layer(rt, xi, args[0], args[1], mt.cfg)
 
     frame = Frame(recompute)
-    for t in (x, pos, cos, sin):
+    for t in (x, *((mask,) if mask is not None else ()), pos, cos, sin):
         rec.ref(t.st)
         frame.inputs.append(t.st)
     tp.keep_saved = False
@@ -385,7 +410,7 @@ def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos:
 
 
 def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor,
-                            sin: Tensor) -> Tensor:
+                            sin: Tensor, mask: Tensor | None = None) -> Tensor:
     """torch.utils.checkpoint(use_reentrant=True) around one decoder layer: CheckpointFunction's node
     saves the layer input (the partial around the layer holds the keyword arguments, position ids and
     cos/sin, as long as the node lives: until the graph goes); the layer runs under no_grad; its
@@ -421,7 +446,7 @@ def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Te
 
     node = tp.fn("checkpoint", (x,), (x,), recompute=recompute)
     if node is not None:
-        for t in (pos, cos, sin):
+        for t in (*((mask,) if mask is not None else ()), pos, cos, sin):
             rec.ref(t.st)
             rec.graph_leaves.append(t.st)
     out = layer(Tape(grad=False, rec=rec, scope=scope), x, cos, sin, mt.cfg)
@@ -477,17 +502,22 @@ def _backbone(tp: Tape, mt: ModelTrace, ids: Tensor, mask: bool = True) -> Tenso
     x = _embedding(tp, mt, ids, "embed_tokens.weight")
     embeds = x
     x.refs += 1  # `inputs_embeds` and `hidden_states` both name it
+    causal = None
     if mask:
-        pos, trig = _prologue(tp, mt)
+        pos, trig, causal = _prologue(tp, mt)
     else:
         pos, trig = None, _rotary_of(tp, mt)
-    x = _layers(tp, mt, x, pos, trig)
+    x = _layers(tp, mt, x, pos, trig, causal)
     hn = rms_norm(tp, x, mt.cfg, "norm")
     tp.drop(x)
-    # LlamaModel.forward returns: its locals go (the checkpoints keep theirs)
+    # LlamaModel.forward returns: its locals go in their order (position_ids, inputs_embeds,
+    # causal_mask, position_embeddings; the checkpoints keep theirs)
     if pos is not None:
         tp.drop(pos)
-    tp.drop(embeds, *trig)
+    tp.drop(embeds)
+    if causal is not None:
+        tp.drop(causal)
+    tp.drop(*trig)
     return hn
 
 
@@ -650,13 +680,17 @@ def _bnb8bit_states(rec: Recorder, params: list[tuple[str, Sz, str]], paged: boo
 # heuristic up to this many rows (backends/cuda/ops.py `_gemm_4bit_custom_max_m`); the trace follows
 # the dequantize path, which it always takes above
 BNB_CUSTOM_MAX_M = 1536
+# ... and takes the fused kernel at or below this many rows whatever the card (`_GEMM_4BIT_CUSTOM_FLOOR_M`)
+BNB_CUSTOM_FLOOR_M = 4
 
 
 def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> SymbolicTrace:
     """The symbolic trace of a technique's workload, or TraceUnsupported naming what is not covered.
     A workload of one sequence per micro-batch has a trace of its own (`single_sequence`): some views
     of a one-row tensor are contiguous where those of several rows are copied."""
-    limits = [_bnb_kernel_choice] if any(m.setup.method == "qlora" for m in workload.models) else []
+    limits = []
+    if any(m.setup.method == "qlora" for m in workload.models):
+        limits = [_bnb_generation_choice if workload.technique == "generate" else _bnb_kernel_choice]
     if workload.technique == "sft":
         use = workload.models[0]
         single = workload.phases[0].batch == 1
@@ -678,6 +712,21 @@ def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
         return (f"a 4-bit linear over {batch * seq} tokens: bitsandbytes picks its fused kernel or the dequantize "
                 f"path by a per-architecture heuristic up to {BNB_CUSTOM_MAX_M} tokens per micro-batch; the "
                 "engine's trace covers the dequantize path it takes above that")
+    return None
+
+
+def _bnb_generation_choice(batch: int, seq: int) -> str | None:
+    """A 4-bit generation's kernels: the prefill's rows (batch x prompt) past BNB_CUSTOM_MAX_M take the
+    dequantize path, a decode step's (one per sequence) up to BNB_CUSTOM_FLOOR_M the fused kernel, on
+    every card; in between bitsandbytes decides by the card."""
+    reason = _bnb_kernel_choice(batch, seq)
+    if reason:
+        return f"the prefill: {reason}"
+    if batch > BNB_CUSTOM_FLOOR_M:
+        return (f"4-bit generation of {batch} sequences: each decode step multiplies {batch} rows, where "
+                f"bitsandbytes picks its fused kernel or the dequantize path by a per-architecture heuristic "
+                f"(above {BNB_CUSTOM_FLOOR_M} rows); the engine's trace covers decode steps of up to "
+                f"{BNB_CUSTOM_FLOOR_M} sequences (its fused kernel on every card)")
     return None
 
 
@@ -756,6 +805,7 @@ def sft_trace(spec: ModelSpec, plan: Any, options: TraceOptions = TraceOptions()
     """The symbolic events of the sft technique's program (plugins/training.py's `sft_step`);
     `single_sequence`: micro-batches of one sequence."""
     mt = model_trace(spec, plan, trainable=True)
+    mt.cfg = dataclasses.replace(mt.cfg, one_sequence=single_sequence)
 
     def micro(step: int, tp: Tape, ids: Tensor, rebind) -> Tensor:
         tp.rec.set_phase(f"{step}.forward")
@@ -1157,10 +1207,9 @@ def generate_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
     batch, S the prompt length)."""
     use = workload.models[0]
     ph = workload.phases[0]
-    if use.setup.method == "qlora":
-        raise TraceUnsupported(f"4-bit generation: each decode step multiplies one token per sequence, where "
-                               f"bitsandbytes picks its kernel by a per-architecture heuristic (up to "
-                               f"{BNB_CUSTOM_MAX_M} tokens); the engine's trace covers its dequantize path only")
+    if use.setup.attn != "sdpa":
+        raise TraceUnsupported("eager attention in generate(): each forward builds its (B, 1, new, cached) mask, "
+                               "which the engine's trace does not cover yet (training with eager attention is traced)")
     mt = model_trace(use.spec, use.setup, trainable=False)
     # generate runs outside any autocast region
     mt.cfg = dataclasses.replace(mt.cfg, autocast=None)
