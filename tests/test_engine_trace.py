@@ -183,6 +183,61 @@ def test_4bit_kernel_thresholds_are_the_installed_bitsandbytes():
     assert int(re.search(r"^    _gemm_4bit_custom_max_m = (\d+)", src, re.M).group(1)) == BNB_CUSTOM_MAX_M
 
 
+# (multiprocessors, compute capability): H100/H200 SXM, H100 PCIe, A100, A10, RTX 4090, L40S, L4, T4, B200,
+# RTX 5090, GB10
+CARDS = [(132, 9, 0), (114, 9, 0), (108, 8, 0), (72, 8, 6), (128, 8, 9), (142, 8, 9), (58, 8, 9), (40, 7, 5),
+         (148, 10, 0), (170, 12, 0), (48, 12, 1)]
+
+
+def test_4bit_rows_the_trace_takes_are_the_dequantize_path_on_every_card():
+    """`bnb_card_free` (the rows and weights for which the engine's trace follows bitsandbytes'
+    dequantize path on any card) against the installed heuristic on 11 cards, 3 dtypes, the 4-bit
+    weights of the catalog's models and tiny ones, 513-1537 rows; and the exception it makes is real
+    (an A100 takes its fused kernel for a small short-K weight there)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from planner.backends.dryrun._patches import _bnb_use_custom_fn
+    from planner.engine.steptrace import bnb_card_free
+    from planner.models import load_model
+
+    shapes = {(lin.out_features, lin.in_features) for name in ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b",
+                                                                 "qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b")
+              for lin in load_model(name).layer_linears}
+    shapes |= {(128, 64), (64, 128), (160, 64), (64, 160), (4096, 1024), (1024, 4096), (2048, 512), (256, 1536)}
+    fused_somewhere = set()
+    for props in CARDS:
+        use_custom = _bnb_use_custom_fn(props)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for n, k in shapes:
+                for m in (513, 600, 768, 1024, 1200, 1536, 1537, 4096):
+                    custom = use_custom(dtype, m, n, k, 64)
+                    if bnb_card_free(n, k, m):
+                        assert not custom, (props, dtype, n, k, m)
+                    elif custom:
+                        fused_somewhere.add((n, k))
+    assert {(160, 64), (2048, 512)} <= fused_somewhere  # the tiny qwen2's gate/up, a small wide weight
+
+
+@pytest.mark.parametrize("seq", [384, 512])
+def test_4bit_training_over_512_to_1536_rows(configs, seq):
+    """A QLoRA step of 2 x 384 rows is traced (this llama's 4-bit weights are not small and short in K:
+    the dequantize path on every card) and equals the dry run's; 2 x 512 as well."""
+    plan = Plan(model=configs["llama"], method="qlora", lora_rank=4, batch=2, seq=seq, grad_ckpt=True)
+    dry, eng = canonical(dry_run_trace(plan)), canonical(engine_trace(plan))
+    assert dry == eng, first_difference(dry, eng)
+
+
+def test_4bit_training_where_the_card_decides_is_not_traced(configs):
+    from planner.engine.steptrace import TraceUnsupported
+
+    # 256 rows: under BNB_ARCH_FREE_M; qwen2's gate/up (160 x 64) are small and short in K: up to 1536 rows
+    for name, seq in (("llama", 128), ("qwen2", 384)):
+        plan = Plan(model=configs[name], method="qlora", lora_rank=4, batch=2, seq=seq)
+        with pytest.raises(TraceUnsupported, match="per-architecture heuristic"):
+            engine_trace(plan)
+
+
 def test_the_traces_differ_when_the_programs_do(configs):
     """The comparison can fail: the engine's trace of one plan is not the dry run's of another."""
     plan = Plan(model=configs["llama"], batch=2, seq=32)

@@ -682,6 +682,12 @@ def _bnb8bit_states(rec: Recorder, params: list[tuple[str, Sz, str]], paged: boo
 BNB_CUSTOM_MAX_M = 1536
 # ... and takes the fused kernel at or below this many rows whatever the card (`_GEMM_4BIT_CUSTOM_FLOOR_M`)
 BNB_CUSTOM_FLOOR_M = 4
+# Above this many rows the heuristic (`_gemm_4bit_use_custom_cuda`, bitsandbytes 0.50) takes the
+# dequantize path on every card except for a small weight (N x K below BNB_SMALL_WEIGHT elements) that
+# is short in K (2K < N), which an A100 below a third of a wave multiplies with its fused kernel up to
+# BNB_CUSTOM_MAX_M rows; tests/test_engine_trace.py checks the rule against the installed heuristic
+BNB_ARCH_FREE_M = 512
+BNB_SMALL_WEIGHT = 4 * 1024 * 1024
 
 
 def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps: int = STEPS) -> SymbolicTrace:
@@ -689,8 +695,11 @@ def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
     A workload of one sequence per micro-batch has a trace of its own (`single_sequence`): some views
     of a one-row tensor are contiguous where those of several rows are copied."""
     limits = []
-    if any(m.setup.method == "qlora" for m in workload.models):
-        limits = [_bnb_generation_choice if workload.technique == "generate" else _bnb_kernel_choice]
+    quantized = [(lin.out_features, lin.in_features) for m in workload.models if m.setup.method == "qlora"
+                 for lin in m.spec.layer_linears]
+    if quantized:
+        choice = bnb_kernel_choice(quantized)
+        limits = [_bnb_generation_choice(choice) if workload.technique == "generate" else choice]
     if workload.technique == "sft":
         use = workload.models[0]
         single = workload.phases[0].batch == 1
@@ -707,27 +716,41 @@ def workload_trace(workload: Any, options: TraceOptions = TraceOptions(), steps:
                            f"{workload.technique} yet")
 
 
-def _bnb_kernel_choice(batch: int, seq: int) -> str | None:
-    if batch * seq <= BNB_CUSTOM_MAX_M:
-        return (f"a 4-bit linear over {batch * seq} tokens: bitsandbytes picks its fused kernel or the dequantize "
-                f"path by a per-architecture heuristic up to {BNB_CUSTOM_MAX_M} tokens per micro-batch; the "
-                "engine's trace covers the dequantize path it takes above that")
-    return None
+def bnb_card_free(n: int, k: int, rows: int) -> bool:
+    """bitsandbytes takes the dequantize path for a 4-bit [N, K] weight over `rows` rows on every card:
+    past BNB_CUSTOM_MAX_M rows, or past BNB_ARCH_FREE_M unless the weight is small and short in K."""
+    return rows > BNB_CUSTOM_MAX_M or (rows > BNB_ARCH_FREE_M and not (n * k < BNB_SMALL_WEIGHT and 2 * k < n))
 
 
-def _bnb_generation_choice(batch: int, seq: int) -> str | None:
-    """A 4-bit generation's kernels: the prefill's rows (batch x prompt) past BNB_CUSTOM_MAX_M take the
-    dequantize path, a decode step's (one per sequence) up to BNB_CUSTOM_FLOOR_M the fused kernel, on
-    every card; in between bitsandbytes decides by the card."""
-    reason = _bnb_kernel_choice(batch, seq)
-    if reason:
-        return f"the prefill: {reason}"
-    if batch > BNB_CUSTOM_FLOOR_M:
-        return (f"4-bit generation of {batch} sequences: each decode step multiplies {batch} rows, where "
-                f"bitsandbytes picks its fused kernel or the dequantize path by a per-architecture heuristic "
-                f"(above {BNB_CUSTOM_FLOOR_M} rows); the engine's trace covers decode steps of up to "
-                f"{BNB_CUSTOM_FLOOR_M} sequences (its fused kernel on every card)")
-    return None
+def bnb_kernel_choice(shapes: list[tuple[int, int]]):
+    """The trace's limit for 4-bit linears of these [N, K] weights: fn(B, S) -> why the trace does not
+    hold at B x S rows a forward (bitsandbytes picks its kernel by the card there), or None."""
+    def limit(batch: int, seq: int) -> str | None:
+        m = batch * seq
+        if all(bnb_card_free(n, k, m) for n, k in shapes):
+            return None
+        floor = BNB_ARCH_FREE_M if all(bnb_card_free(n, k, BNB_CUSTOM_MAX_M) for n, k in shapes) else BNB_CUSTOM_MAX_M
+        return (f"a 4-bit linear over {m} tokens: bitsandbytes picks its fused kernel or the dequantize path by a "
+                f"per-architecture heuristic up to {floor} tokens per micro-batch for this model's weights; the "
+                "engine's trace covers the dequantize path it takes above that on every card")
+    return limit
+
+
+def _bnb_generation_choice(choice):
+    """A 4-bit generation's kernels: the prefill's rows (batch x prompt) as `choice` allows them (the
+    dequantize path on every card), a decode step's (one per sequence) up to BNB_CUSTOM_FLOOR_M the
+    fused kernel, on every card; in between bitsandbytes decides by the card."""
+    def limit(batch: int, seq: int) -> str | None:
+        reason = choice(batch, seq)
+        if reason:
+            return f"the prefill: {reason}"
+        if batch > BNB_CUSTOM_FLOOR_M:
+            return (f"4-bit generation of {batch} sequences: each decode step multiplies {batch} rows, where "
+                    f"bitsandbytes picks its fused kernel or the dequantize path by a per-architecture heuristic "
+                    f"(above {BNB_CUSTOM_FLOOR_M} rows); the engine's trace covers decode steps of up to "
+                    f"{BNB_CUSTOM_FLOOR_M} sequences (its fused kernel on every card)")
+        return None
+    return limit
 
 
 def _recorder(options: TraceOptions) -> Recorder:
