@@ -78,6 +78,9 @@ class HeadRun:
     fwd_ops: OpList = field(default_factory=OpList)
     loss_ops: OpList = field(default_factory=OpList)
     bwd_ops: OpList = field(default_factory=OpList)
+    # trainable tensors of the head beside the resident model's, as (dtype, elements, tensors): what the
+    # optimizer steps over too (planner.engine.program.optimizer_ops)
+    trainable: tuple[tuple[str, int, int], ...] = ()
 
 
 def split_ops(tp: Tape, head_end: int) -> dict[str, OpList]:
@@ -225,6 +228,9 @@ def pairwise(spec: ModelSpec, cfg: LayerCfg, res: Resident, res_dtype: str, full
         forward=[("forward", "score head", tp.live, {}, True)],
         saved=tp.saved_total,
         backward=[("score head backward", grad_hidden, {})],
+        # with adapters, peft's trained copy of `score` (modules_to_save) is not among the resident's
+        # trainable tensors (the adapters'); a full fine-tune's score is
+        trainable=() if full else ((res.non_linear_dtype, spec.hidden_size, 1),),
         **split_ops(tp, head_end),
     )
 

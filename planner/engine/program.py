@@ -97,7 +97,7 @@ def prologue_ops(spec: ModelSpec, emb_dtype: str, trainable_embeddings: bool, fa
         for name in ("unsqueeze",) + (() if single else ("expand",)) + ("slice", "slice", "slice", "select"):
             f.add(V, name)
         f.add("sync", "_local_scalar_dense")
-    if attn == "eager":
+    if attn == "eager":  # in every forward, generate()'s included
         f.extend(eager_mask_ops(emb_dtype))
     if family in ROTARY_FAMILIES:
         f.modules += 1
@@ -138,8 +138,8 @@ def optimizer_ops(name: str, res: Resident, extra: tuple[tuple[str, int, int], .
     addcdiv for the update), steps its `step` counters on the host (lift_fresh and `_foreach_add_`:
     host ops, no kernel) and reads them back, two `.item()` per tensor for the bias corrections; inside two
     record_function scopes (bookkeeping). Bytes: passes over the group's elements in its dtype (read
-    + written per op). `extra`: trainable tensors beside `res`'s, as (dtype, elements, tensors) (a
-    LoRA reward model's trained copy of its `score` head)."""
+    + written per op). `extra`: trainable tensors beside `res`'s, as (dtype, elements, tensors) (a head's,
+    HeadRun.trainable)."""
     by_dtype: dict[str, list[int]] = {res.trainable_dtype: [res.trainable_elems, res.trainable_tensors]}
     for dt, elems, count in extra:
         g = by_dtype.setdefault(dt, [0, 0])
@@ -314,9 +314,7 @@ def train_step_program(spec: ModelSpec, plan: Plan, loss: str = "causal_lm", til
         prog.add("backward", "decoder layer backward", bwd_layer, L - 1, mode="backward")
         prog.add("backward", "decoder layer 0 backward", bwd0, mode="backward")
         prog.add("backward", "embedding backward", pro_b, mode="backward")
-    # peft's SEQ_CLS task trains a copy of the reward model's `score` (modules_to_save) beside the adapters
-    extra = ((res.non_linear_dtype, spec.hidden_size, 1),) if spec.head == "seq_cls" and plan.method != "full" else ()
-    prog.add("optimizer", f"{plan.optimizer} step", optimizer_ops(plan.optimizer, res, extra), mode="nograd")
+    prog.add("optimizer", f"{plan.optimizer} step", optimizer_ops(plan.optimizer, res, head.trainable), mode="nograd")
     if len(_cache) > 1024:
         _cache.clear()
     _cache[key] = (spec, prog)
@@ -436,9 +434,7 @@ def generate_program(spec: ModelSpec, plan: Plan, loss_ops: tuple[tuple[str, str
     prefill_cache, decode_cache = OpList(), OpList()
     prefill_cache.add(E, "cat", bytes=Sym(t=2 * kv), dtype=act, count=2)
     decode_cache.add(E, "cat", bytes=Sym(t=2 * kv, q=2 * kv), dtype=act, count=2)
-    pro_f, _ = prologue_ops(spec, act, False, cfg.family, mask=False)
-    if plan.attn == "eager":  # each forward builds its mask
-        pro_f = _merge(eager_mask_ops(act), pro_f)
+    pro_f, _ = prologue_ops(spec, act, False, cfg.family, mask=False, attn=plan.attn)  # eager: a mask every forward
     from planner.engine.heads import final_norm
     from planner.engine.ops import Weight, linear
     from planner.engine.tape import Tape, tok

@@ -352,25 +352,28 @@ def _layers(tp: Tape, mt: ModelTrace, x: Tensor, pos: Tensor, trig: list[Tensor]
     rec = tp.rec
     cos, sin = trig
     layer = LAYERS[mt.cfg.family]
+    # the layer call's keyword arguments that are tensors, in their order (attention_mask,
+    # position_embeddings, position_ids): what a checkpoint holds beside the input
+    kwargs = tuple(t for t in (mask, pos, cos, sin) if t is not None)
     for i in range(mt.spec.num_layers):
         tp.scope = f"layers.{i}"
         x.refs += 1  # the layer's own binding of its input (the recipes drop it once)
         if not mt.ckpt:
             out = layer(tp, x, cos, sin, mt.cfg)
         elif mt.reentrant:
-            out = _checkpointed_reentrant(tp, mt, i, x, pos, cos, sin, mask)
+            out = _checkpointed_reentrant(tp, mt, i, x, cos, sin, kwargs)
         else:
-            out = _checkpointed(tp, mt, i, x, pos, cos, sin, mask)
+            out = _checkpointed(tp, mt, i, x, cos, sin, kwargs)
         tp.drop(x)  # the model's loop rebinds hidden_states
         x = out
     tp.scope = ""
     return x
 
 
-def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
-                  mask: Tensor | None = None) -> Tensor:
+def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, cos: Tensor, sin: Tensor,
+                  kwargs: tuple[Tensor, ...]) -> Tensor:
     """torch.utils.checkpoint(use_reentrant=False) around one decoder layer: the input saver keeps the
-    layer's tensor arguments (its input, and through the keyword arguments the position ids, cos and
+    layer's tensor arguments (its input, and `kwargs`: eager attention's mask, the position ids, cos and
     sin); the layer's forward runs saving nothing; its recompute re-runs the recipe."""
     from planner.engine.autograd import Frame
 
@@ -392,7 +395,7 @@ def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos:
         layer(rt, xi, args[0], args[1], mt.cfg)
 
     frame = Frame(recompute)
-    for t in (x, *((mask,) if mask is not None else ()), pos, cos, sin):
+    for t in (x, *kwargs):
         rec.ref(t.st)
         frame.inputs.append(t.st)
     tp.keep_saved = False
@@ -409,8 +412,8 @@ def _checkpointed(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos:
     return out
 
 
-def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Tensor, cos: Tensor,
-                            sin: Tensor, mask: Tensor | None = None) -> Tensor:
+def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, cos: Tensor, sin: Tensor,
+                            kwargs: tuple[Tensor, ...]) -> Tensor:
     """torch.utils.checkpoint(use_reentrant=True) around one decoder layer: CheckpointFunction's node
     saves the layer input (the partial around the layer holds the keyword arguments, position ids and
     cos/sin, as long as the node lives: until the graph goes); the layer runs under no_grad; its
@@ -446,7 +449,7 @@ def _checkpointed_reentrant(tp: Tape, mt: ModelTrace, i: int, x: Tensor, pos: Te
 
     node = tp.fn("checkpoint", (x,), (x,), recompute=recompute)
     if node is not None:
-        for t in (*((mask,) if mask is not None else ()), pos, cos, sin):
+        for t in kwargs:
             rec.ref(t.st)
             rec.graph_leaves.append(t.st)
     out = layer(Tape(grad=False, rec=rec, scope=scope), x, cos, sin, mt.cfg)
