@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from planner.commands import calibrate, catalog, fit, serve, validate
+from planner.commands import calibrate, catalog, export, fit, serve, validate
 from planner.commands.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, Out
 
 
@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "validate": (validate.HELP, validate.add_arguments, validate.run),
     "serve": (serve.HELP, serve.add_arguments, serve.run),
     "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
+    "export": (export.HELP, export.add_arguments, export.run),
 }
 
 EPILOG = """\
@@ -51,6 +52,8 @@ examples:
   planner validate --model qwen2.5-0.5b --method lora --batch 4      (estimate vs a dry run of the real program)
   planner serve --model llama-3.1-8b --gpu h100-sxm --rate 4
   planner fit plan.yaml --batch 8 --json
+  planner fit --from trl_config.yaml --from accelerate_config.yaml --gpu h100-sxm   (the configs you train with)
+  planner export --model llama-3.1-8b --method qlora --batch 4 --grad-ckpt --to trl,accelerate -o run/
   planner fit --model ./my-model/config.json --gpu-memory 24GiB --task generate --new-tokens 512
 
 exit codes: 0 fits, 1 does not fit, 2 bad input

@@ -33,29 +33,10 @@ def normalize_key(key: Any) -> str:
 def load_plan_file(path: str | Path, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The file's settings, keys normalized to field names; PlanError on any problem. `extra_keys`:
     other settings the command takes besides the Plan's fields (the layout's, for `fit`)."""
-    import yaml  # lazy: only plan files need it
+    from planner.configs.base import load_mapping
 
-    p = Path(path)
     name = str(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise PlanError(f"{name}: is a directory, not a plan file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlanError(f"{name}: cannot read: {one_line(getattr(e, 'strerror', None) or e)}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise PlanError(f"{name}: invalid YAML{where}: {one_line(problem)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise PlanError(f"{name}: a plan file must be a mapping of settings (key: value), got {type(data).__name__}")
+    data = load_mapping(path, "plan file")
     out: dict[str, Any] = {}
     known = FIELDS + tuple(extra_keys)
     for key, value in data.items():

@@ -31,6 +31,22 @@ LAYOUT_FLAGS: tuple[str, ...] = (
 )
 
 
+# the layout flags fit and export share: name -> (flag, argparse keywords)
+LAYOUT_ARGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpus": ("--gpus", dict(type=int, metavar="N", help="GPUs in the job (data parallel = gpus / (tp x pp))")),
+    "gpus_per_node": ("--gpus-per-node", dict(type=int, metavar="N", help="GPUs per node (default: min(gpus, 8))")),
+    "zero": ("--zero", dict(type=int, metavar="{0,1,2,3}", help="ZeRO stage (default: 0)")),
+    "fsdp": ("--fsdp", dict(metavar="{full-shard,shard-grad-op}", help="torch FSDP sharding (ZeRO-3 / ZeRO-2 in torch)")),
+    "offload": ("--offload", dict(metavar="{none,optimizer,optimizer+params}", help="ZeRO offload to CPU (default: none)")),
+}
+
+
+def add_layout_args(group: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        flag, kwargs = LAYOUT_ARGS[name]
+        group.add_argument(flag, **kwargs)
+
+
 class Out:
     def __init__(self, stdout: TextIO, stderr: TextIO):
         self.stdout = stdout
@@ -49,6 +65,11 @@ class BadInput(Exception):
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN.yaml", help="plan file (keys: the flag names below); flags override it")
+    p.add_argument("--from", dest="from_configs", action="append", metavar="[FORMAT:]FILE",
+                   help="read the plan from a config people train with (repeatable, the files combine): a TRL YAML, "
+                        "an accelerate YAML, a DeepSpeed JSON, a LLaMA-Factory YAML or an axolotl YAML, told by its "
+                        "keys or named (trl:, accelerate:, deepspeed:, llamafactory:, axolotl:); the plan file and "
+                        "flags override it; keys the planner does not model are named in a warning")
     g = p.add_argument_group("model and card")
     g.add_argument("--model", "-m", metavar="M", help="catalog id (see `planner models`), a config.json, or a model directory")
     g.add_argument("--gpu", "-g", metavar="ID", help="catalog card (see `planner gpus`)")
@@ -98,14 +119,37 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def file_values(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """A plan file's plan settings and layout settings (both empty without a file)."""
+    """The plan settings and layout settings of the configs (`--from`) and the plan file, the plan
+    file's winning (both empty without either). Read once per command (`config_warnings`)."""
+    cached = getattr(args, "_file_values", None)
+    if cached is not None:
+        return cached
     from planner.plan_io import load_plan_file
 
-    if not getattr(args, "plan_file", None):
-        return None, {}
-    values = load_plan_file(args.plan_file, extra_keys=LAYOUT_FLAGS)
-    layout = {k: values.pop(k) for k in LAYOUT_FLAGS if k in values}
+    values: dict[str, Any] | None = None
+    layout: dict[str, Any] = {}
+    if getattr(args, "plan_file", None):
+        values = load_plan_file(args.plan_file, extra_keys=LAYOUT_FLAGS)
+        layout = {k: values.pop(k) for k in LAYOUT_FLAGS if k in values}
+    warnings: list[str] = []
+    if getattr(args, "from_configs", None):
+        from planner.configs import read_configs
+
+        flags = {name for name in PLAN_FLAGS if getattr(args, name, None) is not None}
+        given = flags | set(values or {})
+        chosen = {k: getattr(args, k, None) or (values or {}).get(k) for k in ("task", "method")}
+        combined = read_configs(args.from_configs, given=given, **chosen)
+        warnings = combined.warnings
+        values = {**combined.plan, **(values or {})}
+        layout = {**combined.layout, **layout}
+    args._config_warnings = warnings
+    args._file_values = (values, layout)
     return values, layout
+
+
+def config_warnings(args: argparse.Namespace) -> list[str]:
+    """The warnings of the configs read with `--from` (after plan_from_args or layout_fields)."""
+    return list(getattr(args, "_config_warnings", []))
 
 
 def plan_from_args(args: argparse.Namespace) -> Any:

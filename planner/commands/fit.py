@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from planner.commands.common import (ALLOC_CONF_HELP, EXIT_DOES_NOT_FIT, EXIT_FITS, BadInput, Out, add_plan_args,
-                                     alloc_conf_from, layout_fields, plan_from_args)
+from planner.commands.common import (ALLOC_CONF_HELP, EXIT_DOES_NOT_FIT, EXIT_FITS, BadInput, Out, add_layout_args,
+                                     add_plan_args,
+                                     alloc_conf_from, config_warnings, layout_fields, plan_from_args)
 
 HELP = "does a plan fit a GPU? peak, reserved and device memory, with suggestions"
 
@@ -14,15 +15,12 @@ HELP = "does a plan fit a GPU? peak, reserved and device memory, with suggestion
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_args(p)
     g = p.add_argument_group("many GPUs (any of these switches to the distributed estimate: per-rank memory, collectives, step time)")
-    g.add_argument("--gpus", type=int, metavar="N", help="GPUs in the job (data parallel = gpus / (tp x pp))")
-    g.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: min(gpus, 8))")
-    g.add_argument("--zero", type=int, metavar="{0,1,2,3}", help="ZeRO stage (default: 0)")
-    g.add_argument("--fsdp", metavar="{full-shard,shard-grad-op}", help="torch FSDP sharding (ZeRO-3 / ZeRO-2 in torch)")
+    add_layout_args(g, ("gpus", "gpus_per_node", "zero", "fsdp"))
     g.add_argument("--engine", metavar="{deepspeed,torch}",
                    help="what holds the model states: deepspeed (fp32 master weights, fp32 states for half-precision "
                         "plans) or torch (DDP / ZeroRedundancyOptimizer / FSDP, the plan's dtypes) "
                         "(default: deepspeed with --zero 1-3, else torch)")
-    g.add_argument("--offload", metavar="{none,optimizer,optimizer+params}", help="ZeRO offload to CPU (default: none)")
+    add_layout_args(g, ("offload",))
     g.add_argument("--cpu-memory", metavar="SIZE",
                    help="CPU memory of one node, which offloaded states must fit, e.g. 1TiB (default: 2TB, a DGX H100/H200)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (Megatron column/row splits)")
@@ -65,6 +63,8 @@ def run(args: argparse.Namespace, out: Out) -> int:
         conf = alloc_conf_from(args)  # bad settings fail before any work
     except ValueError as e:
         raise BadInput(str(e)) from None
+    for w in config_warnings(args):
+        out.warn(w)
     if layout:
         return _run_fit_distributed(args, out, layout, conf)
     try:

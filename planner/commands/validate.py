@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from planner.commands.common import ALLOC_CONF_HELP, BadInput, Out, add_plan_args, alloc_conf_from, plan_from_args
+from planner.commands.common import (ALLOC_CONF_HELP, BadInput, Out, add_plan_args, alloc_conf_from, config_warnings,
+                                     plan_from_args)
 
 HELP = "estimate vs a backend's measurement, for one plan or a named suite"
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace, out: Out) -> int:
             plan = None
         else:
             plan = plan_from_args(args)
+            for w in config_warnings(args):
+                out.warn(w)
     except (ValueError, ModelError) as e:
         raise BadInput(str(e)) from None
     from pathlib import Path
