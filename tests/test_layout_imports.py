@@ -155,3 +155,15 @@ def test_only_the_cli_imports_the_commands():
         if _in(m, "planner.commands") or m == "planner.cli":
             continue
         assert not any(_in(i, "planner.commands") for i, _ in GRAPH[m]), m
+
+
+def test_every_package_is_installed():
+    """pyproject lists its packages by hand: a new sub-package missing there works in an editable
+    install (the tests') and is absent from a wheel."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "planner").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
