@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from planner.commands import calibrate, catalog, export, fit, serve, validate
+from planner.commands import calibrate, catalog, export, fit, run, serve, validate
 from planner.commands.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, Out
 
 
@@ -42,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "serve": (serve.HELP, serve.add_arguments, serve.run),
     "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
     "export": (export.HELP, export.add_arguments, export.run),
+    "run": (run.HELP, run.add_arguments, run.run),
 }
 
 EPILOG = """\
@@ -56,7 +57,9 @@ examples:
   planner export --model llama-3.1-8b --method qlora --batch 4 --grad-ckpt --to trl,accelerate -o run/
   planner fit --model ./my-model/config.json --gpu-memory 24GiB --task generate --new-tokens 512
 
-exit codes: 0 fits, 1 does not fit, 2 bad input
+  planner run --model examples/models/tiny-llama --device cpu --nproc 2 --zero 2 --launcher deepspeed --batch 2 --seq 64
+
+exit codes: 0 fits (run: ran to its end), 1 does not fit (run: refused, or a rank failed), 2 bad input
 """
 
 

@@ -20,74 +20,8 @@ import time
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _numel(t) -> int:
-    return int(t.numel()) if t is not None else 0
-
-
-def _states(state: dict) -> list:
-    """AdamW's tensor states (exp_avg, exp_avg_sq), not its scalar step."""
-    import torch
-
-    return [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
-
-
-def partitions(engine, stage: int) -> dict:
-    """Partition sizes (elements) this rank's engine holds, read from DeepSpeed's own structures."""
-    import torch
-
-    opt = engine.optimizer
-    out: dict = {"optimizer_class": type(opt).__name__,
-                 "reduce_bucket_size": int(getattr(opt, "reduce_bucket_size", 0) or 0),
-                 "contiguous_gradients": bool(getattr(opt, "contiguous_gradients", False)),
-                 "overlap_comm": bool(getattr(opt, "overlap_comm", False))}
-    buffers = []
-    for _dtype, bucket in (getattr(opt, "ipg_buckets", None) or {}).items():
-        bufs = bucket.buffer if isinstance(bucket.buffer, (list, tuple)) else [bucket.buffer]
-        buffers += [{"numel": _numel(b), "dtype": str(b.dtype)} for b in bufs if b is not None]
-    out["ipg_bucket_buffers"] = buffers  # gradient-reduction staging buffers (reduce_bucket_size elements)
-    gip = getattr(opt, "grads_in_partition", None)
-    if isinstance(gip, torch.Tensor):
-        out["grads_in_partition"] = {"numel": _numel(gip), "dtype": str(gip.dtype)}
-    if stage in (1, 2):
-        out["groups"] = []
-        for i, fp32 in enumerate(opt.single_partition_of_fp32_groups):
-            rank = opt.partition_id if hasattr(opt, "partition_id") else engine.global_rank
-            flat = opt.bit16_groups_flat[i]
-            parts = opt.parallel_partitioned_bit16_groups[i]
-            state = opt.optimizer.state.get(fp32, {})
-            out["groups"].append({
-                "params": len(opt.bit16_groups[i]),
-                "numel": sum(int(p.numel()) for p in opt.bit16_groups[i]),
-                "flat_numel": _numel(flat),
-                "flat_dtype": str(flat.dtype),
-                "bit16_partition_numel": [_numel(p) for p in parts],
-                "fp32_partition_numel": _numel(fp32),
-                "fp32_dtype": str(fp32.dtype),
-                "partition_padding": int(opt.groups_padding[i]),
-                "state_numel": {k: _numel(v) for k, v in _states(state)},
-                "state_dtype": {k: str(v.dtype) for k, v in _states(state)},
-                "rank_in_group": int(rank),
-            })
-        if stage == 2 and getattr(opt, "averaged_gradients", None):
-            out["averaged_gradient_numel"] = {str(k): sum(_numel(g) for g in v)
-                                              for k, v in opt.averaged_gradients.items() if v is not None}
-    else:
-        params = []
-        for name, p in engine.module.named_parameters():
-            params.append({"name": name, "ds_numel": int(p.ds_numel), "partition_numel": _numel(p.ds_tensor),
-                           "dtype": str(p.ds_tensor.dtype), "shape": list(p.ds_shape)})
-        out["params"] = params
-        out["fp16_partitioned_groups_flat_numel"] = [int(x) for x in opt.fp16_partitioned_groups_flat_numel]
-        out["fp32_partitioned_groups_flat_numel"] = [_numel(t) for t in opt.fp32_partitioned_groups_flat]
-        out["fp32_dtype"] = str(opt.fp32_partitioned_groups_flat[0].dtype)
-        out["state_numel"] = []
-        for t in opt.fp32_partitioned_groups_flat:
-            st = opt.optimizer.state.get(t, {})
-            out["state_numel"].append({k: _numel(v) for k, v in _states(st)})
-        buf = getattr(opt, "grad_partitions_flat_buffer", None)
-        if buf is not None:
-            out["grad_partitions_flat_buffer"] = {"numel": _numel(buf), "dtype": str(buf.dtype)}
-    return out
+# the engine's partitions, read as `planner run`'s ranks read them
+from planner.backends.launch_worker import gradient_holdings, partitions, watch_inner_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,45 +90,13 @@ def one_stage(model, cfg: dict, stage: int, args) -> dict:
     elif args.precision == "fp16":
         ds_config["fp16"] = {"enabled": True, "initial_scale_power": 8}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    at_step: dict = {}
-
-    def gradient_holdings() -> dict:
-        """Gradient memory the ZeRO optimizer holds now (bit16 module grads, reduced partitions, buckets)."""
-        zopt = engine.optimizer
-        out: dict = {}
-        gip = getattr(zopt, "grads_in_partition", None)
-        if isinstance(gip, torch.Tensor):
-            out["grads_in_partition"] = {"numel": _numel(gip), "dtype": str(gip.dtype)}
-        avg = getattr(zopt, "averaged_gradients", None)
-        if isinstance(avg, dict):  # ZeRO-1/2: the reduced gradients of this rank's partition
-            storages = {}
-            for grads in avg.values():
-                for g in grads or []:
-                    if isinstance(g, torch.Tensor):
-                        st = g.untyped_storage()
-                        storages[st.data_ptr()] = (st.nbytes(), str(g.dtype))
-            out["averaged_gradients"] = {"storage_bytes": sum(b for b, _ in storages.values()),
-                                         "dtypes": sorted({d for _, d in storages.values()})}
-        grads = [p.grad for p in engine.module.parameters() if getattr(p, "grad", None) is not None]
-        out["module_grad_numel"] = sum(_numel(g) for g in grads)
-        out["module_grad_dtypes"] = sorted({str(g.dtype) for g in grads})
-        out["gradient_accumulation_dtype"] = str(getattr(zopt, "gradient_accumulation_dtype", None))
-        return out
-
-    def inner_pre_step(inner, _args, _kwargs):
-        # what ZeRO hands the wrapped optimizer: its fp32 partitions and their fp32 gradient partitions
-        at_step["params"] = [{"numel": _numel(p), "dtype": str(p.dtype), "grad_numel": _numel(p.grad),
-                              "grad_dtype": str(p.grad.dtype) if p.grad is not None else None}
-                             for g in inner.param_groups for p in g["params"]]
-        at_step.update(gradient_holdings())
-
-    engine.optimizer.optimizer.register_step_pre_hook(inner_pre_step)
+    at_step = watch_inner_step(engine)
     losses = []
     for _ in range(args.steps):
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq))
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
-        after_backward = gradient_holdings()
+        after_backward = gradient_holdings(engine)
         engine.step()
         losses.append(float(loss.detach()))
     report = {

@@ -377,3 +377,46 @@ def test_published_configs_with_what_the_planner_does_not_model(name, message):
     if "optim" in message:  # a flag for the setting reads the rest of the file
         got = read_configs([str(DATA / name)], given={"optimizer"})
         assert got.plan["method"] == "qlora"
+
+
+# LLaMA-Factory and axolotl do not install here: their key schemas, extracted from their sources
+# (tests/data/configs/schemas/*.txt: repository, commit and files in each header), check what is written
+SCHEMAS = DATA / "schemas"
+
+
+def _keys(name: str) -> set[str]:
+    return {line.strip() for line in (SCHEMAS / name).read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("fields,layout", [
+    (dict(model="qwen2.5-0.5b", method="qlora", batch=4, seq=1024, grad_ckpt=True, attn="eager"), {}),
+    (dict(model="qwen2.5-0.5b", task="dpo", method="lora", logprobs="fused", batch=2, seq=512), {}),
+    (dict(model="llama-3.1-8b", batch=2, seq=2048, grad_accum=4), {"gpus": 8, "zero": 3, "offload": "optimizer"}),
+    (dict(model="llama-3.1-8b", method="qlora", double_quant=False, batch=1, seq=512),
+     {"gpus": 8, "fsdp": "full-shard", "offload": "optimizer+params"}),
+])
+def test_axolotl_export_uses_its_schema_keys(fields, layout):
+    import yaml
+
+    data = yaml.safe_load(render(Plan(**fields), layout, ["axolotl"])["axolotl_config.yaml"])
+    unknown = set(data) - _keys("axolotl_keys.txt")
+    assert not unknown  # axolotl drops unknown keys silently: each one would be a setting lost
+
+
+@pytest.mark.parametrize("fields,layout", [
+    (dict(model="qwen2.5-0.5b", method="qlora", batch=4, seq=1024, attn="eager"), {}),
+    (dict(model="qwen2.5-0.5b", task="dpo", method="lora", batch=2, seq=512), {}),
+    (dict(model="qwen2.5-0.5b", task="rm", precision="mixed-bf16", batch=2, seq=512), {}),
+    (dict(model="llama-3.1-8b", batch=2, seq=2048, grad_accum=4), {"gpus": 8, "zero": 2}),
+])
+def test_llamafactory_export_uses_its_schema_keys_and_values(fields, layout):
+    import yaml
+
+    data = yaml.safe_load(render(Plan(**fields), layout, ["llamafactory"])["llamafactory_config.yaml"])
+    assert not set(data) - _keys("llamafactory_keys.txt")  # LLaMA-Factory's parse_dict rejects unknown keys
+    # and the values its Literal fields take (it checks them only when it runs)
+    assert data["stage"] in ("pt", "sft", "rm", "ppo", "dpo", "kto")
+    assert data["finetuning_type"] in ("lora", "oft", "freeze", "full")
+    assert data["flash_attn"] in ("auto", "disabled", "sdpa", "fa2", "fa3")
+    assert data.get("quantization_method", "bnb") == "bnb" and data.get("quantization_type", "nf4") in ("nf4", "fp4")

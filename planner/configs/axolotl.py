@@ -1,10 +1,11 @@
 """axolotl YAMLs, as `axolotl train FILE` takes them (its AxolotlInputConfig).
 
-Defaults where the file is silent: micro_batch_size 1, gradient_accumulation_steps 1,
-sequence_len 512, gradient_checkpointing off, optimizer adamw_torch_fused (the Trainer's), the
-model in fp32 without bf16/fp16 (bf16: auto is bf16 on the cards the planner knows, all of which
-support it). axolotl loads the model in bf16 or fp16 when that flag is on (the LoRA adapters in
-fp32), so a plan's precision is that half type; without one, fp32.
+Defaults where the file is silent (axolotl's schema at 067b021c, 2026-07-24): micro_batch_size 1,
+gradient_accumulation_steps 1, sequence_len 512, gradient_checkpointing off, optimizer
+adamw_torch_fused, bf16 "auto" (on where the card has bf16). axolotl loads the model in bf16 or fp16
+when that flag is on (the LoRA adapters in fp32), so a plan's precision is that half type; with
+`bf16: false` and no fp16, fp32. FSDP: `fsdp_config` (FSDP2 keys, with or without the fsdp_ prefix)
+turns it on; the `fsdp:` list is the deprecated spelling.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ SILENT = hf.TRAINER_SILENT | frozenset({
     "plugins", "save_first_step", "loss_watchdog_threshold", "loss_watchdog_patience", "max_grad_norm",
     "peft_use_rslora", "lora_modules_to_save", "embeddings_skip_upcast", "use_tensorboard", "hub_strategy",
     "remove_unused_columns", "special_tokens", "bnb_config_kwargs", "trust_remote_code", "eval_steps",
+    "attn_implementation", "fsdp_version",
 })  # fmt: skip
 
 
@@ -88,10 +90,12 @@ def read(data: dict[str, Any], name: str, path: Path | None = None, task: str | 
         kw = r.raw("bnb_config_kwargs") or {}
         out.plan["quant"] = str(kw.get("bnb_4bit_quant_type", "nf4"))
         out.plan["double_quant"] = bool(kw.get("bnb_4bit_use_double_quant", True))
-    bf16 = r.raw("bf16")
+    # bf16 defaults to "auto": on wherever the card has bf16 (every card the planner prices training on)
+    bf16 = r.raw("bf16", "auto")
+    fp16 = r.boolean("fp16", False)
     half = "bf16" if (bf16 is True or (isinstance(bf16, str) and bf16.lower() in ("auto", "true"))) else None
-    if r.boolean("fp16", False):
-        if half:
+    if fp16:
+        if half and bf16 is True:
             raise r.error("fp16", "bf16 and fp16 are both on")
         half = "fp16"
     out.plan["precision"] = half or "fp32"
@@ -131,7 +135,7 @@ def read(data: dict[str, Any], name: str, path: Path | None = None, task: str | 
 
                 out.warnings.append(f"{name}: trl." + VLLM_NOTE)
             out.warnings += not_modelled(name, trl.leftover(frozenset({"reward_funcs", "reward_weights"})))
-    hf.trainer_layout(r, out, path)
+    hf.trainer_layout(r, out, path, config_alone=True)
     hf.defaults_weak(out, data, STATED_BY)
     out.warnings += not_modelled(name, r.leftover(SILENT))
     return out
@@ -158,7 +162,7 @@ def write(plan: Any, layout: dict[str, Any], deepspeed_file: str | None = None) 
         "fp16": plan.precision == "fp16",
         "output_dir": "./outputs/planner",
     }
-    out["sdp_attention" if plan.attn == "sdpa" else "eager_attention"] = True
+    out["attn_implementation"] = plan.attn  # (sdp_attention / eager_attention are deprecated spellings)
     if plan.method != "full":
         out.update(adapter=plan.method, lora_r=plan.lora_rank, lora_alpha=hf.whole(plan.alpha), lora_dropout=plan.lora_dropout)
         if plan.lora_targets == "all-linear":
@@ -172,13 +176,15 @@ def write(plan: Any, layout: dict[str, Any], deepspeed_file: str | None = None) 
     if plan.task == "dpo":
         if plan.logprobs != "fused":
             raise ConfigError(f"axolotl: its DPO runs TRL's DPOTrainer (logprobs fused), not {plan.logprobs}")
-        out.update(rl="dpo", dpo_beta=plan.beta)
+        out.update(rl="dpo", rl_beta=plan.beta)  # (dpo_beta is deprecated, copied into rl_beta)
     if deepspeed_file is not None:
         out["deepspeed"] = deepspeed_file
     if layout.get("fsdp"):
         if layout.get("offload", "none") == "optimizer":
             raise ConfigError("offload: FSDP offloads parameters and optimizer together (offload optimizer+params)")
-        out["fsdp"] = [layout["fsdp"].replace("-", "_"), "auto_wrap"]
-        out["fsdp_config"] = {"fsdp_offload_params": layout.get("offload", "none") != "none",
-                              "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_use_orig_params": False}
+        # fsdp_config alone (the `fsdp:` list is deprecated), FSDP2's keys without the fsdp_ prefix
+        out["fsdp_version"] = 2
+        out["fsdp_config"] = {"reshard_after_forward": layout["fsdp"] == "full-shard",
+                              "offload_params": layout.get("offload", "none") != "none",
+                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
     return out

@@ -18,7 +18,7 @@ FORMAT = "deepspeed"
 SILENT = frozenset({
     "scheduler", "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
     "prescale_gradients", "gradient_predivide_factor", "dump_state", "flops_profiler", "tensorboard", "wandb",
-    "csv_monitor", "comms_logger", "checkpoint", "data_efficiency", "elasticity",
+    "csv_monitor", "comms_logger", "checkpoint", "data_efficiency", "elasticity", "zero_force_ds_cpu_optimizer",
 })  # fmt: skip
 ZERO_SILENT = frozenset({
     "stage", "offload_optimizer", "offload_param", "stage3_gather_16bit_weights_on_model_save",
@@ -118,7 +118,12 @@ def write(plan: Any, layout: dict[str, Any]) -> dict[str, Any]:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload == "optimizer+params":
         section["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    extra = {}
+    if offload != "none":
+        # the trainer's own optimizer steps the offloaded states (DeepSpeed otherwise insists on its C++ CPU Adam:
+        # engine.py, zero_force_ds_cpu_optimizer defaults to true)
+        extra["zero_force_ds_cpu_optimizer"] = False
+    return {**extra,
         "zero_optimization": section,
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": {"enabled": plan.precision == "fp16"},

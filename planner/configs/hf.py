@@ -68,8 +68,9 @@ def precision(r: Reader, dtype: str | None, bf16_default: bool | None) -> str | 
     return dtype
 
 
-def trainer_layout(r: Reader, out: Imported, path: Path | None) -> None:
-    """The Trainer's `deepspeed` (a JSON path, or the config inline) and `fsdp` keys."""
+def trainer_layout(r: Reader, out: Imported, path: Path | None, config_alone: bool = False) -> None:
+    """The Trainer's `deepspeed` (a JSON path, or the config inline) and `fsdp` keys (`config_alone`:
+    an `fsdp_config` without `fsdp` turns FSDP on, as axolotl's does)."""
     ds = r.raw("deepspeed")
     if isinstance(ds, str) and ds:
         base = path.parent if path is not None else Path(".")
@@ -79,6 +80,8 @@ def trainer_layout(r: Reader, out: Imported, path: Path | None) -> None:
     fsdp = r.raw("fsdp")
     conf = r.section("fsdp_config")
     on = bool(fsdp) and not (isinstance(fsdp, str) and fsdp.strip().lower() in ("false", "no", ""))
+    if config_alone and fsdp is None and conf is not None:
+        on, fsdp = True, True
     if on:
         # transformers 5: fsdp: true with fsdp_config {version: 2, reshard_after_forward, cpu_offload}; the
         # older word list ("full_shard auto_wrap offload") is converted to those keys
