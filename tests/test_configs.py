@@ -38,6 +38,8 @@ ROUND_TRIPS = [
     (dict(model="llama-3.1-8b", batch=1, seq=2048, grad_ckpt=True),
      {"gpus": 16, "gpus_per_node": 8, "zero": 3, "offload": "optimizer+params"}, ["llamafactory", "accelerate"]),
     (dict(model="qwen2.5-7b", method="lora", batch=2, seq=2048), {"gpus": 4, "zero": 3}, ["axolotl"]),
+    (dict(model="qwen2.5-1.5b", precision="fp16", batch=4, seq=1024), {"gpus": 2, "zero": 1}, ["trl", "accelerate"]),
+    (dict(model="qwen2.5-1.5b", batch=4, seq=1024), {"gpus": 2, "zero": 0}, ["llamafactory", "accelerate"]),
     (dict(model="llama-3.1-8b", batch=1, seq=2048), {"gpus": 4, "fsdp": "full-shard"}, ["trl", "accelerate"]),
     (dict(model="llama-3.1-8b", precision="mixed-bf16", batch=1, seq=2048), {"gpus": 8, "fsdp": "shard-grad-op"},
      ["accelerate", "trl"]),

@@ -133,3 +133,44 @@ def test_gpus_missing_launcher_missing_and_a_plan_that_does_not_fit(tmp_path, mo
     _, reasons = launch.judge(big, {}, "cuda")
     assert reasons and "does not fit" in reasons[0]
     assert launch.judge(big, {}, "cpu")[1] == []  # a CPU run is not judged against a card
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (("--launcher", "torchrun", "--nnodes", "2", "--master", "node0:29500"),
+     "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 -m planner.backends.launch_worker"),
+    (("--launcher", "deepspeed", "--nnodes", "2", "--hostfile", "hosts", "--zero", "3"),
+     "deepspeed --num_gpus=2 --num_nodes=2 --hostfile=hosts --module planner.backends.launch_worker"),
+    (("--launcher", "accelerate",), "accelerate launch --config_file accelerate_config.yaml -m planner.backends.launch_worker"),
+])
+def test_multi_node_and_accelerate_commands_go_through_the_launchers_options(tmp_path, extra, expect):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["run", "--model", TINY, "--device", "cpu", "--nproc", "2", "--out", str(tmp_path), "--name", "m",
+                 "--dry", *extra], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    assert expect in out.getvalue()
+    plan = json.loads((tmp_path / "m" / "plan.json").read_text())
+    nodes = 2 if "--nnodes" in extra else 1
+    assert plan["layout"]["gpus"] == 2 * nodes
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--nnodes", "2"), "master: a multi-node torchrun needs --master HOST:PORT"),
+    (("--nnodes", "2", "--launcher", "deepspeed"), "hostfile: a multi-node DeepSpeed run needs --hostfile FILE"),
+])
+def test_multi_node_runs_need_the_launchers_rendezvous(tmp_path, extra, message):
+    err = io.StringIO()
+    code = main(["run", "--model", TINY, "--device", "cpu", "--out", str(tmp_path), "--dry", *extra],
+                stdout=io.StringIO(), stderr=err)
+    assert code == 2 and message in err.getvalue()
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_record_prices_the_step_with_a_cpu_profile(tmp_path):
+    # the CPU profile the committed records were priced with (planner calibrate --device cpu --threads 1)
+    profile = str(Path(__file__).resolve().parents[1] / "reports" / "runs" / "cpu-profile.json")
+    code, rec, err = _run(tmp_path, "--profile", profile)
+    assert code == 0, err
+    est, measured = rec["estimate"]["step_s"], rec["measured"]["median_step_s"]
+    assert est > 0 and measured > 0 and rec["estimate"]["profile"]
+    md = next(tmp_path.iterdir()).joinpath("record.md").read_text()
+    assert f"estimate {est * 1e3:.1f} ms" in md

@@ -57,9 +57,16 @@ def _installed(module: str) -> bool:
 
 
 def check(plan: Plan, layout: dict[str, Any], launcher: str, trainer: str, device: str, nproc: int,
-          nnodes: int) -> list[str]:
+          nnodes: int, hostfile: str | None = None, master: str | None = None) -> list[str]:
     """Why this run cannot start (RunError), or notes about it."""
     notes: list[str] = []
+    if nnodes > 1 and launcher == "torchrun" and not master:
+        raise RunError("master: a multi-node torchrun needs --master HOST:PORT (the rendezvous endpoint)")
+    if nnodes > 1 and launcher == "deepspeed" and not hostfile:
+        raise RunError("hostfile: a multi-node DeepSpeed run needs --hostfile FILE (its hosts and slots)")
+    if nnodes > 1 and launcher == "accelerate":
+        raise RunError("nnodes: a multi-node accelerate run takes its machines from the accelerate config; "
+                       "use --launcher torchrun or deepspeed")
     if launcher not in LAUNCHERS:
         from planner.errors import did_you_mean
 
@@ -146,7 +153,7 @@ def prepare(plan: Plan, layout: dict[str, Any], *, launcher: str = "torchrun", t
         layout = {**layout, "gpus": gpus}
         if nnodes > 1:
             layout["gpus_per_node"] = nproc
-    notes = check(plan, layout, launcher, trainer, device, nproc, nnodes)
+    notes = check(plan, layout, launcher, trainer, device, nproc, nnodes, hostfile, master)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     label = name or f"{stamp}-{plan.task}-{Path(plan.model).name}-{'trl' if trainer == 'trl' else launcher}"
     run_dir = Path(out_root) / label
@@ -184,8 +191,6 @@ def prepare(plan: Plan, layout: dict[str, Any], *, launcher: str = "torchrun", t
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
         if nnodes > 1:
-            if not master:
-                raise RunError("master: a multi-node torchrun needs --master HOST:PORT (the rendezvous endpoint)")
             cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}"]
         else:
             cmd.append("--standalone")
@@ -193,8 +198,6 @@ def prepare(plan: Plan, layout: dict[str, Any], *, launcher: str = "torchrun", t
     elif launcher == "deepspeed":
         cmd = ["deepspeed", f"--num_gpus={nproc}"]
         if nnodes > 1:
-            if not hostfile:
-                raise RunError("hostfile: a multi-node DeepSpeed run needs --hostfile FILE (its hosts and slots)")
             cmd += [f"--num_nodes={nnodes}", f"--hostfile={hostfile}"]
         cmd += ["--module", WORKER, "--spec", spec_path]
     else:

@@ -70,6 +70,7 @@ class Measurement(BaseModel):
     breakdown: dict[str, int] | None = None
     details: dict[str, int] = Field(default_factory=dict)
     peak_phase: str | None = None
+    peak_op: str | None = None  # the op whose allocation reached the peak (tracked backends)
     phases: dict[str, int] = Field(default_factory=dict)
     step_time_s: float | None = None
     tokens_per_s: float | None = None

@@ -130,7 +130,7 @@ class _StepOracle:
 
 def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fake",
                 narrow: bool = False, record: Any = None, record_ops: Any = False,
-                full_decode: bool | None = None, trace: dict | None = None) -> Measurement:
+                full_decode: bool | None = None, trace: dict | None = None, host_reads: bool = False) -> Measurement:
     """Run `technique.step` `steps` times under the tracker; device 'fake' or 'cpu'.
 
     Host-side reads of fake tensors (generate()'s "all finished?", transformers' mask checks) are
@@ -144,7 +144,9 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     full_decode: run every decode forward of a generation (default: when recording ops, so that
     the recorded ops are the program's; the memory figures are the same either way).
     trace: record the allocation trace (`Measurement.allocation_trace`, planner.engine.allocator's
-    events), with planner.backends.allocation.trace_options' options."""
+    events), with planner.backends.allocation.trace_options' options.
+    host_reads: answer every host read of the fake run from the narrow real run, as for a generation
+    (a user's step may read any value: `loss.item()`; planner.dryrun)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.backends.dryrun import _patches
@@ -162,14 +164,14 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
     configs = {use.role: (config if use.source == plan.model else model_config(use.source)) for use in workload.models}
     if narrow:
         configs = {role: narrow_config(c) for role, c in configs.items()}
-    generates = any(ph.kind == "generate" for ph in workload.phases)
+    generates = any(ph.kind == "generate" for ph in workload.phases) or host_reads
     if full_decode is None:
         full_decode = bool(record_ops is not False and record_ops is not None)
     oracle = None
     if generates and device == "fake":
         oracle = _StepOracle()
         run_tracked(technique, plan, config, steps=steps, device="cpu", narrow=True, record=oracle,
-                    full_decode=full_decode)
+                    full_decode=full_decode, host_reads=host_reads)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patches.transformers_not_tracing(answer_reads=not generates))
@@ -279,7 +281,7 @@ def run_tracked(technique, plan, config: dict, steps: int = 3, device: str = "fa
         backend="dry-run" if device == "fake" else "real", device=device,
         step_time_s=step_time, tokens_per_s=tokens / step_time if step_time else None,
         peak_allocated_bytes=tracker.peak_total, breakdown=cats, details={k: v for k, v in details.items() if v},
-        peak_phase=tracker.peak_phase, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
+        peak_phase=tracker.peak_phase, peak_op=tracker.peak_op, phases=phases, wall_s=round(time.perf_counter() - t0, 3),
         device_name="fake tensors on the CPU" if device == "fake" else "CPU", versions=_versions(), notes=notes,
         ops=ops, allocation_trace=tracker.trace,
     )

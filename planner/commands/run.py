@@ -55,7 +55,8 @@ def run(args: argparse.Namespace, out: Out) -> int:
         from planner.backends.launch import check
 
         probe_layout = {**layout, "gpus": args.nproc * args.nnodes} if (layout or args.nproc * args.nnodes > 1) else {}
-        check(plan, probe_layout, args.launcher, args.trainer, args.device, args.nproc, args.nnodes)
+        check(plan, probe_layout, args.launcher, args.trainer, args.device, args.nproc, args.nnodes, args.hostfile,
+              args.master)
         _, reasons = judge(plan, probe_layout, args.device)
         if reasons:
             out.warn(f"refused: {reasons[0]}")
