@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from planner.commands import calibrate, catalog, dryrun, export, fit, run, serve, validate
+from planner.commands import calibrate, catalog, dryrun, export, fit, plan, run, serve, validate
 from planner.commands.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, Out
 
 
@@ -44,6 +44,7 @@ COMMANDS: dict[str, Command] = {
     "export": (export.HELP, export.add_arguments, export.run),
     "run": (run.HELP, run.add_arguments, run.run),
     "dryrun": (dryrun.HELP, dryrun.add_arguments, dryrun.run),
+    "plan": (plan.HELP, plan.add_arguments, plan.run),
 }
 
 EPILOG = """\
@@ -58,6 +59,7 @@ examples:
   planner export --model llama-3.1-8b --method qlora --batch 4 --grad-ckpt --to trl,accelerate -o run/
   planner fit --model ./my-model/config.json --gpu-memory 24GiB --task generate --new-tokens 512
 
+  planner plan --model llama-3.1-8b --gpu h100-sxm --seq 2048 --global-batch 64 --max-gpus 8   (the best plan that fits)
   planner dryrun examples/steps/dpo_loop.py:both_forwards_first --task dpo --model llama-3.2-1b --batch 2 --seq 1024
   planner run --model examples/models/tiny-llama --device cpu --nproc 2 --zero 2 --launcher deepspeed --batch 2 --seq 64
 

@@ -133,50 +133,6 @@ def _user_error(e: BaseException, file: Path | None, doing: str) -> str:
     return f"{where}{name} while {doing}: {msg}{hint}"
 
 
-def _phase_hooks(model: Any, opt: Any, ctx: Any) -> list[Any]:
-    """Phases as the tracker sees a plain step: the model's forward starts 'forward', a backward()
-    'backward', the optimizer's step() 'optimizer'."""
-    import torch
-
-    handles = [model.register_forward_pre_hook(lambda *_: ctx._enter_phase("forward"))]
-    if opt is not None:
-        handles.append(opt.register_step_pre_hook(lambda *_: ctx._enter_phase("optimizer")))
-    real_backward = torch.Tensor.backward
-
-    def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx._enter_phase("backward")
-        return real_backward(self, *args, **kwargs)
-
-    torch.Tensor.backward = backward  # type: ignore[method-assign]
-
-    class _Restore:
-        def remove(self) -> None:
-            torch.Tensor.backward = real_backward  # type: ignore[method-assign]
-
-    handles.append(_Restore())
-    return handles
-
-
-def _as_ctx_step(fn: Callable[..., Any], role: str) -> Callable[[Any], None]:
-    """step(model, optimizer, batch) as a step(ctx)."""
-
-    def step(ctx: Any) -> None:
-        model = ctx.model(role)
-        opt = ctx.optimizer(role)
-        ids = ctx.token_ids(ctx.plan.batch, ctx.plan.seq)
-        batch = {"input_ids": ids, "labels": ids}
-        del ids
-        hooks = _phase_hooks(model, opt, ctx)
-        try:
-            with ctx.autocast():
-                fn(model, opt, batch)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    return step
-
-
 def measure(step: "Callable[..., Any] | str", plan: Any, steps: int = 2, device: str = "fake",
             alloc_conf: Any = None, estimate: bool = True) -> DryrunResult:
     """Dry-run a user's step for `plan` (module doc); `step` a function or 'FILE.py:FUNCTION'."""
@@ -204,7 +160,9 @@ def measure(step: "Callable[..., Any] | str", plan: Any, steps: int = 2, device:
                               f"has {roles}: write step(ctx) and ask ctx.model(role) for each")
         if "seq" not in tech.plan_fields:
             raise DryrunError(f"step: task {plan.task} has no sequence length for the batch: write step(ctx)")
-        ctx_step = _as_ctx_step(fn, trained[0])
+        from planner.backends.user_step import as_ctx_step
+
+        ctx_step = as_ctx_step(fn, trained[0])
     else:
         ctx_step = fn
     shim = dataclasses.replace(tech, step=ctx_step)

@@ -47,3 +47,10 @@ def test_fit_speed_runs(capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["plan"] == "8b-full-b1" and row["events"] > 0
     assert all(row[k] > 0 for k in ("cold_ms", "warm_ms", "replay_ms", "answer_ms"))
+
+
+def test_plan_speed_runs(capsys):
+    mod = _load("plan_speed")
+    assert mod.main(["--repeats", "1", "--cases", "8b-8gpus", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["space"] >= row["priced"] + row["dominated"] > 0 and row["candidates_per_s"] > 0
