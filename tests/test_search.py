@@ -164,3 +164,29 @@ def test_an_empty_space_says_what_came_closest():
                 stdout=out, stderr=err)
     assert code == 1
     assert "NOTHING FITS: the closest plan needs" in out.getvalue() and "short by" in out.getvalue()
+
+
+def test_gpu_any_searches_every_card_and_names_each_plans_card():
+    code, out, err = _plan_cli("--gpu", "any", "--global-batch", "16", "--max-gpus", "1", "--top", "3", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    from planner.gpus import gpu_ids
+
+    assert doc["best"] and all(b["plan"]["gpu"] in gpu_ids() for b in doc["best"])
+    speeds = [b["tokens_per_s"] for b in doc["best"]]
+    assert speeds == sorted(speeds, reverse=True)
+    single = json.loads(_plan_cli("--gpu", doc["best"][0]["plan"]["gpu"], "--global-batch", "16", "--max-gpus", "1",
+                                  "--top", "1", "--json")[1])
+    assert single["best"][0]["tokens_per_s"] == speeds[0]  # the best card's own best
+
+
+def test_max_batch_and_max_seq_are_fits_limits():
+    from planner.api import fit
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["plan", "--model", "qwen2.5-0.5b", "--gpu", "a10g", "--batch", "1", "--seq", "1024", "--max-batch",
+                 "--max-seq", "--json"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    doc = json.loads(out.getvalue())
+    lim = fit(Plan(model="qwen2.5-0.5b", gpu="a10g", batch=1, seq=1024)).limits
+    assert doc["max_batch"] == lim.max_batch and doc["max_seq"] == lim.max_lengths["seq"]

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU-hour price for --objective cost (repeatable; the catalog lists none)")
     g.add_argument("--top", type=int, default=10, metavar="N", help="plans shown (default: 10)")
     g.add_argument("--save", metavar="DIR", help="write each plan shown as DIR/plan-N.yaml (a plan file fit reads)")
+    g.add_argument("--max-batch", action="store_true",
+                   help="instead of searching: the largest micro-batch that fits the plan as given (fit's limit)")
+    g.add_argument("--max-seq", action="store_true",
+                   help="instead of searching: the longest sequence that fits the plan as given (fit's limit)")
     g.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace, out: Out) -> int:
     from planner.plan_io import build_plan
     from planner.search import SearchError, search
 
+    if args.max_batch or args.max_seq:
+        return _limits(args, out)
     if args.global_batch is None:
         raise BadInput("global_batch: give --global-batch N (sequences per optimizer step)")
     if args.top < 1:
@@ -61,10 +67,15 @@ def run(args: argparse.Namespace, out: Out) -> int:
             raise BadInput("gpu: give --gpu ID (the card the plans run on)")
         pins = {k: getattr(args, k) for k in ("gpus", "zero", "fsdp", "offload", "tp", "pp")}
         progress = _progress(out, args.json)
-        result = search(plan, global_batch=args.global_batch, max_gpus=args.max_gpus, min_gpus=args.min_gpus,
-                        gpus_per_node=args.gpus_per_node, objective=args.objective, top=args.top, pinned=given,
-                        layout_pins=pins, prices=_prices(args.price), progress=progress)
+        cards = _cards() if plan.gpu == "any" else [plan.gpu]
+        results = []
+        for card in cards:
+            one = plan.model_copy(update={"gpu": card}) if card is not None else plan
+            results.append(search(one, global_batch=args.global_batch, max_gpus=args.max_gpus, min_gpus=args.min_gpus,
+                                  gpus_per_node=args.gpus_per_node, objective=args.objective, top=args.top,
+                                  pinned=given, layout_pins=pins, prices=_prices(args.price), progress=progress))
         progress(None, None)
+        result = results[0] if len(results) == 1 else _merge(results, args.objective, args.top)
     except (SearchError, ValueError, ModelError) as e:
         raise BadInput(str(e)) from None
     for w in config_warnings(args):
@@ -82,6 +93,64 @@ def run(args: argparse.Namespace, out: Out) -> int:
     else:
         _print(result, out, args.top)
     return EXIT_FITS if result.best else EXIT_DOES_NOT_FIT
+
+
+def _cards() -> list[str]:
+    """`--gpu any`: every card of the catalog with the FLOP/s that price training time."""
+    from planner.gpus import gpu_ids, load_gpu
+
+    return [g for g in gpu_ids() if load_gpu(g).bf16_tflops or getattr(load_gpu(g), "fp16_tflops", None)]
+
+
+def _merge(results: list, objective: str, top: int):
+    """One answer from the searches of several cards (`--gpu any`)."""
+    best = sorted((c for r in results for c in r.best), key=lambda c: c.key(objective))[:top]
+    from planner.search import pareto_front
+
+    first = results[0]
+    return first.model_copy(update={
+        "space": sum(r.space for r in results), "estimated": sum(r.estimated for r in results),
+        "pruned": sum(r.pruned for r in results), "invalid": sum(r.invalid for r in results),
+        "fitting": sum(r.fitting for r in results), "seconds": round(sum(r.seconds for r in results), 3),
+        "best": best, "pareto": pareto_front([c for r in results for c in r.pareto]),
+        "closest": None if best else min((r.closest for r in results if r.closest),
+                                         key=lambda c: c.device_bytes - c.gpu_memory_bytes, default=None),
+        "dropped": [d for r in results for d in r.dropped],
+        "profile": "each card's own profile (" + "; ".join(sorted({r.profile for r in results})) + ")"})
+
+
+def _limits(args: argparse.Namespace, out: Out) -> int:
+    """--max-batch / --max-seq: fit's limits for the plan as given."""
+    from planner.api import fit
+    from planner.models import ModelError
+    from planner.plan_io import build_plan
+
+    try:
+        values, _ = file_values(args)
+        plan, _ = build_plan(values, {name: getattr(args, name) for name in PLAN_FLAGS})
+        result = fit(plan, with_suggestions=True)
+    except (ValueError, ModelError) as e:
+        raise BadInput(str(e)) from None
+    lim = result.limits
+    if not result.fits or lim is None:
+        out.print("the plan as given does not fit: nothing to grow (planner fit says what would fit)")
+        return EXIT_DOES_NOT_FIT
+    answer = {}
+    if args.max_batch:
+        answer["max_batch"] = lim.max_batch
+    if args.max_seq:
+        answer["max_seq"] = lim.max_lengths.get("seq")
+    answer["at_least"] = [k for k in lim.at_least if k in ("batch", "seq")]
+    if args.json:
+        import json
+
+        out.print(json.dumps(answer, indent=2))
+    else:
+        for k, v in answer.items():
+            if k != "at_least":
+                more = " (at least: the search's cap)" if k.removeprefix("max_") in answer["at_least"] else ""
+                out.print(f"{k.replace('_', ' ')}: {v}{more}")
+    return EXIT_FITS
 
 
 def _progress(out: Out, quiet: bool):
@@ -128,12 +197,12 @@ def _row(i: int, c: Any) -> str:
     accum = c.grad_accum
     mfu = f"{c.mfu:.0%}" if c.mfu is not None else ""
     cost = f"  ${c.cost_per_mtok:.3f}/Mtok" if c.cost_per_mtok is not None else ""
-    return (f"{i:>3} {c.gpus:>5}  {_layout_text(c):<30} {p['method']:<6} {p['precision']:<10} {p['optimizer']:<12} "
+    return (f"{i:>3} {c.plan['gpu']:<10} {c.gpus:>5}  {_layout_text(c):<30} {p['method']:<6} {p['precision']:<10} {p['optimizer']:<12} "
             f"{'yes' if p['grad_ckpt'] else 'no':<5} {c.layout['micro_batch']:>3} x {accum:<4} "
             f"{c.device_bytes / 2**30:>8.2f} {c.headroom_bytes / 2**30:>9.2f} {c.tokens_per_s:>10,.0f} {mfu:>5}{cost}")
 
 
-HEADER = (f"{'#':>3} {'GPUs':>5}  {'layout':<30} {'method':<6} {'precision':<10} {'optimizer':<12} {'ckpt':<5} "
+HEADER = (f"{'#':>3} {'card':<10} {'GPUs':>5}  {'layout':<30} {'method':<6} {'precision':<10} {'optimizer':<12} {'ckpt':<5} "
           f"{'micro x accum':<13} {'GiB/rank':>8} {'headroom':>9} {'tokens/s':>10} {'MFU':>5}")
 
 
