@@ -34,6 +34,7 @@ def _clear() -> None:
 
     for name in ("planner.engine.simulation", "planner.engine.estimate"):
         importlib.import_module(name)._cache.clear()
+    importlib.import_module("planner.engine.timing")._MICRO_BATCH_CACHE.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,13 +321,27 @@ def _plan_fields(p: Plan) -> dict[str, Any]:
 
 
 def pareto_front(cands: list[Candidate]) -> list[Candidate]:
-    """Plans no other beats on all of: tokens/s (more), GPUs (fewer), headroom (more)."""
-    def dominated(a: Candidate, b: Candidate) -> bool:
-        ge = b.tokens_per_s >= a.tokens_per_s and b.gpus <= a.gpus and b.headroom_bytes >= a.headroom_bytes
-        gt = b.tokens_per_s > a.tokens_per_s or b.gpus < a.gpus or b.headroom_bytes > a.headroom_bytes
-        return ge and gt
+    """Plans no other beats on all of: tokens/s (more), GPUs (fewer), headroom (more).
 
-    front = [a for a in cands if not any(dominated(a, b) for b in cands)]
+    In order of tokens/s, with the most headroom seen so far per GPU count (few counts): a plan is
+    dominated by a faster one with no more GPUs and no less headroom, or, among plans equally fast, by
+    one no worse on both and better on one. O(n log n + n x GPU counts)."""
+    from itertools import groupby
+
+    front: list[Candidate] = []
+    best_headroom: dict[int, int] = {}  # GPU count -> most headroom among strictly faster plans
+    ordered = sorted(cands, key=lambda c: -c.tokens_per_s)
+    for _, group in groupby(ordered, key=lambda c: c.tokens_per_s):
+        same = list(group)
+        for a in same:
+            if any(g <= a.gpus and h >= a.headroom_bytes for g, h in best_headroom.items()):
+                continue
+            if any(b.gpus <= a.gpus and b.headroom_bytes >= a.headroom_bytes
+                   and (b.gpus < a.gpus or b.headroom_bytes > a.headroom_bytes) for b in same):
+                continue
+            front.append(a)
+        for a in same:
+            best_headroom[a.gpus] = max(best_headroom.get(a.gpus, a.headroom_bytes), a.headroom_bytes)
     return sorted(front, key=lambda c: (c.gpus, -c.tokens_per_s))
 
 

@@ -190,3 +190,20 @@ def test_max_batch_and_max_seq_are_fits_limits():
     doc = json.loads(out.getvalue())
     lim = fit(Plan(model="qwen2.5-0.5b", gpu="a10g", batch=1, seq=1024)).limits
     assert doc["max_batch"] == lim.max_batch and doc["max_seq"] == lim.max_lengths["seq"]
+
+
+def test_the_pareto_front_equals_the_quadratic_definition():
+    from planner.search import Candidate, pareto_front
+
+    rng = random.Random(5)
+    cands = [Candidate(plan={}, layout={}, gpus=rng.choice([1, 2, 4, 8]), fits=True,
+                       device_bytes=rng.choice([10, 20, 30, 40]) * 2**30, gpu_memory_bytes=80 * 2**30,
+                       tokens_per_s=float(rng.choice([100, 200, 300, 400, 500])), step_s=1.0) for _ in range(300)]
+
+    def dominated(a, b):
+        ge = b.tokens_per_s >= a.tokens_per_s and b.gpus <= a.gpus and b.headroom_bytes >= a.headroom_bytes
+        gt = b.tokens_per_s > a.tokens_per_s or b.gpus < a.gpus or b.headroom_bytes > a.headroom_bytes
+        return ge and gt
+
+    want = {id(a) for a in cands if not any(dominated(a, b) for b in cands)}
+    assert {id(a) for a in pareto_front(cands)} == want and want

@@ -15,7 +15,7 @@ Every host read (a mask check, generate's stopping check) and the end of the ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from planner.engine.cost import StretchCost, compose, price
 from planner.engine.resident import lora_targets
@@ -197,9 +197,33 @@ HEAD_STRETCHES = frozenset({"final norm and head", "loss", "the technique's loss
 EMBEDDING_STRETCHES = frozenset({"prologue", "embedding backward"})
 
 
+# train_micro_batch's answers by their arguments: a plan search prices the same micro-batch under many
+# shardings and offloads, whose compute is the same (planner.search). Bounded; the profile is held
+# with its answer so that its id is not reused while the entry lives.
+_MICRO_BATCH_CACHE: dict[tuple, tuple[Any, tuple[float, float]]] = {}
+_MICRO_BATCH_CACHE_SIZE = 4096
+
+
 def train_micro_batch(spec, setup, profile: "DeviceProfile", rows: int, seq: int, *, first_stage: bool = True,
                       last_stage: bool = True, loss: str = "causal_lm", passes: int = 1,
                       loss_ops: tuple = ()) -> tuple[float, float]:
+    """Memoised `_train_micro_batch` (the arguments' values, the profile's identity)."""
+    key = (spec.model_dump_json(), setup.model_dump_json(), id(profile), rows, seq, first_stage, last_stage, loss,
+           passes, loss_ops)
+    hit = _MICRO_BATCH_CACHE.get(key)
+    if hit is not None and hit[0] is profile:
+        return hit[1]
+    out = _train_micro_batch(spec, setup, profile, rows, seq, first_stage=first_stage, last_stage=last_stage,
+                             loss=loss, passes=passes, loss_ops=loss_ops)
+    if len(_MICRO_BATCH_CACHE) >= _MICRO_BATCH_CACHE_SIZE:
+        _MICRO_BATCH_CACHE.pop(next(iter(_MICRO_BATCH_CACHE)))
+    _MICRO_BATCH_CACHE[key] = (profile, out)
+    return out
+
+
+def _train_micro_batch(spec, setup, profile: "DeviceProfile", rows: int, seq: int, *, first_stage: bool = True,
+                       last_stage: bool = True, loss: str = "causal_lm", passes: int = 1,
+                       loss_ops: tuple = ()) -> tuple[float, float]:
     """(forward + loss, backward) seconds of one micro-batch of `rows` sequences through `spec` (a
     rank's share of a model: planner.engine.distributed.shard.rank_spec) priced by `profile`, for the
     distributed estimate: a pipeline stage without the embedding (not the first) or without the head
