@@ -207,3 +207,36 @@ def test_the_pareto_front_equals_the_quadratic_definition():
 
     want = {id(a) for a in cands if not any(dominated(a, b) for b in cands)}
     assert {id(a) for a in pareto_front(cands)} == want and want
+
+
+def test_serve_finds_the_highest_rate_within_the_goals():
+    from planner.serving.rate_search import max_rate
+    from planner.serving.service import serve
+    from planner.serving.specs import ServeSpec, TrafficSpec
+
+    spec, traffic = ServeSpec(model="llama-3.1-8b", gpu="h100-sxm"), TrafficSpec(requests=300)
+    ans = max_rate(spec, traffic, ttft_p99=0.5, tpot_p99=0.05)
+    assert ans.best is not None and ans.missed is not None and ans.best.meets and not ans.missed.meets
+    assert ans.missed.rate / ans.best.rate <= 1 + ans.tolerance
+    # the answer is a rate that was simulated and met the goals, as planner serve sees it
+    sim = serve(spec, traffic.model_copy(update={"rate": ans.best.rate})).simulations[0]
+    assert sim.ttft_s.p99 <= 0.5 and sim.tpot_s.p99 <= 0.05
+    tighter = max_rate(spec, traffic, ttft_p99=0.2, tpot_p99=0.05)
+    assert tighter.best is None or tighter.best.rate <= ans.best.rate  # a tighter goal never allows more
+
+
+def test_serve_cli(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["plan", "--serve", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--ttft-p99", "0.5",
+                 "--requests", "200", "--json"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    doc = json.loads(out.getvalue())
+    assert doc["best"]["meets"] and doc["best"]["ttft_p99_s"] <= 0.5
+    err = io.StringIO()
+    assert main(["plan", "--serve", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--ttft-p99", "-1"],
+                stdout=io.StringIO(), stderr=err) == 2
+    assert "ttft_p99: must be > 0" in err.getvalue()
+    out = io.StringIO()
+    assert main(["plan", "--serve", "--model", "llama-3.1-70b", "--gpu", "a10g", "--ttft-p99", "0.5"],
+                stdout=out, stderr=io.StringIO()) == 1
+    assert "DOES NOT FIT" in out.getvalue()

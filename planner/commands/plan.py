@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU-hour price for --objective cost (repeatable; the catalog lists none)")
     g.add_argument("--top", type=int, default=10, metavar="N", help="plans shown (default: 10)")
     g.add_argument("--save", metavar="DIR", help="write each plan shown as DIR/plan-N.yaml (a plan file fit reads)")
+    g = p.add_argument_group("serving (--serve: the highest request rate a card sustains under latency goals)")
+    g.add_argument("--serve", action="store_true", help="search the request rate instead of a training plan "
+                                                        "(vLLM-style engine: planner serve's simulator)")
+    g.add_argument("--ttft-p99", type=float, metavar="S", help="goal: p99 time to first token, seconds")
+    g.add_argument("--tpot-p99", type=float, metavar="S", help="goal: p99 time per output token, seconds")
+    g.add_argument("--requests", type=int, default=1000, metavar="N", help="requests simulated per rate (default: 1000)")
+    g = p.add_argument_group("limits of one plan")
     g.add_argument("--max-batch", action="store_true",
                    help="instead of searching: the largest micro-batch that fits the plan as given (fit's limit)")
     g.add_argument("--max-seq", action="store_true",
@@ -53,6 +60,8 @@ def run(args: argparse.Namespace, out: Out) -> int:
     from planner.plan_io import build_plan
     from planner.search import SearchError, search
 
+    if args.serve:
+        return _serve(args, out)
     if args.max_batch or args.max_seq:
         return _limits(args, out)
     if args.global_batch is None:
@@ -117,6 +126,50 @@ def _merge(results: list, objective: str, top: int):
                                          key=lambda c: c.device_bytes - c.gpu_memory_bytes, default=None),
         "dropped": [d for r in results for d in r.dropped],
         "profile": "each card's own profile (" + "; ".join(sorted({r.profile for r in results})) + ")"})
+
+
+def _serve(args: argparse.Namespace, out: Out) -> int:
+    """--serve: the highest Poisson request rate within the latency goals (planner.serving.rate_search)."""
+    from planner.serving.rate_search import max_rate
+    from planner.serving.specs import ServeSpec, TrafficSpec
+
+    if not args.model or not args.gpu:
+        raise BadInput("serve: give --model and --gpu")
+    try:
+        spec = ServeSpec(model=args.model, gpu=args.gpu, tp=args.tp or 1)
+        traffic = TrafficSpec(requests=args.requests, **{k: getattr(args, k) for k in ("prompt_len", "new_tokens")
+                                                          if getattr(args, k) is not None})
+        ans = max_rate(spec, traffic, args.ttft_p99, args.tpot_p99)
+    except ValueError as e:
+        from planner.errors import one_line
+
+        raise BadInput(one_line(str(e))) from None
+    if args.json:
+        import json
+
+        out.print(json.dumps(ans.model_dump(), indent=2))
+        return EXIT_FITS if ans.best else EXIT_DOES_NOT_FIT
+    goals = ", ".join(f"{k} <= {v:g} s" for k, v in (("p99 TTFT", ans.ttft_p99_goal_s), ("p99 TPOT", ans.tpot_p99_goal_s))
+                      if v is not None)
+    if not ans.fits:
+        out.print(f"DOES NOT FIT: {ans.reason}")
+        return EXIT_DOES_NOT_FIT
+    out.print(f"goals: {goals}; {traffic.requests} requests of {traffic.prompt_len} + {traffic.new_tokens} tokens per "
+              f"rate, Poisson arrivals; {len(ans.probes)} rates simulated (to {ans.tolerance:.0%})")
+    if ans.best is None:
+        m = ans.missed
+        out.print(f"NO RATE MEETS THE GOALS: even {m.rate:.3g} requests/s gives p99 TTFT {m.ttft_p99_s:.3f} s, "
+                  f"p99 TPOT {m.tpot_p99_s:.4f} s")
+        return EXIT_DOES_NOT_FIT
+    b = ans.best
+    out.print(f"highest rate: {b.rate:.2f} requests/s: p99 TTFT {b.ttft_p99_s:.3f} s, p99 TPOT {b.tpot_p99_s:.4f} s, "
+              f"{b.tokens_per_s:,.0f} output tokens/s")
+    if ans.missed is not None:
+        m = ans.missed
+        out.print(f"  at {m.rate:.2f} requests/s: p99 TTFT {m.ttft_p99_s:.3f} s, p99 TPOT {m.tpot_p99_s:.4f} s (misses)")
+    out.print(f"  planner serve --model {args.model} --gpu {args.gpu} --tp {args.tp or 1} --rate {b.rate:.2f} "
+              f"--requests {traffic.requests} --prompt-len {traffic.prompt_len} --new-tokens {traffic.new_tokens}")
+    return EXIT_FITS
 
 
 def _limits(args: argparse.Namespace, out: Out) -> int:
