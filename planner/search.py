@@ -4,7 +4,8 @@ The space: method x precision x optimizer x checkpointing x GPU count (1, 2, 4..
 whole nodes) x TP x PP x model-state sharding (DDP, ZeRO 1-3 in DeepSpeed, FSDP full-shard or
 shard-grad-op in torch) x CPU offload x micro-batch (powers of two dividing the global batch per
 data-parallel rank; the accumulation follows); pipeline stages: powers of two and the divisors of the
-layer count (Megatron's 105-layer 530B runs 35 stages). Every candidate is priced by the engine itself
+layer count (Megatron's 105-layer 530B runs 35 stages), each with the 1F1B schedule and the interleaved
+one at 2 and 4 model chunks per stage. Every candidate is priced by the engine itself
 (planner.engine.distributed.estimate_distributed: per-rank memory, collectives, step time); what the
 search skips it counts, and says why:
 - regions a measured candidate dominates, before they are evaluated: the micro-batches above the first
@@ -126,6 +127,7 @@ class Space:
     offloads: tuple[str, ...]
     micro_batches: tuple[int, ...] | None  # None: powers of two up to global / dp
     notes: list[str] = field(default_factory=list)
+    chunks: tuple[int, ...] = (2, 4)  # interleaved schedule's model chunks per stage, tried where pp > 1
 
 
 def gpu_counts(max_gpus: int, per_node: int, min_gpus: int = 1) -> tuple[int, ...]:
@@ -163,7 +165,10 @@ def build_space(plan: Plan, pinned: set[str], layout_pins: dict[str, Any], max_g
         shardings = tuple(SHARDINGS)
     offloads = (layout_pins["offload"],) if "offload" in layout_pins else ("none", "optimizer", "optimizer+params")
     micro = (plan.batch,) if "batch" in pinned else None
-    return Space(methods=pick("method", METHODS), precisions=precisions, optimizers=optimizers,
+    chunks: tuple[int, ...] = (2, 4)
+    if "pp_schedule" in layout_pins:
+        chunks = (int(layout_pins.get("pp_chunks") or 2),) if layout_pins["pp_schedule"] == "interleaved" else ()
+    return Space(chunks=chunks, methods=pick("method", METHODS), precisions=precisions, optimizers=optimizers,
                  ckpts=pick("grad_ckpt", (True, False)), gpu_counts=counts, tps=tps, pps=pps,
                  shardings=shardings, offloads=offloads, micro_batches=micro, notes=notes)
 
@@ -201,6 +206,10 @@ def _layouts(space: Space, spec: Any, per_node: int, global_batch: int) -> "tupl
         if off != "none":
             lay["offload"] = off
         out.append(lay)
+        # the interleaved schedule: v model chunks per stage (Megatron's virtual pipeline), v x pp <= layers
+        for v in space.chunks if pp > 1 else ():
+            if v > 1 and pp * v <= spec.num_layers:
+                out.append({**lay, "pp_schedule": "interleaved", "pp_chunks": v})
     return out, invalid
 
 

@@ -70,7 +70,10 @@ def test_the_best_is_at_least_as_fast_as_a_random_sample_of_the_space():
                   for ckpt, prec in itertools.product(space.ckpts, space.precisions)]
     rng = random.Random(3)
     for lay, b, ckpt, prec in rng.sample(everything, 40):
-        layout = make_layout(micro_batch=b, **lay)
+        try:
+            layout = make_layout(micro_batch=b, **lay)
+        except ValueError:
+            continue  # the layout rules refuse it (the search counts it invalid)
         p = plan.model_copy(update={"batch": b, "grad_accum": layout.grad_accum, "grad_ckpt": ckpt, "precision": prec})
         e = estimate_distributed(p, layout, spec, gpu)
         if e.fits:
