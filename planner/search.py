@@ -128,6 +128,7 @@ class Space:
     micro_batches: tuple[int, ...] | None  # None: powers of two up to global / dp
     notes: list[str] = field(default_factory=list)
     chunks: tuple[int, ...] = (2, 4)  # interleaved schedule's model chunks per stage, tried where pp > 1
+    schedules_1f1b: bool = True  # the 1F1B schedule too (False: the interleaved one is pinned)
 
 
 def gpu_counts(max_gpus: int, per_node: int, min_gpus: int = 1) -> tuple[int, ...]:
@@ -166,9 +167,11 @@ def build_space(plan: Plan, pinned: set[str], layout_pins: dict[str, Any], max_g
     offloads = (layout_pins["offload"],) if "offload" in layout_pins else ("none", "optimizer", "optimizer+params")
     micro = (plan.batch,) if "batch" in pinned else None
     chunks: tuple[int, ...] = (2, 4)
+    if layout_pins.get("pp_schedule") not in (None, "1f1b", "interleaved"):
+        raise SearchError(f"pp_schedule: must be 1f1b or interleaved (got '{layout_pins['pp_schedule']}')")
     if "pp_schedule" in layout_pins:
         chunks = (int(layout_pins.get("pp_chunks") or 2),) if layout_pins["pp_schedule"] == "interleaved" else ()
-    return Space(chunks=chunks, methods=pick("method", METHODS), precisions=precisions, optimizers=optimizers,
+    return Space(chunks=chunks, schedules_1f1b=layout_pins.get("pp_schedule") != "interleaved", methods=pick("method", METHODS), precisions=precisions, optimizers=optimizers,
                  ckpts=pick("grad_ckpt", (True, False)), gpu_counts=counts, tps=tps, pps=pps,
                  shardings=shardings, offloads=offloads, micro_batches=micro, notes=notes)
 
@@ -205,7 +208,8 @@ def _layouts(space: Space, spec: Any, per_node: int, global_batch: int) -> "tupl
                "global_batch": global_batch, **fields}
         if off != "none":
             lay["offload"] = off
-        out.append(lay)
+        if space.schedules_1f1b:
+            out.append(lay)
         # the interleaved schedule: v model chunks per stage (Megatron's virtual pipeline), v x pp <= layers
         for v in space.chunks if pp > 1 else ():
             if v > 1 and pp * v <= spec.num_layers:

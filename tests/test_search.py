@@ -243,3 +243,13 @@ def test_serve_cli(tmp_path):
     assert main(["plan", "--serve", "--model", "llama-3.1-70b", "--gpu", "a10g", "--ttft-p99", "0.5"],
                 stdout=out, stderr=io.StringIO()) == 1
     assert "DOES NOT FIT" in out.getvalue()
+
+
+def test_the_schedule_can_be_pinned():
+    code, out, err = _plan_cli("--gpu", "a10g", "--global-batch", "16", "--max-gpus", "4", "--pp", "2",
+                               "--pp-schedule", "interleaved", "--pp-chunks", "2", "--json")
+    assert code == 0, err
+    best = json.loads(out)["best"]
+    assert best and all(b["layout"]["pp_schedule"] == "interleaved" and b["layout"]["pp_chunks"] == 2 for b in best)
+    code, out, err = _plan_cli("--gpu", "a10g", "--global-batch", "16", "--pp-schedule", "gpipe")
+    assert code == 2 and "pp_schedule: must be 1f1b or interleaved" in err

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_layout_args(g, ("gpus", "zero", "fsdp", "offload"))
     g.add_argument("--tp", type=int, metavar="N", help="pin the tensor-parallel degree")
     g.add_argument("--pp", type=int, metavar="N", help="pin the pipeline stages")
+    g.add_argument("--pp-schedule", metavar="{1f1b,interleaved}", help="pin the pipeline schedule")
+    g.add_argument("--pp-chunks", type=int, metavar="V", help="with --pp-schedule interleaved: pin the chunks per stage")
     g.add_argument("--objective", default="tokens-per-s", metavar="{tokens-per-s,gpus,headroom,cost}",
                    help="what ranks the plans (default: tokens-per-s)")
     g.add_argument("--price", action="append", default=[], metavar="CARD=USD",
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
         plan, given = build_plan(values, flags)
         if plan.gpu is None and plan.gpu_memory is None:
             raise BadInput("gpu: give --gpu ID (the card the plans run on)")
-        pins = {k: getattr(args, k) for k in ("gpus", "zero", "fsdp", "offload", "tp", "pp")}
+        pins = {k: getattr(args, k) for k in ("gpus", "zero", "fsdp", "offload", "tp", "pp", "pp_schedule", "pp_chunks")}
         progress = _progress(out, args.json)
         cards = _cards() if plan.gpu == "any" else [plan.gpu]
         results = []
