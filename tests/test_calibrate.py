@@ -101,7 +101,10 @@ def test_call_host_costs_are_measured(quick):
     of microseconds of Python on any CPU, the loss's Python can be a few (>= 0)."""
     p = quick.profile
     h = p.host
-    assert 1e-6 < h.backward_call_s < 1e-3, h.backward_call_s
+    # backward_call_s is the intercept of a two-length slope, floored at 0: on a loaded machine the noise
+    # can take it there (a fresh-clone CI beside another test suite, 2026-12-08: 0.0), so only its range
+    # is behaviour, not its size
+    assert 0 <= h.backward_call_s < 1e-3, h.backward_call_s
     assert 1e-6 < h.optimizer_step_s < 5e-3, h.optimizer_step_s
     assert 0 <= h.loss_s < 1e-3, h.loss_s
     src = p.sources
