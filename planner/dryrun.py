@@ -179,11 +179,10 @@ def measure(step: "Callable[..., Any] | str", plan: Any, steps: int = 2, device:
         raise DryrunError(f"step: {label} allocated nothing in {steps} step(s) beyond the models it was given "
                           "(does it run the model?)")
     reserved = None
-    conf = alloc_conf
     if meas.allocation_trace:
         from planner.engine.alloc_conf import AllocatorConfig
 
-        reserved = answer(meas.allocation_trace, plan, conf or AllocatorConfig()).reserved_bytes
+        reserved = answer(meas.allocation_trace, plan, alloc_conf or AllocatorConfig()).reserved_bytes
     out = DryrunResult(
         step=label, signature="step(ctx)" if kind == "ctx" else "step(model, optimizer, batch)", task=plan.task,
         device=device, steps=steps, peak_allocated_bytes=meas.peak_allocated_bytes or 0, reserved_bytes=reserved,

@@ -177,43 +177,45 @@ def build_space(plan: Plan, pinned: set[str], layout_pins: dict[str, Any], max_g
 
 
 def _layouts(space: Space, spec: Any, per_node: int, global_batch: int) -> "tuple[list[dict[str, Any]], int]":
-    """Valid layouts (without the micro-batch) and how many the model cannot take."""
+    """The layouts of the space (without the micro-batch), and how many of them the layout rules or the
+    model refuse (planner.engine.distributed.layout: offload without the sharding it needs, TP not
+    dividing the heads, more chunks than layers...)."""
+    from planner.engine.distributed import make_layout
+
     out, invalid = [], 0
     layers = spec.num_layers
     pps = space.pps or tuple(sorted({1 << i for i in range(8) if 1 << i <= layers}
                                     | {d for d in range(1, layers + 1) if layers % d == 0}))
+
+    def take(lay: dict[str, Any]) -> None:
+        nonlocal invalid
+        try:  # the micro-batch of 1 divides every global batch; larger ones are checked when priced
+            make_layout(micro_batch=1, **lay).check_model(spec)
+        except ValueError:
+            invalid += 1
+            return
+        out.append(lay)
+
     for gpus, tp, pp, sh, off in itertools.product(space.gpu_counts, space.tps, pps, space.shardings,
                                                     space.offloads):
+        # the space itself: TP within a node, whole data-parallel replicas, something to shard over
         if gpus % (tp * pp) or tp > min(per_node, gpus):
             continue
         dp = gpus // (tp * pp)
-        if global_batch % dp:
+        if global_batch % dp or (dp == 1 and sh != "ddp"):
             continue
         fields: dict[str, Any] = dict(SHARDINGS[sh])
-        if dp == 1 and sh != "ddp":
-            continue  # nothing to shard over
-        if off != "none" and not (fields.get("zero", 0) >= 1 or fields.get("fsdp")):
-            continue
-        if off == "optimizer+params" and (fields.get("zero", 3) < 3 or fields.get("fsdp", "full-shard") != "full-shard"):
-            continue  # parameters are offloaded only with ZeRO-3 / full-shard
-        if off == "optimizer" and fields.get("fsdp"):
-            continue  # FSDP offloads parameters and optimizer together
         if pp > 1 and (fields.get("zero", 0) >= 2 or fields.get("fsdp")):
-            continue  # DeepSpeed and Megatron refuse ZeRO-2/3 with pipeline stages
-        if (spec.num_attention_heads % tp or spec.num_key_value_heads % tp or spec.intermediate_size % tp
-                or pp > spec.num_layers):
-            invalid += 1
-            continue
+            continue  # DeepSpeed's pipeline engine and Megatron take ZeRO-1 at most with pipeline stages
         lay = {"gpus": gpus, "gpus_per_node": min(per_node, gpus), "tp": tp, "pp": pp,
                "global_batch": global_batch, **fields}
         if off != "none":
             lay["offload"] = off
         if space.schedules_1f1b:
-            out.append(lay)
-        # the interleaved schedule: v model chunks per stage (Megatron's virtual pipeline), v x pp <= layers
+            take(lay)
+        # the interleaved schedule: v model chunks per stage (Megatron's virtual pipeline)
         for v in space.chunks if pp > 1 else ():
-            if v > 1 and pp * v <= spec.num_layers:
-                out.append({**lay, "pp_schedule": "interleaved", "pp_chunks": v})
+            take({**lay, "pp_schedule": "interleaved", "pp_chunks": v})
     return out, invalid
 
 
@@ -289,7 +291,7 @@ def search(plan: Plan, *, global_batch: int, max_gpus: int, gpus_per_node: int =
         smallest_with_ckpt_fits = True
         for ckpt in sorted(space.ckpts, reverse=True):  # checkpointing first: it holds the least
             p = base.model_copy(update={"grad_ckpt": ckpt})
-            if not ckpt and not smallest_with_ckpt_fits and True in space.ckpts:
+            if not ckpt and not smallest_with_ckpt_fits:
                 pruned += len(bs)  # without checkpointing it holds more: nothing fits either
                 continue
             for i, b in enumerate(bs):
@@ -310,7 +312,7 @@ def search(plan: Plan, *, global_batch: int, max_gpus: int, gpus_per_node: int =
     pareto = pareto_front(fitting)
     dropped: list[str] = []
     if final_check:
-        best, dropped = _confirmed(best, top, spec, gpu)
+        best, dropped = _confirmed(best, top)
         pareto = [c for c in pareto if c.fit_command() not in dropped]
     closest = None
     if not fitting and priced:
@@ -358,7 +360,7 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
     return sorted(front, key=lambda c: (c.gpus, -c.tokens_per_s))
 
 
-def _confirmed(best: list[Candidate], top: int, spec: Any, gpu: Any) -> tuple[list[Candidate], list[str]]:
+def _confirmed(best: list[Candidate], top: int) -> tuple[list[Candidate], list[str]]:
     """The first `top` plans that `planner fit`'s own path says fit, alone."""
     from planner.api import fit, fit_distributed
 

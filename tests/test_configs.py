@@ -422,3 +422,27 @@ def test_llamafactory_export_uses_its_schema_keys_and_values(fields, layout):
     assert data["finetuning_type"] in ("lora", "oft", "freeze", "full")
     assert data["flash_attn"] in ("auto", "disabled", "sdpa", "fa2", "fa3")
     assert data.get("quantization_method", "bnb") == "bnb" and data.get("quantization_type", "nf4") in ("nf4", "fp4")
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("ds.json", '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}',
+     "zero_optimization.offload_optimizer.device: 'nvme' is not modelled"),
+    ("ds.json", '{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}',
+     "zero_optimization.offload_param: parameters offloaded without the optimizer is not modelled"),
+    ("a.yaml", "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 3\n"
+               "  offload_optimizer_device: nvme\n", "deepspeed_config.offload_optimizer_device: 'nvme' is not modelled"),
+    ("a.yaml", "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 3\n"
+               "  offload_param_device: cpu\n",
+     "deepspeed_config.offload_param_device: parameters offloaded without the optimizer is not modelled"),
+])
+def test_offload_that_is_not_modelled_is_an_error_in_either_format(tmp_path, name, text, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        read_configs([_write(tmp_path, name, text)])
+
+
+def test_offload_reads_the_same_from_deepspeed_and_accelerate(tmp_path):
+    ds = _write(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, '
+                                     '"offload_param": {"device": "cpu"}}}')
+    acc = _write(tmp_path, "a.yaml", "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n"
+                                     "  zero_stage: 3\n  offload_optimizer_device: cpu\n  offload_param_device: cpu\n")
+    assert read_configs([ds]).layout["offload"] == read_configs([acc]).layout["offload"] == "optimizer+params"

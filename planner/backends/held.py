@@ -1,9 +1,8 @@
 """What a rank holds, read from its tensors (planner run's ranks: planner.backends.launch_worker and
-planner.backends.trl_run), and the versions it ran with."""
+planner.backends.trl_run)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 PROGRESS = "[planner-run]"  # the launcher's output lines the parent shows as progress
@@ -29,15 +28,3 @@ def tensor_bytes(tensors: Any) -> int:
         st = t.untyped_storage()
         seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values())
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "deepspeed", "accelerate", "trl"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out

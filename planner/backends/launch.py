@@ -35,6 +35,10 @@ class RunError(ValueError):
     """A run that cannot start (message: one line)."""
 
 
+class RunRefused(Exception):
+    """A CUDA plan the estimate says does not fit its card: refused before anything is written."""
+
+
 @dataclass
 class Prepared:
     run_dir: Path
@@ -47,6 +51,7 @@ class Prepared:
     trainer: str
     device: str
     steps: int
+    estimate: Any  # the distributed estimate the record compares the ranks with (planner.backends.launch.judge)
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,6 +159,9 @@ def prepare(plan: Plan, layout: dict[str, Any], *, launcher: str = "torchrun", t
         if nnodes > 1:
             layout["gpus_per_node"] = nproc
     notes = check(plan, layout, launcher, trainer, device, nproc, nnodes, hostfile, master)
+    result, reasons = judge(plan, layout, device)
+    if reasons:
+        raise RunRefused(reasons[0])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     label = name or f"{stamp}-{plan.task}-{Path(plan.model).name}-{'trl' if trainer == 'trl' else launcher}"
     run_dir = Path(out_root) / label
@@ -212,7 +220,8 @@ def prepare(plan: Plan, layout: dict[str, Any], *, launcher: str = "torchrun", t
         (run_dir / "accelerate_config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
         cmd = ["accelerate", "launch", "--config_file", "accelerate_config.yaml", *worker]
     (run_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in cmd) + "\n")
-    return Prepared(run_dir, cmd, env, plan, layout_fields, gpus, launcher, trainer, device, steps, notes)
+    return Prepared(run_dir, cmd, env, plan, layout_fields, gpus, launcher, trainer, device, steps, result.estimate,
+                    notes)
 
 
 def execute(p: Prepared, progress: Callable[[str], None] | None = None, timeout: float = 1800) -> int:
@@ -244,19 +253,17 @@ def record(p: Prepared, returncode: int, wall_s: float, profile: str | None = No
     reports = [json.loads(f.read_text()) for f in sorted(ranks_dir.glob("rank*.json"))] if ranks_dir.is_dir() else []
     errors = []
     for f in sorted(ranks_dir.glob("rank*.error")) if ranks_dir.is_dir() else []:
-        first = f.read_text().splitlines()[0] if f.read_text() else ""
-        errors.append({"rank": int(f.stem[4:]), "message": first})
+        lines = f.read_text().splitlines()
+        errors.append({"rank": int(f.stem[4:]), "message": lines[0] if lines else ""})
     status = "completed" if returncode == 0 and len(reports) == p.nproc else "failed"
     if status == "failed" and not errors:
         tail = (p.run_dir / "run.log").read_text().strip().splitlines()[-1:] if (p.run_dir / "run.log").exists() else []
         errors.append({"rank": None, "message": f"the launcher exited with {returncode}" + (f": {tail[0]}" if tail else "")})
-    result, _ = judge(p.plan, p.layout, p.device)
-    est = result.estimate
+    est = p.estimate
     # the trained model's states (sft's "model", dpo's "policy"...): what the run's ranks hold and train
     states = next((v for v in est.model_states.values() if "gradients" in v), est.model_states.get("model", {}))
-    rows = []
-    for rep in sorted(reports, key=lambda r: r["rank"]):
-        rows.append(_compare_rank(rep, states, p))
+    numels = _numels(p) if any("partitions" in rep for rep in reports) else []
+    rows = [_compare_rank(rep, states, p, numels) for rep in sorted(reports, key=lambda r: r["rank"])]
     times = [t for rep in reports for t in rep["step_s"][1:]] or [t for rep in reports for t in rep["step_s"]]
     step_s = sorted(times)[len(times) // 2] if times else None
     tokens = sum(rep["tokens_per_step"] for rep in reports)
@@ -294,7 +301,7 @@ def _cpu_step(p: Prepared, profile: str) -> tuple[float, str]:
     return step_time(work, prof).total_s, prof.id
 
 
-def _compare_rank(rep: dict, states: dict, p: Prepared) -> dict[str, Any]:
+def _compare_rank(rep: dict, states: dict, p: Prepared, numels: list[int]) -> dict[str, Any]:
     """One rank's bytes against the estimate's per-rank model states (and, under ZeRO, DeepSpeed's
     layout to the element: planner.backends.deepspeed_run)."""
     row: dict[str, Any] = {"rank": rep["rank"], "engine": rep["engine"], "step_s": rep["step_s"]}
@@ -309,7 +316,7 @@ def _compare_rank(rep: dict, states: dict, p: Prepared) -> dict[str, Any]:
         stage, dp = part["stage"], part["world_size"]
         half = "fp32" if p.plan.precision == "fp32" else p.plan.precision.replace("mixed-", "")
         measured = D.measured_partitions(part)
-        expected = D.expected_partitions(_numels(p), stage, dp, half, rank=rep["rank"])
+        expected = D.expected_partitions(numels, stage, dp, half, rank=rep["rank"])
         zero_py = D.zero_py_partitions(load_model(p.plan.model), p.plan, stage, dp)
         row["zero"] = D.compare(measured, expected, zero_py)
         row["exact"] = all(r["measured"] == r["expected"] for r in row["zero"])

@@ -33,7 +33,6 @@ from planner.backends.held import PROGRESS
 from planner.backends.held import numel as _numel
 from planner.backends.held import states as _states
 from planner.backends.held import tensor_bytes as _bytes
-from planner.backends.held import versions as _versions
 
 
 
@@ -138,9 +137,6 @@ def watch_inner_step(engine: Any) -> dict:
     return at_step
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def build_model(spec: dict) -> Any:
     """The plan's model from its config (random weights), in the plan's weight dtype, LoRA attached."""
     import torch
@@ -153,9 +149,11 @@ def build_model(spec: dict) -> Any:
     cfg.pop("torch_dtype", None)
     cfg.pop("dtype", None)
     torch.manual_seed(spec.get("seed", 0))
-    weight = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "mixed-bf16": "fp32", "mixed-fp16": "fp32"}[plan["precision"]]
+    from planner.backends.dryrun._build import DTYPES
+    from planner.specs import Plan
+
     # ZeRO holds the module in its half type itself (from the fp32 model it is given)
-    dtype = getattr(torch, DTYPES["fp32" if spec["layout"].get("zero") is not None else weight])
+    dtype = DTYPES["fp32" if spec["layout"].get("zero") is not None else Plan(**plan).weight_dtype]
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, use_cache=False, **cfg), dtype=dtype)
     if plan["attn"] == "eager":
         model.config._attn_implementation = "eager"
@@ -278,7 +276,9 @@ def run(spec: dict) -> dict:
         report["max_memory_allocated"] = int(torch.cuda.max_memory_allocated())
         report["max_memory_reserved"] = int(torch.cuda.max_memory_reserved())
         report["gpu_name"] = torch.cuda.get_device_name(local)
-    report["versions"] = _versions()
+    from planner.backends.measurement import versions
+
+    report["versions"] = versions(extra=("deepspeed", "accelerate"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

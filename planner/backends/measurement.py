@@ -87,8 +87,9 @@ class Measurement(BaseModel):
     allocation_trace: list[tuple] | None = Field(None, exclude=True, repr=False)
 
 
-def versions() -> dict[str, str]:
-    """The versions of python and of the libraries a measurement ran with (read, never required)."""
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The versions of python and of the libraries a measurement ran with (read, never required);
+    `extra`: more distributions, read from their metadata (never imported)."""
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
@@ -99,8 +100,9 @@ def versions() -> dict[str, str]:
     # TRL runs only inside the dpo steps with --logprobs selective/fused: its version without importing it
     from importlib import metadata
 
-    try:
-        out["trl"] = metadata.version("trl")
-    except metadata.PackageNotFoundError:
-        out["trl"] = "not installed"
+    for name in ("trl", *extra):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
     return out

@@ -55,7 +55,7 @@ def run_trl(spec: dict) -> dict:
     from planner.backends.held import PROGRESS
     from planner.backends.held import states as _states
     from planner.backends.held import tensor_bytes as _bytes
-    from planner.backends.held import versions as _versions
+    from planner.backends.measurement import versions
 
     plan = spec["plan"]
     task, steps, device = plan["task"], spec["steps"], spec["device"]
@@ -71,10 +71,10 @@ def run_trl(spec: dict) -> dict:
     model_type = cfg.pop("model_type")
     for k in ("architectures", "torch_dtype", "dtype"):
         cfg.pop(k, None)
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    # "auto" would load a checkpoint's dtype; a model built from its config has none: fp32
+    dtype = torch.float32 if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg),
-                                             dtype=torch.float32 if dtype in ("auto", None) else dtype,
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=dtype,
                                              attn_implementation=model_args.attn_implementation or "sdpa")
     tok = tokenizer(spec["model_config"]["vocab_size"])
     rows = plan["batch"] * plan["grad_accum"] * steps
@@ -104,4 +104,4 @@ def run_trl(spec: dict) -> dict:
     held["optimizer_state_bytes"] = _bytes(v for st in trainer.optimizer.state.values() for _, v in _states(st))
     return {"rank": 0, "world_size": 1, "local_rank": 0, "device": device, "step_s": times,
             "tokens_per_step": plan["batch"] * plan["seq"] * plan["grad_accum"] * (2 if task == "dpo" else 1),
-            "held": held, "engine": f"trl {type(trainer).__name__}", "versions": _versions()}
+            "held": held, "engine": f"trl {type(trainer).__name__}", "versions": versions(extra=("accelerate",))}

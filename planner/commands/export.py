@@ -30,9 +30,6 @@ def run(args: argparse.Namespace, out: Out) -> int:
     from planner.configs.export import render
     from planner.engine.distributed.layout import Layout
 
-    for name in ("tp", "sp", "pp", "pp_schedule", "pp_chunks", "global_batch", "inter_node_gbps", "engine",
-                 "cpu_memory"):
-        setattr(args, name, None)
     try:
         layout = layout_fields(args)
         plan = plan_from_args(args)

@@ -110,7 +110,8 @@ def _cards() -> list[str]:
     """`--gpu any`: every card of the catalog with the FLOP/s that price training time."""
     from planner.gpus import gpu_ids, load_gpu
 
-    return [g for g in gpu_ids() if load_gpu(g).bf16_tflops or getattr(load_gpu(g), "fp16_tflops", None)]
+    cards = {g: load_gpu(g) for g in gpu_ids()}
+    return [g for g, spec in cards.items() if spec.bf16_tflops or spec.fp16_tflops]
 
 
 def _merge(results: list, objective: str, top: int):
@@ -263,7 +264,8 @@ HEADER = (f"{'#':>3} {'card':<10} {'GPUs':>5}  {'layout':<30} {'method':<6} {'pr
 
 def _print(r: Any, out: Out, top: int) -> None:
     out.print(f"searched {r.space:,} candidate plans in {r.seconds:.1f} s: {r.estimated:,} priced by the engine, "
-              f"{r.pruned:,} skipped (a priced plan dominates them), {r.invalid:,} layouts the model cannot take; "
+              f"{r.pruned:,} skipped (a priced plan dominates them), {r.invalid:,} layouts the layout rules or the "
+              f"model refuse; "
               f"{r.fitting:,} fit")
     out.print(f"time from profile {r.profile} (the ranking is as good as this profile)")
     for n in r.notes:

@@ -37,31 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: Out) -> int:
     import time
 
-    from planner.backends.launch import RunError, execute, judge, prepare, record
+    from planner.backends.launch import RunError, RunRefused, execute, prepare, record
     from planner.models import ModelError
 
-    for name in ("gpus", "gpus_per_node", "tp", "sp", "pp", "pp_schedule", "pp_chunks", "global_batch",
-                 "inter_node_gbps", "engine", "cpu_memory"):
-        setattr(args, name, None)
     for name in ("nproc", "nnodes", "steps"):
         if getattr(args, name) < 1:
             raise BadInput(f"{name}: must be >= 1 (got {getattr(args, name)})")
     try:
-        layout = layout_fields(args)
-        plan = plan_from_args(args)
-        prepared_args = dict(launcher=args.launcher, trainer=args.trainer, device=args.device, nproc=args.nproc,
-                             nnodes=args.nnodes, hostfile=args.hostfile, master=args.master, steps=args.steps,
-                             out_root=args.out, name=args.name)
-        from planner.backends.launch import check
-
-        probe_layout = {**layout, "gpus": args.nproc * args.nnodes} if (layout or args.nproc * args.nnodes > 1) else {}
-        check(plan, probe_layout, args.launcher, args.trainer, args.device, args.nproc, args.nnodes, args.hostfile,
-              args.master)
-        _, reasons = judge(plan, probe_layout, args.device)
-        if reasons:
-            out.warn(f"refused: {reasons[0]}")
-            return EXIT_DOES_NOT_FIT
-        p = prepare(plan, layout, **prepared_args)
+        p = prepare(plan_from_args(args), layout_fields(args), launcher=args.launcher, trainer=args.trainer,
+                    device=args.device, nproc=args.nproc, nnodes=args.nnodes, hostfile=args.hostfile,
+                    master=args.master, steps=args.steps, out_root=args.out, name=args.name)
+    except RunRefused as e:
+        out.warn(f"refused: {e}")
+        return EXIT_DOES_NOT_FIT
     except (RunError, ValueError, ModelError) as e:
         raise BadInput(str(e)) from None
     for w in config_warnings(args) + p.notes:

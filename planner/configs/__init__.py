@@ -71,12 +71,7 @@ def _read(data: dict[str, Any], name: str, path: Path | None, fmt: str | None, t
           given: set[str] | None = None) -> list[Imported]:
     fmt = fmt or detect(data, name)
     mod = _module(fmt)
-    if fmt == "deepspeed":
-        got = mod.read(data, name)
-    elif fmt in ("trl", "llamafactory", "axolotl"):
-        got = mod.read(data, name, path, task=task, given=given)
-    else:
-        got = mod.read(data, name, path)
+    got = mod.read(data, name, path, task=task, given=given)
     out = [got]
     for where, target in got.includes:
         if isinstance(target, dict):  # a DeepSpeed config given inline

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.configs.base import ConfigError, Imported, Reader, not_modelled
+from planner.configs.deepspeed import offload_layout
 
 FORMAT = "accelerate"
 
@@ -39,7 +40,9 @@ def looks_like(data: dict[str, Any]) -> bool:
     return "distributed_type" in data or "compute_environment" in data
 
 
-def read(data: dict[str, Any], name: str, path: Path | None = None) -> Imported:
+def read(data: dict[str, Any], name: str, path: Path | None = None, task: str | None = None,
+         given: set[str] | None = None) -> Imported:
+    """The file's settings (every reader takes the same arguments; accelerate's names no task)."""
     r = Reader(data, name)
     out = Imported(source=name, format=FORMAT)
     if r.boolean("use_cpu", False):
@@ -81,15 +84,10 @@ def _deepspeed(r: Reader, out: Imported, name: str, path: Path | None) -> None:
     if stage > 3:
         raise ds.error("zero_stage", f"ZeRO stages are 0-3 (got {stage})")
     out.layout["zero"] = stage
-    opt = (ds.text("offload_optimizer_device", "none") or "none").lower()
-    par = (ds.text("offload_param_device", "none") or "none").lower()
-    for key, dev in (("offload_optimizer_device", opt), ("offload_param_device", par)):
-        if dev not in ("none", "cpu"):
-            raise ds.error(key, f"'{dev}' is not modelled (modelled: none, cpu)")
-    if par == "cpu" and opt != "cpu":
-        raise ds.error("offload_param_device", "parameters offloaded without the optimizer is not modelled")
-    if opt == "cpu":
-        out.layout["offload"] = "optimizer+params" if par == "cpu" else "optimizer"
+    keys = ("offload_optimizer_device", "offload_param_device")
+    offload = offload_layout(ds, keys, *((ds.text(k, "none") or "none").lower() for k in keys))
+    if offload is not None:
+        out.layout["offload"] = offload
     accum = ds.integer("gradient_accumulation_steps") if not ds.auto("gradient_accumulation_steps") else None
     if accum is not None:
         out.plan["grad_accum"] = accum

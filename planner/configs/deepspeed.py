@@ -35,7 +35,9 @@ def looks_like(data: dict[str, Any]) -> bool:
         bool(keys & {"bf16", "fp16"}) and isinstance(data.get("bf16", data.get("fp16")), dict))
 
 
-def read(data: dict[str, Any], name: str) -> Imported:
+def read(data: dict[str, Any], name: str, path: Any = None, task: str | None = None,
+         given: set[str] | None = None) -> Imported:
+    """The file's settings (every reader takes the same arguments; a DeepSpeed file names no task or other file)."""
     r = Reader(data, name)
     out = Imported(source=name, format=FORMAT)
     zero = r.section("zero_optimization")
@@ -45,13 +47,10 @@ def read(data: dict[str, Any], name: str) -> Imported:
             if stage > 3:
                 raise zero.error("stage", f"ZeRO stages are 0-3 (got {stage})")
             out.layout["zero"] = stage
-        opt_dev = _offload_device(zero, "offload_optimizer")
-        param_dev = _offload_device(zero, "offload_param")
-        if param_dev == "cpu" and opt_dev != "cpu":
-            raise zero.error("offload_param", "parameters offloaded without the optimizer is not modelled "
-                                              "(modelled: offload_optimizer alone, or both on cpu)")
-        if opt_dev == "cpu":
-            out.layout["offload"] = "optimizer+params" if param_dev == "cpu" else "optimizer"
+        offload = offload_layout(zero, ("offload_optimizer", "offload_param"),
+                                 _offload_device(zero, "offload_optimizer"), _offload_device(zero, "offload_param"))
+        if offload is not None:
+            out.layout["offload"] = offload
         leftover = zero.leftover(ZERO_SILENT)
         out.warnings += not_modelled(name, leftover)
     for key, field in (("train_micro_batch_size_per_gpu", "batch"), ("gradient_accumulation_steps", "grad_accum")):
@@ -90,6 +89,20 @@ def read(data: dict[str, Any], name: str) -> Imported:
         opt.consume("type", "params")
     out.warnings += not_modelled(name, r.leftover(SILENT))
     return out
+
+
+def offload_layout(r: Reader, keys: tuple[str, str], optimizer: str, params: str) -> str | None:
+    """The layout's offload from DeepSpeed's two offload devices (none or cpu; `keys`: where the file
+    states them, for the errors): None, "optimizer" or "optimizer+params"."""
+    for key, dev in zip(keys, (optimizer, params)):
+        if dev not in OFFLOAD_DEVICES:
+            raise r.error(key, f"'{dev}' is not modelled (modelled: {', '.join(OFFLOAD_DEVICES)})")
+    if params == "cpu" and optimizer != "cpu":
+        raise r.error(keys[1], "parameters offloaded without the optimizer is not modelled "
+                               "(modelled: the optimizer alone, or both on cpu)")
+    if optimizer == "cpu":
+        return "optimizer+params" if params == "cpu" else "optimizer"
+    return None
 
 
 def _offload_device(zero: Reader, key: str) -> str:

@@ -172,19 +172,15 @@ def _grpo(r: Reader, out: Imported) -> None:
     if prompt is not None:
         out.plan["prompt_len"] = prompt
     else:
-        out.warnings.append(f"{name_of(r)}: TRL 1.16's GRPO prompts are as long as the dataset's: the plan's "
+        out.warnings.append(f"{r.name}: TRL 1.16's GRPO prompts are as long as the dataset's: the plan's "
                             "prompt length is --prompt-len (default 512)")
     out.plan["kl_coef"] = r.number("beta", 0.0)
     if r.boolean("use_vllm", False):
         out.warnings.append(f"{r.name}: " + VLLM_NOTE)
     if out.plan["grad_accum"] > 1 or r.has("steps_per_generation"):
-        out.warnings.append(f"{name_of(r)}: TRL generates steps_per_generation micro-batches of completions at once "
+        out.warnings.append(f"{r.name}: TRL generates steps_per_generation micro-batches of completions at once "
                             "(default: gradient_accumulation_steps); the planner's GRPO step generates one micro-batch")
     r.consume("steps_per_generation", "generation_batch_size", "num_iterations")
-
-
-def name_of(r: Reader) -> str:
-    return r.name
 
 
 def write(plan: Any, layout: dict[str, Any], deepspeed_file: str | None = None) -> dict[str, Any]:
